@@ -1,4 +1,7 @@
 //! blockseal-volume: encrypted, copy-on-write per-tenant volumes.
 #![forbid(unsafe_code)]
 
+mod error;
 pub mod meta;
+
+pub use error::ErrorKind;
