@@ -8,8 +8,31 @@
 //! Architecture invariant: a [`MetaStore::commit`] that returns `Ok` is atomic and
 //! durable. After a crash at any instant, every committed batch is whole and no
 //! uncommitted batch is partly visible.
+//!
+//! # On-disk layout
+//!
+//! A store is a directory given to [`open`]. It holds:
+//!
+//! | path                | what                                                      |
+//! |---------------------|-----------------------------------------------------------|
+//! | `<dir>/meta.lock`   | empty file; an exclusive `flock` on it while a store is open |
+//! | `<dir>/meta.sled/`  | the sled database directory ([`BackendKind::Sled`])       |
+//! | `<dir>/meta.redb`   | the redb database file ([`BackendKind::Redb`])            |
+//!
+//! The lock file is taken before either backend opens, for both backends, so one
+//! process at a time opens a store directory whatever the backend, and a second
+//! open in the same process fails too. Each backend's own file lock is a second
+//! line and is reported as [`MetaError::Locked`] as well.
+//!
+//! Both backends keep keys in one ordered keyspace: no sled trees or redb tables
+//! beyond the default one, so a store can be copied from one backend to the other
+//! with a full [`MetaStore::scan`].
 
+use std::fs::{File, TryLockError};
 use std::path::Path;
+
+mod redb;
+mod sled;
 
 /// Which backend implements a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,12 +86,20 @@ impl Batch {
 ///
 /// Keys and values are opaque bytes; keys sort bytewise. Implementations are safe
 /// to share between threads. A store holds an exclusive lock on its files while open.
+///
+/// Keys may be empty; values may be empty and as large as 1 MiB at least (the
+/// conformance suite checks 1 MiB). Reads see every batch whose `commit` returned,
+/// from any thread, and never part of a batch.
 pub trait MetaStore: Send + Sync + 'static {
     /// The value stored under `key`, if any, as of the last commit.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError>;
 
     /// Visits the pairs with `start <= key < end` (no upper bound when `end` is
     /// `None`) in ascending key order, until `visit` returns `false`.
+    ///
+    /// An empty or inverted range (`end <= start`) visits nothing. The scan reads
+    /// one consistent snapshot on redb; on sled it may see a batch committed while
+    /// it runs, so callers that need a snapshot must not commit concurrently.
     fn scan(
         &self,
         start: &[u8],
@@ -79,6 +110,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Applies `batch` atomically and durably: on `Ok` every change is on stable
     /// storage; on `Err` none or all of it may be (the caller must treat the store
     /// as failed and reopen it).
+    ///
+    /// Operations apply in order, so the last one on a key wins. An empty batch is
+    /// a no-op that returns `Ok` without touching the disk. Commits from several
+    /// threads are serialized by the backend.
     fn commit(&self, batch: &Batch) -> Result<(), MetaError>;
 
     /// Which backend this is.
@@ -120,7 +155,8 @@ pub enum MetaError {
         /// The store's path.
         path: String,
     },
-    /// The backend reported an I/O or corruption error.
+    /// The backend reported an I/O error (or another failure that is not known to
+    /// be corruption).
     #[error("metadata store ({backend:?}) failed")]
     Backend {
         /// The backend that failed.
@@ -129,10 +165,129 @@ pub enum MetaError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// The backend found its files corrupt (a checksum or structure check failed).
+    #[error("metadata store ({backend:?}) is corrupt")]
+    Corrupt {
+        /// The backend that found the corruption.
+        backend: BackendKind,
+        /// What it reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
-/// Opens (creating if needed) the store of the given kind at `path`.
+/// How to open a store; see [`open_with`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OpenOptions {
+    cache_bytes: usize,
+}
+
+impl OpenOptions {
+    /// The default cache size: 128 MiB.
+    pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
+
+    /// Default options.
+    pub fn new() -> Self {
+        Self {
+            cache_bytes: Self::DEFAULT_CACHE_BYTES,
+        }
+    }
+
+    /// Sets the memory the backend may use to cache pages (sled's
+    /// `cache_capacity`, redb's `set_cache_size`). sled counts it loosely and may
+    /// use more.
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Opens (creating if needed) the store of the given kind in the directory
+/// `path`, with default [`OpenOptions`].
+///
+/// Fails with [`MetaError::Locked`] while the store is open, in this process or
+/// another. A store left by a process that was killed opens again; redb repairs its
+/// file first, which takes time in proportion to its size.
 pub fn open(kind: BackendKind, path: &Path) -> Result<Box<dyn MetaStore>, MetaError> {
-    let _ = (kind, path);
-    unimplemented!("backends land with the metadata store work")
+    open_with(kind, path, &OpenOptions::new())
+}
+
+/// Opens (creating if needed) the store of the given kind in the directory `path`.
+///
+/// See [`open`] for the locking contract.
+pub fn open_with(
+    kind: BackendKind,
+    path: &Path,
+    options: &OpenOptions,
+) -> Result<Box<dyn MetaStore>, MetaError> {
+    let lock = lock_dir(path, kind)?;
+    let store: Box<dyn MetaStore> = match kind {
+        BackendKind::Sled => Box::new(sled::SledStore::open(path, options)?),
+        BackendKind::Redb => Box::new(redb::RedbStore::open(path, options)?),
+    };
+    Ok(Box::new(LockedStore { store, _lock: lock }))
+}
+
+/// A store together with the directory lock it was opened under.
+struct LockedStore {
+    // Fields drop in order: the backend closes its files before the lock goes.
+    store: Box<dyn MetaStore>,
+    _lock: File,
+}
+
+impl MetaStore for LockedStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        self.store.get(key)
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), MetaError> {
+        self.store.scan(start, end, visit)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
+        self.store.commit(batch)
+    }
+
+    fn backend(&self) -> BackendKind {
+        self.store.backend()
+    }
+}
+
+/// The name of the lock file inside a store directory.
+const LOCK_FILE_NAME: &str = "meta.lock";
+
+/// Creates `dir` if needed and takes the exclusive lock on `<dir>/meta.lock`.
+fn lock_dir(dir: &Path, backend: BackendKind) -> Result<File, MetaError> {
+    let io_error = |source: std::io::Error| MetaError::Backend {
+        backend,
+        source: Box::new(source),
+    };
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(MetaError::Locked {
+            path: dir.display().to_string(),
+        }),
+        Err(TryLockError::Error(e)) => Err(io_error(e)),
+    }
 }

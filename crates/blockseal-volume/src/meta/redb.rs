@@ -1,0 +1,148 @@
+//! The redb 4.x backend.
+//!
+//! Layout: one redb file `<dir>/meta.redb` holding one table, `meta`, of byte keys
+//! to byte values, next to the shared `<dir>/meta.lock` that [`super::open_with`]
+//! holds.
+//!
+//! A commit is one write transaction with [`redb::Durability::Immediate`]: redb
+//! writes the new tree, flips its commit slot and fsyncs before `commit` returns.
+//! Reads go through a fresh read transaction each, so they see the last commit.
+//!
+//! After a crash redb repairs the file on open (it walks the trees, checks their
+//! checksums and rebuilds the allocator state); that takes time in proportion to the
+//! file, and is logged at info level with how long it took.
+//!
+//! This module must never commit with a weaker durability than `Immediate`.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+
+use super::{BackendKind, Batch, MetaError, MetaStore, OpenOptions};
+
+/// The name of the redb file inside a store directory.
+pub(super) const FILE_NAME: &str = "meta.redb";
+
+/// The one table every key lives in.
+const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("meta");
+
+/// A store kept in a redb database file.
+pub(super) struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the redb file `<dir>/meta.redb`, repairing it if
+    /// the last process using it stopped without closing it.
+    pub(super) fn open(dir: &Path, options: &OpenOptions) -> Result<Self, MetaError> {
+        let path = dir.join(FILE_NAME);
+        let repaired = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes);
+        {
+            let repaired = Arc::clone(&repaired);
+            builder.set_repair_callback(move |_| repaired.store(true, Ordering::Relaxed));
+        }
+        let db = builder.create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Locked {
+                path: path.display().to_string(),
+            },
+            e => backend_error(e),
+        })?;
+        if repaired.load(Ordering::Relaxed) {
+            tracing::info!(
+                path = %path.display(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "repaired redb metadata store after an unclean shutdown"
+            );
+        }
+        // Create the table once, so that reads never meet a missing table.
+        let tx = db.begin_write().map_err(backend_error)?;
+        tx.open_table(TABLE).map_err(backend_error)?;
+        tx.commit().map_err(backend_error)?;
+        Ok(Self { db })
+    }
+}
+
+impl MetaStore for RedbStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        let tx = self.db.begin_read().map_err(backend_error)?;
+        let table = tx.open_table(TABLE).map_err(backend_error)?;
+        let value = table.get(key).map_err(backend_error)?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), MetaError> {
+        let upper = match end {
+            // An empty or inverted range holds nothing; redb is not asked.
+            Some(end) if end <= start => return Ok(()),
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        let tx = self.db.begin_read().map_err(backend_error)?;
+        let table = tx.open_table(TABLE).map_err(backend_error)?;
+        let range = table
+            .range::<&[u8]>((Bound::Included(start), upper))
+            .map_err(backend_error)?;
+        for pair in range {
+            let (key, value) = pair.map_err(backend_error)?;
+            if !visit(key.value(), value.value()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(backend_error)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(backend_error)?;
+        {
+            let mut table = tx.open_table(TABLE).map_err(backend_error)?;
+            for (key, value) in batch.ops() {
+                match value {
+                    Some(value) => {
+                        table
+                            .insert(key.as_slice(), value.as_slice())
+                            .map_err(backend_error)?;
+                    }
+                    None => {
+                        table.remove(key.as_slice()).map_err(backend_error)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(backend_error)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> BackendKind {
+        BackendKind::Redb
+    }
+}
+
+fn backend_error(error: impl Into<redb::Error>) -> MetaError {
+    match error.into() {
+        error @ redb::Error::Corrupted(_) => MetaError::Corrupt {
+            backend: BackendKind::Redb,
+            source: Box::new(error),
+        },
+        error => MetaError::Backend {
+            backend: BackendKind::Redb,
+            source: Box::new(error),
+        },
+    }
+}
