@@ -1,0 +1,430 @@
+//! Key file round trips and every refusal, each with its exact message.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use blockseal_keys::{
+    Argon2Params, KeyFileError, MasterKey, Passphrase, Protection, create_key_file,
+    create_key_file_with_params, inspect_key_file, load_key_file,
+};
+
+fn cheap() -> Argon2Params {
+    Argon2Params::new(64, 1, 1).unwrap()
+}
+
+fn pass(s: &str) -> Passphrase {
+    Passphrase::new(s.to_owned())
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    key: MasterKey,
+}
+
+fn plain() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    let key = MasterKey::generate().unwrap();
+    create_key_file(&path, &key, None).unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        key,
+    }
+}
+
+fn protected() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    let key = MasterKey::generate().unwrap();
+    create_key_file_with_params(&path, &key, Some(&pass("hunter2")), cheap()).unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        key,
+    }
+}
+
+fn edit(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = fs::read(path).unwrap();
+    f(&mut bytes);
+    fs::write(path, bytes).unwrap();
+}
+
+fn load_err(path: &Path, passphrase: Option<&Passphrase>) -> String {
+    load_key_file(path, passphrase).unwrap_err().to_string()
+}
+
+#[test]
+fn plain_file_round_trips_with_mode_0600() {
+    let f = plain();
+    let mode = fs::metadata(&f.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(fs::read(&f.path).unwrap().len(), 84);
+    let loaded = load_key_file(&f.path, None).unwrap();
+    assert_eq!(loaded.expose_secret(), f.key.expose_secret());
+    assert_eq!(loaded.id(), f.key.id());
+    assert_eq!(loaded.created(), f.key.created());
+    assert_eq!(loaded.file_protection(), Some(&Protection::None));
+    // No temporary file is left behind.
+    assert_eq!(fs::read_dir(f.path.parent().unwrap()).unwrap().count(), 1);
+}
+
+#[test]
+fn protected_file_round_trips() {
+    let f = protected();
+    assert_eq!(fs::read(&f.path).unwrap().len(), 124);
+    let loaded = load_key_file(&f.path, Some(&pass("hunter2"))).unwrap();
+    assert_eq!(loaded.expose_secret(), f.key.expose_secret());
+    assert_eq!(loaded.id(), f.key.id());
+    assert_eq!(
+        loaded.file_protection(),
+        Some(&Protection::Argon2id(cheap()))
+    );
+    // The key is not in the file in the clear.
+    let bytes = fs::read(&f.path).unwrap();
+    assert!(!bytes.windows(32).any(|w| w == f.key.expose_secret()));
+}
+
+#[test]
+fn inspect_needs_no_passphrase_and_shows_no_key() {
+    let f = protected();
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.key_id, f.key.id());
+    assert_eq!(info.created, f.key.created());
+    assert_eq!(info.protection, Protection::Argon2id(cheap()));
+    assert_eq!(info.format_version, 1);
+    assert_eq!(info.mode, 0o600);
+    assert!(!info.mode_is_too_open());
+    assert_eq!(
+        info.protection.to_string(),
+        "passphrase (Argon2id, m=64 KiB, t=1, p=1)"
+    );
+
+    let f = plain();
+    fs::set_permissions(&f.path, fs::Permissions::from_mode(0o644)).unwrap();
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.protection, Protection::None);
+    assert!(info.mode_is_too_open());
+}
+
+#[test]
+fn refuses_mode_0644_and_0640() {
+    for mode in [0o644, 0o640, 0o604, 0o620] {
+        let f = plain();
+        fs::set_permissions(&f.path, fs::Permissions::from_mode(mode)).unwrap();
+        let p = f.path.display();
+        assert_eq!(
+            load_err(&f.path, None),
+            format!(
+                "key file {p} has mode {mode:04o}, open to group or others; run `chmod 600 {p}`"
+            )
+        );
+    }
+    // 0400 is fine.
+    let f = plain();
+    fs::set_permissions(&f.path, fs::Permissions::from_mode(0o400)).unwrap();
+    load_key_file(&f.path, None).unwrap();
+}
+
+#[test]
+fn refuses_truncated_files() {
+    let f = plain();
+    edit(&f.path, |b| b.truncate(83));
+    let p = f.path.display();
+    assert_eq!(
+        load_err(&f.path, None),
+        format!("key file {p} is truncated: 83 bytes, expected 84")
+    );
+    edit(&f.path, |b| b.truncate(20));
+    assert_eq!(
+        load_err(&f.path, None),
+        format!("key file {p} is truncated: 20 bytes, expected 36")
+    );
+    edit(&f.path, |b| b.truncate(4));
+    assert_eq!(
+        load_err(&f.path, None),
+        format!("key file {p} is truncated: 4 bytes, expected 36")
+    );
+    edit(&f.path, |b| b.clear());
+    assert_eq!(
+        load_err(&f.path, None),
+        format!("{p} is not a blockseal key file (bad magic)")
+    );
+
+    let f = protected();
+    edit(&f.path, |b| b.truncate(100));
+    assert_eq!(
+        load_err(&f.path, Some(&pass("hunter2"))),
+        format!(
+            "key file {} is truncated: 100 bytes, expected 124",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_extra_bytes() {
+    let f = plain();
+    edit(&f.path, |b| b.push(0));
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} has trailing bytes: 85 bytes, expected 84",
+            f.path.display()
+        )
+    );
+    // A huge file is not read whole.
+    edit(&f.path, |b| b.resize(1 << 20, 0));
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} has trailing bytes: 4097 bytes, expected 84",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_bad_magic() {
+    let f = plain();
+    edit(&f.path, |b| b[0] ^= 0x20);
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "{} is not a blockseal key file (bad magic)",
+            f.path.display()
+        )
+    );
+    assert!(matches!(
+        inspect_key_file(&f.path),
+        Err(KeyFileError::BadMagic { .. })
+    ));
+}
+
+#[test]
+fn refuses_future_version() {
+    let f = plain();
+    edit(&f.path, |b| b[9] = 2);
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} has format version 2; this build reads version 1",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_bad_header_fields() {
+    let f = plain();
+    edit(&f.path, |b| b[10] = 7);
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} has a bad header: unknown protection 7",
+            f.path.display()
+        )
+    );
+    let f = plain();
+    edit(&f.path, |b| b[11] = 1);
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} has a bad header: reserved byte is 0x01, not 0",
+            f.path.display()
+        )
+    );
+    // Absurd Argon2id memory (a hostile file must not make us allocate 16 TiB).
+    let f = protected();
+    edit(&f.path, |b| {
+        b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())
+    });
+    assert_eq!(
+        load_err(&f.path, Some(&pass("hunter2"))),
+        format!(
+            "key file {} has a bad header: Argon2id memory must be between 8 KiB per lane and \
+             4194304 KiB; got 4294967295 KiB for 1 lane(s)",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_damaged_plain_key() {
+    let f = plain();
+    edit(&f.path, |b| b[40] ^= 1);
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} is damaged: the key does not match its check value",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_wrong_passphrase() {
+    let f = protected();
+    assert_eq!(
+        load_err(&f.path, Some(&pass("hunter3"))),
+        format!("wrong passphrase for key file {}", f.path.display())
+    );
+}
+
+#[test]
+fn any_edit_to_a_protected_file_fails() {
+    let f = protected();
+    let good = fs::read(&f.path).unwrap();
+    // Key id, created time, salt, nonce, ciphertext, tag: all authenticated.
+    for at in [12, 30, 50, 70, 90, 120] {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x01;
+        fs::write(&f.path, &bytes).unwrap();
+        assert_eq!(
+            load_err(&f.path, Some(&pass("hunter2"))),
+            format!("wrong passphrase for key file {}", f.path.display()),
+            "byte {at}"
+        );
+    }
+}
+
+#[test]
+fn refuses_missing_passphrase() {
+    let f = protected();
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {} is protected by a passphrase, but none was given",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_unexpected_passphrase() {
+    let f = plain();
+    assert_eq!(
+        load_err(&f.path, Some(&pass("x"))),
+        format!(
+            "key file {} is not protected by a passphrase, but one was given",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn refuses_nonexistent_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.key");
+    assert_eq!(
+        load_err(&path, None),
+        format!("key file {} does not exist", path.display())
+    );
+    assert!(matches!(
+        inspect_key_file(&path),
+        Err(KeyFileError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn refuses_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        load_err(dir.path(), None),
+        format!("key file {} is not a regular file", dir.path().display())
+    );
+}
+
+#[test]
+fn never_overwrites_on_create() {
+    let f = plain();
+    let before = fs::read(&f.path).unwrap();
+    let other = MasterKey::generate().unwrap();
+    let err = create_key_file(&f.path, &other, None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "key file {} already exists; refusing to overwrite it",
+            f.path.display()
+        )
+    );
+    assert_eq!(fs::read(&f.path).unwrap(), before);
+
+    // Not even a dangling symlink is replaced.
+    let link = f.path.with_file_name("link.key");
+    std::os::unix::fs::symlink("/nonexistent/target", &link).unwrap();
+    assert!(matches!(
+        create_key_file(&link, &other, None),
+        Err(KeyFileError::AlreadyExists { .. })
+    ));
+    // And nothing else was left in the directory.
+    assert_eq!(fs::read_dir(f.path.parent().unwrap()).unwrap().count(), 2);
+}
+
+#[test]
+fn refuses_empty_passphrase_on_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    let err = create_key_file_with_params(
+        &path,
+        &MasterKey::generate().unwrap(),
+        Some(&pass("")),
+        cheap(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "refusing an empty passphrase for key file {}",
+            path.display()
+        )
+    );
+    assert!(!path.exists());
+}
+
+#[test]
+fn argon2_params_are_checked() {
+    assert_eq!(Argon2Params::default(), Argon2Params::DEFAULT);
+    assert_eq!(Argon2Params::DEFAULT.memory_kib(), 65536);
+    assert_eq!(Argon2Params::DEFAULT.iterations(), 3);
+    assert_eq!(Argon2Params::DEFAULT.parallelism(), 1);
+    assert!(Argon2Params::new(7, 1, 1).is_err());
+    assert!(Argon2Params::new(15, 1, 2).is_err());
+    assert!(Argon2Params::new(16, 1, 2).is_ok());
+    assert_eq!(
+        Argon2Params::new(64, 0, 1).unwrap_err().to_string(),
+        "Argon2id iterations must be between 1 and 1024; got 0"
+    );
+    assert_eq!(
+        Argon2Params::new(64, 1, 0).unwrap_err().to_string(),
+        "Argon2id parallelism must be between 1 and 64; got 0"
+    );
+}
+
+/// A fixed file, written by hand from the layout in docs/FORMAT.md, loads.
+#[test]
+fn documented_plain_layout_loads() {
+    let key = MasterKey::from_bytes(
+        blockseal_keys::KeyId::from_bytes([0x11; 16]),
+        0x0102_0304_0506_0708,
+        zeroize::Zeroizing::new([0x22; 32]),
+    );
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"BSEALKEY");
+    bytes.extend_from_slice(&[0, 1, 0, 0]);
+    bytes.extend_from_slice(&[0x11; 16]);
+    bytes.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    bytes.extend_from_slice(&[0x22; 32]);
+    bytes.extend_from_slice(key.check_value().as_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    fs::write(&path, &bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let loaded = load_key_file(&path, None).unwrap();
+    assert_eq!(loaded.id(), key.id());
+    assert_eq!(loaded.created(), 0x0102_0304_0506_0708);
+    assert_eq!(loaded.expose_secret(), &[0x22; 32]);
+}
