@@ -27,3 +27,257 @@ pub enum ErrorKind {
     /// The store is shutting down (NBD: ESHUTDOWN).
     ShuttingDown,
 }
+
+use std::io;
+use std::path::PathBuf;
+
+use blockseal_keys::{TenantId, VolumeId};
+
+use crate::block::Lba;
+use crate::meta::MetaError;
+
+/// Opening or creating a [`Store`](crate::Store) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// A file or directory of the store could not be read or written.
+    #[error("cannot access {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the operating system reported.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process (or another `Store` in this one) holds the store open.
+    #[error("store {path} is in use by another process")]
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// `Store::create` found a store (or other files) already in the directory.
+    #[error("{path} already holds a store")]
+    AlreadyExists {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// The directory holds no store header, or one this build cannot read.
+    #[error("{path} is not a blockseal store")]
+    NotAStore {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// The store was written by a newer build.
+    #[error("store format v{found} is newer than this build supports (v{supported})")]
+    NewerFormat {
+        /// The store's format version.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
+    /// The master key is not the one the store was created with. Nothing was read
+    /// but the store header.
+    #[error(transparent)]
+    WrongMasterKey(#[from] blockseal_keys::WrongMasterKey),
+    /// The metadata store failed.
+    #[error("metadata store failed")]
+    Meta(#[from] MetaError),
+    /// A metadata record could not be decoded.
+    #[error("store metadata is corrupt: {what}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+    },
+    /// The system random number generator failed.
+    #[error(transparent)]
+    Random(#[from] blockseal_keys::RandomError),
+}
+
+impl OpenError {
+    /// The error's classification.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            OpenError::Locked { .. }
+            | OpenError::AlreadyExists { .. }
+            | OpenError::NotAStore { .. }
+            | OpenError::NewerFormat { .. }
+            | OpenError::WrongMasterKey(_) => ErrorKind::InvalidInput,
+            _ => ErrorKind::Io,
+        }
+    }
+}
+
+/// Creating a tenant or a volume failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// The tenant exists already.
+    #[error("tenant {tenant} already exists")]
+    TenantExists {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// The tenant does not exist.
+    #[error("no tenant {tenant}")]
+    NoSuchTenant {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// The volume exists already.
+    #[error("volume {tenant}/{volume} already exists")]
+    VolumeExists {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// The size is zero or not a multiple of the block size.
+    #[error("volume size {size} is not a positive multiple of the block size ({block_size} bytes)")]
+    InvalidSize {
+        /// The refused size, in bytes.
+        size: u64,
+        /// The volume's block size, in bytes.
+        block_size: u32,
+    },
+    /// The store has no internal volume ids left.
+    #[error("the store has no volume ids left")]
+    Exhausted,
+    /// The metadata store failed.
+    #[error("metadata store failed")]
+    Meta(#[from] MetaError),
+    /// A metadata record could not be decoded.
+    #[error("store metadata is corrupt: {what}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+    },
+    /// The system random number generator failed.
+    #[error(transparent)]
+    Random(#[from] blockseal_keys::RandomError),
+}
+
+impl CreateError {
+    /// The error's classification.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CreateError::TenantExists { .. }
+            | CreateError::NoSuchTenant { .. }
+            | CreateError::VolumeExists { .. }
+            | CreateError::InvalidSize { .. } => ErrorKind::InvalidInput,
+            CreateError::Exhausted => ErrorKind::NoSpace,
+            _ => ErrorKind::Io,
+        }
+    }
+}
+
+/// Listing or looking up tenants and volumes failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The metadata store failed.
+    #[error("metadata store failed")]
+    Meta(#[from] MetaError),
+    /// A metadata record could not be decoded.
+    #[error("store metadata is corrupt: {what}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+    },
+}
+
+impl QueryError {
+    /// The error's classification.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Io
+    }
+}
+
+/// Opening a volume, or an operation on an open volume, failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeError {
+    /// The tenant does not exist.
+    #[error("no tenant {tenant}")]
+    NoSuchTenant {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// The volume does not exist.
+    #[error("no volume {tenant}/{volume}")]
+    NoSuchVolume {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// A read reaches past the end of the volume.
+    #[error("read of {len} bytes at {offset} reaches past the end of the volume ({size} bytes)")]
+    OutOfRange {
+        /// Request offset, in bytes.
+        offset: u64,
+        /// Request length, in bytes.
+        len: u64,
+        /// Volume size, in bytes.
+        size: u64,
+    },
+    /// A write reaches past the end of the volume.
+    #[error("write of {len} bytes at {offset} reaches past the end of the volume ({size} bytes)")]
+    NoSpace {
+        /// Request offset, in bytes.
+        offset: u64,
+        /// Request length, in bytes.
+        len: u64,
+        /// Volume size, in bytes.
+        size: u64,
+    },
+    /// A block failed authentication: it was tampered with, moved or corrupted.
+    #[error("block {lba} failed authentication")]
+    Authentication {
+        /// The block.
+        lba: Lba,
+    },
+    /// Reading or writing segment data failed.
+    #[error("segment I/O failed")]
+    Io(#[source] io::Error),
+    /// An earlier write or flush failed; the volume refuses writes and flushes
+    /// until it is reopened.
+    #[error("an earlier write or flush failed; reopen the volume")]
+    Poisoned,
+    /// The metadata store failed.
+    #[error("metadata store failed")]
+    Meta(#[from] MetaError),
+    /// A metadata record could not be decoded.
+    #[error("volume metadata is corrupt: {what}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+    },
+    /// The volume's data key could not be unwrapped (wrong key material or a
+    /// tampered record).
+    #[error("the data key of {tenant}/{volume} could not be unwrapped")]
+    KeyUnwrap {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// The volume's nonce space is spent or its reservation failed.
+    #[error("no nonce available")]
+    Nonce(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl VolumeError {
+    /// The error's classification.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. } => {
+                ErrorKind::InvalidInput
+            }
+            VolumeError::OutOfRange { .. } => ErrorKind::OutOfRange,
+            VolumeError::NoSpace { .. } => ErrorKind::NoSpace,
+            VolumeError::Authentication { .. } => ErrorKind::Authentication,
+            VolumeError::Poisoned => ErrorKind::Poisoned,
+            _ => ErrorKind::Io,
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! Metadata keys and the versioned binary encoding of every record the store keeps.
+//!
+//! `docs/FORMAT.md` has the byte tables; this module is their only implementation.
+//! Every value starts with a one-byte record version, so a record can change shape
+//! without a store-wide format change. Integers are big-endian, so keys sort in
+//! numeric order.
+//!
+//! This module must never decode a record it does not fully understand: a short,
+//! long or unknown-version value is an error, never a guess.
+
+use blockseal_keys::{TenantId, VolumeId};
+
+use crate::seal::TAG_LEN;
+
+/// Version byte of every record this build writes.
+pub(crate) const RECORD_V1: u8 = 1;
+
+/// The store header record: salt and master key recognition.
+pub(crate) const HEADER_KEY: &[u8] = b"H";
+/// The next internal volume id, a u32.
+pub(crate) const NEXT_VOLUME_KEY: &[u8] = b"N";
+
+/// Key of a tenant record: `T` then the tenant name.
+pub(crate) fn tenant_key(tenant: &TenantId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + tenant.as_str().len());
+    key.push(b'T');
+    key.extend_from_slice(tenant.as_str().as_bytes());
+    key
+}
+
+/// Prefix of every tenant record.
+pub(crate) const TENANT_PREFIX: &[u8] = b"T";
+
+/// Prefix of a tenant's volume records: `V`, tenant name, `0x00`. Names never
+/// hold a zero byte, so one tenant's prefix is never another's.
+pub(crate) fn volume_prefix(tenant: &TenantId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + tenant.as_str().len());
+    key.push(b'V');
+    key.extend_from_slice(tenant.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+/// Key of a volume record: [`volume_prefix`] then the volume name.
+pub(crate) fn volume_key(tenant: &TenantId, volume: &VolumeId) -> Vec<u8> {
+    let mut key = volume_prefix(tenant);
+    key.extend_from_slice(volume.as_str().as_bytes());
+    key
+}
+
+/// Key of an extent record: `m`, internal volume id, LBA of the extent's LAST
+/// block. Keying by the last block lets a forward scan from `lba` find the extent
+/// covering `lba` first (the store has no reverse seek).
+pub(crate) fn extent_key(volume: u32, last_lba: u64) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = b'm';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..13].copy_from_slice(&last_lba.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's extent records.
+pub(crate) fn extent_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'm';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// Key of a segment's live-block count: `s`, internal volume id, segment index.
+pub(crate) fn live_key(volume: u32, segment: u32) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b's';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..9].copy_from_slice(&segment.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's live-block counts.
+pub(crate) fn live_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b's';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// Key of a DEK's nonce high-water mark: `n`, internal volume id, DEK version.
+pub(crate) fn nonce_key(volume: u32, dek_version: u32) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'n';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..9].copy_from_slice(&dek_version.to_be_bytes());
+    key
+}
+
+/// A record failed to decode; the string names the record.
+#[derive(Debug)]
+pub(crate) struct Corrupt(pub(crate) String);
+
+/// The store header record.
+pub(crate) struct HeaderRecord {
+    pub(crate) salt: [u8; 32],
+    pub(crate) master_key_id: [u8; 16],
+    pub(crate) check_value: [u8; 16],
+    pub(crate) created: u64,
+}
+
+impl HeaderRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(73);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.salt);
+        out.extend_from_slice(&self.master_key_id);
+        out.extend_from_slice(&self.check_value);
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<HeaderRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "store header")?;
+        let record = HeaderRecord {
+            salt: r.array()?,
+            master_key_id: r.array()?,
+            check_value: r.array()?,
+            created: r.u64()?,
+        };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
+/// A tenant's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TenantState {
+    /// The tenant is in use.
+    Active,
+}
+
+/// A tenant record.
+pub(crate) struct TenantRecord {
+    pub(crate) kek_version: u32,
+    pub(crate) seed: zeroize::Zeroizing<[u8; 32]>,
+    pub(crate) state: TenantState,
+    pub(crate) created: u64,
+}
+
+impl TenantRecord {
+    pub(crate) fn encode(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(46));
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.kek_version.to_be_bytes());
+        out.extend_from_slice(self.seed.as_slice());
+        out.push(match self.state {
+            TenantState::Active => 1,
+        });
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<TenantRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "tenant")?;
+        let kek_version = r.u32()?;
+        let seed = zeroize::Zeroizing::new(r.array::<32>()?);
+        let state = match r.u8()? {
+            1 => TenantState::Active,
+            other => return Err(Corrupt(format!("tenant record: unknown state {other}"))),
+        };
+        let created = r.u64()?;
+        r.finish()?;
+        Ok(TenantRecord {
+            kek_version,
+            seed,
+            state,
+            created,
+        })
+    }
+}
+
+/// A volume record.
+#[derive(Clone)]
+pub(crate) struct VolumeRecord {
+    pub(crate) internal_id: u32,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) created: u64,
+    pub(crate) updated: u64,
+    pub(crate) active_dek: u32,
+    /// `(DEK version, wrapped key bytes)`, ascending by version.
+    pub(crate) keys: Vec<(u32, Vec<u8>)>,
+}
+
+impl VolumeRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.keys.len() * 80);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.internal_id.to_be_bytes());
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.block_size.to_be_bytes());
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out.extend_from_slice(&self.updated.to_be_bytes());
+        out.extend_from_slice(&self.active_dek.to_be_bytes());
+        // At most a handful of live DEK versions exist at once.
+        out.extend_from_slice(&(self.keys.len() as u16).to_be_bytes());
+        for (version, wrapped) in &self.keys {
+            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&(wrapped.len() as u16).to_be_bytes());
+            out.extend_from_slice(wrapped);
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<VolumeRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "volume")?;
+        let internal_id = r.u32()?;
+        let size = r.u64()?;
+        let block_size = r.u32()?;
+        let created = r.u64()?;
+        let updated = r.u64()?;
+        let active_dek = r.u32()?;
+        let count = r.u16()?;
+        let mut keys = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let version = r.u32()?;
+            let len = r.u16()?;
+            keys.push((version, r.bytes(usize::from(len))?.to_vec()));
+        }
+        r.finish()?;
+        Ok(VolumeRecord {
+            internal_id,
+            size,
+            block_size,
+            created,
+            updated,
+            active_dek,
+            keys,
+        })
+    }
+}
+
+/// The longest extent a record covers, in blocks: bounds the value at 4 KiB of
+/// tags so that splitting an extent on overwrite rewrites little.
+pub(crate) const MAX_EXTENT_BLOCKS: usize = 256;
+
+/// A run of blocks sealed into consecutive slots of one segment, with consecutive
+/// nonce counters under one DEK: `lba + i` lives at `segment` block `offset + i`,
+/// sealed with nonce counter `nonce + i` and carries `tags[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub(crate) lba: u64,
+    pub(crate) segment: u32,
+    pub(crate) offset: u32,
+    pub(crate) dek_version: u32,
+    pub(crate) nonce: u64,
+    pub(crate) tags: Vec<[u8; TAG_LEN]>,
+}
+
+impl Extent {
+    /// The LBA of the extent's last block.
+    pub(crate) fn last(&self) -> u64 {
+        self.lba + self.tags.len() as u64 - 1
+    }
+
+    /// The blocks `from..to` (absolute LBAs, inside the extent) as an extent.
+    pub(crate) fn slice(&self, from: u64, to: u64) -> Extent {
+        let (a, b) = ((from - self.lba) as usize, (to - self.lba) as usize);
+        Extent {
+            lba: from,
+            segment: self.segment,
+            offset: self.offset + a as u32,
+            dek_version: self.dek_version,
+            nonce: self.nonce + a as u64,
+            tags: self.tags[a..b].to_vec(),
+        }
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(23 + self.tags.len() * TAG_LEN);
+        out.push(RECORD_V1);
+        // At most MAX_EXTENT_BLOCKS tags.
+        out.extend_from_slice(&(self.tags.len() as u16).to_be_bytes());
+        out.extend_from_slice(&self.segment.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.dek_version.to_be_bytes());
+        out.extend_from_slice(&self.nonce.to_be_bytes());
+        for tag in &self.tags {
+            out.extend_from_slice(tag);
+        }
+        out
+    }
+
+    /// Decodes the extent stored under key `key` (which carries the last LBA).
+    pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Extent, Corrupt> {
+        let last = key
+            .get(5..13)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| Corrupt("extent key".into()))?;
+        let mut r = Reader::new(bytes, "extent")?;
+        let count = r.u16()?;
+        if count == 0 || u64::from(count) > last + 1 {
+            return Err(Corrupt(format!("extent record: bad block count {count}")));
+        }
+        let segment = r.u32()?;
+        let offset = r.u32()?;
+        let dek_version = r.u32()?;
+        let nonce = r.u64()?;
+        let mut tags = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            tags.push(r.array()?);
+        }
+        r.finish()?;
+        Ok(Extent {
+            lba: last + 1 - u64::from(count),
+            segment,
+            offset,
+            dek_version,
+            nonce,
+            tags,
+        })
+    }
+}
+
+/// Encodes a u64 counter value (live-block counts, nonce marks, next ids).
+pub(crate) fn encode_u64(value: u64) -> [u8; 8] {
+    value.to_be_bytes()
+}
+
+/// Decodes a u64 counter value.
+pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, Corrupt> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Corrupt(format!("{what}: expected 8 bytes, found {}", bytes.len())))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Result<Reader<'a>, Corrupt> {
+        let mut r = Reader { bytes, what };
+        match r.u8()? {
+            RECORD_V1 => Ok(r),
+            v => Err(Corrupt(format!("{what} record: unknown version {v}"))),
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Corrupt> {
+        if self.bytes.len() < n {
+            return Err(Corrupt(format!("{} record: truncated", self.what)));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Corrupt> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, Corrupt> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, Corrupt> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, Corrupt> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, Corrupt> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn finish(self) -> Result<(), Corrupt> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(Corrupt(format!("{} record: trailing bytes", self.what)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extent_round_trips_and_keys_sort_by_last_block() {
+        let e = Extent {
+            lba: 10,
+            segment: 3,
+            offset: 7,
+            dek_version: 1,
+            nonce: 99,
+            tags: vec![[1; 16], [2; 16], [3; 16]],
+        };
+        let key = extent_key(5, e.last());
+        let bytes = e.encode();
+        assert_eq!(bytes.len(), 23 + 48);
+        assert_eq!(Extent::decode(&key, &bytes).unwrap(), e);
+        assert!(Extent::decode(&key, &bytes[..bytes.len() - 1]).is_err());
+        assert!(extent_key(5, 12) < extent_key(5, 13));
+        assert!(extent_key(5, u64::MAX) < extent_key(6, 0));
+        let s = e.slice(11, 13);
+        assert_eq!((s.lba, s.offset, s.nonce, s.tags.len()), (11, 8, 100, 2));
+    }
+
+    #[test]
+    fn volume_record_round_trips() {
+        let v = VolumeRecord {
+            internal_id: 4,
+            size: 1 << 30,
+            block_size: 4096,
+            created: 1,
+            updated: 2,
+            active_dek: 1,
+            keys: vec![(1, vec![9; 65])],
+        };
+        let d = VolumeRecord::decode(&v.encode()).unwrap();
+        assert_eq!(d.keys, v.keys);
+        assert_eq!(d.size, v.size);
+        let mut bad = v.encode();
+        bad[0] = 2;
+        assert!(VolumeRecord::decode(&bad).is_err());
+    }
+}

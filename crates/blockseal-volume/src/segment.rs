@@ -1,0 +1,423 @@
+//! Segment storage: the append-only containers that hold sealed block data.
+//!
+//! A segment is a byte container named by a [`SegmentId`] (the owning volume's
+//! internal id and a per-volume index). Volumes only ever write fresh ranges of a
+//! segment (copy-on-write): no range is written twice, so a segment maps onto a local
+//! file today and onto an object in S3-compatible storage later. No caller may assume
+//! that a segment is a local path: everything goes through [`SegmentStore`].
+//!
+//! Two backends live here: [`FileSegments`] (one file per segment under
+//! `segments/<volume>/<index>`) and [`FaultySegments`] (in memory, tracks which bytes
+//! are durable, fails chosen operations and can simulate a crash), which tests use to
+//! check that the volume never reports durability it does not have.
+//!
+//! This module must never hold plaintext: it only sees sealed blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Names one segment: the owning volume's internal id and the segment's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId {
+    /// The owning volume's internal id (unique within a store, never reused).
+    pub volume: u32,
+    /// The segment's index within the volume; indexes only grow.
+    pub index: u32,
+}
+
+/// A place that keeps segments.
+///
+/// Contracts, which every backend keeps and every caller may rely on (and nothing
+/// else):
+/// - [`create`](Self::create) makes an empty segment; when it returns `Ok` the
+///   segment's existence is durable (it is listed after a crash).
+/// - [`write_at`](Self::write_at) writes the whole buffer or fails. Written bytes are
+///   visible to [`read_at`](Self::read_at) at once but durable only after a later
+///   [`sync`](Self::sync) of that segment returns `Ok`. Callers never write a range
+///   twice and never rely on the content of a range they did not write.
+/// - [`sync`](Self::sync) makes every write that returned before it durable. After
+///   a failed sync, nothing is known about unsynced data.
+/// - [`read_at`](Self::read_at) fills the whole buffer or fails (reading past the
+///   written end is an error, never silent zeros).
+/// - [`delete`](Self::delete) removes a segment durably; deleting a missing segment
+///   is not an error.
+/// - [`list`](Self::list) names the segments of a volume in ascending index order.
+///
+/// Implementations are shared between threads; concurrent writes to disjoint ranges
+/// of one segment, and reads concurrent with them, must be supported.
+pub trait SegmentStore: Send + Sync + 'static {
+    /// Creates an empty segment (an error if it exists).
+    fn create(&self, id: SegmentId) -> io::Result<()>;
+    /// Writes `data` at byte `offset` of the segment.
+    fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at byte `offset` of the segment.
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Makes every completed write to the segment durable.
+    fn sync(&self, id: SegmentId) -> io::Result<()>;
+    /// Removes the segment durably.
+    fn delete(&self, id: SegmentId) -> io::Result<()>;
+    /// The indexes of a volume's segments, ascending.
+    fn list(&self, volume: u32) -> io::Result<Vec<u32>>;
+}
+
+/// Segments kept as files: `<root>/<volume>/<index>`, written with positional I/O.
+pub struct FileSegments {
+    root: PathBuf,
+    open: Mutex<HashMap<SegmentId, Arc<File>>>,
+}
+
+impl FileSegments {
+    /// Keeps segments under `root` (created if missing).
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<FileSegments> {
+        let root = root.into();
+        fs::create_dir_all(&root)?;
+        Ok(FileSegments {
+            root,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn volume_dir(&self, volume: u32) -> PathBuf {
+        self.root.join(volume.to_string())
+    }
+
+    fn path(&self, id: SegmentId) -> PathBuf {
+        self.volume_dir(id.volume).join(id.index.to_string())
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<SegmentId, Arc<File>>> {
+        // A panic while holding this map cannot leave it inconsistent (inserts and
+        // removes are single calls), so a poisoned lock is still usable.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn file(&self, id: SegmentId) -> io::Result<Arc<File>> {
+        if let Some(file) = self.handles().get(&id) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path(id))?,
+        );
+        Ok(self.handles().entry(id).or_insert(file).clone())
+    }
+}
+
+impl SegmentStore for FileSegments {
+    fn create(&self, id: SegmentId) -> io::Result<()> {
+        let dir = self.volume_dir(id.volume);
+        if !dir.exists() {
+            fs::create_dir_all(&dir)?;
+            sync_dir(&self.root)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.path(id))?;
+        sync_dir(&dir)?;
+        self.handles().insert(id, Arc::new(file));
+        Ok(())
+    }
+
+    fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file(id)?.write_all_at(data, offset)
+    }
+
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file(id)?.read_exact_at(buf, offset)
+    }
+
+    fn sync(&self, id: SegmentId) -> io::Result<()> {
+        // fdatasync: the file's length is metadata it needs, and sync_data includes
+        // the size change of an append on Linux.
+        self.file(id)?.sync_data()
+    }
+
+    fn delete(&self, id: SegmentId) -> io::Result<()> {
+        self.handles().remove(&id);
+        match fs::remove_file(self.path(id)) {
+            Ok(()) => sync_dir(&self.volume_dir(id.volume)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self, volume: u32) -> io::Result<Vec<u32>> {
+        let entries = match fs::read_dir(self.volume_dir(volume)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut indexes = Vec::new();
+        for entry in entries {
+            let name = entry?.file_name();
+            // Anything that is not a decimal index (an editor's backup, a stray
+            // file) is not a segment.
+            if let Some(index) = name.to_str().and_then(|n| n.parse::<u32>().ok()) {
+                indexes.push(index);
+            }
+        }
+        indexes.sort_unstable();
+        Ok(indexes)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Which operation a [`FaultySegments`] fault targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultOp {
+    /// [`SegmentStore::write_at`].
+    Write,
+    /// [`SegmentStore::sync`].
+    Sync,
+    /// [`SegmentStore::read_at`].
+    Read,
+    /// [`SegmentStore::create`].
+    Create,
+}
+
+/// An in-memory segment store for tests that tracks which bytes are durable, fails
+/// chosen operations, and can simulate a crash (everything not synced is lost).
+///
+/// Cloning shares the same segments, so a test keeps one handle while a store
+/// owns another, and reopens a store on the same (crashed) state.
+#[derive(Clone, Default)]
+pub struct FaultySegments {
+    inner: Arc<Mutex<FaultyState>>,
+}
+
+#[derive(Default)]
+struct FaultyState {
+    segments: BTreeMap<SegmentId, FaultySegment>,
+    /// Per operation: how many more calls succeed before every call fails.
+    fail_after: HashMap<FaultOp, u64>,
+    /// After a simulated crash every operation fails until [`FaultySegments::revive`].
+    crashed: bool,
+    counts: HashMap<FaultOp, u64>,
+}
+
+#[derive(Default, Clone)]
+struct FaultySegment {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+impl FaultySegments {
+    /// An empty store with no faults armed.
+    pub fn new() -> FaultySegments {
+        FaultySegments::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, FaultyState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets `successes` more calls of `op` succeed, then fails every later one.
+    pub fn fail_after(&self, op: FaultOp, successes: u64) {
+        self.state().fail_after.insert(op, successes);
+    }
+
+    /// Disarms every fault (a crash stays until [`revive`](Self::revive)).
+    pub fn clear_faults(&self) {
+        self.state().fail_after.clear();
+    }
+
+    /// Simulates a power loss: every unsynced byte is lost, and every operation
+    /// fails until [`revive`](Self::revive) (as the dead process could do nothing).
+    pub fn crash(&self) {
+        let mut state = self.state();
+        for segment in state.segments.values_mut() {
+            segment.data = segment.durable.clone();
+        }
+        state.crashed = true;
+    }
+
+    /// Ends a simulated crash and disarms every fault: the "machine" is back.
+    pub fn revive(&self) {
+        let mut state = self.state();
+        state.crashed = false;
+        state.fail_after.clear();
+    }
+
+    /// How many calls of `op` were made (failed ones included).
+    pub fn count(&self, op: FaultOp) -> u64 {
+        self.state().counts.get(&op).copied().unwrap_or(0)
+    }
+
+    /// Flips the bits of `mask` in the byte at `offset` of a segment, in both its
+    /// visible and durable content (tampering with storage at rest).
+    pub fn corrupt(&self, id: SegmentId, offset: u64, mask: u8) -> bool {
+        let mut state = self.state();
+        let Some(segment) = state.segments.get_mut(&id) else {
+            return false;
+        };
+        let offset = offset as usize;
+        let mut hit = false;
+        for bytes in [&mut segment.data, &mut segment.durable] {
+            if let Some(b) = bytes.get_mut(offset) {
+                *b ^= mask;
+                hit = true;
+            }
+        }
+        hit
+    }
+
+    fn check(state: &mut FaultyState, op: FaultOp) -> io::Result<()> {
+        *state.counts.entry(op).or_default() += 1;
+        if state.crashed {
+            return Err(io::Error::other("simulated crash: the machine is down"));
+        }
+        if let Some(left) = state.fail_after.get_mut(&op) {
+            if *left == 0 {
+                return Err(io::Error::other(format!("injected {op:?} fault")));
+            }
+            *left -= 1;
+        }
+        Ok(())
+    }
+}
+
+impl SegmentStore for FaultySegments {
+    fn create(&self, id: SegmentId) -> io::Result<()> {
+        let mut state = self.state();
+        Self::check(&mut state, FaultOp::Create)?;
+        if state.segments.contains_key(&id) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "segment exists",
+            ));
+        }
+        state.segments.insert(id, FaultySegment::default());
+        Ok(())
+    }
+
+    fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut state = self.state();
+        Self::check(&mut state, FaultOp::Write)?;
+        let segment = state
+            .segments
+            .get_mut(&id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))?;
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if segment.data.len() < end {
+            segment.data.resize(end, 0);
+        }
+        segment.data[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut state = self.state();
+        Self::check(&mut state, FaultOp::Read)?;
+        let segment = state
+            .segments
+            .get(&id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))?;
+        let (start, end) = (offset as usize, offset as usize + buf.len());
+        let bytes = segment
+            .data
+            .get(start..end)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past segment end"))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn sync(&self, id: SegmentId) -> io::Result<()> {
+        let mut state = self.state();
+        Self::check(&mut state, FaultOp::Sync)?;
+        let segment = state
+            .segments
+            .get_mut(&id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))?;
+        segment.durable = segment.data.clone();
+        Ok(())
+    }
+
+    fn delete(&self, id: SegmentId) -> io::Result<()> {
+        let mut state = self.state();
+        if state.crashed {
+            return Err(io::Error::other("simulated crash: the machine is down"));
+        }
+        state.segments.remove(&id);
+        Ok(())
+    }
+
+    fn list(&self, volume: u32) -> io::Result<Vec<u32>> {
+        let state = self.state();
+        Ok(state
+            .segments
+            .keys()
+            .filter(|id| id.volume == volume)
+            .map(|id| id.index)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(index: u32) -> SegmentId {
+        SegmentId { volume: 7, index }
+    }
+
+    #[test]
+    fn file_segments_round_trip_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileSegments::new(dir.path().join("segments")).unwrap();
+        store.create(id(2)).unwrap();
+        store.create(id(0)).unwrap();
+        assert!(store.create(id(0)).is_err());
+        store.write_at(id(2), 4096, b"sealed").unwrap();
+        store.sync(id(2)).unwrap();
+        let mut buf = [0u8; 6];
+        store.read_at(id(2), 4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"sealed");
+        assert!(store.read_at(id(2), 8192, &mut buf).is_err());
+        assert_eq!(store.list(7).unwrap(), vec![0, 2]);
+        assert!(store.list(8).unwrap().is_empty());
+        store.delete(id(2)).unwrap();
+        store.delete(id(2)).unwrap();
+        assert_eq!(store.list(7).unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn faulty_segments_lose_unsynced_bytes_on_crash() {
+        let store = FaultySegments::new();
+        store.create(id(0)).unwrap();
+        store.write_at(id(0), 0, b"aaaa").unwrap();
+        store.sync(id(0)).unwrap();
+        store.write_at(id(0), 4, b"bbbb").unwrap();
+        store.crash();
+        let mut buf = [0u8; 4];
+        assert!(store.read_at(id(0), 0, &mut buf).is_err());
+        store.revive();
+        store.read_at(id(0), 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"aaaa");
+        assert!(store.read_at(id(0), 4, &mut buf).is_err());
+    }
+
+    #[test]
+    fn faulty_segments_fail_the_chosen_call() {
+        let store = FaultySegments::new();
+        store.create(id(0)).unwrap();
+        store.fail_after(FaultOp::Write, 1);
+        store.write_at(id(0), 0, b"a").unwrap();
+        assert!(store.write_at(id(0), 1, b"b").is_err());
+        assert!(store.write_at(id(0), 1, b"b").is_err());
+        store.sync(id(0)).unwrap();
+        store.clear_faults();
+        store.write_at(id(0), 1, b"b").unwrap();
+        assert_eq!(store.count(FaultOp::Write), 4);
+    }
+}

@@ -1,0 +1,1072 @@
+//! An open volume: the copy-on-write write path, the mapping overlay and flush.
+//!
+//! A write seals its blocks into fresh space at the head of the volume's open
+//! segment, then records `lba -> (segment, offset, nonce counter, tag, DEK version)`
+//! in a memory overlay that reads consult before the metadata store. A flush syncs
+//! the segments written since the last flush, then commits the overlay to the
+//! metadata store as extent records in one atomic batch (group commit: concurrent
+//! flushers share one sync and one commit). Nothing is ever overwritten in place,
+//! so a crash can never tear a block against its tag.
+//!
+//! Locks, in the only order they are taken: block stripes, then the flush lock,
+//! then the head / overlay / dirty-set locks (each held only for a few
+//! instructions, never across I/O except the head lock across a segment create).
+//! Sealing and segment writes run under stripe locks only.
+//!
+//! This module must never log plaintext or keys, never acknowledge a flush before
+//! both the segment sync and the metadata commit returned `Ok`, and never accept a
+//! write after a failed write or sync (the volume is poisoned until reopened).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockseal_keys::{KeyVersion, TenantId, VolumeId};
+
+use crate::block::{BlockSize, Lba};
+use crate::error::VolumeError;
+use crate::meta::{Batch, MetaStore};
+use crate::nonce::{NonceReserver, NonceSource, nonce_for};
+use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
+use crate::seal::{BlockCipher, Nonce, TAG_LEN, Tag};
+use crate::segment::{SegmentId, SegmentStore};
+
+/// Number of block lock stripes per volume (a power of two).
+const STRIPES: usize = 1024;
+
+/// Trims and zeroes covering at least this many whole blocks drop the mappings
+/// with one direct commit instead of one overlay entry per block.
+const DIRECT_TRIM_BLOCKS: u64 = 4096;
+
+/// A handle to an open volume. Cheap to clone; every clone (and every
+/// [`Store::open_volume`](crate::Store::open_volume) of the same volume while one is
+/// open) shares one instance, so a flush through any handle covers writes made
+/// through all of them. The last handle to drop flushes.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<VolumeInner>,
+}
+
+/// One extent of [`Volume::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the extent, in bytes.
+    pub len: u64,
+    /// Whether the extent holds written data (`false`: a hole that reads as zeros).
+    pub allocated: bool,
+}
+
+/// Counters of one volume, for monitoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct VolumeStats {
+    /// Blocks that failed authentication since the volume was opened.
+    pub auth_failures: u64,
+    /// Flushes that synced and committed something.
+    pub commits: u64,
+    /// Metadata bytes (keys and values) written by mapping commits.
+    pub metadata_bytes: u64,
+    /// Block mappings currently held in the memory overlay.
+    pub overlay_blocks: u64,
+}
+
+/// Where a block's current version lives, or that it reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Mapped(Location),
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    segment: u32,
+    offset: u32,
+    dek_version: u32,
+    nonce: u64,
+    tag: [u8; TAG_LEN],
+}
+
+struct Head {
+    /// The open segment, once created in this session.
+    segment: Option<u32>,
+    /// The next segment index to create.
+    next_index: u32,
+    /// The next free block of the open segment.
+    next_block: u32,
+}
+
+#[derive(Default)]
+struct Overlay {
+    /// Uncommitted mapping changes, with the generation that made each.
+    map: BTreeMap<u64, (Slot, u64)>,
+    /// Bumped by every installed change.
+    generation: u64,
+}
+
+struct FlushState {
+    /// Every change of this generation or older is durable.
+    durable: u64,
+    /// Live (mapped, committed) blocks per segment.
+    live: HashMap<u32, u64>,
+}
+
+pub(crate) struct VolumeInner {
+    tenant: TenantId,
+    name: VolumeId,
+    internal_id: u32,
+    size: u64,
+    block_size: BlockSize,
+    segment_blocks: u32,
+    overlay_limit: usize,
+    meta: Arc<dyn MetaStore>,
+    segments: Arc<dyn SegmentStore>,
+    cipher: BlockCipher,
+    ciphers: HashMap<u32, BlockCipher>,
+    nonces: NonceSource,
+    head: Mutex<Head>,
+    overlay: Mutex<Overlay>,
+    dirty_segments: Mutex<BTreeSet<u32>>,
+    flush: Mutex<FlushState>,
+    stripes: Box<[Mutex<()>]>,
+    poisoned: AtomicBool,
+    auth_failures: AtomicU64,
+    commits: AtomicU64,
+    metadata_bytes: AtomicU64,
+}
+
+/// Everything [`Volume::open`] needs, assembled by the store.
+pub(crate) struct VolumeParts {
+    pub(crate) tenant: TenantId,
+    pub(crate) name: VolumeId,
+    pub(crate) internal_id: u32,
+    pub(crate) size: u64,
+    pub(crate) block_size: BlockSize,
+    pub(crate) segment_bytes: u64,
+    pub(crate) overlay_limit: usize,
+    pub(crate) meta: Arc<dyn MetaStore>,
+    pub(crate) segments: Arc<dyn SegmentStore>,
+    /// The active DEK's cipher first, then older ones still referenced.
+    pub(crate) ciphers: Vec<BlockCipher>,
+}
+
+struct MetaReserver {
+    meta: Arc<dyn MetaStore>,
+    volume: u32,
+}
+
+impl NonceReserver for MetaReserver {
+    fn reserve(
+        &self,
+        dek_version: KeyVersion,
+        high_water: u64,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut batch = Batch::new();
+        batch.put(
+            record::nonce_key(self.volume, dek_version.0).to_vec(),
+            record::encode_u64(high_water).to_vec(),
+        );
+        // MetaStore::commit is durable on Ok, as the NonceReserver contract needs.
+        self.meta.commit(&batch)?;
+        Ok(())
+    }
+}
+
+impl Volume {
+    pub(crate) fn open(parts: VolumeParts) -> Result<Volume, VolumeError> {
+        let VolumeParts {
+            tenant,
+            name,
+            internal_id,
+            size,
+            block_size,
+            segment_bytes,
+            overlay_limit,
+            meta,
+            segments,
+            ciphers,
+        } = parts;
+        let mut ciphers = ciphers.into_iter();
+        let cipher = ciphers.next().ok_or_else(|| VolumeError::Corrupt {
+            what: "volume record lists no data key".into(),
+        })?;
+        let ciphers: HashMap<u32, BlockCipher> = ciphers.map(|c| (c.dek_version().0, c)).collect();
+        let dek = cipher.dek_version();
+
+        let high_water = match meta.get(&record::nonce_key(internal_id, dek.0))? {
+            Some(bytes) => record::decode_u64(&bytes, "nonce mark").map_err(corrupt)?,
+            None => 0,
+        };
+        let reserver = Arc::new(MetaReserver {
+            meta: meta.clone(),
+            volume: internal_id,
+        });
+        let nonces = NonceSource::resume(
+            dek,
+            high_water,
+            crate::nonce::default_limit(block_size),
+            reserver,
+        );
+
+        let mut live = HashMap::new();
+        let mut bad = None;
+        meta.scan_prefix(&record::live_prefix(internal_id), &mut |key, value| {
+            let segment = u32::from_be_bytes(key[5..9].try_into().unwrap_or_default());
+            match record::decode_u64(value, "live count") {
+                Ok(count) => {
+                    live.insert(segment, count);
+                    true
+                }
+                Err(e) => {
+                    bad = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(corrupt(e));
+        }
+
+        // Writing resumes in a fresh segment: the tail of the last one may hold
+        // unsynced bytes from before a crash, which nothing references.
+        let existing = segments
+            .list(internal_id)
+            .map_err(VolumeError::Io)?
+            .last()
+            .copied();
+        let next_index = match existing {
+            Some(last) => last.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
+                what: "segment index space is spent".into(),
+            })?,
+            None => 0,
+        };
+        let segment_blocks =
+            (segment_bytes / u64::from(block_size.get())).clamp(1, u32::MAX.into());
+
+        Ok(Volume {
+            inner: Arc::new(VolumeInner {
+                tenant,
+                name,
+                internal_id,
+                size,
+                block_size,
+                segment_blocks: segment_blocks as u32,
+                overlay_limit: overlay_limit.max(1),
+                meta,
+                segments,
+                cipher,
+                ciphers,
+                nonces,
+                head: Mutex::new(Head {
+                    segment: None,
+                    next_index,
+                    next_block: 0,
+                }),
+                overlay: Mutex::new(Overlay::default()),
+                dirty_segments: Mutex::new(BTreeSet::new()),
+                flush: Mutex::new(FlushState { durable: 0, live }),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                poisoned: AtomicBool::new(false),
+                auth_failures: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
+                metadata_bytes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<VolumeInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn from_inner(inner: Arc<VolumeInner>) -> Volume {
+        Volume { inner }
+    }
+
+    /// The tenant owning the volume.
+    pub fn tenant(&self) -> &TenantId {
+        &self.inner.tenant
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &VolumeId {
+        &self.inner.name
+    }
+
+    /// The volume's size, in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Always `false`: a volume holds at least one block.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The volume's block size.
+    pub fn block_size(&self) -> BlockSize {
+        self.inner.block_size
+    }
+
+    /// Whether an earlier write or flush failed (the volume then refuses writes
+    /// and flushes until reopened).
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
+    /// The volume's counters.
+    pub fn stats(&self) -> VolumeStats {
+        let i = &self.inner;
+        VolumeStats {
+            auth_failures: i.auth_failures.load(Ordering::Relaxed),
+            commits: i.commits.load(Ordering::Relaxed),
+            metadata_bytes: i.metadata_bytes.load(Ordering::Relaxed),
+            overlay_blocks: i.lock_overlay().map.len() as u64,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset`. Unwritten and trimmed ranges read
+    /// as zeros. A block that fails authentication fails the whole request with
+    /// [`VolumeError::Authentication`] naming it; other requests are unaffected.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let i = &self.inner;
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > i.size) {
+            return Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: i.size,
+            });
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        i.read_range(offset, buf)
+    }
+
+    /// Writes `data` at byte `offset`. Durable after the next [`flush`](Self::flush).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.inner
+            .write_range(offset, Some(data), data.len() as u64)
+    }
+
+    /// Writes `data` at byte `offset` and makes it (and every write acknowledged
+    /// before) durable before returning.
+    pub fn write_at_fua(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.write_at(offset, data)?;
+        self.flush()
+    }
+
+    /// Makes every acknowledged write durable: syncs segment data, then commits
+    /// the mappings. Concurrent callers share one sync and one commit.
+    pub fn flush(&self) -> Result<(), VolumeError> {
+        self.inner.flush()
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros afterwards.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.inner.write_range(offset, None, len)
+    }
+
+    /// Zeroes `len` bytes at `offset`. Whole blocks are unmapped (no data is
+    /// written); partial blocks at the edges are rewritten.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.inner.write_range(offset, None, len)
+    }
+
+    /// Describes `len` bytes at `offset` as runs of allocated data and holes,
+    /// in order, covering the range exactly. Block granular: a run's edges
+    /// fall on block boundaries except at the ends of the range.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>, VolumeError> {
+        let i = &self.inner;
+        if offset.checked_add(len).is_none_or(|end| end > i.size) {
+            return Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: i.size,
+            });
+        }
+        let mut out: Vec<BlockStatus> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let bs = u64::from(i.block_size.get());
+        let first = offset / bs;
+        let last = (offset + len - 1) / bs;
+        let slots = i.lookup(first, last - first + 1)?;
+        for (n, slot) in slots.iter().enumerate() {
+            let lba = first + n as u64;
+            let start = (lba * bs).max(offset);
+            let end = ((lba + 1) * bs).min(offset + len);
+            let allocated = matches!(slot, Some(Slot::Mapped(_)));
+            match out.last_mut() {
+                Some(e) if e.allocated == allocated => e.len += end - start,
+                _ => out.push(BlockStatus {
+                    len: end - start,
+                    allocated,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flushes; the handle stays usable (other handles may share the volume).
+    pub fn close(self) -> Result<(), VolumeError> {
+        self.flush()
+    }
+}
+
+impl fmt::Debug for Volume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Volume")
+            .field("tenant", &self.inner.tenant)
+            .field("volume", &self.inner.name)
+            .field("size", &self.inner.size)
+            .field("block_size", &self.inner.block_size.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for VolumeInner {
+    fn drop(&mut self) {
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(error) = self.flush() {
+            tracing::error!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                %error,
+                "flushing a closing volume failed"
+            );
+        }
+    }
+}
+
+impl VolumeInner {
+    fn lock_overlay(&self) -> MutexGuard<'_, Overlay> {
+        // Every critical section on the overlay is a handful of map operations
+        // that cannot panic half-way; a poisoned lock still holds a valid map.
+        self.overlay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_head(&self) -> MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_dirty(&self) -> MutexGuard<'_, BTreeSet<u32>> {
+        self.dirty_segments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn poison(&self) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                "volume poisoned after a failed write or sync; reopen it"
+            );
+        }
+    }
+
+    fn check_poisoned(&self) -> Result<(), VolumeError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            Err(VolumeError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn segment_id(&self, index: u32) -> SegmentId {
+        SegmentId {
+            volume: self.internal_id,
+            index,
+        }
+    }
+
+    /// Locks the stripes of blocks `first..=last`, in ascending stripe order.
+    fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
+        let count = last - first + 1;
+        let indexes: Vec<usize> = if count >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            let set: BTreeSet<usize> = (first..=last).map(|b| b as usize % STRIPES).collect();
+            set.into_iter().collect()
+        };
+        indexes
+            .into_iter()
+            // The stripes guard no data of their own.
+            .map(|s| self.stripes[s].lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+
+    /// The current slot of each block `first..first + count` (`None`: never
+    /// written since the last trim, reads as zeros).
+    fn lookup(&self, first: u64, count: u64) -> Result<Vec<Option<Slot>>, VolumeError> {
+        let mut slots = vec![None; count as usize];
+        let mut missing = false;
+        {
+            let overlay = self.lock_overlay();
+            let mut covered = 0u64;
+            for (&lba, &(slot, _)) in overlay.map.range(first..first + count) {
+                slots[(lba - first) as usize] = Some(slot);
+                covered += 1;
+            }
+            if covered < count {
+                missing = true;
+            }
+        }
+        if missing {
+            self.scan_extents(first, first + count, &mut |extent| {
+                let from = extent.lba.max(first);
+                let to = (extent.last() + 1).min(first + count);
+                for lba in from..to {
+                    let slot = &mut slots[(lba - first) as usize];
+                    if slot.is_none() {
+                        let k = (lba - extent.lba) as usize;
+                        *slot = Some(Slot::Mapped(Location {
+                            segment: extent.segment,
+                            offset: extent.offset + k as u32,
+                            dek_version: extent.dek_version,
+                            nonce: extent.nonce + k as u64,
+                            tag: extent.tags[k],
+                        }));
+                    }
+                }
+            })?;
+        }
+        // A Zero slot and a hole read alike.
+        Ok(slots
+            .into_iter()
+            .map(|s| match s {
+                Some(Slot::Zero) => None,
+                s => s,
+            })
+            .collect())
+    }
+
+    /// Visits the committed extents overlapping blocks `from..to`, in order.
+    fn scan_extents(
+        &self,
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(Extent),
+    ) -> Result<(), VolumeError> {
+        let start = record::extent_key(self.internal_id, from);
+        let end = crate::meta::prefix_end(&record::extent_prefix(self.internal_id));
+        let mut bad = None;
+        self.meta.scan(
+            &start,
+            end.as_deref(),
+            &mut |key, value| match Extent::decode(key, value) {
+                Ok(extent) if extent.lba >= to => false,
+                Ok(extent) => {
+                    visit(extent);
+                    true
+                }
+                Err(e) => {
+                    bad = Some(e);
+                    false
+                }
+            },
+        )?;
+        match bad {
+            Some(e) => Err(corrupt(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn cipher(&self, dek_version: u32) -> Option<&BlockCipher> {
+        if self.cipher.dek_version().0 == dek_version {
+            Some(&self.cipher)
+        } else {
+            self.ciphers.get(&dek_version)
+        }
+    }
+
+    fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let first = offset / bs64;
+        let last = (offset + buf.len() as u64 - 1) / bs64;
+        let count = last - first + 1;
+        let slots = self.lookup(first, count)?;
+        if offset % bs64 == 0 && buf.len() % bs == 0 {
+            return self.open_blocks(first, &slots, buf);
+        }
+        let mut scratch = vec![0u8; count as usize * bs];
+        self.open_blocks(first, &slots, &mut scratch)?;
+        let skip = (offset - first * bs64) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&scratch[skip..skip + len]);
+        Ok(())
+    }
+
+    /// Fills `blocks` with the plaintext of the blocks from `first` on, as `slots`
+    /// map them.
+    fn open_blocks(
+        &self,
+        first: u64,
+        slots: &[Option<Slot>],
+        blocks: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let mut n = 0usize;
+        while n < slots.len() {
+            let Some(Slot::Mapped(loc)) = slots[n] else {
+                blocks[n * bs..(n + 1) * bs].fill(0);
+                n += 1;
+                continue;
+            };
+            // Read a run of blocks that sit next to each other in one segment.
+            let mut run = 1;
+            while n + run < slots.len() {
+                match slots[n + run] {
+                    Some(Slot::Mapped(next))
+                        if next.segment == loc.segment
+                            && next.offset == loc.offset + run as u32 =>
+                    {
+                        run += 1
+                    }
+                    _ => break,
+                }
+            }
+            let bytes = &mut blocks[n * bs..(n + run) * bs];
+            self.segments
+                .read_at(
+                    self.segment_id(loc.segment),
+                    u64::from(loc.offset) * bs64,
+                    bytes,
+                )
+                .map_err(VolumeError::Io)?;
+            for k in 0..run {
+                let Some(Slot::Mapped(l)) = slots[n + k] else {
+                    unreachable!("the run holds mapped slots only")
+                };
+                let lba = Lba(first + (n + k) as u64);
+                self.open_block(lba, &l, &mut bytes[k * bs..(k + 1) * bs])?;
+            }
+            n += run;
+        }
+        Ok(())
+    }
+
+    fn open_block(&self, lba: Lba, loc: &Location, block: &mut [u8]) -> Result<(), VolumeError> {
+        let opened = match self.cipher(loc.dek_version) {
+            Some(cipher) => cipher
+                .open_in_place(lba, &nonce_for(loc.nonce), &Tag(loc.tag), block)
+                .is_ok(),
+            None => {
+                block.fill(0);
+                false
+            }
+        };
+        if opened {
+            return Ok(());
+        }
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            tenant = %self.tenant,
+            volume = %self.name,
+            lba = lba.0,
+            "block failed authentication"
+        );
+        Err(VolumeError::Authentication { lba })
+    }
+
+    /// Writes `data` (or zeros, unmapping whole blocks, when `None`) over `len`
+    /// bytes at `offset`.
+    fn write_range(&self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), VolumeError> {
+        self.check_poisoned()?;
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(VolumeError::NoSpace {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let first = offset / bs64;
+        let last = (offset + len - 1) / bs64;
+        let head_partial = offset % bs64 != 0;
+        let tail_partial = (offset + len) % bs64 != 0;
+
+        let over_limit = {
+            let _locks = self.lock_blocks(first, last);
+            match data {
+                Some(data) => {
+                    let count = (last - first + 1) as usize;
+                    let mut blocks = vec![0u8; count * bs];
+                    if head_partial || (tail_partial && count == 1) {
+                        self.read_block_for_update(first, &mut blocks[..bs])?;
+                    }
+                    if tail_partial && count > 1 {
+                        self.read_block_for_update(last, &mut blocks[(count - 1) * bs..])?;
+                    }
+                    let skip = (offset - first * bs64) as usize;
+                    blocks[skip..skip + data.len()].copy_from_slice(data);
+                    self.seal_and_install(first, &mut blocks)?
+                }
+                None => self.zero_range(offset, len, first, last)?,
+            }
+        };
+        if over_limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes bytes `offset..offset + len` (blocks `first..=last`, whose stripes
+    /// the caller holds).
+    fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<bool, VolumeError> {
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let end = offset + len;
+        // Partial blocks at the edges keep their other bytes.
+        let mut whole_from = first;
+        let mut whole_to = last + 1;
+        let mut over = false;
+        if offset % bs64 != 0 || (end % bs64 != 0 && first == last) {
+            let mut block = vec![0u8; bs];
+            self.read_block_for_update(first, &mut block)?;
+            let from = (offset - first * bs64) as usize;
+            let to = ((end - first * bs64) as usize).min(bs);
+            block[from..to].fill(0);
+            over |= self.seal_and_install(first, &mut block)?;
+            whole_from = first + 1;
+        }
+        if end % bs64 != 0 && last >= whole_from {
+            let mut block = vec![0u8; bs];
+            self.read_block_for_update(last, &mut block)?;
+            let to = (end - last * bs64) as usize;
+            block[..to].fill(0);
+            over |= self.seal_and_install(last, &mut block)?;
+            whole_to = last;
+        }
+        if whole_from >= whole_to {
+            return Ok(over);
+        }
+        if whole_to - whole_from >= DIRECT_TRIM_BLOCKS {
+            self.trim_direct(whole_from, whole_to)?;
+            return Ok(over);
+        }
+        let mut overlay = self.lock_overlay();
+        overlay.generation += 1;
+        let generation = overlay.generation;
+        for lba in whole_from..whole_to {
+            overlay.map.insert(lba, (Slot::Zero, generation));
+        }
+        Ok(over || overlay.map.len() > self.overlay_limit)
+    }
+
+    /// Drops the mappings of blocks `from..to` with one durable commit.
+    fn trim_direct(&self, from: u64, to: u64) -> Result<(), VolumeError> {
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let mut batch = Batch::new();
+        let mut deltas = HashMap::new();
+        self.build_commit(&[(from, to)], &[], &mut batch, &mut deltas)?;
+        self.apply_live(&mut batch, &state.live, &deltas);
+        if let Err(e) = self.meta.commit(&batch) {
+            self.poison();
+            return Err(e.into());
+        }
+        apply_deltas(&mut state.live, &deltas);
+        // The overlay's entries for these blocks are superseded by the trim,
+        // which is now durable.
+        let mut overlay = self.lock_overlay();
+        let doomed: Vec<u64> = overlay.map.range(from..to).map(|(&l, _)| l).collect();
+        for lba in doomed {
+            overlay.map.remove(&lba);
+        }
+        Ok(())
+    }
+
+    /// Reads block `lba` for a read-modify-write (the caller holds its stripe).
+    fn read_block_for_update(&self, lba: u64, block: &mut [u8]) -> Result<(), VolumeError> {
+        let bs64 = self.block_size.len() as u64;
+        self.read_range(lba * bs64, block)
+    }
+
+    /// Seals whole blocks starting at `first` into fresh segment space and installs
+    /// their mappings. Returns whether the overlay grew past its bound.
+    fn seal_and_install(&self, first: u64, blocks: &mut [u8]) -> Result<bool, VolumeError> {
+        let bs = self.block_size.len();
+        let count = blocks.len() / bs;
+        let mut locations = Vec::with_capacity(count);
+        let mut done = 0usize;
+        while done < count {
+            let (segment, offset, nonces) = self.allocate(count - done)?;
+            let run = nonces.len();
+            let bytes = &mut blocks[done * bs..(done + run) * bs];
+            for (k, nonce) in nonces.iter().enumerate() {
+                let lba = Lba(first + (done + k) as u64);
+                let tag = self
+                    .cipher
+                    .seal_in_place(lba, nonce, &mut bytes[k * bs..(k + 1) * bs]);
+                locations.push(Location {
+                    segment,
+                    offset: offset + k as u32,
+                    dek_version: self.cipher.dek_version().0,
+                    nonce: counter_of(nonce),
+                    tag: tag.0,
+                });
+            }
+            if let Err(e) = self.segments.write_at(
+                self.segment_id(segment),
+                u64::from(offset) * bs as u64,
+                bytes,
+            ) {
+                self.poison();
+                return Err(VolumeError::Io(e));
+            }
+            self.lock_dirty().insert(segment);
+            done += run;
+        }
+        let mut overlay = self.lock_overlay();
+        overlay.generation += 1;
+        let generation = overlay.generation;
+        for (k, loc) in locations.into_iter().enumerate() {
+            overlay
+                .map
+                .insert(first + k as u64, (Slot::Mapped(loc), generation));
+        }
+        Ok(overlay.map.len() > self.overlay_limit)
+    }
+
+    /// Reserves up to `want` consecutive blocks at the head of the open segment
+    /// and as many consecutive nonces.
+    fn allocate(&self, want: usize) -> Result<(u32, u32, Vec<Nonce>), VolumeError> {
+        let mut head = self.lock_head();
+        self.check_poisoned()?;
+        let segment = match head.segment {
+            Some(s) if head.next_block < self.segment_blocks => s,
+            _ => {
+                let index = head.next_index;
+                if let Err(e) = self.segments.create(self.segment_id(index)) {
+                    self.poison();
+                    return Err(VolumeError::Io(e));
+                }
+                head.segment = Some(index);
+                head.next_index = index.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
+                    what: "segment index space is spent".into(),
+                })?;
+                head.next_block = 0;
+                index
+            }
+        };
+        let run = want.min((self.segment_blocks - head.next_block) as usize);
+        let mut nonces = Vec::with_capacity(run);
+        for _ in 0..run {
+            nonces.push(
+                self.nonces
+                    .next()
+                    .map_err(|e| VolumeError::Nonce(Box::new(e)))?,
+            );
+        }
+        let offset = head.next_block;
+        head.next_block += run as u32;
+        Ok((segment, offset, nonces))
+    }
+
+    fn flush(&self) -> Result<(), VolumeError> {
+        self.check_poisoned()?;
+        let target = self.lock_overlay().generation;
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        if state.durable >= target {
+            // Another flusher committed everything we need while we waited.
+            return self.check_poisoned();
+        }
+        self.check_poisoned()?;
+        let (generation, entries): (u64, Vec<(u64, Slot)>) = {
+            let overlay = self.lock_overlay();
+            (
+                overlay.generation,
+                overlay.map.iter().map(|(&l, &(s, _))| (l, s)).collect(),
+            )
+        };
+        // Every entry above was installed after its segment was marked dirty, so
+        // the set taken now covers them all (or an earlier flush synced them).
+        let dirty = std::mem::take(&mut *self.lock_dirty());
+        for &segment in &dirty {
+            if let Err(e) = self.segments.sync(self.segment_id(segment)) {
+                self.poison();
+                return Err(VolumeError::Io(e));
+            }
+        }
+        if !entries.is_empty() {
+            let runs = runs_of(&entries);
+            let mut batch = Batch::new();
+            let mut deltas = HashMap::new();
+            if let Err(e) = self.build_commit(&runs, &entries, &mut batch, &mut deltas) {
+                self.poison();
+                return Err(e);
+            }
+            self.apply_live(&mut batch, &state.live, &deltas);
+            if let Err(e) = self.meta.commit(&batch) {
+                self.poison();
+                return Err(e.into());
+            }
+            apply_deltas(&mut state.live, &deltas);
+            let bytes: usize = batch
+                .ops()
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum();
+            self.metadata_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            let mut overlay = self.lock_overlay();
+            overlay.map.retain(|_, &mut (_, g)| g > generation);
+        }
+        state.durable = generation;
+        Ok(())
+    }
+
+    /// Adds to `batch` the record changes that make blocks in `runs` (sorted,
+    /// disjoint `from..to` ranges) map as `entries` say (a block of a run without
+    /// a mapped entry becomes a hole), and the per-segment live-block deltas.
+    fn build_commit(
+        &self,
+        runs: &[(u64, u64)],
+        entries: &[(u64, Slot)],
+        batch: &mut Batch,
+        deltas: &mut HashMap<u32, i64>,
+    ) -> Result<(), VolumeError> {
+        let in_runs = |lba: u64| {
+            let i = runs.partition_point(|&(_, to)| to <= lba);
+            i < runs.len() && runs[i].0 <= lba
+        };
+        // Committed extents overlapping any run: deleted whole, their parts
+        // outside the runs written back.
+        let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
+        for &(from, to) in runs {
+            self.scan_extents(from, to, &mut |extent| {
+                old.insert(extent.lba, extent);
+            })?;
+        }
+        let mut puts: Vec<Extent> = Vec::new();
+        for extent in old.values() {
+            batch.delete(record::extent_key(self.internal_id, extent.last()).to_vec());
+            *deltas.entry(extent.segment).or_default() -= extent.tags.len() as i64;
+            let mut lba = extent.lba;
+            while lba <= extent.last() {
+                if in_runs(lba) {
+                    lba += 1;
+                    continue;
+                }
+                let start = lba;
+                while lba <= extent.last() && !in_runs(lba) {
+                    lba += 1;
+                }
+                puts.push(extent.slice(start, lba));
+            }
+        }
+        // New extents: runs of mapped entries contiguous in LBA, segment space and
+        // nonce counter under one DEK.
+        let mut current: Option<Extent> = None;
+        for &(lba, slot) in entries {
+            let Slot::Mapped(loc) = slot else {
+                if let Some(e) = current.take() {
+                    puts.push(e);
+                }
+                continue;
+            };
+            if let Some(e) = current.as_mut() {
+                let n = e.tags.len();
+                if e.lba + n as u64 == lba
+                    && e.segment == loc.segment
+                    && e.offset as u64 + n as u64 == u64::from(loc.offset)
+                    && e.dek_version == loc.dek_version
+                    && e.nonce + n as u64 == loc.nonce
+                    && n < MAX_EXTENT_BLOCKS
+                {
+                    e.tags.push(loc.tag);
+                    continue;
+                }
+            }
+            if let Some(e) = current.replace(Extent {
+                lba,
+                segment: loc.segment,
+                offset: loc.offset,
+                dek_version: loc.dek_version,
+                nonce: loc.nonce,
+                tags: vec![loc.tag],
+            }) {
+                puts.push(e);
+            }
+        }
+        if let Some(e) = current.take() {
+            puts.push(e);
+        }
+        // Deletes went first: a put of the same key later in the batch wins.
+        for extent in &puts {
+            *deltas.entry(extent.segment).or_default() += extent.tags.len() as i64;
+            batch.put(
+                record::extent_key(self.internal_id, extent.last()).to_vec(),
+                extent.encode(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Adds the updated live-block counts of the segments in `deltas` to `batch`.
+    fn apply_live(&self, batch: &mut Batch, live: &HashMap<u32, u64>, deltas: &HashMap<u32, i64>) {
+        for (&segment, &delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let now = live.get(&segment).copied().unwrap_or(0) as i64 + delta;
+            let key = record::live_key(self.internal_id, segment).to_vec();
+            if now <= 0 {
+                batch.delete(key);
+            } else {
+                batch.put(key, record::encode_u64(now as u64).to_vec());
+            }
+        }
+    }
+}
+
+fn apply_deltas(live: &mut HashMap<u32, u64>, deltas: &HashMap<u32, i64>) {
+    for (&segment, &delta) in deltas {
+        let now = live.get(&segment).copied().unwrap_or(0) as i64 + delta;
+        if now <= 0 {
+            live.remove(&segment);
+        } else {
+            live.insert(segment, now as u64);
+        }
+    }
+}
+
+/// The maximal runs of consecutive LBAs among sorted `entries`, as `from..to`.
+fn runs_of(entries: &[(u64, Slot)]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &(lba, _) in entries {
+        match runs.last_mut() {
+            Some((_, to)) if *to == lba => *to += 1,
+            _ => runs.push((lba, lba + 1)),
+        }
+    }
+    runs
+}
+
+fn counter_of(nonce: &Nonce) -> u64 {
+    let mut counter = [0u8; 8];
+    counter.copy_from_slice(&nonce.0[4..]);
+    u64::from_be_bytes(counter)
+}
+
+fn corrupt(e: record::Corrupt) -> VolumeError {
+    VolumeError::Corrupt { what: e.0 }
+}
