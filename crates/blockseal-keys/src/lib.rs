@@ -71,6 +71,9 @@ pub use master::{
     CHECK_VALUE_LEN, CheckValue, KEY_ID_LEN, KeyId, KeyIdParseError, MasterKey, WrongMasterKey,
 };
 pub use tenant::{DeploymentSalt, SEED_LEN, TenantKek, TenantSeed};
+/// Re-exported because key constructors take key bytes as `Zeroizing` arrays, and
+/// so that callers can hold secrets without depending on `zeroize` themselves.
+pub use zeroize::Zeroizing;
 
 #[cfg(test)]
 mod secret_debug_tests {
