@@ -1,0 +1,15 @@
+//! Subcommand implementations, one module per top-level subcommand.
+//!
+//! To add a subcommand: a variant in `cli::Command`, a sibling module here with a
+//! `run` function, and one arm in [`run`].
+
+mod key;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the parsed command line.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Key(command) => key::run(command),
+    }
+}
