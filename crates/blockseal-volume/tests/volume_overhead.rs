@@ -1,0 +1,82 @@
+//! Measures metadata bytes per data byte for sequential and random 4 KiB writes
+//! and checks the budget (1.5% of logical record bytes).
+//!
+//! Run with `-- --nocapture` to see the numbers, including the metadata store's
+//! size on disk.
+
+mod common {
+    pub mod volume;
+}
+
+use blockseal_volume::StoreOptions;
+use blockseal_volume::meta::BackendKind;
+use common::volume::*;
+use rand::Rng;
+
+const BS: u64 = 4096;
+const BLOCKS: u64 = 16_384; // 64 MiB
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            dir_size(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+fn measure(backend: BackendKind, random: bool) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, volume) = store_with_volume(
+        dir.path(),
+        BLOCKS * BS,
+        StoreOptions::new().backend(backend),
+    );
+    let mut rng = rand::rng();
+    let data = pattern(1, 32 * BS as usize);
+    let mut written = 0u64;
+    for i in 0..BLOCKS {
+        if random {
+            let lba = rng.random_range(0..BLOCKS);
+            volume.write_at(lba * BS, &data[..BS as usize]).unwrap();
+            written += BS;
+        } else if i % 32 == 0 {
+            // 128 KiB sequential writes, as a recording stream does.
+            volume.write_at(i * BS, &data).unwrap();
+            written += 32 * BS;
+        }
+        if i % 1024 == 1023 {
+            volume.flush().unwrap();
+        }
+    }
+    volume.flush().unwrap();
+    let stats = volume.stats();
+    let logical = stats.metadata_bytes as f64 / written as f64;
+    eprintln!(
+        "{backend:?} {}: {} data bytes, {} metadata record bytes written ({:.3}%), metadata store on disk {} bytes ({:.2}%)",
+        if random {
+            "random 4 KiB"
+        } else {
+            "sequential 128 KiB"
+        },
+        written,
+        stats.metadata_bytes,
+        logical * 100.0,
+        dir_size(&dir.path().join("meta")),
+        dir_size(&dir.path().join("meta")) as f64 / written as f64 * 100.0,
+    );
+    logical
+}
+
+#[test]
+fn metadata_overhead_stays_within_budget() {
+    for backend in [BackendKind::Redb, BackendKind::Sled] {
+        assert!(measure(backend, false) <= 0.015);
+        assert!(measure(backend, true) <= 0.015);
+    }
+}
