@@ -1,0 +1,278 @@
+//! The boundary between the protocol server and the volumes it serves.
+//!
+//! The server knows a volume only as an [`Export`] handed out by a [`Catalog`].
+//! Both traits are synchronous: the volume layer has no tokio, and the server
+//! decides on which threads it calls them. This module owns the one mapping from
+//! a volume [`ErrorKind`] to an NBD error value ([`errno`]); nothing else in the
+//! crate may invent error numbers for export failures.
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use blockseal_volume::ErrorKind;
+
+use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM, ESHUTDOWN};
+
+/// A failed export operation: a stable [`ErrorKind`] and a message for the log.
+///
+/// The message goes to the server log only; the client sees the NBD error value
+/// and a generic text for the kind. So the message may name a block or a file,
+/// but must never contain data or key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl ExportError {
+    /// An error of `kind` with a log message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ExportError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What kind of failure this is; decides the NBD error value.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message for the server log.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ExportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for ExportError {}
+
+impl From<ErrorKind> for ExportError {
+    fn from(kind: ErrorKind) -> Self {
+        ExportError::new(kind, kind_text(kind))
+    }
+}
+
+/// The NBD error value (spec "Error values") a client receives for an export error.
+///
+/// This is the only place an [`ErrorKind`] becomes a protocol error. A block that
+/// failed authentication is an `EIO`, like any unreadable block: the client learns
+/// nothing about which check failed (the server logs and counts it separately).
+pub fn errno(kind: ErrorKind) -> u32 {
+    match kind {
+        ErrorKind::Io | ErrorKind::Authentication | ErrorKind::Poisoned => EIO,
+        ErrorKind::OutOfRange | ErrorKind::InvalidInput => EINVAL,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::ReadOnly => EPERM,
+        ErrorKind::NotSupported => ENOTSUP,
+        ErrorKind::ShuttingDown => ESHUTDOWN,
+        // A kind added later is at worst an I/O error until it gets its own arm.
+        _ => EIO,
+    }
+}
+
+/// The text a client sees next to an export error (structured replies only).
+pub(crate) fn kind_text(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Io | ErrorKind::Authentication => "input/output error",
+        ErrorKind::Poisoned => "input/output error: volume refuses writes until reopened",
+        ErrorKind::OutOfRange => "request reaches past the end of the export",
+        ErrorKind::InvalidInput => "invalid request",
+        ErrorKind::NoSpace => "no space left",
+        ErrorKind::ReadOnly => "export is read-only",
+        ErrorKind::NotSupported => "operation not supported",
+        ErrorKind::ShuttingDown => "server is shutting down",
+        _ => "input/output error",
+    }
+}
+
+/// One run of bytes with the same allocation status (`base:allocation` context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes; never zero.
+    pub length: u64,
+    /// The range is not allocated in the backing store (`NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// The range reads as zeroes (`NBD_STATE_ZERO`).
+    pub zero: bool,
+}
+
+/// A volume as the NBD server sees it.
+///
+/// # Contract, for every method
+/// - The server has already validated the request: `offset + len <= size()`
+///   (no overflow), `len > 0`, the export is writable for the writing methods, and
+///   a request is at most the server's maximum payload (32 MiB by default) for
+///   `read` and `write`. Methods need not re-check, but must not misbehave if a
+///   caller outside this server passes something else: returning
+///   [`ErrorKind::OutOfRange`] or [`ErrorKind::InvalidInput`] is fine.
+/// - Offsets and lengths are byte granular. Clients that negotiated block sizes
+///   (`NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`) send multiples of
+///   [`block_size`](Export::block_size); older clients may not, and the export must
+///   then handle a partial block (read-modify-write) correctly.
+/// - Methods may block (file I/O, fsync, a lock). The server calls them on
+///   blocking threads, concurrently, from several requests and connections at once.
+///   Requests in flight at the same time may overlap; the outcome of overlapping
+///   concurrent writes is whichever lands last, as with any block device.
+/// - All handles a [`Catalog`] returns for one export name share one cache: an
+///   acknowledged `flush` or FUA write on one is durable for writes acknowledged on
+///   all of them. This is what lets the server advertise `NBD_FLAG_CAN_MULTI_CONN`.
+/// - `size`, `block_size` and `read_only` are read once when a client enters the
+///   transmission phase and must not change while it stays connected.
+/// - Error messages go to the log: never data or key material in them.
+pub trait Export: Send + Sync + 'static {
+    /// Size of the export in bytes; a multiple of [`block_size`](Export::block_size).
+    fn size(&self) -> u64;
+
+    /// Minimum and preferred block size: a power of two from 512 to 65536. Writes
+    /// of whole aligned blocks avoid read-modify-write. The server advertises it as
+    /// both the minimum and the preferred size in `NBD_INFO_BLOCK_SIZE`.
+    fn block_size(&self) -> u32;
+
+    /// Whether the export refuses writes. The server then answers every write,
+    /// trim and write-zeroes with `EPERM` and never calls the writing methods.
+    fn read_only(&self) -> bool;
+
+    /// Fills `buf` with the bytes at `offset`. Unwritten and trimmed ranges read as
+    /// zeroes. A block that fails authentication is [`ErrorKind::Authentication`],
+    /// never garbage.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
+
+    /// Writes `data` at `offset`. With `fua`, the data is durable when this returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
+
+    /// Makes every write, trim and write-zeroes that returned before this call
+    /// durable.
+    fn flush(&self) -> Result<(), ExportError>;
+
+    /// Hints that `len` bytes at `offset` are no longer needed. The range may read
+    /// as anything afterwards (this export family reads it as zeroes). With `fua`,
+    /// the effect is durable when this returns.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError>;
+
+    /// Makes `len` bytes at `offset` read as zeroes. Without `no_hole` the export
+    /// should drop the mappings (cheap, metadata only): the server relies on that
+    /// to answer `NBD_CMD_FLAG_FAST_ZERO` requests. With `no_hole` the range must
+    /// stay allocated. With `fua`, durable when this returns.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<(), ExportError>;
+
+    /// Allocation status of the range starting at `offset`, as consecutive extents
+    /// in order. The extents may cover less than `len` (at least one byte) or more
+    /// (the server trims them). Extent boundaries should be multiples of
+    /// [`block_size`](Export::block_size) except at the end of the export.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
+
+    /// Hints that the client will soon read the range. Default: nothing.
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        let _ = (offset, len);
+        Ok(())
+    }
+}
+
+/// What a connection may see: decided by how it authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Every tenant: a local Unix socket (guarded by file permissions) or plain
+    /// TCP allowed by configuration.
+    All,
+    /// One tenant, named by the client's TLS certificate.
+    Tenant(String),
+}
+
+impl Scope {
+    /// Whether an export named `tenant/volume` is visible in this scope.
+    ///
+    /// The server checks this itself before it asks the catalog, so a catalog that
+    /// forgot to check cannot leak another tenant's export.
+    pub fn permits(&self, export_name: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(tenant) => export_name
+                .split_once('/')
+                .is_some_and(|(t, volume)| t == tenant && !volume.is_empty()),
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::All => f.write_str("all tenants"),
+            Scope::Tenant(t) => write!(f, "tenant {t}"),
+        }
+    }
+}
+
+/// An entry of `NBD_OPT_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Export name, `tenant/volume`.
+    pub name: String,
+    /// Human-readable description (may be empty).
+    pub description: String,
+}
+
+/// The exports a server offers, filtered by [`Scope`].
+///
+/// Both methods may be called from async context and should not block for long
+/// (an in-memory map lookup, or opening an already-open volume).
+pub trait Catalog: Send + Sync + 'static {
+    /// The exports visible in `scope`.
+    fn list(&self, scope: &Scope) -> Vec<ExportInfo>;
+
+    /// Opens the export `name` (`tenant/volume`) if it exists and `scope` may see it.
+    /// An export the scope may not see must be `None`, exactly like one that does
+    /// not exist: the client cannot tell the two apart.
+    fn open(&self, name: &str, scope: &Scope) -> Option<Arc<dyn Export>>;
+
+    /// The description of `name`, for `NBD_INFO_DESCRIPTION`. Default: looked up in
+    /// [`list`](Catalog::list).
+    fn description(&self, name: &str, scope: &Scope) -> String {
+        self.list(scope)
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.description)
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(errno(ErrorKind::Io), EIO);
+        assert_eq!(errno(ErrorKind::Authentication), EIO);
+        assert_eq!(errno(ErrorKind::Poisoned), EIO);
+        assert_eq!(errno(ErrorKind::OutOfRange), EINVAL);
+        assert_eq!(errno(ErrorKind::InvalidInput), EINVAL);
+        assert_eq!(errno(ErrorKind::NoSpace), ENOSPC);
+        assert_eq!(errno(ErrorKind::ReadOnly), EPERM);
+        assert_eq!(errno(ErrorKind::NotSupported), ENOTSUP);
+        assert_eq!(errno(ErrorKind::ShuttingDown), ESHUTDOWN);
+    }
+
+    #[test]
+    fn scope_filters_by_tenant_prefix() {
+        let acme = Scope::Tenant("acme".into());
+        assert!(acme.permits("acme/disk"));
+        assert!(!acme.permits("acme"));
+        assert!(!acme.permits("acme/"));
+        assert!(!acme.permits("acmex/disk"));
+        assert!(!acme.permits("globex/disk"));
+        assert!(!acme.permits(""));
+        assert!(Scope::All.permits("globex/disk"));
+    }
+}

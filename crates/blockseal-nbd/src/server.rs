@@ -1,0 +1,459 @@
+//! Listeners, connections and shutdown.
+//!
+//! A [`Server`] accepts connections on any number of Unix and TCP listeners,
+//! gives each a task and a tracing span (`conn`, `peer`, `export`), runs the
+//! handshake under a time limit, and hands the stream to the transmission phase.
+//! [`Shutdown::trigger`] stops every accept loop, lets in-flight requests finish
+//! and reply, closes every connection, and then the `serve_*` futures return.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::export::{Catalog, Scope};
+use crate::handshake::{Negotiation, Outcome, Session, TlsMode};
+use crate::tls::{TlsConfig, client_tenant};
+use crate::transmission;
+
+/// Limits and policy of a server. Build with [`Default`] and set fields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Requests one connection may have in flight; past it the server stops
+    /// reading that connection until a reply is written. Default 64.
+    pub max_in_flight_requests: usize,
+    /// Write payload and read data bytes one connection may have in flight; past
+    /// it the server stops reading. Default 64 MiB.
+    pub max_in_flight_bytes: usize,
+    /// Largest read or write one request may carry; advertised as the maximum
+    /// block size. Default (and the spec's interoperability ceiling) 32 MiB;
+    /// clamped to 64 KiB ..= 32 MiB.
+    pub max_request_payload: u32,
+    /// Serve plain TCP (no TLS) on a non-loopback address. Such clients see every
+    /// tenant's exports, so this is off by default and only for trusted networks.
+    pub insecure_plain_tcp: bool,
+    /// Time a client has from connecting to entering transmission. Default 30 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_in_flight_requests: 64,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            max_request_payload: MAX_PAYLOAD,
+            insecure_plain_tcp: false,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// 2^25: "any length less than 2^25 (33,554,432) bytes SHOULD NOT be considered a
+/// denial of service attack" (spec "Block size constraints").
+const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Why a `serve_*` future could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Plain TCP on a non-loopback address without `insecure_plain_tcp`.
+    #[error(
+        "refusing plain TCP on non-loopback address {0}: configure TLS or set insecure_plain_tcp"
+    )]
+    PlainTcpRefused(SocketAddr),
+    /// The listener's local address could not be read.
+    #[error("cannot read the listener address")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// A cloneable shutdown switch shared by a server's listeners and connections.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+impl Shutdown {
+    /// A switch that has not been triggered.
+    pub fn new() -> Self {
+        Shutdown {
+            tx: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// Starts the shutdown: stop accepting, finish in-flight requests, close.
+    /// Idempotent.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether [`trigger`](Shutdown::trigger) was called.
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Completes once the shutdown has been triggered.
+    pub async fn triggered(&self) {
+        let mut rx = self.tx.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|triggered| *triggered).await;
+    }
+}
+
+/// Counters of a running server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Connections accepted since start.
+    pub connections_accepted: u64,
+    /// Connections open now.
+    pub connections_active: u64,
+    /// Requests that failed because a block failed authentication.
+    pub authentication_failures: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    authentication_failures: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn authentication_failure(&self) {
+        self.authentication_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// State shared by a server's listeners and connections.
+pub(crate) struct Shared {
+    pub(crate) catalog: Arc<dyn Catalog>,
+    pub(crate) config: ServerConfig,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) stats: Stats,
+    next_conn: AtomicU64,
+}
+
+/// An NBD server over a [`Catalog`]. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server over `catalog` with `config` (out-of-range limits are clamped).
+    pub fn new(catalog: Arc<dyn Catalog>, mut config: ServerConfig) -> Server {
+        config.max_in_flight_requests = config.max_in_flight_requests.max(1);
+        config.max_in_flight_bytes = config.max_in_flight_bytes.max(1);
+        config.max_request_payload = config.max_request_payload.clamp(64 * 1024, MAX_PAYLOAD);
+        Server {
+            shared: Arc::new(Shared {
+                catalog,
+                config,
+                shutdown: Shutdown::new(),
+                stats: Stats::default(),
+                next_conn: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The switch that shuts this server down.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shared.shutdown.clone()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> ServerStats {
+        let s = &self.shared.stats;
+        ServerStats {
+            connections_accepted: s.accepted.load(Ordering::Relaxed),
+            connections_active: s.active.load(Ordering::Relaxed),
+            authentication_failures: s.authentication_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves a Unix socket listener until shutdown, then waits for its
+    /// connections to close. Clients see every tenant ([`Scope::All`]): access is
+    /// controlled by the socket file's permissions. TLS is not offered.
+    pub async fn serve_unix(&self, listener: UnixListener) -> Result<(), ServeError> {
+        let shared = self.shared.clone();
+        accept_loop(
+            &shared,
+            || listener.accept(),
+            |stream, _| {
+                let peer = match stream.peer_cred() {
+                    Ok(cred) => format!(
+                        "unix:uid={},pid={}",
+                        cred.uid(),
+                        cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
+                    ),
+                    Err(_) => "unix".to_owned(),
+                };
+                (peer, unix_connection(shared.clone(), stream))
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Serves a TCP listener until shutdown, then waits for its connections to
+    /// close.
+    ///
+    /// With `tls`, TLS is mandatory (spec FORCEDTLS mode): a client must upgrade
+    /// with `NBD_OPT_STARTTLS` and present a certificate that names its tenant,
+    /// and then sees only that tenant's exports. Without `tls`, clients see every
+    /// tenant, so plain TCP is refused unless the listener is on a loopback address
+    /// or [`ServerConfig::insecure_plain_tcp`] is set.
+    pub async fn serve_tcp(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsConfig>,
+    ) -> Result<(), ServeError> {
+        let local = listener.local_addr().map_err(ServeError::LocalAddr)?;
+        if tls.is_none() && !local.ip().is_loopback() && !self.shared.config.insecure_plain_tcp {
+            return Err(ServeError::PlainTcpRefused(local));
+        }
+        let shared = self.shared.clone();
+        accept_loop(
+            &shared,
+            || listener.accept(),
+            |stream: TcpStream, peer| {
+                // "both the client and server SHOULD disable Nagle's algorithm".
+                let _ = stream.set_nodelay(true);
+                (
+                    peer.to_string(),
+                    tcp_connection(shared.clone(), stream, tls.clone()),
+                )
+            },
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// Accepts until shutdown, one task per connection; then waits for them all.
+async fn accept_loop<S, A, AF, P, C>(shared: &Arc<Shared>, mut accept: A, mut start: C)
+where
+    A: FnMut() -> AF,
+    AF: Future<Output = std::io::Result<(S, P)>>,
+    C: FnMut(S, P) -> (String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
+{
+    let mut connections = JoinSet::new();
+    let shutdown = shared.shutdown.clone();
+    let mut triggered = std::pin::pin!(shutdown.triggered());
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut triggered => break,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done {
+                    error!(error = %e, "connection task failed");
+                }
+            }
+            accepted = accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    let (peer, connection) = start(stream, peer);
+                    let span = info_span!("nbd", conn = id, peer = %peer, export = tracing::field::Empty);
+                    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.active.fetch_add(1, Ordering::Relaxed);
+                    let shared = shared.clone();
+                    connections.spawn(
+                        async move {
+                            debug!("connection accepted");
+                            connection.await;
+                            shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+                            debug!("connection closed");
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait rather than spin.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    debug!(
+        connections = connections.len(),
+        "listener stopped; waiting for connections"
+    );
+    while let Some(done) = connections.join_next().await {
+        if let Err(e) = done {
+            error!(error = %e, "connection task failed");
+        }
+    }
+}
+
+fn unix_connection(
+    shared: Arc<Shared>,
+    mut stream: UnixStream,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let mut negotiation = Negotiation::new(shared.clone(), Some(Scope::All), TlsMode::Off);
+        let timeout = shared.config.handshake_timeout;
+        let outcome = tokio::time::timeout(timeout, async {
+            if !negotiation.greet(&mut stream).await? {
+                return Ok(Outcome::Close);
+            }
+            negotiation.negotiate(&mut stream).await
+        })
+        .await;
+        match finish_handshake(outcome) {
+            Some(session) => {
+                let (r, w) = stream.into_split();
+                transmission::serve(r, w, session, shared).await;
+            }
+            None => {
+                let _ = stream.shutdown().await;
+            }
+        }
+    })
+}
+
+/// A TCP stream before or after the TLS upgrade.
+enum Upgraded {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+fn tcp_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    tls: Option<TlsConfig>,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let (scope, mode) = match tls {
+            // The scope is unknown until the client certificate is seen.
+            Some(_) => (None, TlsMode::Required { active: false }),
+            None => (Some(Scope::All), TlsMode::Off),
+        };
+        let mut negotiation = Negotiation::new(shared.clone(), scope, mode);
+        let timeout = shared.config.handshake_timeout;
+        let mut slot = Some(Upgraded::Plain(stream));
+        let outcome = tokio::time::timeout(timeout, async {
+            let Some(Upgraded::Plain(mut tcp)) = slot.take() else {
+                unreachable!("the connection starts as plain TCP");
+            };
+            if !negotiation.greet(&mut tcp).await? {
+                slot = Some(Upgraded::Plain(tcp));
+                return Ok(Outcome::Close);
+            }
+            let outcome = negotiation.negotiate(&mut tcp).await;
+            let Ok(Outcome::StartTls) = outcome else {
+                slot = Some(Upgraded::Plain(tcp));
+                return outcome;
+            };
+            let acceptor = &tls
+                .as_ref()
+                .expect("STARTTLS is acknowledged only with TLS")
+                .acceptor;
+            // "If the handshake is unsuccessful ... the server MUST terminate the
+            // session" (FORCEDTLS mode): returning the error drops the socket.
+            let mut stream = acceptor.accept(tcp).await.inspect_err(|e| {
+                warn!(error = %e, "TLS handshake failed");
+            })?;
+            let tenant = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .ok_or(ClientIdentity::Missing)
+                .and_then(|cert| client_tenant(cert.as_ref()).map_err(ClientIdentity::Refused));
+            let tenant = match tenant {
+                Ok(tenant) => tenant,
+                Err(e) => {
+                    warn!(error = %e, "client certificate refused");
+                    let _ = stream.shutdown().await;
+                    return Ok(Outcome::Close);
+                }
+            };
+            info!(tenant = %tenant, "TLS established");
+            negotiation.tls_started(Scope::Tenant(tenant));
+            let outcome = negotiation.negotiate(&mut stream).await;
+            slot = Some(Upgraded::Tls(Box::new(stream)));
+            outcome
+        })
+        .await;
+        let session = finish_handshake(outcome);
+        match (slot, session) {
+            (Some(Upgraded::Plain(tcp)), Some(session)) => {
+                let (r, w) = tcp.into_split();
+                transmission::serve(r, w, session, shared).await;
+            }
+            (Some(Upgraded::Tls(tls)), Some(session)) => {
+                let (r, w) = tokio::io::split(*tls);
+                transmission::serve(r, w, session, shared).await;
+            }
+            (Some(Upgraded::Plain(mut tcp)), None) => {
+                let _ = tcp.shutdown().await;
+            }
+            (Some(Upgraded::Tls(mut tls)), None) => {
+                let _ = tls.shutdown().await;
+            }
+            (None, _) => {}
+        }
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ClientIdentity {
+    #[error("no client certificate")]
+    Missing,
+    #[error(transparent)]
+    Refused(crate::tls::ClientIdentityError),
+}
+
+/// Logs how a handshake ended; the session if it entered transmission.
+fn finish_handshake(
+    outcome: Result<std::io::Result<Outcome>, tokio::time::error::Elapsed>,
+) -> Option<Session> {
+    match outcome {
+        Err(_) => {
+            warn!("handshake timed out");
+            None
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake ended");
+            None
+        }
+        Ok(Ok(Outcome::Close)) => None,
+        Ok(Ok(Outcome::StartTls)) => {
+            // Handled inside the handshake; a second upgrade is refused there.
+            error!("unexpected TLS upgrade request; closing");
+            None
+        }
+        Ok(Ok(Outcome::Go(session))) => {
+            tracing::Span::current().record("export", session.name.as_str());
+            info!(
+                export = %session.name,
+                size = session.size,
+                structured = session.structured,
+                "export attached"
+            );
+            Some(session)
+        }
+    }
+}
