@@ -61,6 +61,13 @@ impl RedbStore {
                 "repaired redb metadata store after an unclean shutdown"
             );
         }
+        // redb does not sync the directory that names a file it created.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| MetaError::Backend {
+                backend: BackendKind::Redb,
+                source: Box::new(e),
+            })?;
         // Create the table once, so that reads never meet a missing table.
         let tx = db.begin_write().map_err(backend_error)?;
         tx.open_table(TABLE).map_err(backend_error)?;
