@@ -238,7 +238,7 @@ pub enum KeyFileError {
         /// The file.
         path: PathBuf,
     },
-    /// The path is not a regular file.
+    /// The path is not (or, on create, does not name) a regular file.
     #[error("key file {} is not a regular file", .path.display())]
     NotAFile {
         /// The path.
@@ -394,10 +394,9 @@ pub fn create_key_file_with_params(
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let file_name = path.file_name().ok_or_else(|| KeyFileError::BadHeader {
-        path: path_buf(),
-        reason: "the path names no file".into(),
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| KeyFileError::NotAFile { path: path_buf() })?;
     let mut suffix = [0u8; 8];
     fill_random(&mut suffix).map_err(|source| KeyFileError::Random {
         path: path_buf(),

@@ -428,3 +428,16 @@ fn documented_plain_layout_loads() {
     assert_eq!(loaded.created(), 0x0102_0304_0506_0708);
     assert_eq!(loaded.expose_secret(), &[0x22; 32]);
 }
+
+/// The default parameters (64 MiB, 3 passes) work end to end.
+#[test]
+fn default_argon2_params_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    let key = MasterKey::generate().unwrap();
+    create_key_file(&path, &key, Some(&pass("a passphrase"))).unwrap();
+    let info = inspect_key_file(&path).unwrap();
+    assert_eq!(info.protection, Protection::Argon2id(Argon2Params::DEFAULT));
+    let loaded = load_key_file(&path, Some(&pass("a passphrase"))).unwrap();
+    assert_eq!(loaded.expose_secret(), key.expose_secret());
+}
