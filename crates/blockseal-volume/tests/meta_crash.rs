@@ -99,7 +99,7 @@ fn batch(i: u64) -> Batch {
     if i > MARKER_WINDOW {
         batch.delete(marker_key(i - MARKER_WINDOW));
     }
-    if i % BIG_EVERY == 0 {
+    if i.is_multiple_of(BIG_EVERY) {
         batch.put(b"big".to_vec(), value(i, BIG_LEN));
     }
     batch.put(b"last".to_vec(), i.to_be_bytes().to_vec());
