@@ -305,8 +305,9 @@ fn validate(req: &Request, s: &Session, max_payload: u32) -> Verdict {
     let len = u64::from(req.len);
     let end = req.offset.checked_add(len);
     if end.is_none_or(|end| end > s.size) {
-        // "Error values": ENOSPC for writes past the end, EINVAL for the rest.
-        return if writes {
+        // "Error values": ENOSPC for writes (and write zeroes) past the end,
+        // EINVAL for reads, trims and the rest.
+        return if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
             Verdict::Refuse(ENOSPC, "request reaches past the end of the export")
         } else {
             Verdict::Refuse(EINVAL, "request reaches past the end of the export")
