@@ -44,9 +44,9 @@ pub mod block;
 mod error;
 pub mod meta;
 pub mod nonce;
+mod record;
 pub mod seal;
 pub mod segment;
-mod record;
 mod store;
 mod volume;
 

@@ -357,7 +357,7 @@ impl Store {
         options: VolumeOptions,
     ) -> Result<VolumeInfo, CreateError> {
         let block_size = options.block_size;
-        if size == 0 || size % u64::from(block_size.get()) != 0 {
+        if size == 0 || !size.is_multiple_of(u64::from(block_size.get())) {
             return Err(CreateError::InvalidSize {
                 size,
                 block_size: block_size.get(),

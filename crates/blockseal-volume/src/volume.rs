@@ -591,7 +591,7 @@ impl VolumeInner {
         let last = (offset + buf.len() as u64 - 1) / bs64;
         let count = last - first + 1;
         let slots = self.lookup(first, count)?;
-        if offset % bs64 == 0 && buf.len() % bs == 0 {
+        if offset.is_multiple_of(bs64) && buf.len().is_multiple_of(bs) {
             return self.open_blocks(first, &slots, buf);
         }
         let mut scratch = vec![0u8; count as usize * bs];
@@ -693,8 +693,8 @@ impl VolumeInner {
         let bs64 = bs as u64;
         let first = offset / bs64;
         let last = (offset + len - 1) / bs64;
-        let head_partial = offset % bs64 != 0;
-        let tail_partial = (offset + len) % bs64 != 0;
+        let head_partial = !offset.is_multiple_of(bs64);
+        let tail_partial = !(offset + len).is_multiple_of(bs64);
 
         let over_limit = {
             let _locks = self.lock_blocks(first, last);
@@ -733,26 +733,35 @@ impl VolumeInner {
         let bs = self.block_size.len();
         let bs64 = bs as u64;
         let end = offset + len;
-        // Partial blocks at the edges keep their other bytes.
+        // Partial blocks at the edges keep their other bytes. Both are read before
+        // anything changes, so a failed read leaves the range untouched.
         let mut whole_from = first;
         let mut whole_to = last + 1;
-        let mut over = false;
-        if offset % bs64 != 0 || (end % bs64 != 0 && first == last) {
+        let mut head = None;
+        let mut tail = None;
+        if !offset.is_multiple_of(bs64) || (!end.is_multiple_of(bs64) && first == last) {
             let mut block = vec![0u8; bs];
             self.read_block_for_update(first, &mut block)?;
             let from = (offset - first * bs64) as usize;
             let to = ((end - first * bs64) as usize).min(bs);
             block[from..to].fill(0);
-            over |= self.seal_and_install(first, &mut block)?;
+            head = Some(block);
             whole_from = first + 1;
         }
-        if end % bs64 != 0 && last >= whole_from {
+        if !end.is_multiple_of(bs64) && last >= whole_from {
             let mut block = vec![0u8; bs];
             self.read_block_for_update(last, &mut block)?;
             let to = (end - last * bs64) as usize;
             block[..to].fill(0);
-            over |= self.seal_and_install(last, &mut block)?;
+            tail = Some(block);
             whole_to = last;
+        }
+        let mut over = false;
+        if let Some(mut block) = head {
+            over |= self.seal_and_install(first, &mut block)?;
+        }
+        if let Some(mut block) = tail {
+            over |= self.seal_and_install(last, &mut block)?;
         }
         if whole_from >= whole_to {
             return Ok(over);
