@@ -124,6 +124,9 @@ impl NonceSource {
     /// `limit` is the count of counters the key may ever use (see
     /// [`DEFAULT_LIMIT`], [`default_limit`]); it is capped at [`MAX_LIMIT`].
     /// Nothing is reserved until the first [`next`](Self::next).
+    ///
+    /// Only one source may serve a DEK at a time (the store's exclusive lock
+    /// ensures it): two would hand out the same counters.
     pub fn resume(
         dek_version: KeyVersion,
         persisted_high_water: u64,

@@ -14,6 +14,8 @@
 //!
 //! # Associated data (format v1)
 //!
+//! `docs/FORMAT.md` ("Sealed block") holds the same tables and a test vector.
+//!
 //! The associated data is 28 bytes, fixed width, because GCM pays for every AAD
 //! byte on every block:
 //!
