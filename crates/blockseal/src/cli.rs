@@ -7,6 +7,7 @@ use blockseal_keys::Argon2Params;
 use clap::{Args, Parser, Subcommand};
 
 use crate::passphrase::PassphraseArgs;
+use crate::size::Size;
 
 /// Per-tenant encrypted block storage: NBD server and administration.
 #[derive(Debug, Parser)]
@@ -20,9 +21,117 @@ pub(crate) struct Cli {
 /// Top-level subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Run the NBD server (in the foreground until SIGTERM or SIGINT).
+    Serve(ServeArgs),
+    /// Create and list tenants (opens the store directly; no server may run).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Create and list volumes (opens the store directly; no server may run).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Create and inspect master key files.
     #[command(subcommand)]
     Key(KeyCommand),
+}
+
+/// Arguments of `blockseal serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Serve as the configuration file says. Without it, serve the embedded
+    /// default: a store in --data-dir with a generated master key beside it and a
+    /// demo volume `demo/disk`, on a Unix socket. For trying blockseal out only.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "unix", "demo_size"])]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Store directory of the embedded default (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+
+    /// Unix socket of the embedded default [default: DIR/nbd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) unix: Option<PathBuf>,
+
+    /// Size of the demo volume when it is created (e.g. 1G, 512M, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub(crate) demo_size: Size,
+
+    /// Where the master key's passphrase comes from, if its key file has one
+    /// (overrides the configuration file).
+    #[command(flatten)]
+    pub(crate) passphrase: PassphraseArgs,
+}
+
+/// Which store an admin command opens, and with which master key.
+#[derive(Debug, Args)]
+pub(crate) struct StoreArgs {
+    /// Take the store directory, master key file and passphrase source from the
+    /// server's configuration file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "master_key"])]
+    pub(crate) config: Option<PathBuf>,
+
+    /// The store directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub(crate) data_dir: PathBuf,
+
+    /// The master key file [default: DIR/master.key].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) master_key: Option<PathBuf>,
+
+    /// Where the master key's passphrase comes from, if its key file has one.
+    #[command(flatten)]
+    pub(crate) passphrase: PassphraseArgs,
+}
+
+/// The store directory of the embedded default and of admin commands without one.
+pub(crate) const DEFAULT_DATA_DIR: &str = "blockseal-data";
+
+/// `blockseal tenant ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum TenantCommand {
+    /// Create a tenant with a fresh key (creates the store if the directory holds none).
+    Create {
+        /// Tenant name: 1 to 63 of a-z 0-9 . _ -, starting with a letter or digit.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tenants.
+    List {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `blockseal volume ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum VolumeCommand {
+    /// Create a volume with a fresh data key.
+    Create {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// Size: bytes, or a number with K, M, G or T (powers of 1024).
+        #[arg(long, value_name = "SIZE")]
+        size: Size,
+        /// Block size (the unit of sealing): a power of two from 512 to 64K.
+        #[arg(long, value_name = "N", default_value = "4096")]
+        block_size: Size,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List volumes, of one tenant or of all.
+    List {
+        /// Only this tenant's volumes.
+        #[arg(value_name = "TENANT")]
+        tenant: Option<String>,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// `blockseal key ...`

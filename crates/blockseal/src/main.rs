@@ -1,20 +1,39 @@
 //! The `blockseal` binary: the block storage server and its admin CLI.
 //!
-//! `main` only parses the command line and reports errors; each subcommand lives
-//! in its own module under `cmd`.
+//! `main` forbids core dumps, installs the log subscriber, parses the command line
+//! and reports errors; each subcommand lives in its own module under `cmd`.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod cmd;
+mod config;
+mod exports;
+mod hardening;
+mod open;
 mod passphrase;
+mod size;
 mod time;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// The environment variable holding the log filter (`tracing_subscriber` syntax).
+const LOG_ENV: &str = "BLOCKSEAL_LOG";
 
 fn main() -> ExitCode {
+    // First, before any key is read: secrets must never reach a core file.
+    let hardened = hardening::forbid_core_dumps();
     let cli = cli::Cli::parse();
+    init_logging(match cli.command {
+        cli::Command::Serve(_) => "info",
+        _ => "warn",
+    });
+    if let Err(e) = hardened {
+        tracing::warn!("{e}; a crash could leave key material in a core file");
+    }
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -23,4 +42,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `BLOCKSEAL_LOG` (default `default_level`). Log
+/// lines never hold key material or data.
+fn init_logging(default_level: &str) {
+    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }

@@ -3,13 +3,18 @@
 //! To add a subcommand: a variant in `cli::Command`, a sibling module here with a
 //! `run` function, and one arm in [`run`].
 
+mod admin;
 mod key;
+mod serve;
 
 use crate::cli::{Cli, Command};
 
 /// Runs the parsed command line.
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Tenant(command) => admin::tenant(command),
+        Command::Volume(command) => admin::volume(command),
         Command::Key(command) => key::run(command),
     }
 }

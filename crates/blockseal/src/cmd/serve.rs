@@ -1,0 +1,319 @@
+//! `blockseal serve`: the NBD server, from a configuration file or the embedded
+//! default.
+//!
+//! Start-up order: open the store (asking for the passphrase if needed), bind
+//! every listener, then print one readiness line on stdout
+//! (`ready unix=PATH tcp=IP:PORT`, only the listeners configured), so that
+//! scripts wait on it rather than sleep. SIGTERM or SIGINT starts a graceful
+//! shutdown: stop accepting, let in-flight requests finish, flush every open
+//! volume, close the store, exit 0. A second signal exits at once.
+
+use std::collections::BTreeSet;
+use std::fs::{self, DirBuilder, Permissions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use blockseal_keys::{MasterKey, TenantId, VolumeId, create_key_file};
+use blockseal_nbd::{Server, ServerConfig, TlsConfig};
+use blockseal_volume::meta::BackendKind;
+use blockseal_volume::{Store, VolumeOptions};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::cli::{DEFAULT_DATA_DIR, ServeArgs};
+use crate::config::{Config, FileMode};
+use crate::exports::StoreCatalog;
+use crate::open::{IfMissing, StoreLocation};
+use crate::passphrase::Confirm;
+use crate::size::Size;
+
+/// The demo export of the embedded default.
+const DEMO_TENANT: &str = "demo";
+const DEMO_VOLUME: &str = "disk";
+
+/// Runs the server until a signal stops it.
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let plan = match &args.config {
+        Some(path) => from_config(path, &args)?,
+        None => embedded_default(&args)?,
+    };
+    serve(plan)
+}
+
+/// Everything the server needs, resolved before any listener is bound.
+struct Plan {
+    store: Store,
+    read_only: BTreeSet<String>,
+    server: ServerConfig,
+    unix: Option<(PathBuf, FileMode)>,
+    tcp: Option<(SocketAddr, Option<TlsConfig>)>,
+    /// Connect lines printed before the readiness line (embedded default).
+    hints: Vec<String>,
+}
+
+fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
+    let config = Config::load(path)?;
+    let tcp = match &config.tcp {
+        None => None,
+        Some(tcp) => {
+            let tls = match &tcp.tls {
+                None => None,
+                Some(files) => Some(
+                    TlsConfig::from_pem_files(&files.cert, &files.key, &files.client_ca)
+                        .with_context(|| format!("config file {}: tcp.tls", path.display()))?,
+                ),
+            };
+            Some((tcp.address, tls))
+        }
+    };
+    let location = StoreLocation::from_config(&config, &args.passphrase);
+    let store = location.open(IfMissing::Create)?;
+    Ok(Plan {
+        store,
+        read_only: config.read_only.clone(),
+        server: config.server_config(),
+        unix: config.unix.as_ref().map(|u| (u.path.clone(), u.mode)),
+        tcp,
+        hints: Vec::new(),
+    })
+}
+
+fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
+    let dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let location = StoreLocation {
+        key_file: dir.join("master.key"),
+        dir: dir.clone(),
+        passphrase: args.passphrase.clone(),
+        backend: BackendKind::Redb,
+    };
+    let key_file = &location.key_file;
+    if key_file.symlink_metadata().is_err() {
+        if location.has_store() {
+            bail!(
+                "{} holds a store but its master key {} is missing; without that key the \
+                 data cannot be read",
+                dir.display(),
+                key_file.display()
+            );
+        }
+        let key = MasterKey::generate().context("could not generate a master key")?;
+        let passphrase = args
+            .passphrase
+            .read(&key_file.display().to_string(), Confirm::Twice)?;
+        create_key_file(key_file, &key, passphrase.as_ref())?;
+        info!(key_file = %key_file.display(), key_id = %key.id(), "generated a master key");
+    }
+    warn!(
+        key_file = %key_file.display(),
+        "the master key sits beside the data it protects, so whoever copies this directory \
+         can read every volume; this embedded default is for trying blockseal out: in \
+         production keep the key elsewhere (see docs/OPERATIONS.md)"
+    );
+    let store = location.open(IfMissing::Create)?;
+    let size = ensure_demo_volume(&store, args.demo_size)?;
+
+    let socket = args.unix.clone().unwrap_or_else(|| dir.join("nbd.sock"));
+    let socket = std::path::absolute(&socket)
+        .with_context(|| format!("cannot resolve {}", socket.display()))?;
+    let export = format!("{DEMO_TENANT}/{DEMO_VOLUME}");
+    let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
+    let hints = vec![
+        format!(
+            "serving {export} ({size}) from {}; connect with:",
+            dir.display()
+        ),
+        format!("  nbdinfo '{uri}'"),
+        format!("  qemu-io -f raw '{uri}'"),
+        format!(
+            "  nbd-client -unix {} -N {export} /dev/nbd0",
+            socket.display()
+        ),
+    ];
+    Ok(Plan {
+        store,
+        read_only: BTreeSet::new(),
+        server: ServerConfig::default(),
+        unix: Some((socket, FileMode::DEFAULT)),
+        tcp: None,
+        hints,
+    })
+}
+
+/// Creates `demo/disk` of `size` unless it exists; returns its actual size.
+fn ensure_demo_volume(store: &Store, size: Size) -> anyhow::Result<Size> {
+    let tenant = TenantId::new(DEMO_TENANT).expect("the demo tenant name is valid");
+    let volume = VolumeId::new(DEMO_VOLUME).expect("the demo volume name is valid");
+    if store.tenant(&tenant)?.is_none() {
+        store.create_tenant(&tenant)?;
+    }
+    if let Some(existing) = store.volumes(&tenant)?.into_iter().find(|v| v.id == volume) {
+        if existing.size != size.0 {
+            warn!(
+                size = existing.size,
+                requested = size.0,
+                "the demo volume exists already and keeps its size"
+            );
+        }
+        return Ok(Size(existing.size));
+    }
+    store
+        .create_volume(&tenant, &volume, size.0, VolumeOptions::default())
+        .with_context(|| format!("cannot create the demo volume of {size}"))?;
+    info!(
+        size = size.0,
+        "created the demo volume {DEMO_TENANT}/{DEMO_VOLUME}"
+    );
+    Ok(size)
+}
+
+fn serve(plan: Plan) -> anyhow::Result<()> {
+    let Plan {
+        store,
+        read_only,
+        server: server_config,
+        unix,
+        tcp,
+        hints,
+    } = plan;
+    let store = Arc::new(store);
+    let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
+    let server = Server::new(catalog.clone(), server_config);
+
+    // Bound before the runtime starts, so every bind error is reported first.
+    let unix = unix
+        .map(|(path, mode)| bind_unix(&path, mode).map(|l| (path, l)))
+        .transpose()?;
+    let tcp = tcp
+        .map(|(address, tls)| -> anyhow::Result<_> {
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on TCP {address}"))?;
+            listener.set_nonblocking(true)?;
+            let bound = listener.local_addr()?;
+            Ok((bound, listener, tls))
+        })
+        .transpose()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("blockseal")
+        .build()
+        .context("cannot start the async runtime")?;
+    let socket_path = unix.as_ref().map(|(path, _)| path.clone());
+    let served = runtime.block_on(async {
+        // Signal handlers first: a signal right after the readiness line counts.
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut ready = String::from("ready");
+        let mut listeners = JoinSet::new();
+        if let Some((path, listener)) = unix {
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            let server = server.clone();
+            listeners.spawn(async move { server.serve_unix(listener).await });
+            ready.push_str(&format!(" unix={}", path.display()));
+            info!(socket = %path.display(), "listening on a Unix socket");
+        }
+        if let Some((bound, listener, tls)) = tcp {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let server = server.clone();
+            let with_tls = tls.is_some();
+            listeners.spawn(async move { server.serve_tcp(listener, tls).await });
+            ready.push_str(&format!(" tcp={bound}"));
+            info!(address = %bound, tls = with_tls, "listening on TCP");
+        }
+        {
+            let mut out = std::io::stdout().lock();
+            for line in &hints {
+                writeln!(out, "{line}")?;
+            }
+            writeln!(out, "{ready}")?;
+            out.flush()?;
+        }
+
+        let first = tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+            Some(done) = listeners.join_next() => Err(match done {
+                Ok(Ok(())) => anyhow::anyhow!("a listener stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(e) => anyhow::Error::new(e).context("a listener failed"),
+            }),
+        };
+        server.shutdown_handle().trigger();
+        let signal_name = first?;
+        info!("{signal_name}: shutting down; finishing in-flight requests");
+        tokio::spawn(async move {
+            let code = tokio::select! {
+                _ = term.recv() => 128 + 15,
+                _ = int.recv() => 128 + 2,
+            };
+            eprintln!("blockseal: second signal, exiting at once without flushing");
+            std::process::exit(code);
+        });
+        while let Some(done) = listeners.join_next().await {
+            done.context("a listener failed")??;
+        }
+        let catalog = catalog.clone();
+        let flushed = tokio::task::spawn_blocking(move || catalog.flush_all())
+            .await
+            .context("the final flush failed")?
+            .context("the final flush failed")?;
+        info!(volumes = flushed, "connections closed and volumes flushed");
+        anyhow::Ok(())
+    });
+    // Nothing may still hold a volume or the store when the store is closed.
+    runtime.shutdown_background();
+    catalog.close_all();
+    drop(server);
+    drop(catalog);
+    if let Some(path) = &socket_path {
+        let _ = fs::remove_file(path);
+    }
+    served?;
+    match Arc::try_unwrap(store) {
+        Ok(store) => drop(store),
+        Err(_) => warn!("the store is still referenced at exit; its lock goes with the process"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Binds a Unix socket with permission bits `mode`. A stale socket file (nobody
+/// listening) is replaced; a live one or any other file is refused.
+fn bind_unix(path: &Path, mode: FileMode) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use: another server listens on it", path.display());
+        }
+        fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    // The socket is created owner-only and then opened up to `mode`, so it is
+    // never reachable with wider permissions than configured.
+    let saved = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(saved);
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    fs::set_permissions(path, Permissions::from_mode(mode.0))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}

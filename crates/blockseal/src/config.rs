@@ -1,0 +1,448 @@
+//! The server configuration file: TOML, read with serde, every table closed to
+//! unknown keys.
+//!
+//! Relative paths in the file are taken relative to the directory holding the
+//! file, so a configuration and its certificates can move together. Every error
+//! names the file and the field. The file never holds secrets: the master key
+//! lives in its own key file, and its passphrase comes from the environment, a
+//! file descriptor or a prompt (`passphrase.rs`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use blockseal_keys::{TenantId, VolumeId};
+use blockseal_nbd::ServerConfig;
+use blockseal_volume::meta::BackendKind;
+use serde::Deserialize;
+
+use crate::passphrase::PassphraseArgs;
+use crate::size::Size;
+
+/// A parsed and checked configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The store directory (created with the store when it holds none).
+    pub(crate) data_dir: PathBuf,
+    /// The metadata backend of a new store; an existing store keeps its own.
+    #[serde(default)]
+    pub(crate) metadata_backend: Backend,
+    /// The master key file and where its passphrase comes from.
+    pub(crate) master_key: MasterKeyConfig,
+    /// The Unix socket listener.
+    pub(crate) unix: Option<UnixConfig>,
+    /// The TCP listener.
+    pub(crate) tcp: Option<TcpConfig>,
+    /// Per-connection limits.
+    #[serde(default)]
+    pub(crate) limits: Limits,
+    /// Exports (`tenant/volume`) served read-only.
+    #[serde(default)]
+    pub(crate) read_only: BTreeSet<String>,
+}
+
+/// `metadata_backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Backend {
+    /// redb (the default; see docs/ARCHITECTURE.md for why).
+    #[default]
+    Redb,
+    /// sled 0.34.7.
+    Sled,
+}
+
+impl From<Backend> for BackendKind {
+    fn from(backend: Backend) -> BackendKind {
+        match backend {
+            Backend::Redb => BackendKind::Redb,
+            Backend::Sled => BackendKind::Sled,
+        }
+    }
+}
+
+/// `[master_key]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MasterKeyConfig {
+    /// The key file.
+    pub(crate) file: PathBuf,
+    /// Read the passphrase from this environment variable.
+    pub(crate) passphrase_env: Option<String>,
+    /// Read the passphrase from this file descriptor.
+    pub(crate) passphrase_fd: Option<u32>,
+    /// Ask for the passphrase on the terminal.
+    #[serde(default)]
+    pub(crate) passphrase_prompt: bool,
+}
+
+impl MasterKeyConfig {
+    /// The passphrase source as the command-line arguments would give it.
+    pub(crate) fn passphrase(&self) -> PassphraseArgs {
+        PassphraseArgs {
+            passphrase_env: self.passphrase_env.clone(),
+            passphrase_fd: self.passphrase_fd,
+            passphrase_prompt: self.passphrase_prompt,
+        }
+    }
+}
+
+/// `[unix]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UnixConfig {
+    /// The socket path.
+    pub(crate) path: PathBuf,
+    /// The socket file's permission bits.
+    #[serde(default)]
+    pub(crate) mode: FileMode,
+}
+
+/// `[tcp]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TcpConfig {
+    /// `IP:PORT`; port 0 picks a free port (reported on the readiness line).
+    pub(crate) address: SocketAddr,
+    /// Serve plain TCP on a non-loopback address (every tenant visible).
+    #[serde(default)]
+    pub(crate) insecure_plain_tcp: bool,
+    /// TLS with client certificates naming the tenant.
+    pub(crate) tls: Option<TlsFiles>,
+}
+
+/// `[tcp.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsFiles {
+    /// Server certificate chain (PEM, leaf first).
+    pub(crate) cert: PathBuf,
+    /// Server private key (PEM).
+    pub(crate) key: PathBuf,
+    /// CA certificates that sign client certificates (PEM).
+    pub(crate) client_ca: PathBuf,
+}
+
+/// `[limits]`; a missing field keeps the server default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Limits {
+    /// Requests one connection may have in flight.
+    pub(crate) max_in_flight_requests: Option<usize>,
+    /// Payload bytes one connection may have in flight.
+    pub(crate) max_in_flight_bytes: Option<Size>,
+    /// Largest single read or write (64K to 32M).
+    pub(crate) max_request_bytes: Option<Size>,
+    /// Seconds a client has to finish the handshake.
+    pub(crate) handshake_timeout_secs: Option<u64>,
+}
+
+/// Unix permission bits: a TOML integer (`0o660`) or an octal string (`"0660"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileMode(pub(crate) u32);
+
+impl FileMode {
+    /// Owner and group may connect.
+    pub(crate) const DEFAULT: FileMode = FileMode(0o660);
+}
+
+impl Default for FileMode {
+    fn default() -> Self {
+        FileMode::DEFAULT
+    }
+}
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<FileMode, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        let bits = match Raw::deserialize(deserializer) {
+            Ok(Raw::Number(n)) => n,
+            Ok(Raw::Text(text)) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                .map_err(|_| serde::de::Error::custom(format!("{text:?} is not an octal mode")))?,
+            Err(_) => {
+                return Err(serde::de::Error::custom(
+                    "expected permission bits such as 0o660 or \"0660\"",
+                ));
+            }
+        };
+        if bits > 0o777 {
+            return Err(serde::de::Error::custom(format!(
+                "mode {bits:o} has bits beyond 0777"
+            )));
+        }
+        Ok(FileMode(bits))
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks the file at `path`; relative paths in it become
+    /// relative to its directory.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {}",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config
+            .check()
+            .with_context(|| format!("config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The server limits and policy.
+    pub(crate) fn server_config(&self) -> ServerConfig {
+        let mut server = ServerConfig::default();
+        let l = &self.limits;
+        if let Some(n) = l.max_in_flight_requests {
+            server.max_in_flight_requests = n;
+        }
+        if let Some(Size(n)) = l.max_in_flight_bytes {
+            server.max_in_flight_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(Size(n)) = l.max_request_bytes {
+            server.max_request_payload = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(secs) = l.handshake_timeout_secs {
+            server.handshake_timeout = Duration::from_secs(secs);
+        }
+        server.insecure_plain_tcp = self.tcp.as_ref().is_some_and(|t| t.insecure_plain_tcp);
+        server
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.master_key.file);
+        if let Some(unix) = &mut self.unix {
+            fix(&mut unix.path);
+        }
+        if let Some(tls) = self.tcp.as_mut().and_then(|t| t.tls.as_mut()) {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+            fix(&mut tls.client_ca);
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let key = &self.master_key;
+        let sources = usize::from(key.passphrase_env.is_some())
+            + usize::from(key.passphrase_fd.is_some())
+            + usize::from(key.passphrase_prompt);
+        if sources > 1 {
+            bail!(
+                "master_key: give at most one of passphrase_env, passphrase_fd and passphrase_prompt"
+            );
+        }
+        if self.unix.is_none() && self.tcp.is_none() {
+            bail!("no listener: add a [unix] table, a [tcp] table, or both");
+        }
+        if let Some(tcp) = &self.tcp
+            && tcp.tls.is_none()
+            && !tcp.address.ip().is_loopback()
+            && !tcp.insecure_plain_tcp
+        {
+            bail!(
+                "tcp.address: {} is not a loopback address, and plain TCP there shows every \
+                 tenant's exports to anyone who connects; add a [tcp.tls] table, or set \
+                 tcp.insecure_plain_tcp = true on a trusted network",
+                tcp.address
+            );
+        }
+        if let Some(n) = self.limits.max_in_flight_requests
+            && n == 0
+        {
+            bail!("limits.max_in_flight_requests: must be at least 1");
+        }
+        if let Some(Size(n)) = self.limits.max_in_flight_bytes
+            && n == 0
+        {
+            bail!("limits.max_in_flight_bytes: must be at least 1");
+        }
+        if let Some(Size(n)) = self.limits.max_request_bytes
+            && !(64 << 10..=32 << 20).contains(&n)
+        {
+            bail!("limits.max_request_bytes: {n} is outside 64K..=32M");
+        }
+        for name in &self.read_only {
+            parse_export_name(name).with_context(|| format!("read_only: {name:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits and checks an export name `tenant/volume`.
+pub(crate) fn parse_export_name(name: &str) -> anyhow::Result<(TenantId, VolumeId)> {
+    let Some((tenant, volume)) = name.split_once('/') else {
+        bail!("an export name is TENANT/VOLUME");
+    };
+    let tenant = TenantId::new(tenant).with_context(|| format!("tenant name {tenant:?}"))?;
+    let volume = VolumeId::new(volume).with_context(|| format!("volume name {volume:?}"))?;
+    Ok((tenant, volume))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockseal.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    fn error(text: &str) -> String {
+        format!("{:#}", load(text).unwrap_err())
+    }
+
+    const MINIMAL: &str = r#"
+        data_dir = "data"
+        [master_key]
+        file = "master.key"
+        [unix]
+        path = "nbd.sock"
+    "#;
+
+    #[test]
+    fn minimal_file_and_defaults() {
+        let config = load(MINIMAL).unwrap();
+        assert!(config.data_dir.is_absolute());
+        assert!(config.data_dir.ends_with("data"));
+        assert_eq!(config.metadata_backend, Backend::Redb);
+        assert_eq!(config.unix.as_ref().unwrap().mode, FileMode(0o660));
+        assert!(config.read_only.is_empty());
+        let server = config.server_config();
+        assert!(!server.insecure_plain_tcp);
+        assert_eq!(server.max_in_flight_requests, 64);
+    }
+
+    #[test]
+    fn full_file() {
+        let config = load(
+            r#"
+            data_dir = "/var/lib/blockseal"
+            metadata_backend = "sled"
+            read_only = ["acme/archive"]
+            [master_key]
+            file = "/etc/blockseal/master.key"
+            passphrase_env = "BLOCKSEAL_PASSPHRASE"
+            [unix]
+            path = "/run/blockseal/nbd.sock"
+            mode = "0600"
+            [tcp]
+            address = "0.0.0.0:10809"
+            [tcp.tls]
+            cert = "server-cert.pem"
+            key = "server-key.pem"
+            client_ca = "ca.pem"
+            [limits]
+            max_in_flight_requests = 16
+            max_in_flight_bytes = "16M"
+            max_request_bytes = 1048576
+            handshake_timeout_secs = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.metadata_backend, Backend::Sled);
+        assert_eq!(config.unix.as_ref().unwrap().mode, FileMode(0o600));
+        assert!(
+            config
+                .tcp
+                .as_ref()
+                .unwrap()
+                .tls
+                .as_ref()
+                .unwrap()
+                .cert
+                .is_absolute()
+        );
+        let server = config.server_config();
+        assert_eq!(server.max_in_flight_requests, 16);
+        assert_eq!(server.max_in_flight_bytes, 16 << 20);
+        assert_eq!(server.max_request_payload, 1 << 20);
+        assert_eq!(server.handshake_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = format!("{MINIMAL}\nlisten = \"x\"\n");
+        assert!(error(&text).contains("listen"), "{}", error(&text));
+        let text = MINIMAL.replace("[unix]", "[unix]\nowner = \"root\"");
+        assert!(error(&text).contains("owner"), "{}", error(&text));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        for (text, field) in [
+            (MINIMAL.replace("path = \"nbd.sock\"", ""), "path"),
+            (
+                MINIMAL.replace("[unix]\n        path = \"nbd.sock\"", ""),
+                "no listener",
+            ),
+            (format!("{MINIMAL}mode = \"0999\""), "mode"),
+            (format!("{MINIMAL}mode = 0o7777"), "mode"),
+            (
+                format!("{MINIMAL}[tcp]\naddress = \"0.0.0.0:10809\""),
+                "tcp.address",
+            ),
+            (
+                format!("{MINIMAL}[tcp]\naddress = \"not an address\""),
+                "address",
+            ),
+            (
+                MINIMAL.replace("data_dir", "read_only = [\"nope\"]\ndata_dir"),
+                "read_only",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_in_flight_bytes = \"lots\""),
+                "lots",
+            ),
+            (
+                MINIMAL.replace(
+                    "data_dir = \"data\"",
+                    "data_dir = \"data\"\nmetadata_backend = \"rocks\"",
+                ),
+                "rocks",
+            ),
+            (
+                MINIMAL.replace(
+                    "file = \"master.key\"",
+                    "file = \"k\"\npassphrase_env = \"A\"\npassphrase_prompt = true",
+                ),
+                "master_key",
+            ),
+        ] {
+            let message = error(&text);
+            assert!(message.contains("blockseal.toml"), "{message}");
+            assert!(message.contains(field), "{field}: {message}");
+        }
+    }
+
+    #[test]
+    fn plain_tcp_on_loopback_or_with_the_flag() {
+        load(&format!("{MINIMAL}[tcp]\naddress = \"127.0.0.1:0\"")).unwrap();
+        let config = load(&format!(
+            "{MINIMAL}[tcp]\naddress = \"0.0.0.0:0\"\ninsecure_plain_tcp = true"
+        ))
+        .unwrap();
+        assert!(config.server_config().insecure_plain_tcp);
+    }
+}

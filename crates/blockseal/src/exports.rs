@@ -1,0 +1,357 @@
+//! The glue between the store and the NBD server: a [`Volume`] as an NBD
+//! [`Export`], and a [`Store`] as the server's [`Catalog`].
+//!
+//! Volume errors become export errors with their `kind()` and message, nothing
+//! more: the NBD errno mapping stays in `blockseal_nbd::errno`. Every connection
+//! to one export shares one [`VolumeExport`] (and so one volume instance), which
+//! is what makes a flush on one connection cover writes on all of them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use blockseal_keys::{TenantId, VolumeId};
+use blockseal_nbd::{Catalog, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_volume::{Store, Volume, VolumeError};
+
+use crate::size::Size;
+
+/// Largest zero buffer written at once for write-zeroes that must stay allocated.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// One open volume served over NBD.
+pub(crate) struct VolumeExport {
+    volume: Volume,
+    read_only: bool,
+}
+
+impl VolumeExport {
+    /// Serves `volume`, refusing writes when `read_only`.
+    pub(crate) fn new(volume: Volume, read_only: bool) -> VolumeExport {
+        VolumeExport { volume, read_only }
+    }
+
+    /// The served volume.
+    pub(crate) fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    fn flush_if(&self, fua: bool) -> Result<(), ExportError> {
+        if fua { self.flush() } else { Ok(()) }
+    }
+}
+
+fn export_error(err: VolumeError) -> ExportError {
+    ExportError::new(err.kind(), err.to_string())
+}
+
+impl Export for VolumeExport {
+    fn size(&self) -> u64 {
+        self.volume.len()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.volume.block_size().get()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.volume.read_at(offset, buf).map_err(export_error)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        if fua {
+            self.volume.write_at_fua(offset, data)
+        } else {
+            self.volume.write_at(offset, data)
+        }
+        .map_err(export_error)
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        self.volume.flush().map_err(export_error)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        self.volume.trim(offset, len).map_err(export_error)?;
+        self.flush_if(fua)
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<(), ExportError> {
+        if no_hole {
+            // The range must stay allocated: write sealed zero blocks.
+            let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
+            let mut at = offset;
+            let end = offset + len;
+            while at < end {
+                let n = (end - at).min(ZERO_CHUNK);
+                self.volume
+                    .write_at(at, &zeroes[..n as usize])
+                    .map_err(export_error)?;
+                at += n;
+            }
+        } else {
+            self.volume
+                .write_zeroes(offset, len)
+                .map_err(export_error)?;
+        }
+        self.flush_if(fua)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        let runs = self
+            .volume
+            .block_status(offset, len)
+            .map_err(export_error)?;
+        Ok(runs
+            .into_iter()
+            .filter(|run| run.len > 0)
+            .map(|run| Extent {
+                length: run.len,
+                hole: !run.allocated,
+                zero: !run.allocated,
+            })
+            .collect())
+    }
+}
+
+/// Every volume of a store, as exports named `tenant/volume`.
+pub(crate) struct StoreCatalog {
+    store: Arc<Store>,
+    read_only: BTreeSet<String>,
+    /// Exports opened so far, kept open until shutdown so that all connections
+    /// share one instance and shutdown can flush them all.
+    open: Mutex<HashMap<String, Arc<VolumeExport>>>,
+}
+
+impl StoreCatalog {
+    /// A catalog over `store`; exports named in `read_only` refuse writes.
+    pub(crate) fn new(store: Arc<Store>, read_only: BTreeSet<String>) -> StoreCatalog {
+        StoreCatalog {
+            store,
+            read_only,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Flushes every export opened so far; returns how many, or the first error
+    /// after trying them all.
+    pub(crate) fn flush_all(&self) -> Result<usize, VolumeError> {
+        let open: Vec<(String, Arc<VolumeExport>)> = self
+            .lock_open()
+            .iter()
+            .map(|(name, export)| (name.clone(), export.clone()))
+            .collect();
+        let mut first_error = None;
+        for (name, export) in &open {
+            if let Err(e) = export.volume().flush() {
+                tracing::error!(export = %name, error = %e, "flush at shutdown failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(open.len()),
+        }
+    }
+
+    /// Drops the open exports (after [`flush_all`](Self::flush_all)).
+    pub(crate) fn close_all(&self) {
+        self.lock_open().clear();
+    }
+
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<VolumeExport>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tenants(&self, scope: &Scope) -> Vec<TenantId> {
+        match scope {
+            Scope::All => match self.store.tenants() {
+                Ok(tenants) => tenants.into_iter().map(|t| t.id).collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list tenants");
+                    Vec::new()
+                }
+            },
+            Scope::Tenant(name) => TenantId::new(name).into_iter().collect(),
+        }
+    }
+}
+
+impl Catalog for StoreCatalog {
+    fn list(&self, scope: &Scope) -> Vec<ExportInfo> {
+        let mut out = Vec::new();
+        for tenant in self.tenants(scope) {
+            let volumes = match self.store.volumes(&tenant) {
+                Ok(volumes) => volumes,
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, error = %e, "cannot list volumes");
+                    continue;
+                }
+            };
+            for info in volumes {
+                let name = format!("{}/{}", info.tenant, info.id);
+                if !scope.permits(&name) {
+                    continue;
+                }
+                let mut description = format!(
+                    "{} ({} bytes), {}-byte blocks",
+                    Size(info.size),
+                    info.size,
+                    info.block_size.get()
+                );
+                if self.read_only.contains(&name) {
+                    description.push_str(", read-only");
+                }
+                out.push(ExportInfo { name, description });
+            }
+        }
+        out
+    }
+
+    fn open(&self, name: &str, scope: &Scope) -> Option<Arc<dyn Export>> {
+        if !scope.permits(name) {
+            return None;
+        }
+        let mut open = self.lock_open();
+        if let Some(export) = open.get(name) {
+            return Some(export.clone());
+        }
+        let (tenant, volume) = name.split_once('/')?;
+        let tenant = TenantId::new(tenant).ok()?;
+        let volume = VolumeId::new(volume).ok()?;
+        match self.store.open_volume(&tenant, &volume) {
+            Ok(opened) => {
+                let export = Arc::new(VolumeExport::new(opened, self.read_only.contains(name)));
+                open.insert(name.to_owned(), export.clone());
+                Some(export)
+            }
+            Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
+            Err(e) => {
+                tracing::error!(export = %name, error = %e, "cannot open volume");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockseal_keys::MasterKey;
+    use blockseal_volume::{StoreOptions, VolumeOptions};
+
+    fn catalog() -> (tempfile::TempDir, StoreCatalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(
+            dir.path(),
+            MasterKey::generate().unwrap(),
+            StoreOptions::new(),
+        )
+        .unwrap();
+        for (t, v) in [("acme", "disk"), ("acme", "archive"), ("globex", "disk")] {
+            let tenant = TenantId::new(t).unwrap();
+            if store.tenant(&tenant).unwrap().is_none() {
+                store.create_tenant(&tenant).unwrap();
+            }
+            store
+                .create_volume(
+                    &tenant,
+                    &VolumeId::new(v).unwrap(),
+                    1 << 20,
+                    VolumeOptions::default(),
+                )
+                .unwrap();
+        }
+        let read_only = ["acme/archive".to_owned()].into();
+        (dir, StoreCatalog::new(Arc::new(store), read_only))
+    }
+
+    fn names(list: Vec<ExportInfo>) -> Vec<String> {
+        list.into_iter().map(|e| e.name).collect()
+    }
+
+    #[test]
+    fn lists_by_scope() {
+        let (_dir, catalog) = catalog();
+        assert_eq!(
+            names(catalog.list(&Scope::All)),
+            ["acme/archive", "acme/disk", "globex/disk"]
+        );
+        assert_eq!(
+            names(catalog.list(&Scope::Tenant("acme".into()))),
+            ["acme/archive", "acme/disk"]
+        );
+        assert!(catalog.list(&Scope::Tenant("nobody".into())).is_empty());
+        let list = catalog.list(&Scope::All);
+        assert_eq!(
+            list[0].description,
+            "1M (1048576 bytes), 4096-byte blocks, read-only"
+        );
+    }
+
+    #[test]
+    fn opens_shared_instances_within_scope() {
+        let (_dir, catalog) = catalog();
+        let acme = Scope::Tenant("acme".into());
+        assert!(catalog.open("globex/disk", &acme).is_none());
+        assert!(catalog.open("acme/missing", &acme).is_none());
+        assert!(catalog.open("acme", &acme).is_none());
+        assert!(catalog.open("acme/Bad Name", &Scope::All).is_none());
+        let a = catalog.open("acme/disk", &acme).unwrap();
+        let b = catalog.open("acme/disk", &Scope::All).unwrap();
+        a.write(4096, b"shared", false).unwrap();
+        let mut buf = [0u8; 6];
+        b.read(4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"shared");
+        assert!(!a.read_only());
+        assert!(catalog.open("acme/archive", &acme).unwrap().read_only());
+        assert_eq!(catalog.flush_all().unwrap(), 2);
+    }
+
+    #[test]
+    fn block_status_and_zeroes() {
+        let (_dir, catalog) = catalog();
+        let disk = catalog.open("acme/disk", &Scope::All).unwrap();
+        assert_eq!(
+            disk.block_status(0, 1 << 20).unwrap(),
+            [Extent {
+                length: 1 << 20,
+                hole: true,
+                zero: true
+            }]
+        );
+        disk.write(0, &[7u8; 8192], true).unwrap();
+        disk.write_zeroes(8192, 4096, false, true).unwrap();
+        disk.write_zeroes(4096, 4096, true, false).unwrap();
+        let status = disk.block_status(0, 16384).unwrap();
+        let summary: Vec<(u64, bool)> = status.iter().map(|e| (e.length, e.hole)).collect();
+        assert_eq!(
+            summary,
+            [(4096, false), (4096, true), (4096, false), (4096, true)]
+        );
+        let mut buf = vec![1u8; 12288];
+        disk.read(4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        disk.trim(0, 4096, true).unwrap();
+        assert!(disk.block_status(0, 4096).unwrap()[0].hole);
+    }
+
+    #[test]
+    fn volume_errors_keep_their_kind() {
+        let (_dir, catalog) = catalog();
+        let disk = catalog.open("acme/disk", &Scope::All).unwrap();
+        let mut buf = [0u8; 4096];
+        let err = disk.read(1 << 20, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), blockseal_nbd::ErrorKind::OutOfRange);
+        assert!(err.message().contains("past the end"), "{}", err.message());
+    }
+}

@@ -1,0 +1,41 @@
+//! Keeping key material out of core dumps.
+//!
+//! The process holds the master key, tenant KEKs and data keys in memory; a core
+//! dump would write them to disk in the clear. So before anything else the
+//! binary sets its core size limit to zero (hard and soft) and marks itself not
+//! dumpable, which also keeps other processes of the same user from attaching a
+//! debugger (`ptrace`) or reading its memory through `/proc`.
+
+use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+
+/// Forbids core dumps of this process. An error names the step that failed.
+pub(crate) fn forbid_core_dumps() -> Result<(), String> {
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )
+    .map_err(|e| format!("cannot set RLIMIT_CORE to 0: {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot clear the dumpable flag (PR_SET_DUMPABLE): {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_dumps_are_off_afterwards() {
+        forbid_core_dumps().unwrap();
+        let limit = rustix::process::getrlimit(Resource::Core);
+        assert_eq!(limit.current, Some(0));
+        assert_eq!(limit.maximum, Some(0));
+        assert_eq!(
+            rustix::process::dumpable_behavior().unwrap(),
+            DumpableBehavior::NotDumpable
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! Opening the store: where it is, which master key file, which passphrase source,
+//! from the command line or the configuration file; and the error messages an
+//! operator needs when that fails (most of all: a running server holds it).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use blockseal_keys::{MasterKey, load_key_file};
+use blockseal_volume::meta::BackendKind;
+use blockseal_volume::{OpenError, Store, StoreOptions};
+
+use crate::cli::StoreArgs;
+use crate::config::Config;
+use crate::passphrase::{Confirm, PassphraseArgs};
+
+/// Where a store and its master key are.
+#[derive(Debug)]
+pub(crate) struct StoreLocation {
+    /// The store directory.
+    pub(crate) dir: PathBuf,
+    /// The master key file.
+    pub(crate) key_file: PathBuf,
+    /// Where the key file's passphrase comes from.
+    pub(crate) passphrase: PassphraseArgs,
+    /// The metadata backend of a store created here.
+    pub(crate) backend: BackendKind,
+}
+
+/// Whether opening may create a store in a directory that holds none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IfMissing {
+    /// Create it (with the located master key).
+    Create,
+    /// Fail with a readable message.
+    Fail,
+}
+
+impl StoreLocation {
+    /// From an admin command's arguments (and the configuration file they name).
+    pub(crate) fn from_args(args: &StoreArgs) -> anyhow::Result<StoreLocation> {
+        if let Some(path) = &args.config {
+            let config = Config::load(path)?;
+            return Ok(StoreLocation::from_config(&config, &args.passphrase));
+        }
+        Ok(StoreLocation {
+            key_file: args
+                .master_key
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("master.key")),
+            dir: args.data_dir.clone(),
+            passphrase: args.passphrase.clone(),
+            backend: BackendKind::Redb,
+        })
+    }
+
+    /// From a configuration file; a passphrase source given on the command line
+    /// wins over the file's.
+    pub(crate) fn from_config(config: &Config, passphrase: &PassphraseArgs) -> StoreLocation {
+        let given = passphrase.passphrase_env.is_some()
+            || passphrase.passphrase_fd.is_some()
+            || passphrase.passphrase_prompt;
+        StoreLocation {
+            dir: config.data_dir.clone(),
+            key_file: config.master_key.file.clone(),
+            passphrase: if given {
+                passphrase.clone()
+            } else {
+                config.master_key.passphrase()
+            },
+            backend: config.metadata_backend.into(),
+        }
+    }
+
+    /// Loads the master key (asking for its passphrase if needed).
+    pub(crate) fn load_key(&self) -> anyhow::Result<MasterKey> {
+        let path = &self.key_file;
+        if path.symlink_metadata().is_err() {
+            bail!(
+                "no master key file at {}; create one with `blockseal key init --out {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        let passphrase = self
+            .passphrase
+            .read(&path.display().to_string(), Confirm::Once)?;
+        Ok(load_key_file(path, passphrase.as_ref())?)
+    }
+
+    /// Whether the directory holds a store.
+    pub(crate) fn has_store(&self) -> bool {
+        holds_store(&self.dir)
+    }
+
+    /// Opens the store, or creates it when it is missing and `if_missing` allows.
+    pub(crate) fn open(&self, if_missing: IfMissing) -> anyhow::Result<Store> {
+        let exists = self.has_store();
+        if !exists && if_missing == IfMissing::Fail {
+            bail!(
+                "{} holds no blockseal store; `blockseal tenant create` or `blockseal serve` creates one",
+                self.dir.display()
+            );
+        }
+        let key = self.load_key()?;
+        let options = StoreOptions::new().backend(self.backend);
+        let opened = if exists {
+            Store::open(&self.dir, key, options)
+        } else {
+            Store::create(&self.dir, key, options)
+        };
+        let store = opened.map_err(|e| explain_open_error(e, &self.dir))?;
+        if !exists {
+            tracing::info!(dir = %self.dir.display(), backend = ?self.backend, "created a new store");
+        } else if store.backend() != self.backend {
+            tracing::debug!(
+                configured = ?self.backend,
+                actual = ?store.backend(),
+                "the store keeps the metadata backend it was created with"
+            );
+        }
+        Ok(store)
+    }
+}
+
+/// Whether `dir` holds a store (its header file).
+pub(crate) fn holds_store(dir: &Path) -> bool {
+    dir.join("FORMAT").exists()
+}
+
+/// Adds what an operator should do to the store's own error.
+fn explain_open_error(err: OpenError, dir: &Path) -> anyhow::Error {
+    match err {
+        OpenError::Locked { .. } => anyhow::anyhow!(
+            "the store {} is in use: a running `blockseal serve` (or another blockseal \
+             command) holds its lock; stop the server first, admin commands open the store \
+             directly",
+            dir.display()
+        ),
+        other => {
+            anyhow::Error::new(other).context(format!("cannot open the store {}", dir.display()))
+        }
+    }
+}
