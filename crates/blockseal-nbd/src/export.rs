@@ -129,9 +129,10 @@ pub trait Export: Send + Sync + 'static {
     /// Size of the export in bytes; a multiple of [`block_size`](Export::block_size).
     fn size(&self) -> u64;
 
-    /// Minimum and preferred block size: a power of two from 512 to 65536. Writes
-    /// of whole aligned blocks avoid read-modify-write. The server advertises it as
-    /// both the minimum and the preferred size in `NBD_INFO_BLOCK_SIZE`.
+    /// Preferred block size: a power of two from 512 to 65536. Writes of whole
+    /// aligned blocks avoid read-modify-write. The server advertises it as the
+    /// preferred size in `NBD_INFO_BLOCK_SIZE`, with a minimum of 1: the export
+    /// handles partial blocks.
     fn block_size(&self) -> u32;
 
     /// Whether the export refuses writes. The server then answers every write,

@@ -374,8 +374,9 @@ impl Negotiation {
         info.put_u16(session.flags);
         put_option_reply(&mut out, option, REP_INFO, &info);
         // NBD_INFO_BLOCK_SIZE is always sent (clients ignore unrequested
-        // information): minimum = preferred = the export's block size, maximum =
-        // the largest request payload ("Block size constraints").
+        // information): minimum 1 (an export handles partial blocks), preferred =
+        // the export's block size, maximum = the largest request payload ("Block
+        // size constraints").
         let (minimum, preferred, maximum) = self.block_sizes(export.as_ref());
         let mut info = Vec::with_capacity(14);
         info.put_u16(INFO_BLOCK_SIZE);
@@ -532,10 +533,15 @@ impl Negotiation {
 
     /// Minimum, preferred and maximum block size ("Block size constraints"). An
     /// export reporting an impossible block size gets the spec defaults.
+    ///
+    /// The minimum is 1: every export handles partial blocks (read-modify-write,
+    /// see the [`Export`] contract). Advertising the block size as the minimum
+    /// makes libnbd refuse unaligned requests on the client side, which breaks
+    /// clients that pass unaligned I/O through (nbdfuse under `mkfs.ext4`).
     fn block_sizes(&self, export: &dyn Export) -> (u32, u32, u32) {
         let bs = export.block_size();
         let (minimum, preferred) = if bs.is_power_of_two() && (512..=65536).contains(&bs) {
-            (bs, bs)
+            (1, bs)
         } else {
             (1, 4096)
         };
