@@ -1,0 +1,35 @@
+//! fio's nbd engine: four jobs, each on its own connection and offset range,
+//! random reads and writes with crc32c verification, for a few seconds.
+
+use std::process::Command;
+
+use blockseal_tests::{ServerProcess, have, run_ok};
+
+#[test]
+fn random_read_write_with_verification() {
+    if !have("fio") {
+        return;
+    }
+    let server = ServerProcess::demo("64M");
+    let uri = server.uri("demo/disk");
+    let out = run_ok(Command::new("fio").args([
+        "--name=blockseal",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randrw",
+        "--rwmixread=50",
+        "--bs=4k",
+        "--iodepth=8",
+        "--numjobs=4",
+        "--size=16M",
+        "--offset_increment=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_backlog=256",
+        "--time_based",
+        "--runtime=3",
+        "--group_reporting",
+    ]));
+    assert!(out.contains("err= 0"), "{out}");
+    assert!(!out.contains("verify:"), "{out}");
+}
