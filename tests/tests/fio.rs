@@ -12,7 +12,9 @@ fn random_read_write_with_verification() {
     }
     let server = ServerProcess::demo("64M");
     let uri = server.uri("demo/disk");
-    let out = run_ok(Command::new("fio").args([
+    // Run in the server's temporary directory: fio leaves verify state files in
+    // its working directory.
+    let out = run_ok(Command::new("fio").current_dir(&server.dir).args([
         "--name=blockseal",
         "--ioengine=nbd",
         &format!("--uri={uri}"),
@@ -26,6 +28,7 @@ fn random_read_write_with_verification() {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--verify_backlog=256",
+        "--verify_state_save=0",
         "--time_based",
         "--runtime=3",
         "--group_reporting",

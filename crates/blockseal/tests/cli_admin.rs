@@ -41,7 +41,12 @@ fn fails(args: &[&str], message: &str) {
 #[track_caller]
 fn fails_with(code: i32, args: &[&str], message: &str) {
     let out = blockseal(args);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains(message),
@@ -75,13 +80,39 @@ fn tenants_and_volumes_round_trip() {
         .collect();
     assert_eq!(names, ["acme", "globex"], "{out}");
 
-    let out = ok(&["volume", "create", "acme/disk", "--size", "10M", "--data-dir", d]);
-    assert!(out.contains("acme/disk: 10M (10485760 bytes), 4096-byte blocks"), "{out}");
-    ok(&[
-        "volume", "create", "acme/small", "--size", "65536", "--block-size", "512",
-        "--data-dir", d,
+    let out = ok(&[
+        "volume",
+        "create",
+        "acme/disk",
+        "--size",
+        "10M",
+        "--data-dir",
+        d,
     ]);
-    ok(&["volume", "create", "globex/big", "--size", "2G", "--data-dir", d]);
+    assert!(
+        out.contains("acme/disk: 10M (10485760 bytes), 4096-byte blocks"),
+        "{out}"
+    );
+    ok(&[
+        "volume",
+        "create",
+        "acme/small",
+        "--size",
+        "65536",
+        "--block-size",
+        "512",
+        "--data-dir",
+        d,
+    ]);
+    ok(&[
+        "volume",
+        "create",
+        "globex/big",
+        "--size",
+        "2G",
+        "--data-dir",
+        d,
+    ]);
 
     let out = ok(&["volume", "list", "--data-dir", d]);
     assert!(out.starts_with("VOLUME"), "{out}");
@@ -98,19 +129,39 @@ fn tenants_and_volumes_round_trip() {
         assert_eq!(&fields[..4], [name, size, bytes, block], "{line}");
     }
     let out = ok(&["volume", "list", "acme", "--data-dir", d]);
-    assert!(out.contains("acme/disk") && !out.contains("globex"), "{out}");
+    assert!(
+        out.contains("acme/disk") && !out.contains("globex"),
+        "{out}"
+    );
 }
 
 #[test]
 fn refusals_are_readable() {
     let dir = data_dir();
     let d = p(dir.path());
-    fails(&["tenant", "list", "--data-dir", d], "holds no blockseal store");
-    ok(&["tenant", "create", "acme", "--data-dir", d]);
-    fails(&["tenant", "create", "acme", "--data-dir", d], "tenant acme already exists");
-    fails(&["tenant", "create", "Acme", "--data-dir", d], "tenant name \"Acme\"");
     fails(
-        &["volume", "create", "nobody/disk", "--size", "1M", "--data-dir", d],
+        &["tenant", "list", "--data-dir", d],
+        "holds no blockseal store",
+    );
+    ok(&["tenant", "create", "acme", "--data-dir", d]);
+    fails(
+        &["tenant", "create", "acme", "--data-dir", d],
+        "tenant acme already exists",
+    );
+    fails(
+        &["tenant", "create", "Acme", "--data-dir", d],
+        "tenant name \"Acme\"",
+    );
+    fails(
+        &[
+            "volume",
+            "create",
+            "nobody/disk",
+            "--size",
+            "1M",
+            "--data-dir",
+            d,
+        ],
         "no tenant nobody",
     );
     fails(
@@ -118,28 +169,81 @@ fn refusals_are_readable() {
         "TENANT/VOLUME",
     );
     fails(
-        &["volume", "create", "acme/Disk", "--size", "1M", "--data-dir", d],
+        &[
+            "volume",
+            "create",
+            "acme/Disk",
+            "--size",
+            "1M",
+            "--data-dir",
+            d,
+        ],
         "volume name \"Disk\"",
     );
     fails_with(
         2,
-        &["volume", "create", "acme/disk", "--size", "1.5G", "--data-dir", d],
+        &[
+            "volume",
+            "create",
+            "acme/disk",
+            "--size",
+            "1.5G",
+            "--data-dir",
+            d,
+        ],
         "1.5G",
     );
     fails(
-        &["volume", "create", "acme/disk", "--size", "5000", "--data-dir", d],
+        &[
+            "volume",
+            "create",
+            "acme/disk",
+            "--size",
+            "5000",
+            "--data-dir",
+            d,
+        ],
         "not a positive multiple of the block size",
     );
     fails(
-        &["volume", "create", "acme/disk", "--size", "1M", "--block-size", "1000", "--data-dir", d],
+        &[
+            "volume",
+            "create",
+            "acme/disk",
+            "--size",
+            "1M",
+            "--block-size",
+            "1000",
+            "--data-dir",
+            d,
+        ],
         "block size 1000 is not a power of two",
     );
-    ok(&["volume", "create", "acme/disk", "--size", "1M", "--data-dir", d]);
+    ok(&[
+        "volume",
+        "create",
+        "acme/disk",
+        "--size",
+        "1M",
+        "--data-dir",
+        d,
+    ]);
     fails(
-        &["volume", "create", "acme/disk", "--size", "1M", "--data-dir", d],
+        &[
+            "volume",
+            "create",
+            "acme/disk",
+            "--size",
+            "1M",
+            "--data-dir",
+            d,
+        ],
         "volume acme/disk already exists",
     );
-    fails(&["volume", "list", "nobody", "--data-dir", d], "no tenant nobody");
+    fails(
+        &["volume", "list", "nobody", "--data-dir", d],
+        "no tenant nobody",
+    );
 
     let empty = tempfile::tempdir().unwrap();
     fails(
@@ -149,7 +253,11 @@ fn refusals_are_readable() {
     let other = data_dir();
     fails(
         &[
-            "tenant", "list", "--data-dir", d, "--master-key",
+            "tenant",
+            "list",
+            "--data-dir",
+            d,
+            "--master-key",
             p(&other.path().join("master.key")),
         ],
         "cannot open the store",
@@ -175,7 +283,15 @@ fn config_file_names_store_and_key() {
     let config = write_config(dir.path(), "");
     let c = p(&config);
     ok(&["tenant", "create", "acme", "--config", c]);
-    ok(&["volume", "create", "acme/disk", "--size", "4M", "--config", c]);
+    ok(&[
+        "volume",
+        "create",
+        "acme/disk",
+        "--size",
+        "4M",
+        "--config",
+        c,
+    ]);
     assert!(dir.path().join("data/FORMAT").exists());
     assert!(ok(&["volume", "list", "--config", c]).contains("acme/disk"));
 
@@ -183,7 +299,12 @@ fn config_file_names_store_and_key() {
     fails(&["tenant", "list", "--config", p(&bad)], "colour");
     fails(&["tenant", "list", "--config", p(&bad)], "blockseal.toml");
     fails(
-        &["tenant", "list", "--config", p(&dir.path().join("missing.toml"))],
+        &[
+            "tenant",
+            "list",
+            "--config",
+            p(&dir.path().join("missing.toml")),
+        ],
         "cannot read config file",
     );
     // --config and --data-dir contradict each other.
@@ -234,7 +355,10 @@ fn a_running_server_holds_the_store() {
     let data = dir.path().join("data");
     let d = p(&data);
     let mut server = Server::start(&["--data-dir", d, "--demo-size", "1M"]);
-    fails(&["tenant", "list", "--data-dir", d], "a running `blockseal serve`");
+    fails(
+        &["tenant", "list", "--data-dir", d],
+        "a running `blockseal serve`",
+    );
     assert!(server.stop().success());
     // After a graceful stop the store opens again and holds the demo volume.
     let out = ok(&["volume", "list", "--data-dir", d]);
