@@ -46,6 +46,9 @@ pub struct SegmentId {
 /// - [`delete`](Self::delete) removes a segment durably; deleting a missing segment
 ///   is not an error.
 /// - [`list`](Self::list) names the segments of a volume in ascending index order.
+/// - [`size`](Self::size) is the number of bytes written to a segment (its end);
+///   a backend that cannot tell returns an error and callers assume the
+///   configured segment size.
 ///
 /// Implementations are shared between threads; concurrent writes to disjoint ranges
 /// of one segment, and reads concurrent with them, must be supported.
@@ -62,6 +65,15 @@ pub trait SegmentStore: Send + Sync + 'static {
     fn delete(&self, id: SegmentId) -> io::Result<()>;
     /// The indexes of a volume's segments, ascending.
     fn list(&self, volume: u32) -> io::Result<Vec<u32>>;
+    /// The segment's length in bytes (the end of its last write). Compaction
+    /// uses it to judge a segment's live fraction; the default says it is unknown.
+    fn size(&self, id: SegmentId) -> io::Result<u64> {
+        let _ = id;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "segment sizes are unknown to this store",
+        ))
+    }
 }
 
 /// Segments kept as files: `<root>/<volume>/<index>`, written with positional I/O.
@@ -96,16 +108,21 @@ impl FileSegments {
     }
 
     fn file(&self, id: SegmentId) -> io::Result<Arc<File>> {
-        if let Some(file) = self.handles().get(&id) {
+        let mut handles = self.handles();
+        if let Some(file) = handles.get(&id) {
             return Ok(file.clone());
         }
+        // Opened under the map's lock, so a concurrent delete cannot slip between
+        // the open and the insert and leave a handle (and the space of the
+        // unlinked file) cached. Misses are rare: once per segment and process.
         let file = Arc::new(
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(self.path(id))?,
         );
-        Ok(self.handles().entry(id).or_insert(file).clone())
+        handles.insert(id, file.clone());
+        Ok(file)
     }
 }
 
@@ -141,8 +158,12 @@ impl SegmentStore for FileSegments {
     }
 
     fn delete(&self, id: SegmentId) -> io::Result<()> {
-        self.handles().remove(&id);
-        match fs::remove_file(self.path(id)) {
+        let removed = {
+            let mut handles = self.handles();
+            handles.remove(&id);
+            fs::remove_file(self.path(id))
+        };
+        match removed {
             Ok(()) => sync_dir(&self.volume_dir(id.volume)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -166,6 +187,10 @@ impl SegmentStore for FileSegments {
         }
         indexes.sort_unstable();
         Ok(indexes)
+    }
+
+    fn size(&self, id: SegmentId) -> io::Result<u64> {
+        Ok(self.file(id)?.metadata()?.len())
     }
 }
 
@@ -360,6 +385,18 @@ impl SegmentStore for FaultySegments {
             .filter(|id| id.volume == volume)
             .map(|id| id.index)
             .collect())
+    }
+
+    fn size(&self, id: SegmentId) -> io::Result<u64> {
+        let state = self.state();
+        if state.crashed {
+            return Err(io::Error::other("simulated crash: the machine is down"));
+        }
+        state
+            .segments
+            .get(&id)
+            .map(|s| s.data.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))
     }
 }
 
