@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod block;
+mod compactor;
 mod error;
 pub mod meta;
 pub mod nonce;
@@ -58,4 +59,4 @@ pub use segment::{FaultOp, FaultySegments, FileSegments, SegmentId, SegmentStore
 pub use store::{
     FORMAT_VERSION, Store, StoreOptions, TenantInfo, TenantState, VolumeInfo, VolumeOptions,
 };
-pub use volume::{BlockStatus, Volume, VolumeStats};
+pub use volume::{BlockStatus, CompactionReport, Volume, VolumeStats};

@@ -20,7 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockseal_keys::{
     CheckValue, DataKey, DeploymentSalt, KeyId, KeyVersion, MasterKey, TenantId, TenantKek,
@@ -29,12 +29,13 @@ use blockseal_keys::{
 use zeroize::Zeroizing;
 
 use crate::block::BlockSize;
+use crate::compactor::{self, Compactor, CompactorConfig, OpenVolumes};
 use crate::error::{CreateError, OpenError, QueryError, VolumeError};
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, HeaderRecord, TenantRecord, VolumeRecord};
 use crate::seal::BlockCipher;
 use crate::segment::{FileSegments, SegmentStore};
-use crate::volume::{Volume, VolumeInner, VolumeParts};
+use crate::volume::{CompactionReport, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
 
@@ -55,6 +56,10 @@ pub struct StoreOptions {
     overlay_blocks: usize,
     meta_store: Option<Arc<dyn MetaStore>>,
     segment_store: Option<Arc<dyn SegmentStore>>,
+    compaction_threshold: f64,
+    background_compaction: bool,
+    compaction_rate: u64,
+    compaction_interval: Duration,
 }
 
 impl StoreOptions {
@@ -63,6 +68,14 @@ impl StoreOptions {
     /// Default bound of a volume's mapping overlay: 65536 blocks (256 MiB of 4 KiB
     /// writes) before a write triggers a flush.
     pub const DEFAULT_OVERLAY_BLOCKS: usize = 1 << 16;
+    /// Default compaction threshold: a sealed segment less than half live is
+    /// compacted, which bounds segment space at about twice the live data.
+    pub const DEFAULT_COMPACTION_THRESHOLD: f64 = 0.5;
+    /// Default background compaction rate: 64 MiB of copied blocks per second.
+    pub const DEFAULT_COMPACTION_RATE: u64 = 64 << 20;
+    /// Default interval of the background thread's check of every open volume,
+    /// besides the checks flushes trigger.
+    pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_secs(10);
 
     /// Defaults: redb metadata, 64 MiB segments in files under the store directory.
     pub fn new() -> StoreOptions {
@@ -72,6 +85,10 @@ impl StoreOptions {
             overlay_blocks: Self::DEFAULT_OVERLAY_BLOCKS,
             meta_store: None,
             segment_store: None,
+            compaction_threshold: Self::DEFAULT_COMPACTION_THRESHOLD,
+            background_compaction: true,
+            compaction_rate: Self::DEFAULT_COMPACTION_RATE,
+            compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
         }
     }
 
@@ -107,6 +124,39 @@ impl StoreOptions {
         self.segment_store = Some(store);
         self
     }
+
+    /// Compacts a sealed segment when fewer than this fraction of its blocks are
+    /// live (clamped to `0.0..=1.0`; `0.0` only deletes segments with no live
+    /// block). Segment space stays near `1 / threshold` times the live data.
+    pub fn compaction_threshold(mut self, fraction: f64) -> StoreOptions {
+        self.compaction_threshold = if fraction.is_nan() {
+            Self::DEFAULT_COMPACTION_THRESHOLD
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// Whether a background thread compacts open volumes (default: yes). Without
+    /// it, only [`Store::compact_now`] and [`Volume::compact_now`] compact.
+    pub fn background_compaction(mut self, enabled: bool) -> StoreOptions {
+        self.background_compaction = enabled;
+        self
+    }
+
+    /// The most bytes per second background compaction copies (`u64::MAX`: no
+    /// limit). Foreground I/O keeps the rest of the device.
+    pub fn compaction_rate(mut self, bytes_per_second: u64) -> StoreOptions {
+        self.compaction_rate = bytes_per_second.max(1);
+        self
+    }
+
+    /// How often the background thread checks every open volume even when no
+    /// flush reported dead space.
+    pub fn compaction_interval(mut self, interval: Duration) -> StoreOptions {
+        self.compaction_interval = interval;
+        self
+    }
 }
 
 impl Default for StoreOptions {
@@ -123,6 +173,10 @@ impl fmt::Debug for StoreOptions {
             .field("overlay_blocks", &self.overlay_blocks)
             .field("custom_metadata_store", &self.meta_store.is_some())
             .field("custom_segment_store", &self.segment_store.is_some())
+            .field("compaction_threshold", &self.compaction_threshold)
+            .field("background_compaction", &self.background_compaction)
+            .field("compaction_rate", &self.compaction_rate)
+            .field("compaction_interval", &self.compaction_interval)
             .finish()
     }
 }
@@ -171,15 +225,21 @@ pub struct VolumeInfo {
 }
 
 /// An open store. One process (and one `Store`) may hold a store open at a time.
+///
+/// Unless disabled in [`StoreOptions::background_compaction`], the store owns a
+/// thread that compacts its open volumes; dropping the store stops it.
 pub struct Store {
+    // Dropped first: the compaction thread stops before anything else goes.
+    compactor: Option<Compactor>,
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
     master: MasterKey,
     salt: DeploymentSalt,
     options: StoreOptions,
-    /// Open volumes, so a second open shares the first instance.
-    open: Mutex<HashMap<(TenantId, VolumeId), Weak<VolumeInner>>>,
+    /// Open volumes, so a second open shares the first instance (and so the
+    /// compaction thread finds them).
+    open: OpenVolumes,
     /// Serializes tenant and volume creation (read-check-write of records).
     admin: Mutex<()>,
     // Dropped last: the lock outlives every other handle on the directory.
@@ -229,14 +289,16 @@ impl Store {
         write_format_file(&dir, backend)?;
         let segments = open_segments(&dir, &options)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store created");
+        let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         Ok(Store {
+            compactor: start_compactor(&dir, &open, &options)?,
             dir,
             meta,
             segments,
             master,
             salt,
             options,
-            open: Mutex::new(HashMap::new()),
+            open,
             admin: Mutex::new(()),
             _lock: lock,
         })
@@ -267,14 +329,16 @@ impl Store {
         )?;
         let segments = open_segments(&dir, &options)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store opened");
+        let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         Ok(Store {
+            compactor: start_compactor(&dir, &open, &options)?,
             dir,
             meta,
             segments,
             master,
             salt: DeploymentSalt::from_bytes(header.salt),
             options,
-            open: Mutex::new(HashMap::new()),
+            open,
             admin: Mutex::new(()),
             _lock: lock,
         })
@@ -288,6 +352,12 @@ impl Store {
     /// The metadata backend in use.
     pub fn backend(&self) -> BackendKind {
         self.meta.backend()
+    }
+
+    /// Compacts every open volume now, without the background throttle (see
+    /// [`Volume::compact_now`]), and returns the sum of what it did.
+    pub fn compact_now(&self) -> Result<CompactionReport, VolumeError> {
+        compactor::compact_all(&self.open)
     }
 
     /// Creates a tenant with a fresh seed and KEK version 1.
@@ -491,9 +561,16 @@ impl Store {
             meta: self.meta.clone(),
             segments: self.segments.clone(),
             ciphers,
+            compact_threshold: self.options.compaction_threshold,
+            wake: self.compactor.as_ref().map(|c| c.wakeup().clone()),
         })?;
         open.retain(|_, weak| weak.strong_count() > 0);
         open.insert(handle, opened.downgrade());
+        drop(open);
+        // Segments left dead by an earlier session are reclaimed soon after open.
+        if let Some(compactor) = &self.compactor {
+            compactor.wakeup().notify();
+        }
         tracing::info!(tenant = %tenant, volume = %volume, "volume opened");
         Ok(opened)
     }
@@ -648,6 +725,23 @@ fn open_meta(
     let path = dir.join(META_DIR);
     fs::create_dir_all(&path).map_err(io_error(&path))?;
     Ok(Arc::from(meta::open(backend, &path)?))
+}
+
+fn start_compactor(
+    dir: &Path,
+    open: &OpenVolumes,
+    options: &StoreOptions,
+) -> Result<Option<Compactor>, OpenError> {
+    if !options.background_compaction {
+        return Ok(None);
+    }
+    let config = CompactorConfig {
+        rate: options.compaction_rate,
+        interval: options.compaction_interval,
+    };
+    Compactor::start(open.clone(), config)
+        .map(Some)
+        .map_err(io_error(dir))
 }
 
 fn open_segments(dir: &Path, options: &StoreOptions) -> Result<Arc<dyn SegmentStore>, OpenError> {

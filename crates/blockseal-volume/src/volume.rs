@@ -8,14 +8,24 @@
 //! flushers share one sync and one commit). Nothing is ever overwritten in place,
 //! so a crash can never tear a block against its tag.
 //!
-//! Locks, in the only order they are taken: block stripes, then the flush lock,
-//! then the head / overlay / dirty-set locks (each held only for a few
+//! Locks, in the only order they are taken: the compaction lock (one compaction
+//! of a volume at a time; see [`compact`]), then block stripes, then the flush
+//! lock, then the head / overlay / dirty-set locks (each held only for a few
 //! instructions, never across I/O except the head lock across a segment create).
-//! Sealing and segment writes run under stripe locks only.
+//! Sealing and segment writes run under stripe locks only. Reads take no lock
+//! but the overlay's, briefly.
+//!
+//! Space comes back by compaction (module [`compact`]): the live blocks of a
+//! mostly dead sealed segment are copied to the head and their mappings switched
+//! in one conditional commit, after which the old segment is deleted.
 //!
 //! This module must never log plaintext or keys, never acknowledge a flush before
 //! both the segment sync and the metadata commit returned `Ok`, and never accept a
 //! write after a failed write or sync (the volume is poisoned until reopened).
+
+mod compact;
+
+pub use compact::CompactionReport;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -25,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use blockseal_keys::{KeyVersion, TenantId, VolumeId};
 
 use crate::block::{BlockSize, Lba};
+use crate::compactor::Wakeup;
 use crate::error::VolumeError;
 use crate::meta::{Batch, MetaStore};
 use crate::nonce::{NonceReserver, NonceSource, nonce_for};
@@ -34,6 +45,9 @@ use crate::segment::{SegmentId, SegmentStore};
 
 /// Number of block lock stripes per volume (a power of two).
 const STRIPES: usize = 1024;
+
+/// How many times a read retries its lookup after racing a segment deletion.
+const READ_RETRIES: u32 = 3;
 
 /// Trims and zeroes covering at least this many whole blocks drop the mappings
 /// with one direct commit instead of one overlay entry per block.
@@ -69,6 +83,13 @@ pub struct VolumeStats {
     pub metadata_bytes: u64,
     /// Block mappings currently held in the memory overlay.
     pub overlay_blocks: u64,
+    /// Blocks compaction moved since the volume was opened.
+    pub compacted_blocks: u64,
+    /// Segments compaction deleted since the volume was opened.
+    pub deleted_segments: u64,
+    /// Metadata bytes (keys and values) written by compaction's mapping commits
+    /// (not counted in `metadata_bytes`).
+    pub compaction_metadata_bytes: u64,
 }
 
 /// Where a block's current version lives, or that it reads as zeros.
@@ -133,6 +154,18 @@ pub(crate) struct VolumeInner {
     auth_failures: AtomicU64,
     commits: AtomicU64,
     metadata_bytes: AtomicU64,
+    /// Held by a compaction of this volume (first in the lock order).
+    compaction: Mutex<()>,
+    /// Segments whose live fraction is below this are compacted.
+    compact_threshold: f64,
+    /// Wakes the store's compaction thread, when there is one.
+    wake: Option<Arc<Wakeup>>,
+    /// Bumped before every segment deletion: a read that fails while it moved
+    /// retries its lookup (see [`compact`]).
+    deletions: AtomicU64,
+    compacted_blocks: AtomicU64,
+    deleted_segments: AtomicU64,
+    compaction_metadata_bytes: AtomicU64,
 }
 
 /// Everything [`Volume::open`] needs, assembled by the store.
@@ -148,6 +181,10 @@ pub(crate) struct VolumeParts {
     pub(crate) segments: Arc<dyn SegmentStore>,
     /// The active DEK's cipher first, then older ones still referenced.
     pub(crate) ciphers: Vec<BlockCipher>,
+    /// Sealed segments whose live fraction is below this are compacted.
+    pub(crate) compact_threshold: f64,
+    /// The store's compaction thread, woken when flushes leave dead space.
+    pub(crate) wake: Option<Arc<Wakeup>>,
 }
 
 struct MetaReserver {
@@ -185,6 +222,8 @@ impl Volume {
             meta,
             segments,
             ciphers,
+            compact_threshold,
+            wake,
         } = parts;
         let mut ciphers = ciphers.into_iter();
         let cipher = ciphers.next().ok_or_else(|| VolumeError::Corrupt {
@@ -270,6 +309,13 @@ impl Volume {
                 auth_failures: AtomicU64::new(0),
                 commits: AtomicU64::new(0),
                 metadata_bytes: AtomicU64::new(0),
+                compaction: Mutex::new(()),
+                compact_threshold: compact_threshold.clamp(0.0, 1.0),
+                wake,
+                deletions: AtomicU64::new(0),
+                compacted_blocks: AtomicU64::new(0),
+                deleted_segments: AtomicU64::new(0),
+                compaction_metadata_bytes: AtomicU64::new(0),
             }),
         })
     }
@@ -321,6 +367,9 @@ impl Volume {
             commits: i.commits.load(Ordering::Relaxed),
             metadata_bytes: i.metadata_bytes.load(Ordering::Relaxed),
             overlay_blocks: i.lock_overlay().map.len() as u64,
+            compacted_blocks: i.compacted_blocks.load(Ordering::Relaxed),
+            deleted_segments: i.deleted_segments.load(Ordering::Relaxed),
+            compaction_metadata_bytes: i.compaction_metadata_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -407,6 +456,17 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Compacts the volume now, without the background throttle: flushes, then
+    /// moves the live blocks of every sealed segment whose live fraction is below
+    /// the store's threshold ([`StoreOptions::compaction_threshold`]) to the head
+    /// and deletes the segments nothing references any more. Returns what it did.
+    ///
+    /// [`StoreOptions::compaction_threshold`]: crate::StoreOptions::compaction_threshold
+    pub fn compact_now(&self) -> Result<CompactionReport, VolumeError> {
+        self.inner
+            .compact(self.inner.compact_threshold, &mut |_| true)
     }
 
     /// Flushes; the handle stays usable (other handles may share the volume).
@@ -585,6 +645,26 @@ impl VolumeInner {
     }
 
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        // A read that looked a block up just before compaction moved it may find
+        // the old segment deleted. Deletions bump `deletions` first, so a failed
+        // read that saw the counter move looks its blocks up again (segment
+        // indexes are never reused: the retry can never read another block).
+        let mut attempts = 0;
+        loop {
+            let deletions = self.deletions.load(Ordering::SeqCst);
+            match self.read_range_once(offset, buf) {
+                Err(VolumeError::Io(_))
+                    if attempts < READ_RETRIES
+                        && self.deletions.load(Ordering::SeqCst) != deletions =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn read_range_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let bs = self.block_size.len();
         let bs64 = bs as u64;
         let first = offset / bs64;
@@ -716,7 +796,17 @@ impl VolumeInner {
             }
         };
         if over_limit {
-            self.flush()?;
+            // The write is installed and readable whatever this flush does, so it
+            // succeeded; a failed flush poisons the volume, and the next write or
+            // flush reports it (durability was never promised before a flush).
+            if let Err(error) = self.flush() {
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    volume = %self.name,
+                    %error,
+                    "flushing a full overlay failed"
+                );
+            }
         }
         Ok(())
     }
@@ -792,6 +882,7 @@ impl VolumeInner {
             return Err(e.into());
         }
         apply_deltas(&mut state.live, &deltas);
+        self.note_dead_space(&state.live, &deltas);
         // The overlay's entries for these blocks are superseded by the trim,
         // which is now durable.
         let mut overlay = self.lock_overlay();
@@ -858,6 +949,21 @@ impl VolumeInner {
     /// and as many consecutive nonces.
     fn allocate(&self, want: usize) -> Result<(u32, u32, Vec<Nonce>), VolumeError> {
         let mut head = self.lock_head();
+        let (segment, offset, run) = self.allocate_in(&mut head, want)?;
+        let mut nonces = Vec::with_capacity(run);
+        for _ in 0..run {
+            nonces.push(
+                self.nonces
+                    .next()
+                    .map_err(|e| VolumeError::Nonce(Box::new(e)))?,
+            );
+        }
+        Ok((segment, offset, nonces))
+    }
+
+    /// Reserves up to `want` consecutive blocks at the head of the open segment
+    /// (creating one when needed): `(segment, offset, blocks reserved)`.
+    fn allocate_in(&self, head: &mut Head, want: usize) -> Result<(u32, u32, usize), VolumeError> {
         self.check_poisoned()?;
         let segment = match head.segment {
             Some(s) if head.next_block < self.segment_blocks => s,
@@ -876,17 +982,9 @@ impl VolumeInner {
             }
         };
         let run = want.min((self.segment_blocks - head.next_block) as usize);
-        let mut nonces = Vec::with_capacity(run);
-        for _ in 0..run {
-            nonces.push(
-                self.nonces
-                    .next()
-                    .map_err(|e| VolumeError::Nonce(Box::new(e)))?,
-            );
-        }
         let offset = head.next_block;
         head.next_block += run as u32;
-        Ok((segment, offset, nonces))
+        Ok((segment, offset, run))
     }
 
     fn flush(&self) -> Result<(), VolumeError> {
@@ -928,6 +1026,7 @@ impl VolumeInner {
                 return Err(e.into());
             }
             apply_deltas(&mut state.live, &deltas);
+            self.note_dead_space(&state.live, &deltas);
             let bytes: usize = batch
                 .ops()
                 .iter()
@@ -1028,6 +1127,30 @@ impl VolumeInner {
             );
         }
         Ok(())
+    }
+
+    /// Wakes the compaction thread when a commit left a sealed segment below the
+    /// compaction threshold (the caller holds the flush lock; `live` is updated).
+    fn note_dead_space(&self, live: &HashMap<u32, u64>, deltas: &HashMap<u32, i64>) {
+        let Some(wake) = &self.wake else {
+            return;
+        };
+        let sealed_below = self.sealed_below();
+        let limit = self.compact_threshold * f64::from(self.segment_blocks);
+        let dead = deltas.iter().any(|(&segment, &delta)| {
+            delta < 0
+                && segment < sealed_below
+                && (live.get(&segment).copied().unwrap_or(0) as f64) < limit
+        });
+        if dead {
+            wake.notify();
+        }
+    }
+
+    /// Every segment below this index is sealed: no write will go to it again.
+    fn sealed_below(&self) -> u32 {
+        let head = self.lock_head();
+        head.segment.unwrap_or(head.next_index)
     }
 
     /// Adds the updated live-block counts of the segments in `deltas` to `batch`.

@@ -4,8 +4,11 @@
 //! variable). The child opens a store, then writes random block patterns, trims
 //! now and then and flushes periodically, reporting on stdout each write's intent
 //! (`W`), its acknowledgement (`A`), and each flush's start (`F`) and completion
-//! (`D`). The parent SIGKILLs it at a random moment, reopens the store and checks
-//! every block:
+//! (`D`). Compaction runs all the while: the store's background thread with an
+//! aggressive threshold and no throttle, plus a thread calling `compact_now` in a
+//! loop, which reports what each pass did (`C moved deleted`). The parent
+//! SIGKILLs the child at a random moment (often in the middle of a compaction),
+//! reopens the store and checks every block:
 //!
 //! - (a) a block whose last write was acknowledged before a completed flush began
 //!   reads back exactly that write (or a version written after it);
@@ -44,11 +47,15 @@ const BLOCKS: u64 = 2048;
 const BS: usize = 4096;
 
 fn options(backend: BackendKind) -> StoreOptions {
-    // Small segments and overlay so rollover and overlay-triggered commits happen.
+    // Small segments and overlay so rollover and overlay-triggered commits happen,
+    // and a threshold that makes most sealed segments worth compacting.
     StoreOptions::new()
         .backend(backend)
         .segment_bytes(1 << 20)
         .overlay_blocks(512)
+        .compaction_threshold(0.75)
+        .compaction_rate(u64::MAX)
+        .compaction_interval(Duration::from_millis(20))
 }
 
 /// The content of version `id` of block `lba` (id 0: zeros).
@@ -71,6 +78,20 @@ fn crash_child() {
     };
     let mut id: u64 = std::env::var(SEED_ENV).unwrap().parse().unwrap();
     let (_store, volume) = reopen(Path::new(&dir), options(backend));
+    {
+        let volume = volume.clone();
+        std::thread::spawn(move || {
+            loop {
+                match volume.compact_now() {
+                    Ok(report) => {
+                        println!("C {} {}", report.blocks_moved, report.segments_deleted)
+                    }
+                    Err(e) => println!("CE {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    }
     println!("READY");
     let mut rng = rand::rng();
     let mut flushes = 0u64;
@@ -118,6 +139,9 @@ struct Totals {
     verified_durable_blocks: u64,
     blocks_checked: u64,
     auth_failures: u64,
+    compactions: u64,
+    moved_blocks: u64,
+    deleted_segments: u64,
 }
 
 #[test]
@@ -136,6 +160,9 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
         verified_durable_blocks: 0,
         blocks_checked: 0,
         auth_failures: 0,
+        compactions: 0,
+        moved_blocks: 0,
+        deleted_segments: 0,
     };
     let started = Instant::now();
     for backend in [BackendKind::Redb, BackendKind::Sled] {
@@ -147,13 +174,17 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
     }
     eprintln!(
         "crash test: {} kills, {} acknowledged writes, {} completed flushes, \
-         {} blocks verified as flushed, {} block reads checked, {} auth failures, {:?}",
+         {} blocks verified as flushed, {} block reads checked, {} auth failures; \
+         in the children {} compaction passes moved {} blocks and deleted {} segments; {:?}",
         totals.kills,
         totals.acked_writes,
         totals.flushes,
         totals.verified_durable_blocks,
         totals.blocks_checked,
         totals.auth_failures,
+        totals.compactions,
+        totals.moved_blocks,
+        totals.deleted_segments,
         started.elapsed()
     );
     assert_eq!(totals.auth_failures, 0);
@@ -256,6 +287,12 @@ fn apply_log(lines: &[String], blocks: &mut [BlockState], totals: &mut Totals) {
                 }
             }
             ["F", _] => at_flush_start = Some(acked_since_flush.clone()),
+            ["CE", ..] => panic!("compaction failed in the child: {line}"),
+            ["C", moved, deleted] => {
+                totals.compactions += 1;
+                totals.moved_blocks += moved.parse::<u64>().unwrap();
+                totals.deleted_segments += deleted.parse::<u64>().unwrap();
+            }
             ["D", _] => {
                 totals.flushes += 1;
                 // Everything acknowledged before the flush began is now durable;

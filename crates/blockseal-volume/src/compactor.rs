@@ -1,0 +1,221 @@
+//! The store's background compaction thread.
+//!
+//! One `std` thread per [`Store`](crate::Store) (no async runtime in this crate)
+//! walks the store's open volumes and compacts those with sealed segments below
+//! the compaction threshold. It wakes when a flush leaves such a segment behind
+//! (a volume calls [`Wakeup::notify`]), when a volume opens, and on a timer. It
+//! copies at most [`StoreOptions::compaction_rate`] bytes per second, sleeping
+//! between steps of at most 1 MiB, and holds a volume's flush lock only for the
+//! metadata commit of each step, so foreground I/O is never starved.
+//!
+//! Dropping the store stops the thread between two steps (each step's commit is
+//! atomic, so stopping anywhere leaves a consistent volume) and joins it.
+//!
+//! This module must never hold a volume open past the pass that uses it: it keeps
+//! only weak references between passes, so closing a volume still closes it.
+//!
+//! [`StoreOptions::compaction_rate`]: crate::StoreOptions::compaction_rate
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use blockseal_keys::{TenantId, VolumeId};
+
+use crate::volume::{CompactionReport, Volume, VolumeInner};
+
+/// The store's registry of open volumes, shared with the compaction thread.
+pub(crate) type OpenVolumes = Arc<Mutex<HashMap<(TenantId, VolumeId), Weak<VolumeInner>>>>;
+
+/// Wakes the compaction thread and tells it to stop.
+#[derive(Default)]
+pub(crate) struct Wakeup {
+    state: Mutex<WakeState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct WakeState {
+    /// Work may be waiting.
+    pending: bool,
+    /// The store is closing.
+    stop: bool,
+}
+
+impl Wakeup {
+    fn lock(&self) -> MutexGuard<'_, WakeState> {
+        // Two flags set in single assignments: a poisoned lock is still valid.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the thread for a pass over the open volumes.
+    pub(crate) fn notify(&self) {
+        let mut state = self.lock();
+        if !state.pending {
+            state.pending = true;
+            self.cv.notify_all();
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.cv.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        self.lock().stop
+    }
+
+    /// Waits for a notification or `timeout`; `false` when the store is closing.
+    fn wait(&self, timeout: Duration) -> bool {
+        let state = self.lock();
+        let (mut state, _) = self
+            .cv
+            .wait_timeout_while(state, timeout, |s| !s.pending && !s.stop)
+            .unwrap_or_else(|e| e.into_inner());
+        state.pending = false;
+        !state.stop
+    }
+
+    /// Sleeps for `duration` unless the store closes first; `false` when it does.
+    fn sleep(&self, duration: Duration) -> bool {
+        let state = self.lock();
+        let (state, _) = self
+            .cv
+            .wait_timeout_while(state, duration, |s| !s.stop)
+            .unwrap_or_else(|e| e.into_inner());
+        !state.stop
+    }
+}
+
+/// How the background thread compacts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CompactorConfig {
+    /// Bytes copied per second at most (`u64::MAX`: no limit).
+    pub(crate) rate: u64,
+    /// How often every open volume is checked even without a notification.
+    pub(crate) interval: Duration,
+}
+
+/// The running thread; stopping and joining it on drop.
+pub(crate) struct Compactor {
+    wake: Arc<Wakeup>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Compactor {
+    /// Starts the thread over the volumes registered in `open`.
+    pub(crate) fn start(open: OpenVolumes, config: CompactorConfig) -> std::io::Result<Compactor> {
+        let wake = Arc::new(Wakeup::default());
+        let thread = std::thread::Builder::new()
+            .name("blockseal-compact".into())
+            .spawn({
+                let wake = wake.clone();
+                move || run(&open, &wake, config)
+            })?;
+        Ok(Compactor {
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// The handle volumes use to wake the thread.
+    pub(crate) fn wakeup(&self) -> &Arc<Wakeup> {
+        &self.wake
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.wake.stop();
+        if let Some(thread) = self.thread.take() {
+            // A panic in the thread has been reported already; the store closes anyway.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Compacts every open volume once, without throttling.
+pub(crate) fn compact_all(open: &OpenVolumes) -> Result<CompactionReport, crate::VolumeError> {
+    let mut report = CompactionReport::default();
+    for volume in open_volumes(open) {
+        report += Volume::from_inner(volume).compact_now()?;
+    }
+    Ok(report)
+}
+
+fn open_volumes(open: &OpenVolumes) -> Vec<Arc<VolumeInner>> {
+    open.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter_map(Weak::upgrade)
+        .collect()
+}
+
+fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {
+    while wake.wait(config.interval) {
+        for volume in open_volumes(open) {
+            if wake.stopping() {
+                return;
+            }
+            if !volume.wants_compaction() {
+                continue;
+            }
+            let mut pacer = Pacer::new(config.rate, wake);
+            match volume.compact(volume.compact_threshold(), &mut |bytes| pacer.pace(bytes)) {
+                Ok(report) if report != CompactionReport::default() => {
+                    tracing::debug!(
+                        tenant = %volume.tenant(),
+                        volume = %volume.name(),
+                        segments_compacted = report.segments_compacted,
+                        segments_deleted = report.segments_deleted,
+                        blocks_moved = report.blocks_moved,
+                        bytes_reclaimed = report.bytes_reclaimed,
+                        "compacted"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(
+                    tenant = %volume.tenant(),
+                    volume = %volume.name(),
+                    %error,
+                    "background compaction failed"
+                ),
+            }
+        }
+    }
+}
+
+/// Keeps the copy rate at or below `rate` bytes per second.
+struct Pacer<'a> {
+    rate: u64,
+    wake: &'a Wakeup,
+    started: Instant,
+    bytes: u64,
+}
+
+impl<'a> Pacer<'a> {
+    fn new(rate: u64, wake: &'a Wakeup) -> Pacer<'a> {
+        Pacer {
+            rate: rate.max(1),
+            wake,
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Accounts `bytes` just copied and sleeps until the average rate is back
+    /// under the limit. `false` when the store is closing (the pass stops).
+    fn pace(&mut self, bytes: u64) -> bool {
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.rate == u64::MAX {
+            return !self.wake.stopping();
+        }
+        let due = self.started + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        match due.checked_duration_since(Instant::now()) {
+            Some(wait) if !wait.is_zero() => self.wake.sleep(wait),
+            _ => !self.wake.stopping(),
+        }
+    }
+}
