@@ -26,12 +26,23 @@ use crate::transmission;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Requests one connection may have in flight; past it the server stops
-    /// reading that connection until a reply is written. Default 64.
+    /// Requests one connection may have on blocking threads; past it the server
+    /// stops reading that connection until a reply is written. Default 64; at most 65536.
     pub max_in_flight_requests: usize,
-    /// Write payload and read data bytes one connection may have in flight; past
-    /// it the server stops reading. Default 64 MiB.
+    /// Write payload and read data bytes one connection may have on blocking
+    /// threads; past it the server stops reading. Default 64 MiB.
     pub max_in_flight_bytes: usize,
+    /// Run reads, writes, trims, zeroes, block status and cache requests directly
+    /// on the connection's task (default). The export's methods must then return
+    /// quickly (memory, page cache, buffered writes): they hold a runtime thread
+    /// while they run. Flushes and FUA requests always run on blocking threads.
+    /// Set to false for an export whose reads may wait on slow media: every
+    /// request then runs on blocking threads, at several times the CPU cost.
+    pub inline_requests: bool,
+    /// With `inline_requests` off: blocking threads that may run one connection's
+    /// requests at the same time (flushes and FUA requests get threads of their
+    /// own on top). Default 2.
+    pub workers_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum
     /// block size. Default (and the spec's interoperability ceiling) 32 MiB;
     /// clamped to 64 KiB ..= 32 MiB.
@@ -48,6 +59,8 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight_requests: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            inline_requests: true,
+            workers_per_connection: 2,
             max_request_payload: MAX_PAYLOAD,
             insecure_plain_tcp: false,
             handshake_timeout: Duration::from_secs(30),
@@ -163,8 +176,9 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A server over `catalog` with `config` (out-of-range limits are clamped).
     pub fn new(catalog: Arc<dyn Catalog>, mut config: ServerConfig) -> Server {
-        config.max_in_flight_requests = config.max_in_flight_requests.max(1);
+        config.max_in_flight_requests = config.max_in_flight_requests.clamp(1, 65536);
         config.max_in_flight_bytes = config.max_in_flight_bytes.max(1);
+        config.workers_per_connection = config.workers_per_connection.max(1);
         config.max_request_payload = config.max_request_payload.clamp(64 * 1024, MAX_PAYLOAD);
         Server {
             shared: Arc::new(Shared {

@@ -463,38 +463,43 @@ fn shutdown_lets_in_flight_requests_reply_then_closes() {
 
 #[test]
 fn in_flight_limit_applies_backpressure_not_errors() {
-    let mut config = ServerConfig::default();
-    config.max_in_flight_requests = 2;
-    let server = TestServer::start_with(MemCatalog::standard(), config, None);
-    let disk = server.catalog.get("acme/disk");
-    disk.close_gate();
-    let mut raw = server.raw();
-    go(&mut raw, "acme/disk");
-    for handle in 0..6u64 {
-        raw.request(0, CMD_WRITE, handle, handle * 4096, 4096);
-        raw.send(&[handle as u8 + 1; 4096]);
-    }
-    wait_until("two writes in the export", || {
-        disk.waiting.load(Ordering::SeqCst) == 2
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        disk.waiting.load(Ordering::SeqCst),
-        2,
-        "only two requests in flight"
-    );
-    disk.open_gate();
-    let mut handles: Vec<u64> = (0..6)
-        .map(|_| raw.simple_reply())
-        .map(|(e, h)| {
-            assert_eq!(e, 0);
-            h
-        })
-        .collect();
-    handles.sort();
-    assert_eq!(handles, [0, 1, 2, 3, 4, 5]);
-    for handle in 0..6u64 {
-        assert_eq!(disk.peek(handle * 4096, 1), vec![handle as u8 + 1]);
+    // FUA writes run on blocking threads in the default mode; with inline
+    // requests off, every write does.
+    for (inline, flags) in [(true, 1u16), (false, 0)] {
+        let mut config = ServerConfig::default();
+        config.max_in_flight_requests = 2;
+        config.inline_requests = inline;
+        let server = TestServer::start_with(MemCatalog::standard(), config, None);
+        let disk = server.catalog.get("acme/disk");
+        disk.close_gate();
+        let mut raw = server.raw();
+        go(&mut raw, "acme/disk");
+        for handle in 0..6u64 {
+            raw.request(flags, CMD_WRITE, handle, handle * 4096, 4096);
+            raw.send(&[handle as u8 + 1; 4096]);
+        }
+        wait_until("two writes in the export", || {
+            disk.waiting.load(Ordering::SeqCst) == 2
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            disk.waiting.load(Ordering::SeqCst),
+            2,
+            "only two requests in flight (inline {inline})"
+        );
+        disk.open_gate();
+        let mut handles: Vec<u64> = (0..6)
+            .map(|_| {
+                let (error, handle) = raw.simple_reply();
+                assert_eq!(error, 0);
+                handle
+            })
+            .collect();
+        handles.sort();
+        assert_eq!(handles, [0, 1, 2, 3, 4, 5]);
+        for handle in 0..6u64 {
+            assert_eq!(disk.peek(handle * 4096, 1), vec![handle as u8 + 1]);
+        }
     }
 }
 
@@ -502,6 +507,7 @@ fn in_flight_limit_applies_backpressure_not_errors() {
 fn byte_limit_applies_backpressure_not_errors() {
     let mut config = ServerConfig::default();
     config.max_in_flight_bytes = 8192;
+    config.inline_requests = false;
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let disk = server.catalog.get("acme/disk");
     disk.close_gate();
