@@ -266,8 +266,11 @@ where
 
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
-    // Bytes of a refused write payload still to skip.
+    // Bytes of a refused write payload still to skip, and the reply to send once
+    // it is skipped: clients do not expect the reply to a write they are still
+    // sending (libnbd reports "no matching cookie").
     let mut skip: u64 = 0;
+    let mut after_skip: Vec<u8> = Vec::new();
     let mut in_flight = 0usize;
     let mut in_flight_bytes = 0u64;
     let mut eof = false;
@@ -284,6 +287,7 @@ where
                 if skip > 0 {
                     break;
                 }
+                out.append(&mut after_skip);
             }
             if input.len() < REQUEST_HEADER_LEN {
                 break;
@@ -319,7 +323,7 @@ where
                         len = req.len,
                         "request"
                     );
-                    if req.kind == CMD_WRITE && req.len > 0 {
+                    let reply_to = if req.kind == CMD_WRITE && req.len > 0 {
                         if req.len > MAX_DRAINED_WRITE {
                             warn!(
                                 len = req.len,
@@ -329,13 +333,16 @@ where
                             break;
                         }
                         skip = u64::from(req.len);
-                    }
+                        &mut after_skip
+                    } else {
+                        &mut out
+                    };
                     match verdict {
                         Verdict::Refuse(error, message) => {
                             debug!(handle = req.handle, error, message, "request refused");
-                            error_reply(session.structured, req.handle, error, message, &mut out);
+                            error_reply(session.structured, req.handle, error, message, reply_to);
                         }
-                        _ => no_data_reply(session.structured, req.kind, req.handle, &mut out),
+                        _ => no_data_reply(session.structured, req.kind, req.handle, reply_to),
                     }
                     continue;
                 }
