@@ -215,16 +215,25 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 /// A blocking, byte-level NBD client for conformance tests.
 pub struct Raw {
-    pub s: UnixStream,
+    pub s: Box<dyn Stream>,
 }
 
 impl Raw {
     pub fn connect(path: &Path) -> Raw {
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s }
+        Raw { s: Box::new(s) }
+    }
+
+    pub fn connect_tcp(addr: SocketAddr) -> Raw {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s: Box::new(s) }
     }
 
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
