@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
     match WrappedKey::from_bytes(data) {
         Ok(wrapped) => {
             assert_eq!(data.len(), WRAPPED_KEY_LEN);
-            assert_eq!(wrapped.to_bytes(), data, "decode then encode changed the bytes");
+            assert_eq!(
+                wrapped.to_bytes(),
+                data,
+                "decode then encode changed the bytes"
+            );
             let volume = VolumeId::new("keys").expect("valid name");
             // A genuine blob for this KEK would need a forged GCM tag.
             assert!(KEK.unwrap(&volume, &wrapped).is_err());
