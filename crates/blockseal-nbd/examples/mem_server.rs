@@ -25,10 +25,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: mem_server <socket path>")?;
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
-    let server = Server::new(
-        Arc::new(mem::MemCatalog::standard()),
-        ServerConfig::default(),
-    );
+    let mut config = ServerConfig::default();
+    // MEM_SERVER_OFFLOAD=1 runs every request on blocking threads, to compare.
+    config.inline_requests = std::env::var_os("MEM_SERVER_OFFLOAD").is_none();
+    let server = Server::new(Arc::new(mem::MemCatalog::standard()), config);
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;

@@ -468,7 +468,13 @@ async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, out: &mut Vec<u8>) -> bool
         writer.flush().await
     }
     .await;
-    out.clear();
+    if out.capacity() > 4 * WRITE_BATCH {
+        // After a large read, give the memory back rather than keep it for the
+        // connection's lifetime.
+        *out = Vec::with_capacity(WRITE_BATCH);
+    } else {
+        out.clear();
+    }
     match written {
         Ok(()) => true,
         Err(e) => {
