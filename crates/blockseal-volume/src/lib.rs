@@ -15,6 +15,10 @@
 //! that was written, every flushed write survives, and no block fails
 //! authentication. Logs never contain key material or plaintext.
 //!
+//! Space comes back by compaction: a [`Store`] runs a background thread that moves
+//! the live blocks of mostly dead segments forward and deletes segments nothing
+//! references ([`StoreOptions::compaction_threshold`], [`Volume::compact_now`]).
+//!
 //! ```
 //! use blockseal_keys::{MasterKey, TenantId, VolumeId};
 //! use blockseal_volume::{Store, StoreOptions, VolumeOptions};
@@ -43,6 +47,8 @@
 pub mod block;
 mod compactor;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod meta;
 pub mod nonce;
 mod record;
