@@ -258,7 +258,8 @@ pub(crate) struct Extent {
 impl Extent {
     /// The LBA of the extent's last block.
     pub(crate) fn last(&self) -> u64 {
-        self.lba + self.tags.len() as u64 - 1
+        // Grouped so that an extent ending at u64::MAX does not overflow.
+        self.lba + (self.tags.len() as u64 - 1)
     }
 
     /// The blocks `from..to` (absolute LBAs, inside the extent) as an extent.
@@ -298,20 +299,30 @@ impl Extent {
             .ok_or_else(|| Corrupt("extent key".into()))?;
         let mut r = Reader::new(bytes, "extent")?;
         let count = r.u16()?;
-        if count == 0 || u64::from(count) > last + 1 {
+        // `count - 1 > last`, not `count > last + 1`: the key may hold u64::MAX.
+        if count == 0 || usize::from(count) > MAX_EXTENT_BLOCKS || u64::from(count) - 1 > last {
             return Err(Corrupt(format!("extent record: bad block count {count}")));
         }
         let segment = r.u32()?;
         let offset = r.u32()?;
         let dek_version = r.u32()?;
         let nonce = r.u64()?;
+        // Readers add a block's index to the offset and the nonce counter: the
+        // last block's must fit, or a read would overflow.
+        if offset.checked_add(u32::from(count) - 1).is_none()
+            || nonce.checked_add(u64::from(count) - 1).is_none()
+        {
+            return Err(Corrupt(
+                "extent record: blocks run past the segment or nonce range".into(),
+            ));
+        }
         let mut tags = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             tags.push(r.array()?);
         }
         r.finish()?;
         Ok(Extent {
-            lba: last + 1 - u64::from(count),
+            lba: last - (u64::from(count) - 1),
             segment,
             offset,
             dek_version,
@@ -411,6 +422,38 @@ mod tests {
         assert!(extent_key(5, u64::MAX) < extent_key(6, 0));
         let s = e.slice(11, 13);
         assert_eq!((s.lba, s.offset, s.nonce, s.tags.len()), (11, 8, 100, 2));
+    }
+
+    #[test]
+    fn extent_decode_refuses_what_no_writer_produces() {
+        let extent = |lba, offset, nonce, blocks| Extent {
+            lba,
+            segment: 0,
+            offset,
+            dek_version: 1,
+            nonce,
+            tags: vec![[7; TAG_LEN]; blocks],
+        };
+        let decode = |e: &Extent| Extent::decode(&extent_key(1, e.last()), &e.encode());
+        // At most MAX_EXTENT_BLOCKS blocks.
+        assert!(decode(&extent(0, 0, 0, MAX_EXTENT_BLOCKS)).is_ok());
+        assert!(decode(&extent(0, 0, 0, MAX_EXTENT_BLOCKS + 1)).is_err());
+        // The last block's segment offset and nonce counter must fit.
+        assert!(decode(&extent(0, u32::MAX - 1, u64::MAX - 1, 2)).is_ok());
+        assert!(decode(&extent(0, u32::MAX, 0, 2)).is_err());
+        assert!(decode(&extent(0, 0, u64::MAX, 2)).is_err());
+        // An extent may end at the last LBA there is.
+        let e = extent(u64::MAX - 1, 0, 0, 2);
+        assert_eq!(decode(&e).unwrap(), e);
+        // Found by fuzzing (volume_records): two blocks at segment offset
+        // u32::MAX decoded, and reading the second overflowed.
+        let key = extent_key(0x82, 0x8201_ffff_00c4_0202);
+        let mut value = vec![1, 0, 2, 0xf0, 0x3b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        value.extend_from_slice(&[0x10, 0xff, 0x83, 0x7a, 0, 0x83, 0, 0, 0x83, 0xf0, 0, 0x7a]);
+        value.extend_from_slice(&[0, 0, 0, 0x83, 0x7a, 0x83, 0xf0]);
+        value.extend_from_slice(&[0x2f; 13]);
+        value.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x7a, 0xff, 0x83, 0xff, 0]);
+        assert!(Extent::decode(&key, &value).is_err());
     }
 
     #[test]
