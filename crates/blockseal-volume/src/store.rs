@@ -378,7 +378,10 @@ impl Store {
         };
         let mut batch = Batch::new();
         batch.put(key, record.encode().to_vec());
-        self.meta.commit(&batch)?;
+        let committed = self.meta.commit(&batch);
+        // The batch holds the seed in the clear; leave no copy in freed memory.
+        batch.wipe_values();
+        committed?;
         tracing::info!(tenant = %tenant, "tenant created");
         Ok(tenant_info(tenant.clone(), &record))
     }
@@ -580,7 +583,12 @@ impl Store {
     }
 
     fn tenant_record(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, QueryError> {
-        match self.meta.get(&record::tenant_key(tenant))? {
+        // The record holds the tenant seed: the raw bytes are wiped when dropped.
+        match self
+            .meta
+            .get(&record::tenant_key(tenant))?
+            .map(Zeroizing::new)
+        {
             None => Ok(None),
             Some(bytes) => TenantRecord::decode(&bytes)
                 .map(Some)

@@ -28,6 +28,7 @@
 //! beyond the default one, so a store can be copied from one backend to the other
 //! with a full [`MetaStore::scan`].
 
+use std::fmt;
 use std::fs::{File, TryLockError};
 use std::path::Path;
 
@@ -45,9 +46,37 @@ pub enum BackendKind {
 }
 
 /// One atomic group of changes.
-#[derive(Debug, Default, Clone)]
+///
+/// Values may hold secrets (a tenant record holds the tenant seed), so `Debug`
+/// shows keys and value lengths only, never value bytes.
+#[derive(Default, Clone)]
 pub struct Batch {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Op<'a>(&'a [u8], Option<usize>);
+        impl fmt::Debug for Op<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "\"{}\"", self.0.escape_ascii())?;
+                match self.1 {
+                    Some(len) => write!(f, " = <{len} bytes>"),
+                    None => f.write_str(" deleted"),
+                }
+            }
+        }
+        f.debug_struct("Batch")
+            .field(
+                "ops",
+                &self
+                    .ops
+                    .iter()
+                    .map(|(key, value)| Op(key, value.as_ref().map(Vec::len)))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Batch {
@@ -79,6 +108,14 @@ impl Batch {
     /// True when the batch holds no operation.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// Overwrites every value with zeros, for a batch that carried secrets (a
+    /// tenant seed) once it has been committed.
+    pub(crate) fn wipe_values(&mut self) {
+        for value in self.ops.iter_mut().filter_map(|(_, value)| value.as_mut()) {
+            zeroize::Zeroize::zeroize(value);
+        }
     }
 }
 
@@ -289,5 +326,41 @@ fn lock_dir(dir: &Path, backend: BackendKind) -> Result<File, MetaError> {
             path: dir.display().to_string(),
         }),
         Err(TryLockError::Error(e)) => Err(io_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_debug_shows_keys_and_lengths_never_values() {
+        let mut batch = Batch::new();
+        batch.put(b"Tacme".to_vec(), vec![0xA5; 32]);
+        batch.delete(b"m\x00\x01".to_vec());
+        let text = format!("{batch:?}{batch:#?}");
+        assert!(
+            text.contains("Tacme") && text.contains("<32 bytes>"),
+            "{text}"
+        );
+        assert!(text.contains("deleted"), "{text}");
+        for leak in ["165", "a5", "A5"] {
+            assert!(!text.contains(leak), "Batch Debug leaks {leak:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn wipe_values_zeroes_every_value() {
+        let mut batch = Batch::new();
+        batch.put(b"T".to_vec(), vec![7; 46]);
+        batch.delete(b"x".to_vec());
+        batch.wipe_values();
+        assert!(
+            batch
+                .ops()
+                .iter()
+                .filter_map(|(_, v)| v.as_ref())
+                .all(|v| v.iter().all(|&b| b == 0))
+        );
     }
 }
