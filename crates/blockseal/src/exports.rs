@@ -40,8 +40,18 @@ impl VolumeExport {
     }
 }
 
+/// The log message carries the whole cause chain ("segment I/O failed: No space
+/// left on device"), which the client never sees; volume errors hold no data or
+/// key material.
 fn export_error(err: VolumeError) -> ExportError {
-    ExportError::new(err.kind(), err.to_string())
+    let mut message = err.to_string();
+    let mut cause = std::error::Error::source(&err);
+    while let Some(e) = cause {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        cause = e.source();
+    }
+    ExportError::new(err.kind(), message)
 }
 
 impl Export for VolumeExport {
@@ -353,5 +363,13 @@ mod tests {
         let err = disk.read(1 << 20, &mut buf).unwrap_err();
         assert_eq!(err.kind(), blockseal_nbd::ErrorKind::OutOfRange);
         assert!(err.message().contains("past the end"), "{}", err.message());
+    }
+
+    #[test]
+    fn export_errors_log_the_whole_cause_chain() {
+        let io = std::io::Error::other("disk on fire");
+        let err = export_error(VolumeError::Io(io));
+        assert_eq!(err.kind(), blockseal_nbd::ErrorKind::Io);
+        assert_eq!(err.message(), "segment I/O failed: disk on fire");
     }
 }
