@@ -76,6 +76,18 @@ pub(crate) fn live_key(volume: u32, segment: u32) -> [u8; 9] {
     key
 }
 
+/// The segment index a [`live_key`] names. The key comes from disk: anything but
+/// the 9 bytes `live_key` writes is corrupt.
+pub(crate) fn live_key_segment(key: &[u8]) -> Result<u32, Corrupt> {
+    match key {
+        [b's', _, _, _, _, a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => Err(Corrupt(format!(
+            "live count key: expected 9 bytes, found {}",
+            key.len()
+        ))),
+    }
+}
+
 /// Prefix of a volume's live-block counts.
 pub(crate) fn live_prefix(volume: u32) -> [u8; 5] {
     let mut key = [0u8; 5];
@@ -402,6 +414,21 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_keys_round_trip_and_odd_lengths_are_corrupt() {
+        assert_eq!(
+            live_key_segment(&live_key(7, 0x0102_0304)).unwrap(),
+            0x0102_0304
+        );
+        let key = live_key(7, 9);
+        for len in 0..key.len() {
+            assert!(live_key_segment(&key[..len]).is_err(), "{len} bytes");
+        }
+        let mut long = key.to_vec();
+        long.push(0);
+        assert!(live_key_segment(&long).is_err());
+    }
 
     #[test]
     fn extent_round_trips_and_keys_sort_by_last_block() {

@@ -250,9 +250,13 @@ impl Volume {
         let mut live = HashMap::new();
         let mut bad = None;
         meta.scan_prefix(&record::live_prefix(internal_id), &mut |key, value| {
-            let segment = u32::from_be_bytes(key[5..9].try_into().unwrap_or_default());
-            match record::decode_u64(value, "live count") {
-                Ok(count) => {
+            // A short key would panic a slice and a long one alias segment 0:
+            // both are corrupt metadata, reported as such.
+            let decoded = record::live_key_segment(key).and_then(|segment| {
+                record::decode_u64(value, "live count").map(|count| (segment, count))
+            });
+            match decoded {
+                Ok((segment, count)) => {
                     live.insert(segment, count);
                     true
                 }
@@ -1207,4 +1211,48 @@ fn counter_of(nonce: &Nonce) -> u64 {
 
 fn corrupt(e: record::Corrupt) -> VolumeError {
     VolumeError::Corrupt { what: e.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use blockseal_keys::{MasterKey, TenantId, VolumeId};
+
+    use crate::meta::{self, Batch, MetaStore};
+    use crate::{Store, StoreOptions, VolumeError, VolumeOptions, record};
+
+    #[test]
+    fn malformed_live_count_keys_are_corrupt_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta: Arc<dyn MetaStore> =
+            Arc::from(meta::open(meta::BackendKind::Redb, &dir.path().join("meta")).unwrap());
+        let options = StoreOptions::new()
+            .metadata_store(meta.clone())
+            .background_compaction(false);
+        let master = MasterKey::generate().unwrap();
+        let store = Store::create(dir.path().join("store"), master, options).unwrap();
+        let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
+        store.create_tenant(&tenant).unwrap();
+        store
+            .create_volume(&tenant, &name, 1 << 20, VolumeOptions::default())
+            .unwrap();
+        // The first volume has internal id 1; its live-count keys are 9 bytes.
+        for len in [5, 6, 8, 10] {
+            let mut key = record::live_key(1, 0).to_vec();
+            key.resize(len, 0);
+            let mut batch = Batch::new();
+            batch.put(key.clone(), record::encode_u64(1).to_vec());
+            meta.commit(&batch).unwrap();
+            let err = store.open_volume(&tenant, &name).unwrap_err();
+            assert!(
+                matches!(err, VolumeError::Corrupt { .. }),
+                "{len}-byte key: {err}"
+            );
+            let mut batch = Batch::new();
+            batch.delete(key);
+            meta.commit(&batch).unwrap();
+        }
+        store.open_volume(&tenant, &name).unwrap();
+    }
 }
