@@ -293,8 +293,9 @@ pub(crate) fn parse_export_name(name: &str) -> anyhow::Result<(TenantId, VolumeI
     let Some((tenant, volume)) = name.split_once('/') else {
         bail!("an export name is TENANT/VOLUME");
     };
-    let tenant = TenantId::new(tenant).with_context(|| format!("tenant name {tenant:?}"))?;
-    let volume = VolumeId::new(volume).with_context(|| format!("volume name {volume:?}"))?;
+    // Name errors say which name and what is wrong; no context to add.
+    let tenant = TenantId::new(tenant)?;
+    let volume = VolumeId::new(volume)?;
     Ok((tenant, volume))
 }
 

@@ -15,7 +15,8 @@ use crate::time::rfc3339_utc;
 pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
     match command {
         TenantCommand::Create { name, store } => {
-            let tenant = TenantId::new(&name).with_context(|| format!("tenant name {name:?}"))?;
+            // The name error names the tenant already ("tenant name \"X\" is invalid").
+            let tenant = TenantId::new(&name)?;
             let store = open(&store, IfMissing::Create)?;
             let info = store.create_tenant(&tenant)?;
             println!(
@@ -86,7 +87,7 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
         }
         VolumeCommand::List { tenant, store } => {
             let tenant = tenant
-                .map(|t| TenantId::new(&t).with_context(|| format!("tenant name {t:?}")))
+                .map(|t| TenantId::new(&t))
                 .transpose()?;
             let store = open(&store, IfMissing::Fail)?;
             let tenants = match tenant {
