@@ -86,9 +86,7 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
             Ok(())
         }
         VolumeCommand::List { tenant, store } => {
-            let tenant = tenant
-                .map(|t| TenantId::new(&t))
-                .transpose()?;
+            let tenant = tenant.map(|t| TenantId::new(&t)).transpose()?;
             let store = open(&store, IfMissing::Fail)?;
             let tenants = match tenant {
                 Some(t) => {
