@@ -44,14 +44,19 @@ impl VolumeExport {
 /// left on device"), which the client never sees; volume errors hold no data or
 /// key material.
 fn export_error(err: VolumeError) -> ExportError {
+    ExportError::new(err.kind(), chain(&err))
+}
+
+/// An error and its causes on one line, `a: b: c`, for log lines.
+fn chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
-    let mut cause = std::error::Error::source(&err);
+    let mut cause = err.source();
     while let Some(e) = cause {
         message.push_str(": ");
         message.push_str(&e.to_string());
         cause = e.source();
     }
-    ExportError::new(err.kind(), message)
+    message
 }
 
 impl Export for VolumeExport {
@@ -163,7 +168,7 @@ impl StoreCatalog {
         let mut first_error = None;
         for (name, export) in &open {
             if let Err(e) = export.volume().flush() {
-                tracing::error!(export = %name, error = %e, "flush at shutdown failed");
+                tracing::error!(export = %name, error = %chain(&e), "flush at shutdown failed");
                 first_error.get_or_insert(e);
             }
         }
@@ -187,7 +192,7 @@ impl StoreCatalog {
             Scope::All => match self.store.tenants() {
                 Ok(tenants) => tenants.into_iter().map(|t| t.id).collect(),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot list tenants");
+                    tracing::error!(error = %chain(&e), "cannot list tenants");
                     Vec::new()
                 }
             },
@@ -203,7 +208,7 @@ impl Catalog for StoreCatalog {
             let volumes = match self.store.volumes(&tenant) {
                 Ok(volumes) => volumes,
                 Err(e) => {
-                    tracing::error!(tenant = %tenant, error = %e, "cannot list volumes");
+                    tracing::error!(tenant = %tenant, error = %chain(&e), "cannot list volumes");
                     continue;
                 }
             };
@@ -246,7 +251,7 @@ impl Catalog for StoreCatalog {
             }
             Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
             Err(e) => {
-                tracing::error!(export = %name, error = %e, "cannot open volume");
+                tracing::error!(export = %name, error = %chain(&e), "cannot open volume");
                 None
             }
         }
