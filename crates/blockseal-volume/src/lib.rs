@@ -47,6 +47,7 @@
 pub mod block;
 mod compactor;
 mod error;
+mod flusher;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod meta;

@@ -31,6 +31,7 @@ use zeroize::Zeroizing;
 use crate::block::BlockSize;
 use crate::compactor::{self, Compactor, CompactorConfig, OpenVolumes};
 use crate::error::{CreateError, OpenError, QueryError, VolumeError};
+use crate::flusher::Flusher;
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, HeaderRecord, TenantRecord, VolumeRecord};
 use crate::seal::BlockCipher;
@@ -229,8 +230,9 @@ pub struct VolumeInfo {
 /// Unless disabled in [`StoreOptions::background_compaction`], the store owns a
 /// thread that compacts its open volumes; dropping the store stops it.
 pub struct Store {
-    // Dropped first: the compaction thread stops before anything else goes.
+    // Dropped first: the compaction and flush threads stop before anything else goes.
     compactor: Option<Compactor>,
+    flusher: Flusher,
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
@@ -292,6 +294,7 @@ impl Store {
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         Ok(Store {
             compactor: start_compactor(&dir, &open, &options)?,
+            flusher: Flusher::start().map_err(io_error(&dir))?,
             dir,
             meta,
             segments,
@@ -332,6 +335,7 @@ impl Store {
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         Ok(Store {
             compactor: start_compactor(&dir, &open, &options)?,
+            flusher: Flusher::start().map_err(io_error(&dir))?,
             dir,
             meta,
             segments,
@@ -566,6 +570,7 @@ impl Store {
             ciphers,
             compact_threshold: self.options.compaction_threshold,
             wake: self.compactor.as_ref().map(|c| c.wakeup().clone()),
+            flusher: Some(self.flusher.queue().clone()),
         })?;
         open.retain(|_, weak| weak.strong_count() > 0);
         open.insert(handle, opened.downgrade());

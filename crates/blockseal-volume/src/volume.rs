@@ -30,13 +30,14 @@ pub use compact::CompactionReport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use blockseal_keys::{KeyVersion, TenantId, VolumeId};
 
 use crate::block::{BlockSize, Lba};
 use crate::compactor::Wakeup;
 use crate::error::VolumeError;
+use crate::flusher::FlushQueue;
 use crate::meta::{Batch, MetaStore};
 use crate::nonce::{NonceReserver, NonceSource, nonce_for};
 use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
@@ -160,6 +161,10 @@ pub(crate) struct VolumeInner {
     compact_threshold: f64,
     /// Wakes the store's compaction thread, when there is one.
     wake: Option<Arc<Wakeup>>,
+    /// The store's background flush queue, when there is one.
+    flusher: Option<Arc<FlushQueue>>,
+    /// This volume, for queueing it on `flusher`.
+    me: Weak<VolumeInner>,
     /// Bumped before every segment deletion: a read that fails while it moved
     /// retries its lookup (see [`compact`]).
     deletions: AtomicU64,
@@ -185,6 +190,7 @@ pub(crate) struct VolumeParts {
     pub(crate) compact_threshold: f64,
     /// The store's compaction thread, woken when flushes leave dead space.
     pub(crate) wake: Option<Arc<Wakeup>>,
+    pub(crate) flusher: Option<Arc<FlushQueue>>,
 }
 
 struct MetaReserver {
@@ -224,6 +230,7 @@ impl Volume {
             ciphers,
             compact_threshold,
             wake,
+            flusher,
         } = parts;
         let mut ciphers = ciphers.into_iter();
         let cipher = ciphers.next().ok_or_else(|| VolumeError::Corrupt {
@@ -287,7 +294,7 @@ impl Volume {
             (segment_bytes / u64::from(block_size.get())).clamp(1, u32::MAX.into());
 
         Ok(Volume {
-            inner: Arc::new(VolumeInner {
+            inner: Arc::new_cyclic(|me| VolumeInner {
                 tenant,
                 name,
                 internal_id,
@@ -316,6 +323,8 @@ impl Volume {
                 compaction: Mutex::new(()),
                 compact_threshold: compact_threshold.clamp(0.0, 1.0),
                 wake,
+                flusher,
+                me: me.clone(),
                 deletions: AtomicU64::new(0),
                 compacted_blocks: AtomicU64::new(0),
                 deleted_segments: AtomicU64::new(0),
@@ -809,16 +818,34 @@ impl VolumeInner {
             // The write is installed and readable whatever this flush does, so it
             // succeeded; a failed flush poisons the volume, and the next write or
             // flush reports it (durability was never promised before a flush).
-            if let Err(error) = self.flush() {
-                tracing::warn!(
-                    tenant = %self.tenant,
-                    volume = %self.name,
-                    %error,
-                    "flushing a full overlay failed"
-                );
+            // Past the bound the store's flush thread commits the overlay while
+            // writers go on; past twice the bound (the disk is not keeping up)
+            // the writer flushes itself, which bounds the overlay's memory.
+            let hard = self.lock_overlay().map.len() > self.overlay_limit.saturating_mul(2);
+            let queued = !hard
+                && self
+                    .flusher
+                    .as_ref()
+                    .is_some_and(|queue| queue.request(self.me.clone()));
+            if !queued {
+                self.background_flush();
             }
         }
         Ok(())
+    }
+
+    /// Flushes because the overlay grew past its bound (from the store's flush
+    /// thread or a writer): nobody waits on the result, so a failure is logged;
+    /// it has poisoned the volume, and the next write or flush reports it.
+    pub(crate) fn background_flush(&self) {
+        if let Err(error) = self.flush() {
+            tracing::warn!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                %error,
+                "flushing a full overlay failed"
+            );
+        }
     }
 
     /// Zeroes bytes `offset..offset + len` (blocks `first..=last`, whose stripes

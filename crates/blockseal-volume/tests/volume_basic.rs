@@ -297,3 +297,33 @@ fn concurrent_unaligned_writes_to_one_block_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn a_full_overlay_is_committed_without_an_explicit_flush_and_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64;
+    let (store, volume) =
+        store_with_volume(dir.path(), MIB, StoreOptions::new().overlay_blocks(limit));
+    // Scattered single-block writes: each is its own overlay entry.
+    for n in 0..256u64 {
+        let lba = (n * 37) % 256;
+        volume.write_at(lba * 4096, &[(n % 255) as u8 + 1; 4096]).unwrap();
+        // Past the bound the flush thread commits; past twice the bound the
+        // writer itself flushes, so the overlay never holds more than that.
+        assert!(volume.stats().overlay_blocks <= 2 * limit as u64 + 1);
+    }
+    // Every write reads back, wherever its mapping is (overlay or store).
+    for n in 0..256u64 {
+        let lba = (n * 37) % 256;
+        let mut b = [0u8; 4096];
+        volume.read_at(lba * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == (n % 255) as u8 + 1), "block {lba}");
+    }
+    assert!(volume.stats().commits >= 1);
+    // Dropping the store stops its flush thread; the store reopens at once.
+    drop(volume);
+    drop(store);
+    let reopened =
+        blockseal_volume::Store::open(dir.path(), master(1), StoreOptions::new()).unwrap();
+    drop(reopened);
+}

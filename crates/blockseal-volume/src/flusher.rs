@@ -1,0 +1,114 @@
+//! The store's background flush thread.
+//!
+//! When a volume's overlay of uncommitted mappings grows past its bound, the write
+//! that noticed asks this thread to flush the volume and returns at once, so the
+//! sync of the segment data and the metadata commit never stall the writer. Only
+//! when the overlay reaches twice its bound does a writer flush itself, which
+//! keeps the overlay's memory bounded when the disk cannot keep up.
+//!
+//! The thread keeps only weak references to volumes, holds a strong one only for
+//! the flush it is running, and is stopped and joined when the store drops, so no
+//! volume (and no metadata store handle) outlives its store because of it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+
+use crate::volume::VolumeInner;
+
+/// The queue of volumes waiting for a background flush.
+#[derive(Default)]
+pub(crate) struct FlushQueue {
+    state: Mutex<QueueState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    volumes: Vec<Weak<VolumeInner>>,
+    stop: bool,
+}
+
+impl FlushQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Pushes, takes and a flag: a poisoned lock still holds a valid queue.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `volume` for a flush (once, however often it is asked). Returns
+    /// `false` when the store is closing and the caller must flush itself.
+    pub(crate) fn request(&self, volume: Weak<VolumeInner>) -> bool {
+        let mut state = self.lock();
+        if state.stop {
+            return false;
+        }
+        if !state.volumes.iter().any(|v| v.ptr_eq(&volume)) {
+            state.volumes.push(volume);
+            self.cv.notify_all();
+        }
+        true
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits for requests; `None` when the store is closing.
+    fn take(&self) -> Option<Vec<Weak<VolumeInner>>> {
+        let state = self.lock();
+        let mut state = self
+            .cv
+            .wait_while(state, |s| s.volumes.is_empty() && !s.stop)
+            .unwrap_or_else(|e| e.into_inner());
+        if state.stop {
+            return None;
+        }
+        Some(std::mem::take(&mut state.volumes))
+    }
+}
+
+/// The running thread; stopped and joined on drop.
+pub(crate) struct Flusher {
+    queue: Arc<FlushQueue>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flusher {
+    /// Starts the thread.
+    pub(crate) fn start() -> std::io::Result<Flusher> {
+        let queue = Arc::new(FlushQueue::default());
+        let thread = std::thread::Builder::new()
+            .name("blockseal-flush".into())
+            .spawn({
+                let queue = queue.clone();
+                move || run(&queue)
+            })?;
+        Ok(Flusher {
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    /// The queue volumes post their requests to.
+    pub(crate) fn queue(&self) -> &Arc<FlushQueue> {
+        &self.queue
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.queue.stop();
+        if let Some(thread) = self.thread.take() {
+            // A panic in the thread has been reported already; the store closes anyway.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(queue: &FlushQueue) {
+    while let Some(volumes) = queue.take() {
+        for volume in volumes.iter().filter_map(Weak::upgrade) {
+            volume.background_flush();
+        }
+    }
+}
