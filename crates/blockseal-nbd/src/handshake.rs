@@ -566,7 +566,7 @@ where
 }
 
 /// A protocol string: UTF-8, at most 4096 bytes, no NUL ("Conventions").
-fn string(bytes: &[u8]) -> Option<&str> {
+pub(crate) fn string(bytes: &[u8]) -> Option<&str> {
     if bytes.len() > MAX_STRING_LEN || bytes.contains(&0) {
         return None;
     }
@@ -574,7 +574,7 @@ fn string(bytes: &[u8]) -> Option<&str> {
 }
 
 /// Splits an `NBD_OPT_INFO`/`NBD_OPT_GO` payload into the name and the requests.
-fn parse_info_request(mut p: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+pub(crate) fn parse_info_request(mut p: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     if p.len() < 6 {
         return None;
     }
@@ -592,7 +592,7 @@ fn parse_info_request(mut p: &[u8]) -> Option<(&[u8], Vec<u16>)> {
 }
 
 /// Splits a `*_META_CONTEXT` payload into the export name and the queries.
-fn parse_meta_request(mut p: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+pub(crate) fn parse_meta_request(mut p: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     let name = take_counted(&mut p)?;
     if p.len() < 4 {
         return None;

@@ -127,6 +127,8 @@
 #![warn(missing_docs)]
 
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod proto;
 mod server;

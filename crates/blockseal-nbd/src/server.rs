@@ -162,7 +162,7 @@ pub(crate) struct Shared {
 /// An NBD server over a [`Catalog`]. Cheap to clone; clones share everything.
 #[derive(Clone)]
 pub struct Server {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Server {
