@@ -153,6 +153,19 @@ fn open_volumes(open: &OpenVolumes) -> Vec<Arc<VolumeInner>> {
         .collect()
 }
 
+/// An error and its causes on one line (`segment I/O failed: No space left on
+/// device`): `Display` of a volume error is its own message only.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {
     while wake.wait(config.interval) {
         for volume in open_volumes(open) {
@@ -179,7 +192,7 @@ fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {
                 Err(error) => tracing::warn!(
                     tenant = %volume.tenant(),
                     volume = %volume.name(),
-                    %error,
+                    error = %error_chain(&error),
                     "background compaction failed"
                 ),
             }
