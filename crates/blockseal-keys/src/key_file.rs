@@ -531,6 +531,13 @@ fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
             }
         }
     };
+    // Opening a FIFO for reading waits for a writer, so a key path that names
+    // one would hang the load; refuse anything but a regular file before opening.
+    if !fs::metadata(path).map_err(io)?.is_file() {
+        return Err(KeyFileError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
     let file = File::open(path).map_err(io)?;
     // The mode and type come from the open file, so they describe what is read.
     let meta = file.metadata().map_err(io)?;

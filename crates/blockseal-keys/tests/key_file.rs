@@ -441,3 +441,26 @@ fn default_argon2_params_round_trip() {
     let loaded = load_key_file(&path, Some(&pass("a passphrase"))).unwrap();
     assert_eq!(loaded.expose_secret(), key.expose_secret());
 }
+
+#[test]
+fn refuses_a_fifo_without_waiting_for_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!("mkfifo unavailable; skipped");
+        return;
+    }
+    // Before the fix these opened the FIFO and blocked forever.
+    assert!(matches!(
+        inspect_key_file(&path),
+        Err(KeyFileError::NotAFile { .. })
+    ));
+    assert!(matches!(
+        load_key_file(&path, None),
+        Err(KeyFileError::NotAFile { .. })
+    ));
+}
