@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for a short while and fails on the first crash.
 #
-#   scripts/fuzz-smoke.sh [SECONDS]     (default: 30 seconds per target)
+#   scripts/fuzz-smoke.sh [SECONDS]     (default: 120 seconds in all)
+#
+# SECONDS is the budget for the whole smoke, shared equally by the targets
+# (at least 1 second each); building is not charged to it. Long runs are in
+# fuzz/README.md.
 #
 # Uses a nightly toolchain when one is installed; otherwise stable with
 # RUSTC_BOOTSTRAP=1, which lets stable accept the -Z flags cargo-fuzz passes.
 # Installs cargo-fuzz when it is missing (CI starts from a fresh machine).
 #
 # Environment:
+#   FUZZ_SECONDS      the budget when no argument is given
 #   FUZZ_TOOLCHAIN    force "nightly" or "stable" instead of detecting
 #   CARGO_TARGET_DIR  where to build (default: fuzz/target)
-# Each target's libFuzzer output goes to fuzz/artifacts/smoke-TARGET.log.
+# Each target's libFuzzer output goes to fuzz/artifacts/smoke-TARGET.log; a
+# target with a dictionary in fuzz/dict/TARGET.dict runs with it.
 set -euo pipefail
 
-seconds="${1:-30}"
-case "$seconds" in
+budget="${1:-${FUZZ_SECONDS:-120}}"
+case "$budget" in
 '' | *[!0-9]*)
 	echo "usage: $0 [SECONDS]" >&2
 	exit 2
@@ -53,19 +59,28 @@ stable)
 	exit 2
 	;;
 esac
-echo "fuzz-smoke: toolchain $toolchain, ${seconds}s per target"
-
 # Build once up front so build time is not charged to the fuzzing budget.
 "${fuzz[@]}" build
 
+targets=$("${fuzz[@]}" list)
+count=$(printf '%s\n' "$targets" | grep -c .)
+seconds=$((budget / count))
+if [ "$seconds" -lt 1 ]; then
+	seconds=1
+fi
+echo "fuzz-smoke: toolchain $toolchain, $count targets, ${seconds}s each (${budget}s budget)"
+
 mkdir -p "$root/fuzz/artifacts"
 status=0
-for target in $("${fuzz[@]}" list); do
-	echo "fuzz-smoke: $target"
+started=$SECONDS
+for target in $targets; do
 	start=$SECONDS
 	log="$root/fuzz/artifacts/smoke-$target.log"
-	if ! "${fuzz[@]}" run "$target" -- -max_total_time="$seconds" -print_final_stats=1 \
-		>"$log" 2>&1; then
+	args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1)
+	if [ -f "$root/fuzz/dict/$target.dict" ]; then
+		args+=(-dict="$root/fuzz/dict/$target.dict")
+	fi
+	if ! "${fuzz[@]}" run "$target" -- "${args[@]}" >"$log" 2>&1; then
 		tail -n 60 "$log" >&2
 		echo "fuzz-smoke: $target FAILED (crash input under fuzz/artifacts/$target/)" >&2
 		status=1
@@ -74,4 +89,5 @@ for target in $("${fuzz[@]}" list); do
 		echo "fuzz-smoke: $target ok: ${runs:-?} runs in $((SECONDS - start))s"
 	fi
 done
+echo "fuzz-smoke: done in $((SECONDS - started))s"
 exit "$status"
