@@ -11,9 +11,8 @@
 //! What must hold (layouts in `docs/FORMAT.md`): opening never panics, and it
 //! succeeds exactly when `FORMAT` has the magic, a format version no newer than
 //! this build's and a known backend byte, and the header record is 73 bytes of
-//! record version 1 naming this master key's id and check value. (Bytes 13..16
-//! of `FORMAT` and anything after byte 16 are not checked by the reader; the
-//! property follows the reader.)
+//! record version 1 naming this master key's id and check value. `FORMAT` is
+//! exactly 16 bytes, its version at least 1 and its reserved bytes 13..16 zero.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -100,10 +99,11 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn format_ok(b: &[u8]) -> bool {
-    b.len() >= FORMAT_LEN
+    b.len() == FORMAT_LEN
         && &b[..8] == b"BLKSEAL\n"
-        && u32::from_be_bytes(b[8..12].try_into().unwrap()) <= FORMAT_VERSION
+        && (1..=FORMAT_VERSION).contains(&u32::from_be_bytes(b[8..12].try_into().unwrap()))
         && matches!(b[12], 1 | 2)
+        && b[13..16] == [0, 0, 0]
 }
 
 fn header_ok(b: &[u8]) -> bool {

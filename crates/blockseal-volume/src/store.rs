@@ -710,10 +710,14 @@ fn read_format_file(dir: &Path) -> Result<BackendKind, OpenError> {
     let not_a_store = || OpenError::NotAStore {
         path: dir.to_path_buf(),
     };
-    if bytes.len() < 16 || &bytes[..8] != MAGIC {
+    // Exactly 16 bytes: magic, format version, backend, three reserved zeros.
+    if bytes.len() != 16 || &bytes[..8] != MAGIC || bytes[13..16] != [0, 0, 0] {
         return Err(not_a_store());
     }
     let version = u32::from_be_bytes(bytes[8..12].try_into().map_err(|_| not_a_store())?);
+    if version == 0 {
+        return Err(not_a_store());
+    }
     if version > FORMAT_VERSION {
         return Err(OpenError::NewerFormat {
             found: version,
