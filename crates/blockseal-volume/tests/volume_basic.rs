@@ -307,7 +307,9 @@ fn a_full_overlay_is_committed_without_an_explicit_flush_and_stays_bounded() {
     // Scattered single-block writes: each is its own overlay entry.
     for n in 0..256u64 {
         let lba = (n * 37) % 256;
-        volume.write_at(lba * 4096, &[(n % 255) as u8 + 1; 4096]).unwrap();
+        volume
+            .write_at(lba * 4096, &[(n % 255) as u8 + 1; 4096])
+            .unwrap();
         // Past the bound the flush thread commits; past twice the bound the
         // writer itself flushes, so the overlay never holds more than that.
         assert!(volume.stats().overlay_blocks <= 2 * limit as u64 + 1);
