@@ -32,16 +32,23 @@ pub struct ServerConfig {
     /// Write payload and read data bytes one connection may have on blocking
     /// threads; past it the server stops reading. Default 64 MiB.
     pub max_in_flight_bytes: usize,
-    /// Run reads, writes, trims, zeroes, block status and cache requests directly
-    /// on the connection's task (default). The export's methods must then return
-    /// quickly (memory, page cache, buffered writes): they hold a runtime thread
-    /// while they run. Flushes and FUA requests always run on blocking threads.
-    /// Set to false for an export whose reads may wait on slow media: every
-    /// request then runs on blocking threads, at several times the CPU cost.
+    /// Run small reads, writes, trims, zeroes, block status and cache requests
+    /// directly on the connection's task (default). The export's methods must then
+    /// return quickly (memory, page cache, buffered writes): they hold a runtime
+    /// thread while they run. Requests larger than `inline_max_bytes`, flushes and
+    /// FUA requests always run on blocking threads, concurrently with the requests
+    /// after them. Set to false for an export whose reads may wait on slow media:
+    /// every request then runs on blocking threads, at several times the CPU cost
+    /// of a small request.
     pub inline_requests: bool,
-    /// With `inline_requests` off: blocking threads that may run one connection's
-    /// requests at the same time (flushes and FUA requests get threads of their
-    /// own on top). Default 2.
+    /// With `inline_requests` on: reads, writes, trims, zeroes and cache requests
+    /// of more than this many bytes run on the connection's workers instead of its
+    /// task, so that their crypto overlaps the socket I/O of the others and uses
+    /// more than one core. Default 64 KiB.
+    pub inline_max_bytes: u32,
+    /// Blocking threads that may run one connection's offloaded requests at the
+    /// same time (flushes and FUA requests get threads of their own on top).
+    /// Default 2.
     pub workers_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum
     /// block size. Default (and the spec's interoperability ceiling) 32 MiB;
@@ -60,6 +67,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
             inline_requests: true,
+            inline_max_bytes: 64 * 1024,
             workers_per_connection: 2,
             max_request_payload: MAX_PAYLOAD,
             insecure_plain_tcp: false,
