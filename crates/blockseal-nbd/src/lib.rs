@@ -102,9 +102,11 @@
 //!
 //! # Requests and threads
 //! Each connection is one task. It reads whatever the client has sent, runs the
-//! quick requests (read, write, trim, write zeroes, block status, cache)
-//! directly, and writes the replies of a batch with one write; flushes and FUA
-//! requests run on blocking threads, concurrently, and reply out of order.
+//! small requests (read, write, trim, write zeroes and cache of at most
+//! [`ServerConfig::inline_max_bytes`], block status) directly, and writes the
+//! replies of a batch with one write; larger requests go to a few blocking
+//! workers of the connection, flushes and FUA requests to blocking threads of
+//! their own, concurrently with later requests, and reply out of order.
 //! Thread hand-offs cost more CPU than a 4 KiB request, so this keeps a 4 KiB
 //! request at a few microseconds of server CPU beyond the export call. For
 //! exports whose reads may wait on slow media, [`ServerConfig::inline_requests`]
