@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::export::{Export, Scope};
 use crate::proto::*;
@@ -244,7 +244,7 @@ impl Negotiation {
             return Ok(Outcome::Close);
         };
         let Some(export) = self.open(name) else {
-            info!(export = name, "unknown export; closing");
+            debug!(export = name, "unknown export; closing");
             return Ok(Outcome::Close);
         };
         let session = self.session(name, export, false);

@@ -298,13 +298,12 @@ where
                     let (peer, connection) = start(stream, peer);
                     let span = info_span!("nbd", conn = id, peer = %peer, export = tracing::field::Empty);
                     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                    let shared = shared.clone();
+                    let active = ActiveConnection::enter(shared.clone());
                     connections.spawn(
                         async move {
                             debug!("connection accepted");
                             connection.await;
-                            shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+                            drop(active);
                             debug!("connection closed");
                         }
                         .instrument(span),
@@ -326,6 +325,23 @@ where
         if let Err(e) = done {
             error!(error = %e, "connection task failed");
         }
+    }
+}
+
+/// Counts a connection as active for as long as it lives, even when its task
+/// panics or is cancelled.
+struct ActiveConnection(Arc<Shared>);
+
+impl ActiveConnection {
+    fn enter(shared: Arc<Shared>) -> ActiveConnection {
+        shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveConnection(shared)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -395,7 +411,8 @@ fn tcp_connection(
             // "If the handshake is unsuccessful ... the server MUST terminate the
             // session" (FORCEDTLS mode): returning the error drops the socket.
             let mut stream = acceptor.accept(tcp).await.inspect_err(|e| {
-                warn!(error = %e, "TLS handshake failed");
+                // Every port scan or plain client on the TLS port ends here.
+                debug!(error = %e, "TLS handshake failed");
             })?;
             let tenant = stream
                 .get_ref()
