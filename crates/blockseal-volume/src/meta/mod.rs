@@ -134,9 +134,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Visits the pairs with `start <= key < end` (no upper bound when `end` is
     /// `None`) in ascending key order, until `visit` returns `false`.
     ///
-    /// An empty or inverted range (`end <= start`) visits nothing. The scan reads
-    /// one consistent snapshot on redb; on sled it may see a batch committed while
-    /// it runs, so callers that need a snapshot must not commit concurrently.
+    /// An empty or inverted range (`end <= start`) visits nothing. A scan never
+    /// sees part of a batch: a batch committed while it runs is wholly visible to
+    /// it or not at all (redb reads one snapshot; the sled backend applies batches
+    /// under a gate that scans hold). The volume's reads rely on this when a
+    /// commit replaces an extent record by its pieces.
     fn scan(
         &self,
         start: &[u8],

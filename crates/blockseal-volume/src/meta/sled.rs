@@ -23,6 +23,7 @@
 use std::fs::File;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use super::{BackendKind, Batch, MetaError, MetaStore, OpenOptions};
@@ -38,6 +39,13 @@ pub(super) struct SledStore {
     db: sled::Db,
     /// sled's log file, opened again only to fsync it after each flush.
     log: File,
+    /// sled applies a batch atomically for `get`, but its range iterators are not
+    /// snapshots: a scan racing a batch that deletes a key and puts its
+    /// replacement could see neither. Batches are applied under the write side
+    /// and scans run under the read side, so a scan never sees part of a batch.
+    /// The flush and fsync of a commit run outside it, so reads never wait on
+    /// the disk.
+    gate: RwLock<()>,
 }
 
 impl SledStore {
@@ -94,7 +102,11 @@ impl SledStore {
                 .and_then(|d| d.sync_all())
                 .map_err(io_error)?;
         }
-        Ok(Self { db, log })
+        Ok(Self {
+            db,
+            log,
+            gate: RwLock::new(()),
+        })
     }
 }
 
@@ -115,6 +127,8 @@ impl MetaStore for SledStore {
             Some(end) => Bound::Excluded(end),
             None => Bound::Unbounded,
         };
+        // The gate guards no data; a panic elsewhere cannot leave it inconsistent.
+        let _batch_boundary = self.gate.read().unwrap_or_else(|e| e.into_inner());
         for pair in self.db.range::<&[u8], _>((Bound::Included(start), upper)) {
             let (key, value) = pair.map_err(backend_error)?;
             if !visit(&key, &value) {
@@ -135,7 +149,10 @@ impl MetaStore for SledStore {
                 None => sled_batch.remove(key.as_slice()),
             }
         }
-        self.db.apply_batch(sled_batch).map_err(backend_error)?;
+        {
+            let _batch_boundary = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.db.apply_batch(sled_batch).map_err(backend_error)?;
+        }
         self.db.flush().map_err(backend_error)?;
         self.log.sync_data().map_err(|e| MetaError::Backend {
             backend: BackendKind::Sled,
