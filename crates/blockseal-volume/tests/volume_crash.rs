@@ -19,10 +19,11 @@
 //! next child on the same store, so recovery is exercised repeatedly. Kills are
 //! split between the redb and sled metadata backends.
 //!
-//! `BLOCKSEAL_CRASH_KILLS` sets the number of kills (default 40). A heavy run:
+//! `BLOCKSEAL_CRASH_KILLS` sets the number of kills (default 40), half per backend.
+//! A heavy run, 250 kills per backend:
 //!
 //! ```text
-//! BLOCKSEAL_CRASH_KILLS=250 cargo test --release -p blockseal-volume --test volume_crash -- --nocapture
+//! BLOCKSEAL_CRASH_KILLS=500 cargo test --release -p blockseal-volume --test volume_crash -- --nocapture
 //! ```
 
 mod common {
