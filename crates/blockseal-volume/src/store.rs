@@ -289,22 +289,8 @@ impl Store {
         meta.commit(&batch)?;
         // The header file goes last: a directory without it is not a store yet.
         write_format_file(&dir, backend)?;
-        let segments = open_segments(&dir, &options)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store created");
-        let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
-        Ok(Store {
-            compactor: start_compactor(&dir, &open, &options)?,
-            flusher: Flusher::start().map_err(io_error(&dir))?,
-            dir,
-            meta,
-            segments,
-            master,
-            salt,
-            options,
-            open,
-            admin: Mutex::new(()),
-            _lock: lock,
-        })
+        Store::start(dir, lock, meta, master, salt, options)
     }
 
     /// Opens the store in `dir` with its master key. Fails with
@@ -330,8 +316,22 @@ impl Store {
             KeyId::from_bytes(header.master_key_id),
             &CheckValue::from_bytes(header.check_value),
         )?;
-        let segments = open_segments(&dir, &options)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store opened");
+        let salt = DeploymentSalt::from_bytes(header.salt);
+        Store::start(dir, lock, meta, master, salt, options)
+    }
+
+    /// Opens the segment store and starts the background threads of a store
+    /// whose header is written (create) or verified (open).
+    fn start(
+        dir: PathBuf,
+        lock: File,
+        meta: Arc<dyn MetaStore>,
+        master: MasterKey,
+        salt: DeploymentSalt,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let segments = open_segments(&dir, &options)?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         Ok(Store {
             compactor: start_compactor(&dir, &open, &options)?,
@@ -340,7 +340,7 @@ impl Store {
             meta,
             segments,
             master,
-            salt: DeploymentSalt::from_bytes(header.salt),
+            salt,
             options,
             open,
             admin: Mutex::new(()),
