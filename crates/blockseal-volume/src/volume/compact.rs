@@ -41,15 +41,15 @@
 //!
 //! # Reads racing a deletion
 //!
-//! A read looks a block up, then reads its segment, without locks. One that
-//! looked a block up just before step 5 may find the old segment deleted. Rather
-//! than make deletions wait for in-flight reads (a shared counter on the read
-//! hot path), the volume bumps a deletion counter before each deletion, and a
-//! read that fails with an I/O error after the counter moved looks its blocks up
-//! again (a few times at most). Segment indexes are never reused, so a stale
-//! location can only fail to read, never read another block's bytes (which
-//! would fail authentication anyway).
-//!
+//! A read looks a block up, then reads its segment. One that looked a block up
+//! just before the mapping moved could otherwise find the old segment deleted.
+//! Reads therefore hold the volume's `segment_reads` lock shared from lookup to
+//! the end of their segment reads, and a deletion holds it exclusively for the
+//! unlink only: it waits for reads in flight, and reads that start after it look
+//! up the already committed new locations. (A bounded retry of failed reads was
+//! tried first; under continuous compaction a large read could lose the race
+//! every time and fail with an I/O error.) Segment indexes are never reused.
+
 //! This module must never decrypt or log data, never change a mapping that is
 //! not exactly the one it copied, and never delete a segment a committed
 //! mapping may reference.
@@ -456,10 +456,17 @@ impl VolumeInner {
         if self.lock_head().next_index.checked_sub(1) == Some(index) {
             return Ok(false);
         }
-        // Before the delete: a read that then fails on this segment sees the
-        // counter moved and looks its blocks up again.
-        self.deletions.fetch_add(1, Ordering::SeqCst);
-        match self.segments.delete(self.segment_id(index)) {
+        // Reads in flight may hold locations in this segment from before the
+        // mapping moved: wait for them, and keep new ones out for the unlink only
+        // (they then look up the committed new locations).
+        let deleted = {
+            let _no_reads = self
+                .segment_reads
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            self.segments.delete(self.segment_id(index))
+        };
+        match deleted {
             Ok(()) => Ok(true),
             Err(error) => {
                 tracing::warn!(
