@@ -94,7 +94,10 @@ struct Conn {
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Job>,
+    /// Workers started and not yet finished.
     workers: usize,
+    /// Workers running a job (the others are about to take one or to stop).
+    busy: usize,
 }
 
 /// A request handed to a blocking thread.
@@ -126,7 +129,10 @@ impl Conn {
         let start_worker = {
             let mut q = self.queue.lock().expect(LOCK);
             q.jobs.push_back(job);
-            let start = q.workers < self.max_workers && q.workers < q.jobs.len();
+            // A worker busy with an earlier job (perhaps blocked in the export)
+            // will not take this one soon: start another unless an idle one will.
+            let idle = q.workers - q.busy;
+            let start = q.workers < self.max_workers && idle < q.jobs.len();
             if start {
                 q.workers += 1;
             }
@@ -144,7 +150,10 @@ impl Conn {
             let job = {
                 let mut q = self.queue.lock().expect(LOCK);
                 match q.jobs.pop_front() {
-                    Some(job) => job,
+                    Some(job) => {
+                        q.busy += 1;
+                        job
+                    }
                     None => {
                         q.workers -= 1;
                         return;
@@ -152,6 +161,7 @@ impl Conn {
                 }
             };
             self.run(job);
+            self.queue.lock().expect(LOCK).busy -= 1;
         }
     }
 
