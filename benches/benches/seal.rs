@@ -10,14 +10,11 @@
     reason = "criterion_group! generates an undocumented pub fn"
 )]
 
-use std::error::Error;
 use std::hint::black_box;
-use std::sync::Arc;
 
 use blockseal_keys::{
     DataKey, DeploymentSalt, KeyVersion, MasterKey, TenantId, TenantSeed, VolumeId,
 };
-use blockseal_volume::nonce::{DEFAULT_LIMIT, NonceReserver, NonceSource};
 use blockseal_volume::{BlockCipher, BlockSize, Lba, Nonce};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ring::aead::{self, AES_256_GCM, Aad, LessSafeKey, UnboundKey};
@@ -130,34 +127,6 @@ fn open(c: &mut Criterion) {
     g.finish();
 }
 
-/// Persists nothing: measures the source itself, with window reservations amortized.
-struct NoopReserver;
-
-impl NonceReserver for NoopReserver {
-    fn reserve(
-        &self,
-        _dek_version: KeyVersion,
-        _high_water: u64,
-    ) -> Result<(), Box<dyn Error + Send + Sync>> {
-        Ok(())
-    }
-}
-
-fn nonce_next(c: &mut Criterion) {
-    let mut g = c.benchmark_group("nonce");
-    g.bench_function("next", |b| {
-        // A limit far above what a run consumes, so it never reports exhaustion.
-        let src = NonceSource::resume(
-            KeyVersion::FIRST,
-            0,
-            DEFAULT_LIMIT << 16,
-            Arc::new(NoopReserver),
-        );
-        b.iter(|| black_box(src.next().expect("limit far above iteration count")));
-    });
-    g.finish();
-}
-
 /// The per-key operations: they run per tenant or volume attach, not per block.
 fn keys(c: &mut Criterion) {
     let master = MasterKey::generate().expect("system RNG");
@@ -192,8 +161,16 @@ fn keys(c: &mut Criterion) {
     g.bench_function("block_cipher_new", |b| {
         b.iter(|| BlockCipher::new(black_box(&tenant), black_box(&volume), &dek))
     });
+    // Once per open of a volume that writes (and per 2^32 seals).
+    let salt = DataKey::generate_writer_salt().expect("system RNG");
+    g.bench_function("writer_key", |b| {
+        b.iter(|| {
+            let key = dek.derive_writer_key(black_box(7), &salt);
+            BlockCipher::new(&tenant, &volume, &key)
+        })
+    });
     g.finish();
 }
 
-criterion_group!(benches, seal, open, nonce_next, keys);
+criterion_group!(benches, seal, open, keys);
 criterion_main!(benches);

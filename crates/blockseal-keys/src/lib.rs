@@ -57,7 +57,7 @@ mod key_file;
 mod master;
 mod tenant;
 
-pub use data_key::{DataKey, KEY_LEN, RandomError};
+pub use data_key::{DataKey, KEY_LEN, RandomError, WRITER_SALT_LEN};
 pub use envelope::{
     UnwrapError, WRAPPED_KEY_FORMAT, WRAPPED_KEY_LEN, WrappedKey, WrappedKeyDecodeError,
 };

@@ -60,7 +60,6 @@ mod volume;
 
 pub use block::{BlockSize, Lba};
 pub use error::{CreateError, ErrorKind, OpenError, QueryError, VolumeError};
-pub use nonce::{NonceError, NonceReserver, NonceSource};
 pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 pub use segment::{FaultOp, FaultySegments, FileSegments, SegmentId, SegmentStore};
 pub use store::{

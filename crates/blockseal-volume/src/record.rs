@@ -12,8 +12,10 @@ use blockseal_keys::{TenantId, VolumeId};
 
 use crate::seal::TAG_LEN;
 
-/// Version byte of every record this build writes.
+/// Version byte of the records this build writes, except extents.
 pub(crate) const RECORD_V1: u8 = 1;
+/// Version byte of extent records this build writes: version 1 plus the writer.
+pub(crate) const EXTENT_V2: u8 = 2;
 
 /// The store header record: salt and master key recognition.
 pub(crate) const HEADER_KEY: &[u8] = b"H";
@@ -96,13 +98,61 @@ pub(crate) fn live_prefix(volume: u32) -> [u8; 5] {
     key
 }
 
-/// Key of a DEK's nonce high-water mark: `n`, internal volume id, DEK version.
-pub(crate) fn nonce_key(volume: u32, dek_version: u32) -> [u8; 9] {
+/// Key of a writer record: `w`, internal volume id, writer number.
+pub(crate) fn writer_key(volume: u32, writer: u32) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[0] = b'n';
+    key[0] = b'w';
     key[1..5].copy_from_slice(&volume.to_be_bytes());
-    key[5..9].copy_from_slice(&dek_version.to_be_bytes());
+    key[5..9].copy_from_slice(&writer.to_be_bytes());
     key
+}
+
+/// Prefix of a volume's writer records.
+pub(crate) fn writer_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'w';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// The writer number a [`writer_key`] names; anything but 9 bytes is corrupt.
+pub(crate) fn writer_key_number(key: &[u8]) -> Result<u32, Corrupt> {
+    match key {
+        [b'w', _, _, _, _, a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => Err(Corrupt(format!(
+            "writer key: expected 9 bytes, found {}",
+            key.len()
+        ))),
+    }
+}
+
+/// One writer of a volume: the DEK version it derived its key from and its
+/// random salt (see `DataKey::derive_writer_key`). Public data: the salt is
+/// useless without the DEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WriterRecord {
+    pub(crate) dek_version: u32,
+    pub(crate) salt: [u8; 32],
+}
+
+impl WriterRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(37);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.dek_version.to_be_bytes());
+        out.extend_from_slice(&self.salt);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<WriterRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "writer")?;
+        let record = WriterRecord {
+            dek_version: r.u32()?,
+            salt: r.array()?,
+        };
+        r.finish()?;
+        Ok(record)
+    }
 }
 
 /// A record failed to decode; the string names the record.
@@ -255,14 +305,17 @@ impl VolumeRecord {
 pub(crate) const MAX_EXTENT_BLOCKS: usize = 256;
 
 /// A run of blocks sealed into consecutive slots of one segment, with consecutive
-/// nonce counters under one DEK: `lba + i` lives at `segment` block `offset + i`,
-/// sealed with nonce counter `nonce + i` and carries `tags[i]`.
+/// nonce counters under one writer's key: `lba + i` lives at `segment` block
+/// `offset + i`, sealed with nonce counter `nonce + i` and carries `tags[i]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Extent {
     pub(crate) lba: u64,
     pub(crate) segment: u32,
     pub(crate) offset: u32,
     pub(crate) dek_version: u32,
+    /// The writer whose key sealed the blocks; 0 for blocks format v1 sealed
+    /// under the DEK itself (extent record version 1).
+    pub(crate) writer: u32,
     pub(crate) nonce: u64,
     pub(crate) tags: Vec<[u8; TAG_LEN]>,
 }
@@ -282,19 +335,26 @@ impl Extent {
             segment: self.segment,
             offset: self.offset + a as u32,
             dek_version: self.dek_version,
+            writer: self.writer,
             nonce: self.nonce + a as u64,
             tags: self.tags[a..b].to_vec(),
         }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(23 + self.tags.len() * TAG_LEN);
-        out.push(RECORD_V1);
+        let mut out = Vec::with_capacity(27 + self.tags.len() * TAG_LEN);
+        // A legacy writer-0 extent keeps its version-1 shape, so splitting one
+        // never needs a writer record.
+        let legacy = self.writer == 0;
+        out.push(if legacy { RECORD_V1 } else { EXTENT_V2 });
         // At most MAX_EXTENT_BLOCKS tags.
         out.extend_from_slice(&(self.tags.len() as u16).to_be_bytes());
         out.extend_from_slice(&self.segment.to_be_bytes());
         out.extend_from_slice(&self.offset.to_be_bytes());
         out.extend_from_slice(&self.dek_version.to_be_bytes());
+        if !legacy {
+            out.extend_from_slice(&self.writer.to_be_bytes());
+        }
         out.extend_from_slice(&self.nonce.to_be_bytes());
         for tag in &self.tags {
             out.extend_from_slice(tag);
@@ -309,7 +369,7 @@ impl Extent {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .ok_or_else(|| Corrupt("extent key".into()))?;
-        let mut r = Reader::new(bytes, "extent")?;
+        let (mut r, version) = Reader::with_versions(bytes, "extent", &[RECORD_V1, EXTENT_V2])?;
         let count = r.u16()?;
         // `count - 1 > last`, not `count > last + 1`: the key may hold u64::MAX.
         if count == 0 || usize::from(count) > MAX_EXTENT_BLOCKS || u64::from(count) - 1 > last {
@@ -318,6 +378,12 @@ impl Extent {
         let segment = r.u32()?;
         let offset = r.u32()?;
         let dek_version = r.u32()?;
+        let writer = if version == RECORD_V1 { 0 } else { r.u32()? };
+        if version == EXTENT_V2 && writer == 0 {
+            return Err(Corrupt(
+                "extent record: writer 0 in a version 2 record".into(),
+            ));
+        }
         let nonce = r.u64()?;
         // Readers add a block's index to the offset and the nonce counter: the
         // last block's must fit, or a read would overflow.
@@ -338,6 +404,7 @@ impl Extent {
             segment,
             offset,
             dek_version,
+            writer,
             nonce,
             tags,
         })
@@ -364,9 +431,18 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8], what: &'static str) -> Result<Reader<'a>, Corrupt> {
+        Reader::with_versions(bytes, what, &[RECORD_V1]).map(|(r, _)| r)
+    }
+
+    /// A reader of a record that may have any of `versions`, and the one it has.
+    fn with_versions(
+        bytes: &'a [u8],
+        what: &'static str,
+        versions: &[u8],
+    ) -> Result<(Reader<'a>, u8), Corrupt> {
         let mut r = Reader { bytes, what };
         match r.u8()? {
-            RECORD_V1 => Ok(r),
+            v if versions.contains(&v) => Ok((r, v)),
             v => Err(Corrupt(format!("{what} record: unknown version {v}"))),
         }
     }
@@ -437,14 +513,29 @@ mod tests {
             segment: 3,
             offset: 7,
             dek_version: 1,
+            writer: 4,
             nonce: 99,
             tags: vec![[1; 16], [2; 16], [3; 16]],
         };
         let key = extent_key(5, e.last());
         let bytes = e.encode();
-        assert_eq!(bytes.len(), 23 + 48);
+        assert_eq!(bytes[0], EXTENT_V2);
+        assert_eq!(bytes.len(), 27 + 48);
         assert_eq!(Extent::decode(&key, &bytes).unwrap(), e);
         assert!(Extent::decode(&key, &bytes[..bytes.len() - 1]).is_err());
+        // A format v1 extent (no writer field) reads as writer 0 and keeps its
+        // shape when written back.
+        let legacy = Extent {
+            writer: 0,
+            ..e.clone()
+        };
+        let bytes = legacy.encode();
+        assert_eq!((bytes[0], bytes.len()), (RECORD_V1, 23 + 48));
+        assert_eq!(Extent::decode(&key, &bytes).unwrap(), legacy);
+        // A version 2 record never names writer 0.
+        let mut forged = e.encode();
+        forged[15..19].copy_from_slice(&[0; 4]);
+        assert!(Extent::decode(&key, &forged).is_err());
         assert!(extent_key(5, 12) < extent_key(5, 13));
         assert!(extent_key(5, u64::MAX) < extent_key(6, 0));
         let s = e.slice(11, 13);
@@ -458,6 +549,7 @@ mod tests {
             segment: 0,
             offset,
             dek_version: 1,
+            writer: 0,
             nonce,
             tags: vec![[7; TAG_LEN]; blocks],
         };
@@ -481,6 +573,20 @@ mod tests {
         value.extend_from_slice(&[0x2f; 13]);
         value.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x7a, 0xff, 0x83, 0xff, 0]);
         assert!(Extent::decode(&key, &value).is_err());
+    }
+
+    #[test]
+    fn writer_records_round_trip_and_odd_keys_are_corrupt() {
+        let w = WriterRecord {
+            dek_version: 2,
+            salt: [9; 32],
+        };
+        assert_eq!(WriterRecord::decode(&w.encode()).unwrap(), w);
+        assert!(WriterRecord::decode(&w.encode()[..36]).is_err());
+        assert_eq!(writer_key_number(&writer_key(3, 77)).unwrap(), 77);
+        assert!(writer_key_number(&writer_key(3, 77)[..8]).is_err());
+        assert!(writer_key(3, u32::MAX) < writer_key(4, 0));
+        assert!(writer_key(3, 0).starts_with(&writer_prefix(3)));
     }
 
     #[test]

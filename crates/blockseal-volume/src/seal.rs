@@ -9,8 +9,9 @@
 //!
 //! This module must never log, format or return key bytes or plaintext, never
 //! leave unauthenticated plaintext in a caller's buffer, and never allocate on
-//! the seal/open path. Nonces come from [`crate::nonce::NonceSource`]; this
-//! module trusts the caller never to repeat one under the same DEK.
+//! the seal/open path. The volume seals under writer keys with counter nonces
+//! (see [`crate::nonce`]); this module trusts the caller never to repeat a nonce
+//! under one key.
 //!
 //! # Associated data (format v1)
 //!
@@ -64,8 +65,7 @@ const BINDING_LEN: usize = 16;
 
 /// A block's 96-bit AES-GCM nonce. Public data, stored in the block's metadata record.
 ///
-/// It must never repeat under one DEK: take it from a
-/// [`NonceSource`](crate::nonce::NonceSource).
+/// It must never repeat under one key (see [`crate::nonce`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Nonce(pub [u8; NONCE_LEN]);
 

@@ -34,7 +34,6 @@ use crate::error::{CreateError, OpenError, QueryError, VolumeError};
 use crate::flusher::Flusher;
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, HeaderRecord, TenantRecord, VolumeRecord};
-use crate::seal::BlockCipher;
 use crate::segment::{FileSegments, SegmentStore};
 use crate::volume::{CompactionReport, Volume, VolumeParts};
 
@@ -551,11 +550,10 @@ impl Store {
         // The active key first, then older ones still needed to read old blocks.
         let mut keys = record.keys.clone();
         keys.sort_by_key(|&(version, _)| (version != record.active_dek, version));
-        let mut ciphers = Vec::with_capacity(keys.len());
+        let mut deks = Vec::with_capacity(keys.len());
         for (_, wrapped) in &keys {
             let wrapped = WrappedKey::from_bytes(wrapped).map_err(|_| unwrap_failed())?;
-            let dek = kek.unwrap(volume, &wrapped).map_err(|_| unwrap_failed())?;
-            ciphers.push(BlockCipher::new(tenant, volume, &dek));
+            deks.push(kek.unwrap(volume, &wrapped).map_err(|_| unwrap_failed())?);
         }
         let opened = Volume::open(VolumeParts {
             tenant: tenant.clone(),
@@ -567,7 +565,7 @@ impl Store {
             overlay_limit: self.options.overlay_blocks,
             meta: self.meta.clone(),
             segments: self.segments.clone(),
-            ciphers,
+            keys: deks,
             compact_threshold: self.options.compaction_threshold,
             wake: self.compactor.as_ref().map(|c| c.wakeup().clone()),
             flusher: Some(self.flusher.queue().clone()),

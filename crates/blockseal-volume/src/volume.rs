@@ -30,18 +30,18 @@ pub use compact::CompactionReport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
-use blockseal_keys::{KeyVersion, TenantId, VolumeId};
+use blockseal_keys::{DataKey, TenantId, VolumeId};
 
 use crate::block::{BlockSize, Lba};
 use crate::compactor::Wakeup;
 use crate::error::VolumeError;
 use crate::flusher::FlushQueue;
 use crate::meta::{Batch, MetaStore};
-use crate::nonce::{NonceReserver, NonceSource, nonce_for};
-use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
-use crate::seal::{BlockCipher, Nonce, TAG_LEN, Tag};
+use crate::nonce::nonce_for;
+use crate::record::{self, Extent, MAX_EXTENT_BLOCKS, WriterRecord};
+use crate::seal::{BlockCipher, TAG_LEN, Tag};
 use crate::segment::{SegmentId, SegmentStore};
 
 /// Number of block lock stripes per volume (a power of two).
@@ -102,8 +102,33 @@ struct Location {
     segment: u32,
     offset: u32,
     dek_version: u32,
+    /// The writer whose key sealed the block (see [`Writer`]).
+    writer: u32,
     nonce: u64,
     tag: [u8; TAG_LEN],
+}
+
+/// Block `k` of `extent`.
+fn location(extent: &Extent, k: usize) -> Location {
+    Location {
+        segment: extent.segment,
+        offset: extent.offset + k as u32,
+        dek_version: extent.dek_version,
+        writer: extent.writer,
+        nonce: extent.nonce + k as u64,
+        tag: extent.tags[k],
+    }
+}
+
+/// The key this volume seals new blocks with: a subkey of the active DEK with a
+/// fresh random salt, made by the first write of each open (and again whenever
+/// its nonce counter is spent). Its counter lives only in memory and starts at
+/// zero: nonce uniqueness rests on the salt, never on metadata that could be
+/// lost or rolled back. Its record (number and salt) is committed with, never
+/// after, the first extent that names it.
+struct Writer {
+    number: u32,
+    cipher: Arc<BlockCipher>,
 }
 
 struct Head {
@@ -113,6 +138,18 @@ struct Head {
     next_index: u32,
     /// The next free block of the open segment.
     next_block: u32,
+    /// The current writer, once the first write made it.
+    writer: Option<Writer>,
+    /// The current writer's next nonce counter.
+    next_nonce: u64,
+    /// The number the next writer takes.
+    next_writer: u32,
+}
+
+/// A writer known to the volume: its record, and its cipher once derived.
+struct KnownWriter {
+    record: WriterRecord,
+    cipher: OnceLock<Arc<BlockCipher>>,
 }
 
 #[derive(Default)]
@@ -140,9 +177,17 @@ pub(crate) struct VolumeInner {
     overlay_limit: usize,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
-    cipher: BlockCipher,
-    ciphers: HashMap<u32, BlockCipher>,
-    nonces: NonceSource,
+    /// Every DEK version the volume holds, for deriving writer keys.
+    deks: HashMap<u32, DataKey>,
+    /// The DEK version new writers derive from.
+    active_dek: u32,
+    /// The most nonces one writer key seals with.
+    nonce_limit: u64,
+    /// Every writer whose blocks may be mapped (recorded or made this session);
+    /// writer 0 stands for blocks format v1 sealed under a DEK itself.
+    writers: RwLock<HashMap<u32, KnownWriter>>,
+    /// Records of writers made this session and not yet committed.
+    pending_writers: Mutex<Vec<(u32, WriterRecord)>>,
     head: Mutex<Head>,
     overlay: Mutex<Overlay>,
     dirty_segments: Mutex<BTreeSet<u32>>,
@@ -182,35 +227,13 @@ pub(crate) struct VolumeParts {
     pub(crate) overlay_limit: usize,
     pub(crate) meta: Arc<dyn MetaStore>,
     pub(crate) segments: Arc<dyn SegmentStore>,
-    /// The active DEK's cipher first, then older ones still referenced.
-    pub(crate) ciphers: Vec<BlockCipher>,
+    /// The active DEK first, then older ones still referenced.
+    pub(crate) keys: Vec<DataKey>,
     /// Sealed segments whose live fraction is below this are compacted.
     pub(crate) compact_threshold: f64,
     /// The store's compaction thread, woken when flushes leave dead space.
     pub(crate) wake: Option<Arc<Wakeup>>,
     pub(crate) flusher: Option<Arc<FlushQueue>>,
-}
-
-struct MetaReserver {
-    meta: Arc<dyn MetaStore>,
-    volume: u32,
-}
-
-impl NonceReserver for MetaReserver {
-    fn reserve(
-        &self,
-        dek_version: KeyVersion,
-        high_water: u64,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let mut batch = Batch::new();
-        batch.put(
-            record::nonce_key(self.volume, dek_version.0).to_vec(),
-            record::encode_u64(high_water).to_vec(),
-        );
-        // MetaStore::commit is durable on Ok, as the NonceReserver contract needs.
-        self.meta.commit(&batch)?;
-        Ok(())
-    }
 }
 
 impl Volume {
@@ -225,32 +248,26 @@ impl Volume {
             overlay_limit,
             meta,
             segments,
-            ciphers,
+            keys,
             compact_threshold,
             wake,
             flusher,
         } = parts;
-        let mut ciphers = ciphers.into_iter();
-        let cipher = ciphers.next().ok_or_else(|| VolumeError::Corrupt {
-            what: "volume record lists no data key".into(),
-        })?;
-        let ciphers: HashMap<u32, BlockCipher> = ciphers.map(|c| (c.dek_version().0, c)).collect();
-        let dek = cipher.dek_version();
-
-        let high_water = match meta.get(&record::nonce_key(internal_id, dek.0))? {
-            Some(bytes) => record::decode_u64(&bytes, "nonce mark").map_err(corrupt)?,
-            None => 0,
+        let active_dek = keys
+            .first()
+            .ok_or_else(|| VolumeError::Corrupt {
+                what: "volume record lists no data key".into(),
+            })?
+            .version()
+            .0;
+        let deks: HashMap<u32, DataKey> = keys.into_iter().map(|k| (k.version().0, k)).collect();
+        let writers = load_writers(meta.as_ref(), internal_id)?;
+        let next_writer = match writers.keys().max() {
+            Some(&max) => max.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
+                what: "writer numbers are spent".into(),
+            })?,
+            None => 1,
         };
-        let reserver = Arc::new(MetaReserver {
-            meta: meta.clone(),
-            volume: internal_id,
-        });
-        let nonces = NonceSource::resume(
-            dek,
-            high_water,
-            crate::nonce::default_limit(block_size),
-            reserver,
-        );
 
         let mut live = HashMap::new();
         let mut bad = None;
@@ -274,6 +291,7 @@ impl Volume {
         if let Some(e) = bad {
             return Err(corrupt(e));
         }
+        check_extents(meta.as_ref(), internal_id, &deks, &writers, &live)?;
 
         // Writing resumes in a fresh segment: the tail of the last one may hold
         // unsynced bytes from before a crash, which nothing references.
@@ -302,13 +320,29 @@ impl Volume {
                 overlay_limit: overlay_limit.max(1),
                 meta,
                 segments,
-                cipher,
-                ciphers,
-                nonces,
+                deks,
+                active_dek,
+                nonce_limit: crate::nonce::default_limit(block_size),
+                writers: RwLock::new(
+                    writers
+                        .into_iter()
+                        .map(|(n, record)| {
+                            let known = KnownWriter {
+                                record,
+                                cipher: OnceLock::new(),
+                            };
+                            (n, known)
+                        })
+                        .collect(),
+                ),
+                pending_writers: Mutex::new(Vec::new()),
                 head: Mutex::new(Head {
                     segment: None,
                     next_index,
                     next_block: 0,
+                    writer: None,
+                    next_nonce: 0,
+                    next_writer,
                 }),
                 overlay: Mutex::new(Overlay::default()),
                 dirty_segments: Mutex::new(BTreeSet::new()),
@@ -595,13 +629,7 @@ impl VolumeInner {
                     let slot = &mut slots[(lba - first) as usize];
                     if slot.is_none() {
                         let k = (lba - extent.lba) as usize;
-                        *slot = Some(Slot::Mapped(Location {
-                            segment: extent.segment,
-                            offset: extent.offset + k as u32,
-                            dek_version: extent.dek_version,
-                            nonce: extent.nonce + k as u64,
-                            tag: extent.tags[k],
-                        }));
+                        *slot = Some(Slot::Mapped(location(&extent, k)));
                     }
                 }
             })?;
@@ -647,12 +675,34 @@ impl VolumeInner {
         }
     }
 
-    fn cipher(&self, dek_version: u32) -> Option<&BlockCipher> {
-        if self.cipher.dek_version().0 == dek_version {
-            Some(&self.cipher)
-        } else {
-            self.ciphers.get(&dek_version)
+    /// The cipher that opens a block at `loc`, derived on first use; `None` when
+    /// the volume knows no such writer or the writer belongs to another DEK.
+    fn cipher(&self, loc: &Location) -> Option<Arc<BlockCipher>> {
+        let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+        let known = writers.get(&loc.writer);
+        if let Some(known) = known
+            && known.record.dek_version != loc.dek_version
+        {
+            return None;
         }
+        if let Some(cipher) = known.and_then(|k| k.cipher.get()) {
+            return Some(cipher.clone());
+        }
+        let dek = self.deks.get(&loc.dek_version)?;
+        let cipher = match known {
+            Some(known) => known
+                .cipher
+                .get_or_init(|| {
+                    let key = dek.derive_writer_key(loc.writer, &known.record.salt);
+                    Arc::new(BlockCipher::new(&self.tenant, &self.name, &key))
+                })
+                .clone(),
+            // Blocks format v1 sealed under the DEK itself. Rare (legacy data
+            // only), so not cached.
+            None if loc.writer == 0 => Arc::new(BlockCipher::new(&self.tenant, &self.name, dek)),
+            None => return None,
+        };
+        Some(cipher)
     }
 
     fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
@@ -732,7 +782,7 @@ impl VolumeInner {
     }
 
     fn open_block(&self, lba: Lba, loc: &Location, block: &mut [u8]) -> Result<(), VolumeError> {
-        let opened = match self.cipher(loc.dek_version) {
+        let opened = match self.cipher(loc) {
             Some(cipher) => cipher
                 .open_in_place(lba, &nonce_for(loc.nonce), &Tag(loc.tag), block)
                 .is_ok(),
@@ -930,22 +980,28 @@ impl VolumeInner {
         let mut locations = Vec::with_capacity(count);
         let mut done = 0usize;
         while done < count {
-            let (segment, offset, nonces) = self.allocate(count - done)?;
-            let run = nonces.len();
+            let space = self.allocate(count - done)?;
+            let run = space.run;
             let bytes = &mut blocks[done * bs..(done + run) * bs];
-            for (k, nonce) in nonces.iter().enumerate() {
+            for k in 0..run {
                 let lba = Lba(first + (done + k) as u64);
-                let tag = self
-                    .cipher
-                    .seal_in_place(lba, nonce, &mut bytes[k * bs..(k + 1) * bs]);
+                let nonce = space.nonce + k as u64;
+                let tag = space.cipher.seal_in_place(
+                    lba,
+                    &nonce_for(nonce),
+                    &mut bytes[k * bs..(k + 1) * bs],
+                );
                 locations.push(Location {
-                    segment,
-                    offset: offset + k as u32,
-                    dek_version: self.cipher.dek_version().0,
-                    nonce: counter_of(nonce),
+                    segment: space.segment,
+                    offset: space.offset + k as u32,
+                    dek_version: self.active_dek,
+                    writer: space.writer,
+                    nonce,
                     tag: tag.0,
                 });
             }
+            let segment = space.segment;
+            let offset = space.offset;
             if let Err(e) = self.segments.write_at(
                 self.segment_id(segment),
                 u64::from(offset) * bs as u64,
@@ -969,19 +1025,83 @@ impl VolumeInner {
     }
 
     /// Reserves up to `want` consecutive blocks at the head of the open segment
-    /// and as many consecutive nonces.
-    fn allocate(&self, want: usize) -> Result<(u32, u32, Vec<Nonce>), VolumeError> {
+    /// and as many consecutive nonces of the current writer (made first when
+    /// there is none or its counter is spent, so a failure to make one leaves
+    /// the head untouched).
+    fn allocate(&self, want: usize) -> Result<Space, VolumeError> {
         let mut head = self.lock_head();
-        let (segment, offset, run) = self.allocate_in(&mut head, want)?;
-        let mut nonces = Vec::with_capacity(run);
-        for _ in 0..run {
-            nonces.push(
-                self.nonces
-                    .next()
-                    .map_err(|e| VolumeError::Nonce(Box::new(e)))?,
-            );
+        self.check_poisoned()?;
+        let spent = head
+            .writer
+            .as_ref()
+            .is_none_or(|_| head.next_nonce >= self.nonce_limit);
+        if spent {
+            self.start_writer(&mut head)?;
         }
-        Ok((segment, offset, nonces))
+        let left = usize::try_from(self.nonce_limit - head.next_nonce).unwrap_or(usize::MAX);
+        let (segment, offset, run) = self.allocate_in(&mut head, want.min(left))?;
+        let writer = head
+            .writer
+            .as_ref()
+            .expect("a writer was made above when there was none");
+        let space = Space {
+            segment,
+            offset,
+            run,
+            writer: writer.number,
+            cipher: writer.cipher.clone(),
+            nonce: head.next_nonce,
+        };
+        head.next_nonce += run as u64;
+        Ok(space)
+    }
+
+    /// Makes a new writer: a fresh salt, its key derived from the active DEK,
+    /// its record queued for the next commit (the caller holds the head lock).
+    fn start_writer(&self, head: &mut Head) -> Result<(), VolumeError> {
+        let number = head.next_writer;
+        let next = number.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
+            what: "writer numbers are spent".into(),
+        })?;
+        let salt = DataKey::generate_writer_salt().map_err(|e| VolumeError::Nonce(Box::new(e)))?;
+        let dek = self
+            .deks
+            .get(&self.active_dek)
+            .expect("the active DEK is among the volume's keys by construction");
+        let key = dek.derive_writer_key(number, &salt);
+        let cipher = Arc::new(BlockCipher::new(&self.tenant, &self.name, &key));
+        let record = WriterRecord {
+            dek_version: self.active_dek,
+            salt,
+        };
+        self.writers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                number,
+                KnownWriter {
+                    record: record.clone(),
+                    cipher: OnceLock::from(cipher.clone()),
+                },
+            );
+        self.lock_pending_writers().push((number, record));
+        head.writer = Some(Writer { number, cipher });
+        head.next_nonce = 0;
+        head.next_writer = next;
+        tracing::debug!(
+            tenant = %self.tenant,
+            volume = %self.name,
+            writer = number,
+            dek_version = self.active_dek,
+            "new writer key"
+        );
+        Ok(())
+    }
+
+    fn lock_pending_writers(&self) -> MutexGuard<'_, Vec<(u32, WriterRecord)>> {
+        self.pending_writers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reserves up to `want` consecutive blocks at the head of the open segment
@@ -1044,7 +1164,17 @@ impl VolumeInner {
                 return Err(e);
             }
             self.apply_live(&mut batch, &state.live, &deltas);
+            // Every writer the entries name was made before its blocks entered
+            // the overlay, so its record is among these (or already committed).
+            let writers = std::mem::take(&mut *self.lock_pending_writers());
+            for (number, record) in &writers {
+                batch.put(
+                    record::writer_key(self.internal_id, *number).to_vec(),
+                    record.encode(),
+                );
+            }
             if let Err(e) = self.meta.commit(&batch) {
+                self.lock_pending_writers().extend(writers);
                 self.poison();
                 return Err(e.into());
             }
@@ -1120,6 +1250,7 @@ impl VolumeInner {
                     && e.segment == loc.segment
                     && e.offset as u64 + n as u64 == u64::from(loc.offset)
                     && e.dek_version == loc.dek_version
+                    && e.writer == loc.writer
                     && e.nonce + n as u64 == loc.nonce
                     && n < MAX_EXTENT_BLOCKS
                 {
@@ -1132,6 +1263,7 @@ impl VolumeInner {
                 segment: loc.segment,
                 offset: loc.offset,
                 dek_version: loc.dek_version,
+                writer: loc.writer,
                 nonce: loc.nonce,
                 tags: vec![loc.tag],
             }) {
@@ -1216,10 +1348,112 @@ fn runs_of(entries: &[(u64, Slot)]) -> Vec<(u64, u64)> {
     runs
 }
 
-fn counter_of(nonce: &Nonce) -> u64 {
-    let mut counter = [0u8; 8];
-    counter.copy_from_slice(&nonce.0[4..]);
-    u64::from_be_bytes(counter)
+/// Fresh segment space and nonces from [`VolumeInner::allocate`]: `run` blocks
+/// at `offset` of `segment`, sealed by `writer` with counters from `nonce` on.
+struct Space {
+    segment: u32,
+    offset: u32,
+    run: usize,
+    writer: u32,
+    cipher: Arc<BlockCipher>,
+    nonce: u64,
+}
+
+/// The volume's writer records, by number.
+fn load_writers(
+    meta: &dyn MetaStore,
+    volume: u32,
+) -> Result<HashMap<u32, WriterRecord>, VolumeError> {
+    let mut writers = HashMap::new();
+    let mut bad = None;
+    meta.scan_prefix(&record::writer_prefix(volume), &mut |key, value| {
+        match record::writer_key_number(key)
+            .and_then(|n| WriterRecord::decode(value).map(|r| (n, r)))
+        {
+            Ok((0, _)) => {
+                bad = Some(record::Corrupt("writer record numbered 0".into()));
+                false
+            }
+            Ok((n, r)) => {
+                writers.insert(n, r);
+                true
+            }
+            Err(e) => {
+                bad = Some(e);
+                false
+            }
+        }
+    })?;
+    match bad {
+        Some(e) => Err(corrupt(e)),
+        None => Ok(writers),
+    }
+}
+
+/// Checks at open that the committed mappings hang together: every extent names
+/// a writer the volume has a record of (or a DEK it holds, for format v1 blocks),
+/// and the blocks mapped into each segment add up to its live count. Mappings
+/// and counts change only together, in one batch, so a difference means records
+/// went missing (a damaged metadata file, a partial restore): serving on would
+/// read lost blocks as zeros.
+fn check_extents(
+    meta: &dyn MetaStore,
+    volume: u32,
+    deks: &HashMap<u32, DataKey>,
+    writers: &HashMap<u32, WriterRecord>,
+    live: &HashMap<u32, u64>,
+) -> Result<(), VolumeError> {
+    let mut mapped: HashMap<u32, u64> = HashMap::new();
+    let mut bad: Option<String> = None;
+    meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
+        let extent = match Extent::decode(key, value) {
+            Ok(extent) => extent,
+            Err(e) => {
+                bad = Some(e.0);
+                return false;
+            }
+        };
+        let known = match extent.writer {
+            0 => deks.contains_key(&extent.dek_version),
+            n => writers
+                .get(&n)
+                .is_some_and(|w| w.dek_version == extent.dek_version),
+        };
+        if !known {
+            bad = Some(format!(
+                "blocks {}..={} were sealed by writer {} (DEK v{}), of which the \
+                 metadata has no record: it was damaged or rolled back",
+                extent.lba,
+                extent.last(),
+                extent.writer,
+                extent.dek_version
+            ));
+            return false;
+        }
+        *mapped.entry(extent.segment).or_default() += extent.tags.len() as u64;
+        true
+    })?;
+    if let Some(what) = bad {
+        return Err(VolumeError::Corrupt { what });
+    }
+    let mut segments: BTreeSet<u32> = mapped.keys().copied().collect();
+    segments.extend(live.keys().copied());
+    for segment in segments {
+        let (m, l) = (
+            mapped.get(&segment).copied().unwrap_or(0),
+            live.get(&segment).copied().unwrap_or(0),
+        );
+        if m != l {
+            return Err(VolumeError::Corrupt {
+                what: format!(
+                    "segment {segment}: the block mappings name {m} blocks but its \
+                     live count says {l}: mapping records went missing or the \
+                     metadata was damaged"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn corrupt(e: record::Corrupt) -> VolumeError {

@@ -58,7 +58,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
 use std::sync::atomic::Ordering;
 
-use super::{Location, VolumeInner, apply_deltas};
+use super::{Location, VolumeInner, apply_deltas, location};
 use crate::error::VolumeError;
 use crate::meta::Batch;
 use crate::record::{self, Extent};
@@ -161,17 +161,8 @@ impl VolumeInner {
         self.scan_extents(0, u64::MAX, &mut |extent| {
             if wanted.contains(&extent.segment) {
                 let blocks = inside.entry(extent.segment).or_default();
-                for (k, tag) in extent.tags.iter().enumerate() {
-                    blocks.push((
-                        extent.lba + k as u64,
-                        Location {
-                            segment: extent.segment,
-                            offset: extent.offset + k as u32,
-                            dek_version: extent.dek_version,
-                            nonce: extent.nonce + k as u64,
-                            tag: *tag,
-                        },
-                    ));
+                for k in 0..extent.tags.len() {
+                    blocks.push((extent.lba + k as u64, location(&extent, k)));
                 }
             }
         })?;
@@ -359,14 +350,8 @@ impl VolumeInner {
             // The extent's blocks, each at its old place or its new one.
             let mut places: Vec<(u32, u32)> = Vec::with_capacity(extent.tags.len());
             let mut changed = false;
-            for (k, tag) in extent.tags.iter().enumerate() {
-                let now = Location {
-                    segment: extent.segment,
-                    offset: extent.offset + k as u32,
-                    dek_version: extent.dek_version,
-                    nonce: extent.nonce + k as u64,
-                    tag: *tag,
-                };
+            for k in 0..extent.tags.len() {
+                let now = location(extent, k);
                 match by_lba.get(&(extent.lba + k as u64)) {
                     Some(m) if m.from == now => {
                         places.push((m.to_segment, m.to_offset));
@@ -398,6 +383,7 @@ impl VolumeInner {
                     segment: places[start].0,
                     offset: places[start].1,
                     dek_version: extent.dek_version,
+                    writer: extent.writer,
                     nonce: extent.nonce + start as u64,
                     tags: extent.tags[start..end].to_vec(),
                 };
