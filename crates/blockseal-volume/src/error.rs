@@ -61,6 +61,65 @@ pub enum OpenError {
         /// The store directory.
         path: PathBuf,
     },
+    /// The directory holds store data (metadata, segments, a commit marker) but
+    /// no `FORMAT` file: a damaged store, never an empty place for a new one.
+    #[error(
+        "{path} holds store data ({}) but no FORMAT file: the store is damaged; \
+         restore FORMAT from a backup of the store",
+        found.join(", ")
+    )]
+    FormatMissing {
+        /// The store directory.
+        path: PathBuf,
+        /// What was found there.
+        found: Vec<String>,
+    },
+    /// The metadata file (or directory) of an existing store is gone. Nothing is
+    /// created in its place: without it no key can be derived and no block found.
+    #[error(
+        "the store's metadata {path} is missing: without it no tenant key can be \
+         derived and no block found; restore it from a backup of the store"
+    )]
+    MetadataMissing {
+        /// The missing file or directory.
+        path: PathBuf,
+    },
+    /// The metadata holds fewer commits than the store's commit marker recorded:
+    /// it lost acknowledged changes (a damaged file the backend truncated, a
+    /// replaced or older copy). See [`Store::danger_accept_metadata_loss`].
+    ///
+    /// [`Store::danger_accept_metadata_loss`]: crate::Store::danger_accept_metadata_loss
+    #[error(
+        "the metadata of store {path} went back in time: it holds {metadata} commits \
+         but the store recorded {recorded}; it was damaged, lost or restored from an \
+         older copy, and serving it would read lost blocks as zeros"
+    )]
+    MetadataRolledBack {
+        /// The store directory.
+        path: PathBuf,
+        /// The last commit the metadata holds.
+        metadata: u64,
+        /// The last commit the marker recorded.
+        recorded: u64,
+    },
+    /// The commit marker file is not a valid marker.
+    #[error("the store's commit marker {path} is damaged")]
+    MarkerDamaged {
+        /// The marker file.
+        path: PathBuf,
+    },
+    /// Segment data of volumes the metadata never allocated: the metadata is
+    /// older than the segments.
+    #[error(
+        "{path} holds segments of volumes the metadata never heard of (internal ids \
+         {volumes:?}): the metadata lost volumes or was restored from an older copy"
+    )]
+    UnknownSegments {
+        /// The segments directory.
+        path: PathBuf,
+        /// The unknown internal volume ids.
+        volumes: Vec<u32>,
+    },
     /// The directory holds no store header, or one this build cannot read.
     #[error("{path} is not a blockseal store")]
     NotAStore {
@@ -239,6 +298,15 @@ pub enum VolumeError {
     /// Reading or writing segment data failed.
     #[error("segment I/O failed")]
     Io(#[source] io::Error),
+    /// The write was refused because the file system under the store is full
+    /// (or its free space reached the reserve kept for metadata). Nothing was
+    /// changed; the same write succeeds once space is freed.
+    #[error("no space left for segment data")]
+    StorageFull(#[source] io::Error),
+    /// A shortage that may pass (file descriptors, memory) failed the request.
+    /// Nothing referenced was changed; the volume stays usable.
+    #[error("out of a system resource")]
+    Resource(#[source] io::Error),
     /// An earlier write or flush failed; the volume refuses writes and flushes
     /// until it is reopened.
     #[error("an earlier write or flush failed; reopen the volume")]
@@ -274,7 +342,7 @@ impl VolumeError {
                 ErrorKind::InvalidInput
             }
             VolumeError::OutOfRange { .. } => ErrorKind::OutOfRange,
-            VolumeError::NoSpace { .. } => ErrorKind::NoSpace,
+            VolumeError::NoSpace { .. } | VolumeError::StorageFull(_) => ErrorKind::NoSpace,
             VolumeError::Authentication { .. } => ErrorKind::Authentication,
             VolumeError::Poisoned => ErrorKind::Poisoned,
             _ => ErrorKind::Io,

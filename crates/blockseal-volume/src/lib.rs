@@ -50,6 +50,7 @@ mod error;
 mod flusher;
 #[doc(hidden)]
 pub mod fuzzing;
+mod marker;
 pub mod meta;
 pub mod nonce;
 mod record;
@@ -63,6 +64,7 @@ pub use error::{CreateError, ErrorKind, OpenError, QueryError, VolumeError};
 pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 pub use segment::{FaultOp, FaultySegments, FileSegments, SegmentId, SegmentStore};
 pub use store::{
-    FORMAT_VERSION, Store, StoreOptions, TenantInfo, TenantState, VolumeInfo, VolumeOptions,
+    FORMAT_VERSION, MAX_VOLUME_BYTES, RecoveryReport, Store, StoreOptions, TenantInfo, TenantState,
+    VolumeInfo, VolumeOptions,
 };
 pub use volume::{BlockStatus, CompactionReport, Volume, VolumeStats};

@@ -13,11 +13,12 @@
 //!
 //! This module must never hold plaintext: it only sees sealed blocks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Names one segment: the owning volume's internal id and the segment's index.
@@ -74,23 +75,101 @@ pub trait SegmentStore: Send + Sync + 'static {
             "segment sizes are unknown to this store",
         ))
     }
+    /// Whether `bytes` more may be written while keeping the store's reserve
+    /// free for metadata commits: an error of kind
+    /// [`io::ErrorKind::StorageFull`] when not. Nothing is reserved; the default
+    /// always says yes.
+    fn check_space(&self, bytes: u64) -> io::Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
+}
+
+/// Whether an I/O error is a shortage that may pass (no space, quota, file
+/// descriptors, memory) rather than a failure of the medium: a write that meets
+/// one changed nothing that is referenced, so the volume stays usable.
+pub fn is_transient(error: &io::Error) -> bool {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::OutOfMemory
+    ) || matches!(
+        error.raw_os_error(),
+        Some(ENOMEM | ENFILE | EMFILE | ENOSPC | EDQUOT)
+    )
+}
+
+/// Whether an I/O error says the device or a quota is full.
+pub fn is_storage_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Segments kept as files: `<root>/<volume>/<index>`, written with positional I/O.
+///
+/// Directories are created 0700 and files 0600, whatever the umask. Writes are
+/// refused with [`io::ErrorKind::StorageFull`] once the file system's free space
+/// would fall below the reserve ([`FileSegments::with_reserve`]), so metadata
+/// commits, which need a little space of their own, still succeed on a full
+/// disk and flushed data stays safe.
 pub struct FileSegments {
     root: PathBuf,
     open: Mutex<HashMap<SegmentId, Arc<File>>>,
+    /// Volumes whose directory is known to be durable in `root`.
+    synced_volumes: Mutex<HashSet<u32>>,
+    reserve: u64,
+    /// Bytes that may still be written before free space is looked at again.
+    budget: AtomicU64,
 }
 
+/// Free space looked up once covers at most this many bytes of writes.
+const SPACE_GRANT: u64 = 64 << 20;
+
 impl FileSegments {
-    /// Keeps segments under `root` (created if missing).
+    /// The default free-space reserve: 64 MiB.
+    pub const DEFAULT_RESERVE: u64 = 64 << 20;
+
+    /// Keeps segments under `root` (created 0700 if missing, and made durable in
+    /// its parent), with the default reserve.
     pub fn new(root: impl Into<PathBuf>) -> io::Result<FileSegments> {
+        FileSegments::with_reserve(root, Self::DEFAULT_RESERVE)
+    }
+
+    /// Keeps segments under `root`, refusing writes that would leave less than
+    /// `reserve` bytes free on its file system.
+    pub fn with_reserve(root: impl Into<PathBuf>, reserve: u64) -> io::Result<FileSegments> {
         let root = root.into();
-        fs::create_dir_all(&root)?;
+        if !root.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&root)?;
+            if let Some(parent) = root.parent() {
+                sync_dir(parent)?;
+            }
+        }
         Ok(FileSegments {
             root,
             open: Mutex::new(HashMap::new()),
+            synced_volumes: Mutex::new(HashSet::new()),
+            reserve,
+            budget: AtomicU64::new(0),
         })
+    }
+
+    /// Grants up to `bytes` from the budget; false when the budget is short.
+    fn take_budget(&self, bytes: u64) -> bool {
+        self.budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                b.checked_sub(bytes)
+            })
+            .is_ok()
     }
 
     fn volume_dir(&self, volume: u32) -> PathBuf {
@@ -129,14 +208,29 @@ impl FileSegments {
 impl SegmentStore for FileSegments {
     fn create(&self, id: SegmentId) -> io::Result<()> {
         let dir = self.volume_dir(id.volume);
-        if !dir.exists() {
-            fs::create_dir_all(&dir)?;
+        // Until the root is synced after the directory appeared, a crash may
+        // forget it: a failed attempt syncs again on the next.
+        let known = self
+            .synced_volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id.volume);
+        if !known {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
             sync_dir(&self.root)?;
+            self.synced_volumes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.volume);
         }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(self.path(id))?;
         sync_dir(&dir)?;
         self.handles().insert(id, Arc::new(file));
@@ -191,6 +285,29 @@ impl SegmentStore for FileSegments {
 
     fn size(&self, id: SegmentId) -> io::Result<u64> {
         Ok(self.file(id)?.metadata()?.len())
+    }
+
+    fn check_space(&self, bytes: u64) -> io::Result<()> {
+        if self.take_budget(bytes) {
+            return Ok(());
+        }
+        let stat = rustix::fs::statvfs(&self.root)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        let spare = free.saturating_sub(self.reserve);
+        if spare < bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{} bytes free on the segment file system, {} kept for metadata",
+                    free, self.reserve
+                ),
+            ));
+        }
+        // Grant this write and a bounded amount more; others may be writing to
+        // the same file system, so it is looked at again soon.
+        self.budget
+            .store((spare - bytes).min(SPACE_GRANT), Ordering::Release);
+        Ok(())
     }
 }
 

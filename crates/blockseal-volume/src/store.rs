@@ -5,12 +5,16 @@
 //! ```text
 //! <dir>/blockseal.lock   exclusive lock while a Store is open (std File::try_lock)
 //! <dir>/FORMAT           16-byte header: magic, format version, metadata backend
+//! <dir>/COMMITS          the commit marker (module `marker`)
 //! <dir>/meta/            the metadata store (sled or redb)
 //! <dir>/segments/        segment data (through the SegmentStore trait only)
 //! ```
 //!
-//! Opening checks the master key against the recorded key id and check value
-//! before anything else is read. This module must never store a key unwrapped
+//! Directories are created 0700 and files 0600, whatever the umask. Opening
+//! refuses metadata that is missing or older than the commit marker, and segment
+//! data of volumes the metadata never allocated, before serving anything; then
+//! checks the master key against the recorded key id and check value before
+//! anything else is read. This module must never store a key unwrapped
 //! other than the tenant seeds (which need the master key to be of any use) and
 //! never log key material.
 
@@ -18,6 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,15 +37,20 @@ use crate::block::BlockSize;
 use crate::compactor::{self, Compactor, CompactorConfig, OpenVolumes};
 use crate::error::{CreateError, OpenError, QueryError, VolumeError};
 use crate::flusher::Flusher;
+use crate::marker::{self, MARKER_FILE, Marker, Sequenced};
 use crate::meta::{self, BackendKind, Batch, MetaStore};
-use crate::record::{self, HeaderRecord, TenantRecord, VolumeRecord};
+use crate::record::{self, Extent, HeaderRecord, TenantRecord, VolumeRecord, WriterRecord};
 use crate::segment::{FileSegments, SegmentStore};
-use crate::volume::{CompactionReport, Volume, VolumeParts};
+use crate::volume::{Closed, CompactionReport, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
 
 /// The store format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The largest volume: 2^63 - 1 bytes rounded down to 64 KiB, so that every
+/// offset fits the signed 64-bit sizes of NBD clients and the kernel.
+pub const MAX_VOLUME_BYTES: u64 = (i64::MAX as u64) & !0xffff;
 
 const MAGIC: &[u8; 8] = b"BLKSEAL\n";
 const LOCK_FILE: &str = "blockseal.lock";
@@ -224,6 +234,20 @@ pub struct VolumeInfo {
     pub updated: u64,
 }
 
+/// What [`Store::danger_accept_metadata_loss`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Commits the marker recorded that the metadata no longer holds.
+    pub commits_lost: u64,
+    /// Extent records dropped because no writer record opens their blocks.
+    pub extents_dropped: u64,
+    /// Segment live counts rewritten to match the remaining extents.
+    pub live_counts_fixed: u64,
+    /// Volumes the metadata does not know whose segments moved to `lost/`.
+    pub orphan_volumes: u64,
+}
+
 /// An open store. One process (and one `Store`) may hold a store open at a time.
 ///
 /// Unless disabled in [`StoreOptions::background_compaction`], the store owns a
@@ -241,6 +265,9 @@ pub struct Store {
     /// Open volumes, so a second open shares the first instance (and so the
     /// compaction thread finds them).
     open: OpenVolumes,
+    /// Per volume, the gate its latest instance opens when it has finished
+    /// closing (see [`Closed`]).
+    closing: Mutex<HashMap<(TenantId, VolumeId), Arc<Closed>>>,
     /// Serializes tenant and volume creation (read-check-write of records).
     admin: Mutex<()>,
     // Dropped last: the lock outlives every other handle on the directory.
@@ -266,15 +293,16 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        create_private_dir(&dir)?;
         let lock = lock_store(&dir)?;
-        for name in [FORMAT_FILE, META_DIR, SEGMENTS_DIR] {
-            if dir.join(name).exists() {
-                return Err(OpenError::AlreadyExists { path: dir });
-            }
+        if dir.join(FORMAT_FILE).exists() {
+            return Err(OpenError::AlreadyExists { path: dir });
         }
+        check_no_store_data(&dir)?;
         let backend = options.backend;
-        let meta = open_meta(&dir, backend, &options)?;
+        let raw = open_meta(&dir, backend, &options)?;
+        let meta: Arc<dyn MetaStore> =
+            Arc::new(Sequenced::new(&dir, raw, 0).map_err(io_error(&dir))?);
         let salt = DeploymentSalt::generate()?;
         let header = HeaderRecord {
             salt: *salt.as_bytes(),
@@ -300,24 +328,104 @@ impl Store {
         master: MasterKey,
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
-        let dir = dir.as_ref().to_path_buf();
+        Store::open_checked(dir.as_ref(), master, options, false).map(|(store, _)| store)
+    }
+
+    /// Opens a store whose metadata lost commits it had acknowledged, accepting
+    /// the loss: what [`Store::open`] refuses with
+    /// [`OpenError::MetadataRolledBack`] or [`OpenError::MarkerDamaged`]. Every
+    /// volume's mappings are made consistent again (extents of writers the
+    /// metadata has no record of are dropped, live counts recounted), segment
+    /// directories of volumes the metadata never allocated are moved to
+    /// `<dir>/lost/`, and the commit marker is reset to the metadata.
+    ///
+    /// Blocks whose mappings were lost read as zeros afterwards: run this only
+    /// after trying to restore the metadata from a backup (`docs/OPERATIONS.md`).
+    pub fn danger_accept_metadata_loss(
+        dir: impl AsRef<Path>,
+        master: MasterKey,
+        options: StoreOptions,
+    ) -> Result<(Store, RecoveryReport), OpenError> {
+        Store::open_checked(dir.as_ref(), master, options, true)
+    }
+
+    fn open_checked(
+        dir: &Path,
+        master: MasterKey,
+        options: StoreOptions,
+        accept_loss: bool,
+    ) -> Result<(Store, RecoveryReport), OpenError> {
+        let dir = dir.to_path_buf();
         if !dir.join(FORMAT_FILE).exists() {
+            check_no_store_data(&dir)?;
             return Err(OpenError::NotAStore { path: dir });
         }
         let lock = lock_store(&dir)?;
         let backend = read_format_file(&dir)?;
-        let meta = open_meta(&dir, backend, &options)?;
-        let header = meta
+        warn_if_open_to_others(&dir);
+        if options.meta_store.is_none() && !meta::exists(backend, &dir.join(META_DIR)) {
+            return Err(OpenError::MetadataMissing {
+                path: meta::data_path(backend, &dir.join(META_DIR)),
+            });
+        }
+        let raw = open_meta(&dir, backend, &options)?;
+        let sequence = marker::metadata_sequence(raw.as_ref())?;
+        let mut report = RecoveryReport::default();
+        match marker::read(&dir).map_err(io_error(&dir.join(MARKER_FILE)))? {
+            Marker::At(recorded) if recorded > sequence.unwrap_or(0) => {
+                if !accept_loss {
+                    return Err(OpenError::MetadataRolledBack {
+                        path: dir,
+                        metadata: sequence.unwrap_or(0),
+                        recorded,
+                    });
+                }
+                report.commits_lost = recorded - sequence.unwrap_or(0);
+            }
+            Marker::Damaged if !accept_loss => {
+                return Err(OpenError::MarkerDamaged {
+                    path: dir.join(MARKER_FILE),
+                });
+            }
+            _ => {}
+        }
+        let header = raw
             .get(record::HEADER_KEY)?
-            .ok_or_else(|| OpenError::NotAStore { path: dir.clone() })?;
+            .ok_or_else(|| OpenError::Corrupt {
+                what: "the metadata holds no store header: it was lost or replaced".into(),
+            })?;
         let header = HeaderRecord::decode(&header).map_err(|e| OpenError::Corrupt { what: e.0 })?;
         master.verify(
             KeyId::from_bytes(header.master_key_id),
             &CheckValue::from_bytes(header.check_value),
         )?;
+        if options.segment_store.is_none() {
+            let orphans = orphan_segment_dirs(&dir, raw.as_ref())?;
+            if !orphans.is_empty() && !accept_loss {
+                return Err(OpenError::UnknownSegments {
+                    path: dir.join(SEGMENTS_DIR),
+                    volumes: orphans,
+                });
+            }
+            report.orphan_volumes = move_aside(&dir, &orphans)?;
+        }
+        let meta: Arc<dyn MetaStore> =
+            Arc::new(Sequenced::new(&dir, raw, sequence.unwrap_or(0)).map_err(io_error(&dir))?);
+        if accept_loss {
+            repair_volumes(meta.as_ref(), &mut report)?;
+            tracing::warn!(
+                dir = %dir.display(),
+                commits_lost = report.commits_lost,
+                extents_dropped = report.extents_dropped,
+                live_counts_fixed = report.live_counts_fixed,
+                orphan_volumes = report.orphan_volumes,
+                "accepted metadata loss"
+            );
+        }
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store opened");
         let salt = DeploymentSalt::from_bytes(header.salt);
-        Store::start(dir, lock, meta, master, salt, options)
+        let store = Store::start(dir, lock, meta, master, salt, options)?;
+        Ok((store, report))
     }
 
     /// Opens the segment store and starts the background threads of a store
@@ -342,6 +450,7 @@ impl Store {
             salt,
             options,
             open,
+            closing: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
             _lock: lock,
         })
@@ -433,7 +542,8 @@ impl Store {
         options: VolumeOptions,
     ) -> Result<VolumeInfo, CreateError> {
         let block_size = options.block_size;
-        if size == 0 || !size.is_multiple_of(u64::from(block_size.get())) {
+        if size == 0 || !size.is_multiple_of(u64::from(block_size.get())) || size > MAX_VOLUME_BYTES
+        {
             return Err(CreateError::InvalidSize {
                 size,
                 block_size: block_size.get(),
@@ -519,11 +629,27 @@ impl Store {
     /// Opens a volume. While a handle is open, opening it again returns the same
     /// shared instance.
     pub fn open_volume(&self, tenant: &TenantId, volume: &VolumeId) -> Result<Volume, VolumeError> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let handle = (tenant.clone(), volume.clone());
-        if let Some(inner) = open.get(&handle).and_then(Weak::upgrade) {
-            return Ok(Volume::from_inner(inner));
-        }
+        let mut open = loop {
+            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(inner) = open.get(&handle).and_then(Weak::upgrade) {
+                return Ok(Volume::from_inner(inner));
+            }
+            // The last instance may still be closing (its final flush runs on
+            // whichever thread dropped it): wait for it, outside the registry.
+            let closing = self
+                .lock_closing()
+                .get(&handle)
+                .filter(|closed| !closed.is_open())
+                .cloned();
+            match closing {
+                Some(closed) => {
+                    drop(open);
+                    closed.wait();
+                }
+                None => break open,
+            }
+        };
         let tenant_record = self
             .tenant_record(tenant)
             .map_err(query_to_volume)?
@@ -555,6 +681,7 @@ impl Store {
             let wrapped = WrappedKey::from_bytes(wrapped).map_err(|_| unwrap_failed())?;
             deks.push(kek.unwrap(volume, &wrapped).map_err(|_| unwrap_failed())?);
         }
+        let closed = Arc::new(Closed::default());
         let opened = Volume::open(VolumeParts {
             tenant: tenant.clone(),
             name: volume.clone(),
@@ -569,8 +696,14 @@ impl Store {
             compact_threshold: self.options.compaction_threshold,
             wake: self.compactor.as_ref().map(|c| c.wakeup().clone()),
             flusher: Some(self.flusher.queue().clone()),
+            closed: closed.clone(),
         })?;
         open.retain(|_, weak| weak.strong_count() > 0);
+        {
+            let mut gates = self.lock_closing();
+            gates.retain(|_, gate| !gate.is_open());
+            gates.insert(handle.clone(), closed);
+        }
         open.insert(handle, opened.downgrade());
         drop(open);
         // Segments left dead by an earlier session are reclaimed soon after open.
@@ -579,6 +712,10 @@ impl Store {
         }
         tracing::info!(tenant = %tenant, volume = %volume, "volume opened");
         Ok(opened)
+    }
+
+    fn lock_closing(&self) -> MutexGuard<'_, HashMap<(TenantId, VolumeId), Arc<Closed>>> {
+        self.closing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_admin(&self) -> MutexGuard<'_, ()> {
@@ -667,6 +804,7 @@ fn lock_store(dir: &Path) -> Result<File, OpenError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(io_error(&path))?;
     match file.try_lock() {
@@ -693,7 +831,12 @@ fn write_format_file(dir: &Path, backend: BackendKind) -> Result<(), OpenError> 
     let tmp = dir.join("FORMAT.tmp");
     let path = dir.join(FORMAT_FILE);
     (|| {
-        let mut file = File::create(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, &path)?;
@@ -738,8 +881,36 @@ fn open_meta(
         return Ok(store.clone());
     }
     let path = dir.join(META_DIR);
-    fs::create_dir_all(&path).map_err(io_error(&path))?;
-    Ok(Arc::from(meta::open(backend, &path)?))
+    if !path.is_dir() {
+        create_private_dir(&path)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(dir))?;
+    }
+    let meta = meta::open(backend, &path)?;
+    restrict_modes(&path).map_err(io_error(&path))?;
+    Ok(Arc::from(meta))
+}
+
+/// Takes group and other permissions off every file and directory under `path`
+/// that the backend created with the process umask.
+fn restrict_modes(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    let want = if meta.is_dir() { 0o700 } else { 0o600 };
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & want))?;
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            restrict_modes(&entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn start_compactor(
@@ -765,4 +936,195 @@ fn open_segments(dir: &Path, options: &StoreOptions) -> Result<Arc<dyn SegmentSt
     }
     let path = dir.join(SEGMENTS_DIR);
     Ok(Arc::new(FileSegments::new(&path).map_err(io_error(&path))?))
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 for the directories it makes.
+fn create_private_dir(dir: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error(dir))
+}
+
+/// Refuses a directory without a `FORMAT` file that holds store data anyway: it
+/// is a damaged store, not an empty place for a new one.
+fn check_no_store_data(dir: &Path) -> Result<(), OpenError> {
+    let found: Vec<String> = [META_DIR, SEGMENTS_DIR, MARKER_FILE]
+        .into_iter()
+        .filter(|name| dir.join(name).exists())
+        .map(str::to_owned)
+        .collect();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(OpenError::FormatMissing {
+            path: dir.to_path_buf(),
+            found,
+        })
+    }
+}
+
+/// Logs a warning when the store directory, or its `meta` or `segments`
+/// directory, is open to group or others: ciphertext and wrapped keys are safe
+/// to read, but nobody else needs them, and a writable directory lets others
+/// delete or swap them.
+fn warn_if_open_to_others(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for path in [
+        dir.to_path_buf(),
+        dir.join(META_DIR),
+        dir.join(SEGMENTS_DIR),
+    ] {
+        if let Ok(m) = fs::metadata(&path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", m.permissions().mode() & 0o7777),
+                "store directory is open to group or others; chmod 0700 it"
+            );
+        }
+    }
+}
+
+/// Internal ids of volumes with segment directories under `<dir>/segments` that
+/// the metadata never allocated (at or past its next volume id).
+fn orphan_segment_dirs(dir: &Path, meta: &dyn MetaStore) -> Result<Vec<u32>, OpenError> {
+    let next = match meta.get(record::NEXT_VOLUME_KEY)? {
+        Some(bytes) => record::decode_u64(&bytes, "next volume id")
+            .map_err(|e| OpenError::Corrupt { what: e.0 })?,
+        None => 1,
+    };
+    let root = dir.join(SEGMENTS_DIR);
+    let entries = match fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(&root)(e)),
+    };
+    let mut orphans = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error(&root))?;
+        let id = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(id) = id
+            && u64::from(id) >= next
+        {
+            orphans.push(id);
+        }
+    }
+    orphans.sort_unstable();
+    Ok(orphans)
+}
+
+/// Moves the segment directories of `volumes` to `<dir>/lost/`.
+fn move_aside(dir: &Path, volumes: &[u32]) -> Result<u64, OpenError> {
+    if volumes.is_empty() {
+        return Ok(0);
+    }
+    let lost = dir.join("lost");
+    create_private_dir(&lost)?;
+    for id in volumes {
+        let from = dir.join(SEGMENTS_DIR).join(id.to_string());
+        let mut to = lost.join(id.to_string());
+        let mut n = 1;
+        while to.exists() {
+            to = lost.join(format!("{id}.{n}"));
+            n += 1;
+        }
+        fs::rename(&from, &to).map_err(io_error(&from))?;
+        tracing::warn!(from = %from.display(), to = %to.display(), "moved segments of a volume the metadata does not know");
+    }
+    for synced in [dir.join(SEGMENTS_DIR), lost] {
+        File::open(&synced)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&synced))?;
+    }
+    Ok(volumes.len() as u64)
+}
+
+/// Makes every volume's mappings consistent after accepted metadata loss: drops
+/// extents no writer record (or DEK, for format v1 blocks) opens, and rewrites
+/// the live counts from the extents that remain.
+fn repair_volumes(meta: &dyn MetaStore, report: &mut RecoveryReport) -> Result<(), OpenError> {
+    let corrupt = |e: record::Corrupt| OpenError::Corrupt { what: e.0 };
+    let mut volumes: Vec<VolumeRecord> = Vec::new();
+    let mut bad = None;
+    meta.scan_prefix(b"V", &mut |_, value| match VolumeRecord::decode(value) {
+        Ok(v) => {
+            volumes.push(v);
+            true
+        }
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = bad {
+        return Err(corrupt(e));
+    }
+    for volume in volumes {
+        let id = volume.internal_id;
+        let deks: Vec<u32> = volume.keys.iter().map(|&(v, _)| v).collect();
+        let mut writers: HashMap<u32, u32> = HashMap::new();
+        meta.scan_prefix(&record::writer_prefix(id), &mut |key, value| {
+            if let (Ok(n), Ok(w)) = (record::writer_key_number(key), WriterRecord::decode(value)) {
+                writers.insert(n, w.dek_version);
+            }
+            true
+        })?;
+        let mut batch = Batch::new();
+        let mut mapped: HashMap<u32, u64> = HashMap::new();
+        let mut dropped = 0u64;
+        meta.scan_prefix(&record::extent_prefix(id), &mut |key, value| {
+            let keep = Extent::decode(key, value).ok().filter(|e| match e.writer {
+                0 => deks.contains(&e.dek_version),
+                n => writers.get(&n) == Some(&e.dek_version),
+            });
+            match keep {
+                Some(e) => *mapped.entry(e.segment).or_default() += e.tags.len() as u64,
+                None => {
+                    batch.delete(key.to_vec());
+                    dropped += 1;
+                }
+            }
+            true
+        })?;
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        meta.scan_prefix(&record::live_prefix(id), &mut |key, value| {
+            match (
+                record::live_key_segment(key),
+                record::decode_u64(value, "live count"),
+            ) {
+                (Ok(segment), Ok(count)) => {
+                    live.insert(segment, count);
+                }
+                _ => batch.delete(key.to_vec()),
+            }
+            true
+        })?;
+        let mut fixed = 0u64;
+        let segments: std::collections::BTreeSet<u32> =
+            mapped.keys().chain(live.keys()).copied().collect();
+        for segment in segments {
+            let want = mapped.get(&segment).copied().unwrap_or(0);
+            if live.get(&segment).copied().unwrap_or(0) == want {
+                continue;
+            }
+            fixed += 1;
+            let key = record::live_key(id, segment).to_vec();
+            if want == 0 {
+                batch.delete(key);
+            } else {
+                batch.put(key, record::encode_u64(want).to_vec());
+            }
+        }
+        meta.commit(&batch)?;
+        report.extents_dropped += dropped;
+        report.live_counts_fixed += fixed;
+    }
+    Ok(())
 }

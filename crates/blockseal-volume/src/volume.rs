@@ -207,6 +207,8 @@ pub(crate) struct VolumeInner {
     flusher: Option<Arc<FlushQueue>>,
     /// This volume, for queueing it on `flusher`.
     me: Weak<VolumeInner>,
+    /// Opened when this instance has finished closing (its last flush done).
+    closed: Arc<Closed>,
     /// Reads hold it shared from their lookup to the end of their segment reads;
     /// compaction holds it exclusively only to delete a segment, so no read can
     /// be holding a location in a segment that disappears (see [`compact`]).
@@ -234,6 +236,38 @@ pub(crate) struct VolumeParts {
     /// The store's compaction thread, woken when flushes leave dead space.
     pub(crate) wake: Option<Arc<Wakeup>>,
     pub(crate) flusher: Option<Arc<FlushQueue>>,
+    /// Signalled when the instance has finished closing.
+    pub(crate) closed: Arc<Closed>,
+}
+
+/// A one-way gate: shut while a volume instance lives, open once it has
+/// flushed on close. The store's registry waits on it before opening a new
+/// instance of the same volume, so two instances never hold mappings of one
+/// volume at a time (a new one would miss the old one's unflushed writes, and
+/// the old one's late commit would overwrite the new one's).
+#[derive(Default)]
+pub(crate) struct Closed {
+    done: Mutex<bool>,
+    signal: std::sync::Condvar,
+}
+
+impl Closed {
+    pub(crate) fn is_open(&self) -> bool {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the instance has finished closing.
+    pub(crate) fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = self.signal.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.signal.notify_all();
+    }
 }
 
 impl Volume {
@@ -252,6 +286,7 @@ impl Volume {
             compact_threshold,
             wake,
             flusher,
+            closed,
         } = parts;
         let active_dek = keys
             .first()
@@ -357,6 +392,7 @@ impl Volume {
                 wake,
                 flusher,
                 me: me.clone(),
+                closed,
                 segment_reads: RwLock::new(()),
                 compacted_blocks: AtomicU64::new(0),
                 deleted_segments: AtomicU64::new(0),
@@ -533,10 +569,9 @@ impl fmt::Debug for Volume {
 
 impl Drop for VolumeInner {
     fn drop(&mut self) {
-        if self.poisoned.load(Ordering::Acquire) {
-            return;
-        }
-        if let Err(error) = self.flush() {
+        if !self.poisoned.load(Ordering::Acquire)
+            && let Err(error) = self.flush()
+        {
             tracing::error!(
                 tenant = %self.tenant,
                 volume = %self.name,
@@ -544,6 +579,7 @@ impl Drop for VolumeInner {
                 "flushing a closing volume failed"
             );
         }
+        self.closed.open();
     }
 }
 
@@ -571,6 +607,26 @@ impl VolumeInner {
                 volume = %self.name,
                 "volume poisoned after a failed write or sync; reopen it"
             );
+        }
+    }
+
+    /// The error for a failed segment create or write: a shortage that may pass
+    /// (no space, descriptors, memory) leaves the volume usable, since nothing
+    /// referenced changed; anything else poisons it.
+    fn write_failed(&self, error: std::io::Error) -> VolumeError {
+        if crate::segment::is_storage_full(&error) {
+            tracing::warn!(tenant = %self.tenant, volume = %self.name, %error, "write refused: no space");
+            VolumeError::StorageFull(error)
+        } else if crate::segment::is_transient(&error) {
+            tracing::warn!(tenant = %self.tenant, volume = %self.name, %error, "write failed for lack of a resource");
+            if error.raw_os_error() == Some(28) {
+                VolumeError::StorageFull(error)
+            } else {
+                VolumeError::Resource(error)
+            }
+        } else {
+            self.poison();
+            VolumeError::Io(error)
         }
     }
 
@@ -1007,8 +1063,9 @@ impl VolumeInner {
                 u64::from(offset) * bs as u64,
                 bytes,
             ) {
-                self.poison();
-                return Err(VolumeError::Io(e));
+                // The space stays allocated and unreferenced (compaction takes
+                // it back); the blocks' mappings are unchanged.
+                return Err(self.write_failed(e));
             }
             self.lock_dirty().insert(segment);
             done += run;
@@ -1029,6 +1086,10 @@ impl VolumeInner {
     /// there is none or its counter is spent, so a failure to make one leaves
     /// the head untouched).
     fn allocate(&self, want: usize) -> Result<Space, VolumeError> {
+        let bytes = (want as u64).saturating_mul(self.block_size.len() as u64);
+        self.segments
+            .check_space(bytes)
+            .map_err(|e| self.write_failed(e))?;
         let mut head = self.lock_head();
         self.check_poisoned()?;
         let spent = head
@@ -1112,14 +1173,17 @@ impl VolumeInner {
             Some(s) if head.next_block < self.segment_blocks => s,
             _ => {
                 let index = head.next_index;
-                if let Err(e) = self.segments.create(self.segment_id(index)) {
-                    self.poison();
-                    return Err(VolumeError::Io(e));
-                }
-                head.segment = Some(index);
-                head.next_index = index.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
+                let next = index.checked_add(1).ok_or_else(|| VolumeError::Corrupt {
                     what: "segment index space is spent".into(),
                 })?;
+                // A failed create may have left the file behind: the next try
+                // takes the next index (an empty segment is compacted away).
+                head.next_index = next;
+                if let Err(e) = self.segments.create(self.segment_id(index)) {
+                    head.segment = None;
+                    return Err(self.write_failed(e));
+                }
+                head.segment = Some(index);
                 head.next_block = 0;
                 index
             }

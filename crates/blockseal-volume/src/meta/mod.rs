@@ -31,6 +31,7 @@
 use std::fmt;
 use std::fs::{File, TryLockError};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 mod redb;
 mod sled;
@@ -267,23 +268,86 @@ pub fn open_with(
     options: &OpenOptions,
 ) -> Result<Box<dyn MetaStore>, MetaError> {
     let lock = lock_dir(path, kind)?;
-    let store: Box<dyn MetaStore> = match kind {
-        BackendKind::Sled => Box::new(sled::SledStore::open(path, options)?),
-        BackendKind::Redb => Box::new(redb::RedbStore::open(path, options)?),
+    // A backend that meets a damaged file may panic instead of reporting it
+    // (redb's b-tree code indexes with lengths read from disk): that is corrupt
+    // metadata, never a crash of the process.
+    let opened = catch_panic(kind, || -> Result<Box<dyn MetaStore>, MetaError> {
+        Ok(match kind {
+            BackendKind::Sled => Box::new(sled::SledStore::open(path, options)?),
+            BackendKind::Redb => Box::new(redb::RedbStore::open(path, options)?),
+        })
+    });
+    let store = match opened {
+        Ok(result) => result?,
+        Err(error) => return Err(error),
     };
-    Ok(Box::new(LockedStore { store, _lock: lock }))
+    Ok(Box::new(GuardedStore {
+        store,
+        kind,
+        broken: AtomicBool::new(false),
+        _lock: lock,
+    }))
 }
 
-/// A store together with the directory lock it was opened under.
-struct LockedStore {
+/// Whether the metadata of the given kind exists in the directory `path`
+/// (the file or directory the backend keeps), without creating anything.
+pub fn exists(kind: BackendKind, path: &Path) -> bool {
+    match kind {
+        BackendKind::Sled => path.join(sled::DIR_NAME).is_dir(),
+        BackendKind::Redb => path.join(redb::FILE_NAME).is_file(),
+    }
+}
+
+/// The file or directory, inside a metadata directory, that holds the data of
+/// a backend.
+pub fn data_path(kind: BackendKind, path: &Path) -> std::path::PathBuf {
+    match kind {
+        BackendKind::Sled => path.join(sled::DIR_NAME),
+        BackendKind::Redb => path.join(redb::FILE_NAME),
+    }
+}
+
+/// A backend together with the directory lock it was opened under, with every
+/// call guarded: a panic inside the backend becomes [`MetaError::Corrupt`], and
+/// fences the store (every later call fails the same way), since a backend that
+/// panicked half-way may hold inconsistent state in memory.
+struct GuardedStore {
     // Fields drop in order: the backend closes its files before the lock goes.
     store: Box<dyn MetaStore>,
+    kind: BackendKind,
+    broken: AtomicBool,
     _lock: File,
 }
 
-impl MetaStore for LockedStore {
+impl GuardedStore {
+    fn guard<T>(&self, call: impl FnOnce() -> Result<T, MetaError>) -> Result<T, MetaError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(MetaError::Corrupt {
+                backend: self.kind,
+                source: "an earlier call found the metadata corrupt; the store must be \
+                         checked and reopened"
+                    .into(),
+            });
+        }
+        match catch_panic(self.kind, call) {
+            Ok(result) => result,
+            Err(error) => {
+                if !self.broken.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        backend = ?self.kind,
+                        error = %error_chain(&error),
+                        "metadata store found corrupt; refusing every further call"
+                    );
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl MetaStore for GuardedStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
-        self.store.get(key)
+        self.guard(|| self.store.get(key))
     }
 
     fn scan(
@@ -292,16 +356,42 @@ impl MetaStore for LockedStore {
         end: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), MetaError> {
-        self.store.scan(start, end, visit)
+        self.guard(|| self.store.scan(start, end, visit))
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
-        self.store.commit(batch)
+        self.guard(|| self.store.commit(batch))
     }
 
     fn backend(&self) -> BackendKind {
-        self.store.backend()
+        self.kind
     }
+}
+
+/// Runs `call`, turning a panic into [`MetaError::Corrupt`] with its message.
+fn catch_panic<T>(kind: BackendKind, call: impl FnOnce() -> T) -> Result<T, MetaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        MetaError::Corrupt {
+            backend: kind,
+            source: format!("the backend failed on damaged data: {message}").into(),
+        }
+    })
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// The name of the lock file inside a store directory.

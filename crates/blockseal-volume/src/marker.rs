@@ -1,0 +1,208 @@
+//! The commit marker: a count of metadata commits kept outside the metadata store,
+//! so that metadata which went missing or back in time is noticed at open.
+//!
+//! Every commit through [`Sequenced`] also writes the commit's sequence number into
+//! the metadata (key `C`), atomically with the batch, and, once the batch is
+//! durable, into `<store>/COMMITS`. The file can only lag the metadata (by the one
+//! commit in flight when a process died), never lead it. So at open, metadata
+//! whose sequence is below the file's lost commits it had acknowledged: a damaged
+//! file that the backend silently truncated (sled rewrites what it could read), a
+//! replaced or restored older copy. The store then refuses to open, naming both
+//! numbers, until an operator accepts the loss (`Store::danger_accept_metadata_loss`).
+//!
+//! This does not detect a rollback of the metadata together with the marker (a
+//! restore of the whole directory); `SECURITY.md` says so.
+//!
+//! # `COMMITS` layout
+//!
+//! | offset | size | field                                            |
+//! |-------:|-----:|--------------------------------------------------|
+//! | 0      | 8    | magic `BSCOMMIT`                                 |
+//! | 8      | 8    | last durable commit sequence, u64 big-endian     |
+//! | 16     | 8    | first 8 bytes of SHA-256 over bytes 0..16        |
+//!
+//! It is rewritten in place (24 bytes, within one sector) and fdatasynced.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::meta::{BackendKind, Batch, MetaError, MetaStore};
+
+/// The marker file's name inside the store directory.
+pub(crate) const MARKER_FILE: &str = "COMMITS";
+/// The metadata key holding the last commit's sequence number.
+pub(crate) const SEQUENCE_KEY: &[u8] = b"C";
+
+const MAGIC: &[u8; 8] = b"BSCOMMIT";
+const MARKER_LEN: usize = 24;
+
+/// What the marker file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marker {
+    /// No marker file (a new store, or one made before markers existed).
+    Missing,
+    /// The file exists but is not a valid marker.
+    Damaged,
+    /// The last commit sequence the file recorded.
+    At(u64),
+}
+
+/// Reads the marker of the store in `dir`.
+pub(crate) fn read(dir: &Path) -> io::Result<Marker> {
+    let bytes = match std::fs::read(dir.join(MARKER_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Marker::Missing),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() != MARKER_LEN || &bytes[..8] != MAGIC || bytes[16..] != checksum(&bytes[..16]) {
+        return Ok(Marker::Damaged);
+    }
+    let mut sequence = [0u8; 8];
+    sequence.copy_from_slice(&bytes[8..16]);
+    Ok(Marker::At(u64::from_be_bytes(sequence)))
+}
+
+/// The sequence of the last commit the metadata holds (0 before the first).
+pub(crate) fn metadata_sequence(meta: &dyn MetaStore) -> Result<Option<u64>, MetaError> {
+    Ok(meta.get(SEQUENCE_KEY)?.and_then(|bytes| {
+        let bytes: [u8; 8] = bytes.as_slice().try_into().ok()?;
+        Some(u64::from_be_bytes(bytes))
+    }))
+}
+
+/// A metadata store whose every commit carries the next sequence number and
+/// advances the marker file once durable.
+pub(crate) struct Sequenced {
+    inner: Arc<dyn MetaStore>,
+    state: Mutex<State>,
+    path: PathBuf,
+}
+
+struct State {
+    last: u64,
+    file: File,
+    /// Whether a failed marker write was already logged.
+    warned: bool,
+}
+
+impl Sequenced {
+    /// Wraps `inner`, whose last commit is `sequence`, and writes the marker file
+    /// in `dir` to match (creating it with mode 0600 when missing).
+    pub(crate) fn new(
+        dir: &Path,
+        inner: Arc<dyn MetaStore>,
+        sequence: u64,
+    ) -> io::Result<Sequenced> {
+        let path = dir.join(MARKER_FILE);
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        write_marker(&file, sequence)?;
+        if created {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(Sequenced {
+            inner,
+            state: Mutex::new(State {
+                last: sequence,
+                file,
+                warned: false,
+            }),
+            path,
+        })
+    }
+}
+
+impl MetaStore for Sequenced {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        self.inner.get(key)
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), MetaError> {
+        self.inner.scan(start, end, visit)
+    }
+
+    fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Commits are serialized by every backend anyway; holding the lock across
+        // one keeps sequence numbers in commit order.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let sequence = state.last + 1;
+        let mut sequenced = batch.clone();
+        sequenced.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
+        let committed = self.inner.commit(&sequenced);
+        // The copy may hold a tenant seed, like the caller's batch.
+        sequenced.wipe_values();
+        committed?;
+        state.last = sequence;
+        // The commit is durable whatever happens to the marker: a marker that
+        // lags only weakens the check at the next open, so a failure is logged,
+        // not returned.
+        match write_marker(&state.file, sequence) {
+            Ok(()) => state.warned = false,
+            Err(error) if !state.warned => {
+                state.warned = true;
+                tracing::warn!(path = %self.path.display(), %error, "could not advance the commit marker");
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn backend(&self) -> BackendKind {
+        self.inner.backend()
+    }
+}
+
+fn write_marker(file: &File, sequence: u64) -> io::Result<()> {
+    let mut bytes = [0u8; MARKER_LEN];
+    bytes[..8].copy_from_slice(MAGIC);
+    bytes[8..16].copy_from_slice(&sequence.to_be_bytes());
+    let sum = checksum(&bytes[..16]);
+    bytes[16..].copy_from_slice(&sum);
+    file.write_all_at(&bytes, 0)?;
+    file.sync_data()
+}
+
+fn checksum(bytes: &[u8]) -> [u8; 8] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&digest.as_ref()[..8]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_round_trips_and_damage_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marker::Missing);
+        let path = dir.path().join(MARKER_FILE);
+        let file = File::create(&path).unwrap();
+        write_marker(&file, 42).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marker::At(42));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[12] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marker::Damaged);
+        std::fs::write(&path, b"short").unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marker::Damaged);
+    }
+}
