@@ -70,6 +70,7 @@ pub struct StoreOptions {
     background_compaction: bool,
     compaction_rate: u64,
     compaction_interval: Duration,
+    space_reserve: u64,
 }
 
 impl StoreOptions {
@@ -99,6 +100,7 @@ impl StoreOptions {
             background_compaction: true,
             compaction_rate: Self::DEFAULT_COMPACTION_RATE,
             compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
+            space_reserve: FileSegments::DEFAULT_RESERVE,
         }
     }
 
@@ -161,6 +163,15 @@ impl StoreOptions {
         self
     }
 
+    /// Free space on the segment file system that writes leave for metadata
+    /// commits (default 64 MiB): a write that would eat into it fails with
+    /// [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace) while flushes go on
+    /// committing. Only for segments kept as files under the store directory.
+    pub fn space_reserve(mut self, bytes: u64) -> StoreOptions {
+        self.space_reserve = bytes;
+        self
+    }
+
     /// How often the background thread checks every open volume even when no
     /// flush reported dead space.
     pub fn compaction_interval(mut self, interval: Duration) -> StoreOptions {
@@ -187,6 +198,7 @@ impl fmt::Debug for StoreOptions {
             .field("background_compaction", &self.background_compaction)
             .field("compaction_rate", &self.compaction_rate)
             .field("compaction_interval", &self.compaction_interval)
+            .field("space_reserve", &self.space_reserve)
             .finish()
     }
 }
@@ -935,7 +947,9 @@ fn open_segments(dir: &Path, options: &StoreOptions) -> Result<Arc<dyn SegmentSt
         return Ok(store.clone());
     }
     let path = dir.join(SEGMENTS_DIR);
-    Ok(Arc::new(FileSegments::new(&path).map_err(io_error(&path))?))
+    Ok(Arc::new(
+        FileSegments::with_reserve(&path, options.space_reserve).map_err(io_error(&path))?,
+    ))
 }
 
 /// Creates `dir` (and missing parents) with mode 0700 for the directories it makes.
