@@ -71,7 +71,23 @@ impl fmt::Debug for Passphrase {
     }
 }
 
-/// Argon2id cost parameters, checked to lie within what a key file may hold.
+/// Argon2id cost parameters, checked to lie within the ranges below.
+///
+/// The ranges are what `blockseal key init` accepts, and a key file holding
+/// anything else is refused before any work is done, so that a damaged or hostile
+/// file cannot make a load allocate or compute for long (the old bounds, 4 GiB
+/// and 1024 passes, allowed about two hours of work before "wrong passphrase"):
+/// - memory from 46 MiB (OWASP's Argon2id minimum for one pass) to 2 GiB (RFC 9106's
+///   first recommended option, the largest memory any recommendation asks for);
+/// - 1 to 4 passes: RFC 9106 recommends 1 pass with 2 GiB or 3 with 64 MiB, and
+///   more memory is the better way to spend more time; at 2 GiB and 4 passes a
+///   load still finishes in seconds, well inside a service manager's start timeout;
+/// - 1 to 16 lanes: RFC 9106 recommends 4; this implementation computes the
+///   lanes one after another, so more buy nothing.
+///
+/// The lower bounds make every accepted combination at least as costly to attack
+/// as OWASP's minimum, so no key file can be protected by a trivially cheap
+/// derivation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Argon2Params {
     memory_kib: u32,
@@ -83,25 +99,31 @@ pub struct Argon2Params {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Argon2ParamsError {
-    /// Memory is below 8 KiB per lane or above [`Argon2Params::MAX_MEMORY_KIB`].
+    /// Memory is outside [`Argon2Params::MIN_MEMORY_KIB`] to
+    /// [`Argon2Params::MAX_MEMORY_KIB`].
     #[error(
-        "Argon2id memory must be between 8 KiB per lane and {max} KiB; got {memory_kib} KiB for {parallelism} lane(s)",
+        "Argon2id memory must be between {min} KiB (46 MiB) and {max} KiB (2 GiB); got {memory_kib} KiB",
+        min = Argon2Params::MIN_MEMORY_KIB,
         max = Argon2Params::MAX_MEMORY_KIB
     )]
     Memory {
         /// The refused memory size, in KiB.
         memory_kib: u32,
-        /// The lane count it was checked against.
-        parallelism: u32,
     },
-    /// Iterations are 0 or above [`Argon2Params::MAX_ITERATIONS`].
-    #[error("Argon2id iterations must be between 1 and {max}; got {iterations}", max = Argon2Params::MAX_ITERATIONS)]
+    /// Iterations are outside 1 to [`Argon2Params::MAX_ITERATIONS`].
+    #[error(
+        "Argon2id iterations must be between 1 and {max}; got {iterations}",
+        max = Argon2Params::MAX_ITERATIONS
+    )]
     Iterations {
         /// The refused iteration count.
         iterations: u32,
     },
-    /// Parallelism is 0 or above [`Argon2Params::MAX_PARALLELISM`].
-    #[error("Argon2id parallelism must be between 1 and {max}; got {parallelism}", max = Argon2Params::MAX_PARALLELISM)]
+    /// Parallelism is outside 1 to [`Argon2Params::MAX_PARALLELISM`].
+    #[error(
+        "Argon2id parallelism must be between 1 and {max}; got {parallelism}",
+        max = Argon2Params::MAX_PARALLELISM
+    )]
     Parallelism {
         /// The refused lane count.
         parallelism: u32,
@@ -109,37 +131,45 @@ pub enum Argon2ParamsError {
 }
 
 impl Argon2Params {
-    /// The defaults for new key files: 64 MiB, 3 iterations, 1 lane.
+    /// The defaults for new key files: 64 MiB, 3 iterations, 1 lane (RFC 9106's
+    /// second recommended option, on one lane).
     pub const DEFAULT: Argon2Params = Argon2Params {
         memory_kib: 64 * 1024,
         iterations: 3,
         parallelism: 1,
     };
-    /// Largest memory cost accepted (4 GiB), so a damaged or hostile file cannot
-    /// make a load allocate without bound.
-    pub const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    /// The cheapest parameters accepted: 46 MiB, 1 iteration, 1 lane. For tests
+    /// and examples; weaker than [`Argon2Params::DEFAULT`].
+    pub const CHEAPEST: Argon2Params = Argon2Params {
+        memory_kib: Self::MIN_MEMORY_KIB,
+        iterations: 1,
+        parallelism: 1,
+    };
+    /// Smallest memory cost accepted: 46 MiB (47104 KiB).
+    pub const MIN_MEMORY_KIB: u32 = 46 * 1024;
+    /// Largest memory cost accepted: 2 GiB (2097152 KiB).
+    pub const MAX_MEMORY_KIB: u32 = 2 * 1024 * 1024;
     /// Largest iteration count accepted.
-    pub const MAX_ITERATIONS: u32 = 1024;
+    pub const MAX_ITERATIONS: u32 = 4;
     /// Largest lane count accepted.
-    pub const MAX_PARALLELISM: u32 = 64;
+    pub const MAX_PARALLELISM: u32 = 16;
 
-    /// Checks and builds parameters. Tests may use cheap ones (e.g. 64 KiB, 1, 1).
+    /// Checks and builds parameters.
     pub fn new(
         memory_kib: u32,
         iterations: u32,
         parallelism: u32,
     ) -> Result<Self, Argon2ParamsError> {
-        if !(1..=Self::MAX_PARALLELISM).contains(&parallelism) {
-            return Err(Argon2ParamsError::Parallelism { parallelism });
+        // Argon2 itself needs 8 KiB per lane; the memory floor is far above that.
+        const _: () = assert!(Argon2Params::MIN_MEMORY_KIB >= 8 * Argon2Params::MAX_PARALLELISM);
+        if !(Self::MIN_MEMORY_KIB..=Self::MAX_MEMORY_KIB).contains(&memory_kib) {
+            return Err(Argon2ParamsError::Memory { memory_kib });
         }
         if !(1..=Self::MAX_ITERATIONS).contains(&iterations) {
             return Err(Argon2ParamsError::Iterations { iterations });
         }
-        if memory_kib < 8 * parallelism || memory_kib > Self::MAX_MEMORY_KIB {
-            return Err(Argon2ParamsError::Memory {
-                memory_kib,
-                parallelism,
-            });
+        if !(1..=Self::MAX_PARALLELISM).contains(&parallelism) {
+            return Err(Argon2ParamsError::Parallelism { parallelism });
         }
         Ok(Argon2Params {
             memory_kib,
@@ -279,6 +309,16 @@ pub enum KeyFileError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The file asks for Argon2id parameters outside the accepted ranges (see
+    /// [`Argon2Params`]); nothing was derived.
+    #[error("key file {} asks for Argon2id parameters this build refuses", .path.display())]
+    Argon2Params {
+        /// The file.
+        path: PathBuf,
+        /// Which parameter, and its range.
+        #[source]
+        source: Argon2ParamsError,
     },
     /// The file is shorter than its header says it must be.
     #[error("key file {} is truncated: {actual} bytes, expected {expected}", .path.display())]
@@ -612,8 +652,11 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, KeyFileError> {
     let protection = if bytes[10] == PROTECTION_ARGON2ID {
         let word =
             |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"));
-        let params =
-            Argon2Params::new(word(36), word(40), word(44)).map_err(|e| bad(e.to_string()))?;
+        let params = Argon2Params::new(word(36), word(40), word(44))
+            .map_err(|source| KeyFileError::Argon2Params {
+                path: path_buf(),
+                source,
+            })?;
         Protection::Argon2id(params)
     } else {
         Protection::None
