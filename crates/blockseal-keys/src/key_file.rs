@@ -2,14 +2,15 @@
 //!
 //! This is the only file I/O in the crate. A key file is written once, atomically,
 //! with mode 0600, and never overwritten; it is refused on load when group or others
-//! may read or write it. It holds the key in the clear or sealed under a passphrase
+//! may read or write it, or when it belongs to a user other than the one loading
+//! it or root. It holds the key in the clear or sealed under a passphrase
 //! (Argon2id, then AES-256-GCM). The byte layout is in `docs/FORMAT.md` ("Master key
 //! file"). No message ever contains key or passphrase bytes.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Block, Version};
@@ -243,12 +244,20 @@ pub struct KeyFileInfo {
     pub protection: Protection,
     /// The file's permission bits (e.g. `0o600`).
     pub mode: u32,
+    /// The uid of the file's owner.
+    pub owner: u32,
 }
 
 impl KeyFileInfo {
     /// Whether group or others may read or write the file (a load would refuse it).
     pub fn mode_is_too_open(&self) -> bool {
         self.mode & 0o077 != 0
+    }
+
+    /// Whether the file belongs to a user other than this process's effective
+    /// user and root (a load would refuse it).
+    pub fn owner_is_refused(&self) -> bool {
+        !owner_may_hold_key(self.owner, effective_uid())
     }
 }
 
@@ -284,6 +293,21 @@ pub enum KeyFileError {
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+    },
+    /// The file belongs to a user other than the effective user and root, who could
+    /// replace or read the key.
+    #[error(
+        "key file {} is owned by uid {owner}; it must be owned by the user running blockseal \
+         (uid {euid}) or root: run `chown {euid} {}`",
+        .path.display(), .path.display()
+    )]
+    UntrustedOwner {
+        /// The file.
+        path: PathBuf,
+        /// The uid that owns it.
+        owner: u32,
+        /// The effective uid of this process.
+        euid: u32,
     },
     /// The file does not start with the key file magic.
     #[error("{} is not a blockseal key file (bad magic)", .path.display())]
@@ -486,18 +510,27 @@ pub fn create_key_file_with_params(
 
 /// Loads the master key from the key file at `path`.
 ///
-/// Refuses a file that group or others may read or write, a file of the wrong
-/// length or with a bad header, a protected file without a passphrase, a
-/// passphrase for an unprotected file, and a wrong passphrase.
+/// Refuses a file that group or others may read or write, a file owned by a user
+/// other than the effective user and root, a file of the wrong length or with a
+/// bad header, a protected file without a passphrase, a passphrase for an
+/// unprotected file, and a wrong passphrase.
 pub fn load_key_file(
     path: &Path,
     passphrase: Option<&Passphrase>,
 ) -> Result<MasterKey, KeyFileError> {
-    let (bytes, mode) = read(path)?;
+    let (bytes, mode, owner) = read(path)?;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::InsecureMode {
             path: path.to_path_buf(),
             mode,
+        });
+    }
+    let euid = effective_uid();
+    if !owner_may_hold_key(owner, euid) {
+        return Err(KeyFileError::UntrustedOwner {
+            path: path.to_path_buf(),
+            owner,
+            euid,
         });
     }
     let header = parse(path, &bytes)?;
@@ -534,11 +567,12 @@ pub fn load_key_file(
     }
 }
 
-/// Reads what a key file says about itself: key id, creation time, protection and
-/// file mode. Needs no passphrase, never returns the key, and does not refuse a
-/// file whose mode is too open (see [`KeyFileInfo::mode_is_too_open`]).
+/// Reads what a key file says about itself: key id, creation time, protection,
+/// file mode and owner. Needs no passphrase, never returns the key, and does not
+/// refuse a file whose mode or owner a load would refuse (see
+/// [`KeyFileInfo::mode_is_too_open`] and [`KeyFileInfo::owner_is_refused`]).
 pub fn inspect_key_file(path: &Path) -> Result<KeyFileInfo, KeyFileError> {
-    let (bytes, mode) = read(path)?;
+    let (bytes, mode, owner) = read(path)?;
     let header = parse(path, &bytes)?;
     Ok(KeyFileInfo {
         format_version: KEY_FILE_VERSION,
@@ -546,7 +580,24 @@ pub fn inspect_key_file(path: &Path) -> Result<KeyFileInfo, KeyFileError> {
         created: header.created,
         protection: header.protection,
         mode,
+        owner,
     })
+}
+
+/// Whether a key file owned by `owner` may be loaded by a process whose effective
+/// uid is `euid`: its own files, and root's.
+///
+/// As ssh does for its configuration and keys: any other owner could replace the
+/// key with one of their choosing, or widen the mode and read it. Root's files are
+/// accepted because root is trusted anyway (an attacker with root is outside the
+/// threat model) and a provisioning system may install the file as root; a
+/// process running as root refuses other users' files like any other process.
+fn owner_may_hold_key(owner: u32, euid: u32) -> bool {
+    owner == euid || owner == 0
+}
+
+fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// The fields of a key file header that has passed every check.
@@ -556,8 +607,8 @@ struct Header {
     protection: Protection,
 }
 
-/// Reads at most `MAX_FILE_LEN + 1` bytes of a regular file, and its mode.
-fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
+/// Reads at most `MAX_FILE_LEN + 1` bytes of a regular file, its mode and its owner.
+fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32, u32), KeyFileError> {
     let io = |source: io::Error| {
         if source.kind() == io::ErrorKind::NotFound {
             KeyFileError::NotFound {
@@ -579,7 +630,7 @@ fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
         });
     }
     let file = File::open(path).map_err(io)?;
-    // The mode and type come from the open file, so they describe what is read.
+    // The mode, owner and type come from the open file, so they describe what is read.
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(KeyFileError::NotAFile {
@@ -592,7 +643,7 @@ fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
     file.take(MAX_FILE_LEN + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;
-    Ok((bytes, mode))
+    Ok((bytes, mode, meta.uid()))
 }
 
 /// Checks magic, version, header fields and length, in that order.
@@ -758,4 +809,18 @@ fn passphrase_key(
     result.map_err(|_| failed())?;
     let key = UnboundKey::new(&AES_256_GCM, derived.as_slice()).map_err(|_| failed())?;
     Ok(LessSafeKey::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_must_be_the_effective_user_or_root() {
+        assert!(owner_may_hold_key(1000, 1000));
+        assert!(owner_may_hold_key(0, 1000));
+        assert!(owner_may_hold_key(0, 0));
+        assert!(!owner_may_hold_key(1001, 1000));
+        assert!(!owner_may_hold_key(1000, 0));
+    }
 }

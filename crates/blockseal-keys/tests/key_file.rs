@@ -129,6 +129,74 @@ fn refuses_mode_0644_and_0640() {
     load_key_file(&f.path, None).unwrap();
 }
 
+/// Gives `path` to another uid, or returns false when this process may not
+/// (tests usually run as root; elsewhere the case cannot be built).
+fn give_away(path: &Path, uid: u32) -> bool {
+    match std::os::unix::fs::chown(path, Some(uid), None) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("cannot chown as this user ({e}); skipped");
+            false
+        }
+        Err(e) => panic!("chown {}: {e}", path.display()),
+    }
+}
+
+fn euid() -> u32 {
+    // The owner of a file this process just created.
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    fs::write(&probe, b"").unwrap();
+    std::os::unix::fs::MetadataExt::uid(&fs::metadata(&probe).unwrap())
+}
+
+/// A key file that another user owns (and so could replace or read) is refused,
+/// even with mode 0600 and even when root loads it.
+#[test]
+fn refuses_a_file_owned_by_another_user() {
+    let f = plain();
+    let me = euid();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    if !give_away(&f.path, other) {
+        return;
+    }
+    let p = f.path.display();
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {p} is owned by uid {other}; it must be owned by the user running \
+             blockseal (uid {me}) or root: run `chown {me} {p}`"
+        )
+    );
+    assert!(matches!(
+        load_key_file(&f.path, None),
+        Err(KeyFileError::UntrustedOwner { owner, euid, .. }) if owner == other && euid == me
+    ));
+    // inspect still reads it, and says a load would refuse it.
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.owner, other);
+    assert!(info.owner_is_refused());
+
+    // Back to its owner, it loads.
+    assert!(give_away(&f.path, me));
+    load_key_file(&f.path, None).unwrap();
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.owner, me);
+    assert!(!info.owner_is_refused());
+}
+
+/// Root's key files are trusted by every user (ssh's rule): one installed by a
+/// provisioning system as root loads.
+#[test]
+fn accepts_a_file_owned_by_root() {
+    let f = plain();
+    if !give_away(&f.path, 0) {
+        return;
+    }
+    load_key_file(&f.path, None).unwrap();
+    assert!(!inspect_key_file(&f.path).unwrap().owner_is_refused());
+}
+
 #[test]
 fn refuses_truncated_files() {
     let f = plain();

@@ -484,6 +484,43 @@ fn inspect_and_check_refusals() {
     );
 }
 
+/// A key file owned by another user is refused by `key check` (a real load) with
+/// what to do about it; `key inspect` shows the owner and warns.
+#[test]
+fn check_refuses_a_key_file_owned_by_another_user() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    assert_ok(&run(&mut blockseal(&["key", "init", "--out", p(&path)])));
+    let me = fs::metadata(&path).unwrap().uid();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    if let Err(e) = std::os::unix::fs::chown(&path, Some(other), None) {
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        eprintln!("cannot chown as this user; skipped");
+        return;
+    }
+    assert_fails(
+        &run(&mut blockseal(&["key", "check", p(&path)])),
+        1,
+        &format!(
+            "error: key file {0} is owned by uid {other}; it must be owned by the user running \
+             blockseal (uid {me}) or root: run `chown {me} {0}`\n",
+            p(&path)
+        ),
+    );
+    let out = run(&mut blockseal(&["key", "inspect", p(&path)]));
+    assert_ok(&out);
+    assert_eq!(field(&stdout(&out), "owner:"), format!("uid {other}"));
+    assert!(
+        stderr(&out).contains(&format!(
+            "warning: key file {} is owned by uid {other}, neither this user nor root",
+            p(&path)
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn errors_carry_no_backtrace() {
     let out = run(blockseal(&["key", "inspect", "/nonexistent/k"]).env("RUST_BACKTRACE", "1"));

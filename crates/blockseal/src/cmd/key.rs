@@ -53,12 +53,20 @@ fn inspect(args: &KeyInspectArgs) -> anyhow::Result<()> {
     println!("protection: {}", info.protection);
     println!("created:    {}", rfc3339_utc(info.created));
     println!("mode:       {:04o}", info.mode);
+    println!("owner:      uid {}", info.owner);
     if info.mode_is_too_open() {
         eprintln!(
             "warning: key file {} has mode {:04o}, open to group or others; it will be refused until you run `chmod 600 {}`",
             path.display(),
             info.mode,
             path.display()
+        );
+    }
+    if info.owner_is_refused() {
+        eprintln!(
+            "warning: key file {} is owned by uid {}, neither this user nor root; it will be refused until its owner is changed",
+            path.display(),
+            info.owner,
         );
     }
     Ok(())
