@@ -84,16 +84,20 @@ impl TenantKek {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
         let aad = wrap_aad(self.tenant(), volume, self.version(), dek.version());
-        let mut sealed = [0u8; KEY_LEN + TAG_LEN];
-        sealed[..KEY_LEN].copy_from_slice(dek.expose_secret());
+        // Sealed in a wiped buffer, so that the plaintext key is never in a plain
+        // array, even for a moment; only the ciphertext is copied out.
+        let mut buf = Zeroizing::new([0u8; KEY_LEN]);
+        buf.copy_from_slice(dek.expose_secret());
         let tag = self
             .aead_key()
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad.as_bytes()),
-                &mut sealed[..KEY_LEN],
+                buf.as_mut_slice(),
             )
             .expect("AES-GCM seals 32 bytes without error");
+        let mut sealed = [0u8; KEY_LEN + TAG_LEN];
+        sealed[..KEY_LEN].copy_from_slice(buf.as_slice());
         sealed[KEY_LEN..].copy_from_slice(tag.as_ref());
         Ok(WrappedKey {
             kek_version: self.version(),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Block, Version};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
 use crate::hkdf::constant_time_eq;
@@ -65,6 +65,9 @@ impl From<Zeroizing<String>> for Passphrase {
         Passphrase(passphrase)
     }
 }
+
+/// The text is a `Zeroizing<String>`.
+impl ZeroizeOnDrop for Passphrase {}
 
 impl fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -760,7 +763,10 @@ fn encode(
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut nonce).map_err(random)?;
     let aead = passphrase_key(path, passphrase, &salt, params)?;
-    let mut sealed = Zeroizing::new(*key.expose_secret());
+    // Copied straight into a wiped buffer: `*key.expose_secret()` would make an
+    // unwiped temporary on the stack.
+    let mut sealed = Zeroizing::new([0u8; KEY_LEN]);
+    sealed.copy_from_slice(key.expose_secret());
     let tag = aead
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -793,20 +799,20 @@ fn passphrase_key(
     )
     .map_err(|_| failed())?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params.clone());
-    // Our own work memory, so that it can be wiped: it holds values derived from
-    // the passphrase.
-    let mut memory = vec![Block::new(); argon_params.block_count()];
+    // Our own work memory, so that it is wiped on every path: it holds values
+    // derived from the passphrase. (The crate's `zeroize` feature wipes its
+    // internal hash of the passphrase and its last block.)
+    let mut memory = Zeroizing::new(vec![Block::new(); argon_params.block_count()]);
     let mut derived = Zeroizing::new([0u8; KEY_LEN]);
-    let result = argon.hash_password_into_with_memory(
-        passphrase.expose_secret().as_bytes(),
-        salt,
-        derived.as_mut_slice(),
-        &mut memory,
-    );
-    for block in &mut memory {
-        block.as_mut().zeroize();
-    }
-    result.map_err(|_| failed())?;
+    argon
+        .hash_password_into_with_memory(
+            passphrase.expose_secret().as_bytes(),
+            salt,
+            derived.as_mut_slice(),
+            memory.as_mut_slice(),
+        )
+        .map_err(|_| failed())?;
+    drop(memory);
     let key = UnboundKey::new(&AES_256_GCM, derived.as_slice()).map_err(|_| failed())?;
     Ok(LessSafeKey::new(key))
 }
