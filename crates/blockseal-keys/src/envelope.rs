@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::data_key::fill_random;
 use crate::hkdf::Info;
+use crate::locked::KeyBytes;
 use crate::tenant::TenantKek;
 use crate::{DataKey, KEY_LEN, KeyVersion, RandomError, TenantId, VolumeId};
 
@@ -133,9 +134,9 @@ impl TenantKek {
                 buf.as_mut_slice(),
             )
             .map_err(|_| failed())?;
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(plain);
-        Ok(DataKey::from_bytes(wrapped.dek_version, key))
+        let mut key = KeyBytes::zeroed();
+        key.expose_mut().copy_from_slice(plain);
+        Ok(DataKey::from_key_bytes(wrapped.dek_version, key))
     }
 
     fn aead_key(&self) -> LessSafeKey {

@@ -19,6 +19,7 @@ use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
 use crate::hkdf::constant_time_eq;
+use crate::locked::KeyBytes;
 use crate::master::{CHECK_VALUE_LEN, KEY_ID_LEN, KeyId, MasterKey};
 use crate::{KEY_LEN, RandomError};
 
@@ -538,11 +539,13 @@ pub fn load_key_file(
     }
     let header = parse(path, &bytes)?;
     let path_buf = || path.to_path_buf();
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    // Copied straight into the key's own memory, never into a plain array.
+    let mut key = KeyBytes::zeroed();
     match (header.protection, passphrase) {
         (Protection::None, None) => {
-            key.copy_from_slice(&bytes[HEADER_LEN..HEADER_LEN + KEY_LEN]);
-            let master = MasterKey::from_bytes(header.key_id, header.created, key);
+            key.expose_mut()
+                .copy_from_slice(&bytes[HEADER_LEN..HEADER_LEN + KEY_LEN]);
+            let master = MasterKey::from_key_bytes(header.key_id, header.created, key);
             let stored = &bytes[HEADER_LEN + KEY_LEN..PLAIN_LEN];
             if !constant_time_eq(master.check_value().as_bytes(), stored) {
                 return Err(KeyFileError::Damaged { path: path_buf() });
@@ -563,9 +566,11 @@ pub fn load_key_file(
             let plain = aead
                 .open_in_place(nonce, Aad::from(&bytes[..ARGON2_PARAMS_END]), &mut sealed)
                 .map_err(|_| KeyFileError::WrongPassphrase { path: path_buf() })?;
-            key.copy_from_slice(plain);
-            Ok(MasterKey::from_bytes(header.key_id, header.created, key)
-                .with_protection(header.protection))
+            key.expose_mut().copy_from_slice(plain);
+            Ok(
+                MasterKey::from_key_bytes(header.key_id, header.created, key)
+                    .with_protection(header.protection),
+            )
         }
     }
 }
@@ -706,11 +711,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, KeyFileError> {
     let protection = if bytes[10] == PROTECTION_ARGON2ID {
         let word =
             |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"));
-        let params = Argon2Params::new(word(36), word(40), word(44))
-            .map_err(|source| KeyFileError::Argon2Params {
+        let params = Argon2Params::new(word(36), word(40), word(44)).map_err(|source| {
+            KeyFileError::Argon2Params {
                 path: path_buf(),
                 source,
-            })?;
+            }
+        })?;
         Protection::Argon2id(params)
     } else {
         Protection::None

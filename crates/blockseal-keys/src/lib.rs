@@ -54,6 +54,7 @@ mod envelope;
 mod hkdf;
 mod ids;
 mod key_file;
+mod locked;
 mod master;
 mod tenant;
 

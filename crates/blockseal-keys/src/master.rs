@@ -8,11 +8,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
 use crate::hkdf::{Info, constant_time_eq, hkdf_sha256};
 use crate::key_file::Protection;
+use crate::locked::KeyBytes;
 use crate::tenant::{DeploymentSalt, TenantKek, TenantSeed};
 use crate::{KEY_LEN, KeyVersion, RandomError, TenantId};
 
@@ -129,21 +130,22 @@ pub enum WrongMasterKey {
 
 /// The deployment's 256-bit master key.
 ///
-/// Zeroizes on drop; `Debug` shows its id, creation time and the protection of the
-/// file it was loaded from, never key bytes.
+/// The bytes live in locked memory that only keys use and zeroize on drop;
+/// `Debug` shows the id, creation time and the protection of the file the key
+/// was loaded from, never key bytes.
 pub struct MasterKey {
     id: KeyId,
     created: u64,
     protection: Option<Protection>,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    key: KeyBytes,
 }
 
 impl MasterKey {
     /// Generates a fresh master key and id from the system CSPRNG, stamped with the
     /// current time.
     pub fn generate() -> Result<MasterKey, RandomError> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        fill_random(key.as_mut_slice())?;
+        let mut key = KeyBytes::zeroed();
+        fill_random(key.expose_mut())?;
         let mut id = [0u8; KEY_ID_LEN];
         fill_random(&mut id)?;
         // A clock before 1970 is a misconfigured host; 0 still makes a valid key.
@@ -158,8 +160,13 @@ impl MasterKey {
         })
     }
 
-    /// Builds a master key from known parts (test vectors, a future KMS).
+    /// Builds a master key from known parts (test vectors, a future KMS). The
+    /// bytes are copied to the key's own memory and `key` is wiped.
     pub fn from_bytes(id: KeyId, created: u64, key: Zeroizing<[u8; KEY_LEN]>) -> MasterKey {
+        MasterKey::from_key_bytes(id, created, KeyBytes::copy_of(&key))
+    }
+
+    pub(crate) fn from_key_bytes(id: KeyId, created: u64, key: KeyBytes) -> MasterKey {
         MasterKey {
             id,
             created,
@@ -231,19 +238,20 @@ impl MasterKey {
         version: KeyVersion,
     ) -> TenantKek {
         let info = tenant_kek_info(tenant, seed, version);
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        // Derived straight into the KEK's own memory.
+        let mut key = KeyBytes::zeroed();
         hkdf_sha256(
             salt.as_bytes(),
             self.expose_secret(),
             info.as_bytes(),
-            key.as_mut_slice(),
+            key.expose_mut(),
         );
-        TenantKek::new(tenant.clone(), version, key)
+        TenantKek::from_key_bytes(tenant.clone(), version, key)
     }
 
     /// The raw key bytes. Every use of master key material goes through here.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
-        &self.key
+        self.key.expose()
     }
 
     /// Records how the file this key came from is protected.
@@ -252,6 +260,8 @@ impl MasterKey {
         self
     }
 }
+
+impl ZeroizeOnDrop for MasterKey {}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

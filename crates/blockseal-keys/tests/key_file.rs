@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use blockseal_keys::{
-    Argon2Params, Argon2ParamsError, KeyFileError, MasterKey, Passphrase, Protection, create_key_file,
-    create_key_file_with_params, inspect_key_file, load_key_file,
+    Argon2Params, Argon2ParamsError, KeyFileError, MasterKey, Passphrase, Protection,
+    create_key_file, create_key_file_with_params, inspect_key_file, load_key_file,
 };
 
 fn cheap() -> Argon2Params {
