@@ -9,7 +9,7 @@
 //!   never fuzzed at full cost).
 //! - odd: a genuine file with one byte XORed, `position (u16 BE) || xor || ...`:
 //!   with `0x02` set an unprotected one (checked like an arbitrary file), else a
-//!   passphrase-protected one (Argon2id at 8 KiB, 1 pass) followed by
+//!   passphrase-protected one (the cheapest Argon2id parameters accepted) followed by
 //!   `right passphrase? || wrong passphrase`.
 //!
 //! What must hold (layout in `docs/FORMAT.md`, "Master key file"):
@@ -62,7 +62,7 @@ static GENUINE: LazyLock<(Vec<u8>, MasterKey)> = LazyLock::new(|| {
         Zeroizing::new([0x5a; 32]),
     );
     let path = DIR.join("genuine");
-    let params = Argon2Params::new(8, 1, 1).expect("cheap parameters are valid");
+    let params = Argon2Params::CHEAPEST;
     let passphrase = Passphrase::new(PASSPHRASE.into());
     create_key_file_with_params(&path, &key, Some(&passphrase), params)
         .expect("write the genuine key file");
@@ -237,9 +237,12 @@ fn expected_header(b: &[u8]) -> Option<(Protection, [u8; 16], u64)> {
     Some((protection, b[12..28].try_into().unwrap(), created))
 }
 
-/// Parameters a fuzzing iteration can afford: at most 1 MiB and 4 passes.
+/// Parameters a fuzzing iteration can afford: the cheapest accepted (46 MiB, one
+/// pass), on up to 4 lanes.
 fn cheap(params: &Argon2Params) -> bool {
-    params.memory_kib() <= 1024 && params.iterations() <= 4 && params.parallelism() <= 4
+    params.memory_kib() <= Argon2Params::CHEAPEST.memory_kib()
+        && params.iterations() <= Argon2Params::CHEAPEST.iterations()
+        && params.parallelism() <= 4
 }
 
 fn check_message(e: &KeyFileError) {

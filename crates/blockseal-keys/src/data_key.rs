@@ -3,10 +3,11 @@
 use std::fmt;
 
 use ring::rand::{SecureRandom, SystemRandom};
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::KeyVersion;
 use crate::hkdf::{Info, hkdf_sha256};
+use crate::locked::KeyBytes;
 
 /// Length of a writer salt, in bytes.
 pub const WRITER_SALT_LEN: usize = 32;
@@ -29,23 +30,29 @@ pub(crate) fn fill_random(out: &mut [u8]) -> Result<(), RandomError> {
 
 /// A volume data key: 256 random bits and the version it was created as.
 ///
-/// The bytes zeroize on drop and are reachable only through
+/// The bytes live in locked memory that only keys use, never move when the key
+/// does, zeroize on drop and are reachable only through
 /// [`DataKey::expose_secret`], so searching for that name lists every use.
 pub struct DataKey {
     version: KeyVersion,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    key: KeyBytes,
 }
 
 impl DataKey {
     /// Generates a fresh key from the system CSPRNG.
     pub fn generate(version: KeyVersion) -> Result<DataKey, RandomError> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        fill_random(key.as_mut_slice())?;
+        let mut key = KeyBytes::zeroed();
+        fill_random(key.expose_mut())?;
         Ok(DataKey { version, key })
     }
 
-    /// Builds a key from known bytes (unwrapping, test vectors, fuzzing).
+    /// Builds a key from known bytes (unwrapping, test vectors, fuzzing). The
+    /// bytes are copied to the key's own memory and `key` is wiped.
     pub fn from_bytes(version: KeyVersion, key: Zeroizing<[u8; KEY_LEN]>) -> DataKey {
+        DataKey::from_key_bytes(version, KeyBytes::copy_of(&key))
+    }
+
+    pub(crate) fn from_key_bytes(version: KeyVersion, key: KeyBytes) -> DataKey {
         DataKey { version, key }
     }
 
@@ -56,7 +63,7 @@ impl DataKey {
 
     /// The raw key bytes. Every use of key material goes through here.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
-        &self.key
+        self.key.expose()
     }
 
     /// Derives the key one writer seals with: HKDF-SHA256 over this key with a
@@ -71,12 +78,12 @@ impl DataKey {
     pub fn derive_writer_key(&self, writer: u32, salt: &[u8; WRITER_SALT_LEN]) -> DataKey {
         let mut info = Info::new(WRITER_KEY_LABEL);
         info.u32(self.version.0).u32(writer);
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        let mut key = KeyBytes::zeroed();
         hkdf_sha256(
             salt,
             self.expose_secret(),
             info.as_bytes(),
-            key.as_mut_slice(),
+            key.expose_mut(),
         );
         DataKey {
             version: self.version,
@@ -91,6 +98,8 @@ impl DataKey {
         Ok(salt)
     }
 }
+
+impl ZeroizeOnDrop for DataKey {}
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

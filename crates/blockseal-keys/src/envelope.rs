@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::data_key::fill_random;
 use crate::hkdf::Info;
+use crate::locked::KeyBytes;
 use crate::tenant::TenantKek;
 use crate::{DataKey, KEY_LEN, KeyVersion, RandomError, TenantId, VolumeId};
 
@@ -84,16 +85,20 @@ impl TenantKek {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
         let aad = wrap_aad(self.tenant(), volume, self.version(), dek.version());
-        let mut sealed = [0u8; KEY_LEN + TAG_LEN];
-        sealed[..KEY_LEN].copy_from_slice(dek.expose_secret());
+        // Sealed in a wiped buffer, so that the plaintext key is never in a plain
+        // array, even for a moment; only the ciphertext is copied out.
+        let mut buf = Zeroizing::new([0u8; KEY_LEN]);
+        buf.copy_from_slice(dek.expose_secret());
         let tag = self
             .aead_key()
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad.as_bytes()),
-                &mut sealed[..KEY_LEN],
+                buf.as_mut_slice(),
             )
             .expect("AES-GCM seals 32 bytes without error");
+        let mut sealed = [0u8; KEY_LEN + TAG_LEN];
+        sealed[..KEY_LEN].copy_from_slice(buf.as_slice());
         sealed[KEY_LEN..].copy_from_slice(tag.as_ref());
         Ok(WrappedKey {
             kek_version: self.version(),
@@ -129,9 +134,9 @@ impl TenantKek {
                 buf.as_mut_slice(),
             )
             .map_err(|_| failed())?;
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(plain);
-        Ok(DataKey::from_bytes(wrapped.dek_version, key))
+        let mut key = KeyBytes::zeroed();
+        key.expose_mut().copy_from_slice(plain);
+        Ok(DataKey::from_key_bytes(wrapped.dek_version, key))
     }
 
     fn aead_key(&self) -> LessSafeKey {

@@ -33,15 +33,21 @@ pub(crate) fn hkdf_sha256(salt: &[u8], ikm: &[u8], info: &[u8], out: &mut [u8]) 
         .expect("HKDF output length is at most 255 * 32 bytes for every caller");
 }
 
+/// First capacity of an [`Info`]: room for every encoding the crate builds (the
+/// largest, a wrapped key's associated data with two 63-byte names, is 171 bytes).
+const INFO_CAPACITY: usize = 256;
+
 /// Builds an HKDF `info` (or AEAD associated data) from typed fields.
 ///
-/// The buffer zeroizes on drop because some fields (tenant seeds) are secret.
+/// The buffer zeroizes on drop because some fields (tenant seeds) are secret, and
+/// it never lets `Vec` reallocate: that would free the old buffer, secret
+/// included, without wiping it. It grows through [`Info::append`] instead.
 pub(crate) struct Info(Zeroizing<Vec<u8>>);
 
 impl Info {
     /// Starts an encoding with its label, itself length prefixed.
     pub(crate) fn new(label: &str) -> Info {
-        let mut info = Info(Zeroizing::new(Vec::with_capacity(128)));
+        let mut info = Info(Zeroizing::new(Vec::with_capacity(INFO_CAPACITY)));
         info.bytes(label.as_bytes());
         info
     }
@@ -49,21 +55,33 @@ impl Info {
     /// Appends a variable-length field: its length as a big-endian u32, then the bytes.
     pub(crate) fn bytes(&mut self, field: &[u8]) -> &mut Info {
         let len = u32::try_from(field.len()).expect("info fields are short names and keys");
-        self.0.extend_from_slice(&len.to_be_bytes());
-        self.0.extend_from_slice(field);
+        self.append(&len.to_be_bytes());
+        self.append(field);
         self
     }
 
     /// Appends a fixed-width big-endian u32.
     pub(crate) fn u32(&mut self, value: u32) -> &mut Info {
-        self.0.extend_from_slice(&value.to_be_bytes());
+        self.append(&value.to_be_bytes());
         self
     }
 
     /// Appends a fixed-width byte.
     pub(crate) fn u8(&mut self, value: u8) -> &mut Info {
-        self.0.push(value);
+        self.append(&[value]);
         self
+    }
+
+    /// Appends bytes; when they do not fit, moves the contents to a bigger buffer
+    /// first and wipes the old one (dropping a `Zeroizing` vector wipes it).
+    fn append(&mut self, bytes: &[u8]) {
+        if self.0.capacity() - self.0.len() < bytes.len() {
+            let needed = self.0.len() + bytes.len();
+            let mut bigger = Zeroizing::new(Vec::with_capacity(needed.next_power_of_two()));
+            bigger.extend_from_slice(&self.0);
+            self.0 = bigger;
+        }
+        self.0.extend_from_slice(bytes);
     }
 
     /// The encoded bytes.
@@ -155,6 +173,44 @@ mod tests {
         b.bytes(b"a").bytes(b"bc");
         assert_ne!(a.as_bytes(), b.as_bytes());
         assert_eq!(a.as_bytes(), b"\0\0\0\x01l\0\0\0\x02ab\0\0\0\x01c");
+    }
+
+    /// A tenant KEK's info with the longest tenant name, and a wrapped key's
+    /// associated data with the longest names, fit the first buffer: the one
+    /// holding the seed is never reallocated. (With 128 bytes it was, and `Vec`
+    /// frees the old buffer without wiping it.)
+    #[test]
+    fn longest_encodings_fit_the_first_buffer() {
+        let name = "n".repeat(crate::MAX_NAME_LEN);
+        let mut info = Info::new("blockseal/v1/tenant-kek");
+        let first = info.0.as_ptr();
+        info.bytes(name.as_bytes()).bytes(&[0x5a; 32]).u32(7);
+        assert_eq!(info.0.as_ptr(), first);
+        assert_eq!(info.0.capacity(), INFO_CAPACITY);
+
+        let mut aad = Info::new("blockseal/v1/wrapped-dek");
+        let first = aad.0.as_ptr();
+        aad.u8(1)
+            .bytes(name.as_bytes())
+            .bytes(name.as_bytes())
+            .u32(1)
+            .u32(2);
+        assert_eq!(aad.as_bytes().len(), 171);
+        assert_eq!(aad.0.as_ptr(), first);
+    }
+
+    /// Past its first buffer an Info grows into a new one and keeps every byte.
+    #[test]
+    fn info_grows_past_its_first_buffer() {
+        let mut info = Info::new("l");
+        let long = [0xa5u8; INFO_CAPACITY];
+        info.bytes(&long).u8(9);
+        assert!(info.0.capacity() >= info.0.len());
+        let mut expected = b"\0\0\0\x01l".to_vec();
+        expected.extend_from_slice(&(INFO_CAPACITY as u32).to_be_bytes());
+        expected.extend_from_slice(&long);
+        expected.push(9);
+        assert_eq!(info.as_bytes(), expected);
     }
 
     #[test]

@@ -2,22 +2,24 @@
 //!
 //! This is the only file I/O in the crate. A key file is written once, atomically,
 //! with mode 0600, and never overwritten; it is refused on load when group or others
-//! may read or write it. It holds the key in the clear or sealed under a passphrase
+//! may read or write it, or when it belongs to a user other than the one loading
+//! it or root. It holds the key in the clear or sealed under a passphrase
 //! (Argon2id, then AES-256-GCM). The byte layout is in `docs/FORMAT.md` ("Master key
 //! file"). No message ever contains key or passphrase bytes.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Block, Version};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
 use crate::hkdf::constant_time_eq;
+use crate::locked::KeyBytes;
 use crate::master::{CHECK_VALUE_LEN, KEY_ID_LEN, KeyId, MasterKey};
 use crate::{KEY_LEN, RandomError};
 
@@ -65,13 +67,32 @@ impl From<Zeroizing<String>> for Passphrase {
     }
 }
 
+/// The text is a `Zeroizing<String>`.
+impl ZeroizeOnDrop for Passphrase {}
+
 impl fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Passphrase(<redacted>)")
     }
 }
 
-/// Argon2id cost parameters, checked to lie within what a key file may hold.
+/// Argon2id cost parameters, checked to lie within the ranges below.
+///
+/// The ranges are what `blockseal key init` accepts, and a key file holding
+/// anything else is refused before any work is done, so that a damaged or hostile
+/// file cannot make a load allocate or compute for long (the old bounds, 4 GiB
+/// and 1024 passes, allowed about two hours of work before "wrong passphrase"):
+/// - memory from 46 MiB (OWASP's Argon2id minimum for one pass) to 2 GiB (RFC 9106's
+///   first recommended option, the largest memory any recommendation asks for);
+/// - 1 to 4 passes: RFC 9106 recommends 1 pass with 2 GiB or 3 with 64 MiB, and
+///   more memory is the better way to spend more time; at 2 GiB and 4 passes a
+///   load still finishes in seconds, well inside a service manager's start timeout;
+/// - 1 to 16 lanes: RFC 9106 recommends 4; this implementation computes the
+///   lanes one after another, so more buy nothing.
+///
+/// The lower bounds make every accepted combination at least as costly to attack
+/// as OWASP's minimum, so no key file can be protected by a trivially cheap
+/// derivation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Argon2Params {
     memory_kib: u32,
@@ -83,25 +104,31 @@ pub struct Argon2Params {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Argon2ParamsError {
-    /// Memory is below 8 KiB per lane or above [`Argon2Params::MAX_MEMORY_KIB`].
+    /// Memory is outside [`Argon2Params::MIN_MEMORY_KIB`] to
+    /// [`Argon2Params::MAX_MEMORY_KIB`].
     #[error(
-        "Argon2id memory must be between 8 KiB per lane and {max} KiB; got {memory_kib} KiB for {parallelism} lane(s)",
+        "Argon2id memory must be between {min} KiB (46 MiB) and {max} KiB (2 GiB); got {memory_kib} KiB",
+        min = Argon2Params::MIN_MEMORY_KIB,
         max = Argon2Params::MAX_MEMORY_KIB
     )]
     Memory {
         /// The refused memory size, in KiB.
         memory_kib: u32,
-        /// The lane count it was checked against.
-        parallelism: u32,
     },
-    /// Iterations are 0 or above [`Argon2Params::MAX_ITERATIONS`].
-    #[error("Argon2id iterations must be between 1 and {max}; got {iterations}", max = Argon2Params::MAX_ITERATIONS)]
+    /// Iterations are outside 1 to [`Argon2Params::MAX_ITERATIONS`].
+    #[error(
+        "Argon2id iterations must be between 1 and {max}; got {iterations}",
+        max = Argon2Params::MAX_ITERATIONS
+    )]
     Iterations {
         /// The refused iteration count.
         iterations: u32,
     },
-    /// Parallelism is 0 or above [`Argon2Params::MAX_PARALLELISM`].
-    #[error("Argon2id parallelism must be between 1 and {max}; got {parallelism}", max = Argon2Params::MAX_PARALLELISM)]
+    /// Parallelism is outside 1 to [`Argon2Params::MAX_PARALLELISM`].
+    #[error(
+        "Argon2id parallelism must be between 1 and {max}; got {parallelism}",
+        max = Argon2Params::MAX_PARALLELISM
+    )]
     Parallelism {
         /// The refused lane count.
         parallelism: u32,
@@ -109,37 +136,45 @@ pub enum Argon2ParamsError {
 }
 
 impl Argon2Params {
-    /// The defaults for new key files: 64 MiB, 3 iterations, 1 lane.
+    /// The defaults for new key files: 64 MiB, 3 iterations, 1 lane (RFC 9106's
+    /// second recommended option, on one lane).
     pub const DEFAULT: Argon2Params = Argon2Params {
         memory_kib: 64 * 1024,
         iterations: 3,
         parallelism: 1,
     };
-    /// Largest memory cost accepted (4 GiB), so a damaged or hostile file cannot
-    /// make a load allocate without bound.
-    pub const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    /// The cheapest parameters accepted: 46 MiB, 1 iteration, 1 lane. For tests
+    /// and examples; weaker than [`Argon2Params::DEFAULT`].
+    pub const CHEAPEST: Argon2Params = Argon2Params {
+        memory_kib: Self::MIN_MEMORY_KIB,
+        iterations: 1,
+        parallelism: 1,
+    };
+    /// Smallest memory cost accepted: 46 MiB (47104 KiB).
+    pub const MIN_MEMORY_KIB: u32 = 46 * 1024;
+    /// Largest memory cost accepted: 2 GiB (2097152 KiB).
+    pub const MAX_MEMORY_KIB: u32 = 2 * 1024 * 1024;
     /// Largest iteration count accepted.
-    pub const MAX_ITERATIONS: u32 = 1024;
+    pub const MAX_ITERATIONS: u32 = 4;
     /// Largest lane count accepted.
-    pub const MAX_PARALLELISM: u32 = 64;
+    pub const MAX_PARALLELISM: u32 = 16;
 
-    /// Checks and builds parameters. Tests may use cheap ones (e.g. 64 KiB, 1, 1).
+    /// Checks and builds parameters.
     pub fn new(
         memory_kib: u32,
         iterations: u32,
         parallelism: u32,
     ) -> Result<Self, Argon2ParamsError> {
-        if !(1..=Self::MAX_PARALLELISM).contains(&parallelism) {
-            return Err(Argon2ParamsError::Parallelism { parallelism });
+        // Argon2 itself needs 8 KiB per lane; the memory floor is far above that.
+        const _: () = assert!(Argon2Params::MIN_MEMORY_KIB >= 8 * Argon2Params::MAX_PARALLELISM);
+        if !(Self::MIN_MEMORY_KIB..=Self::MAX_MEMORY_KIB).contains(&memory_kib) {
+            return Err(Argon2ParamsError::Memory { memory_kib });
         }
         if !(1..=Self::MAX_ITERATIONS).contains(&iterations) {
             return Err(Argon2ParamsError::Iterations { iterations });
         }
-        if memory_kib < 8 * parallelism || memory_kib > Self::MAX_MEMORY_KIB {
-            return Err(Argon2ParamsError::Memory {
-                memory_kib,
-                parallelism,
-            });
+        if !(1..=Self::MAX_PARALLELISM).contains(&parallelism) {
+            return Err(Argon2ParamsError::Parallelism { parallelism });
         }
         Ok(Argon2Params {
             memory_kib,
@@ -213,12 +248,20 @@ pub struct KeyFileInfo {
     pub protection: Protection,
     /// The file's permission bits (e.g. `0o600`).
     pub mode: u32,
+    /// The uid of the file's owner.
+    pub owner: u32,
 }
 
 impl KeyFileInfo {
     /// Whether group or others may read or write the file (a load would refuse it).
     pub fn mode_is_too_open(&self) -> bool {
         self.mode & 0o077 != 0
+    }
+
+    /// Whether the file belongs to a user other than this process's effective
+    /// user and root (a load would refuse it).
+    pub fn owner_is_refused(&self) -> bool {
+        !owner_may_hold_key(self.owner, effective_uid())
     }
 }
 
@@ -255,6 +298,21 @@ pub enum KeyFileError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The file belongs to a user other than the effective user and root, who could
+    /// replace or read the key.
+    #[error(
+        "key file {} is owned by uid {owner}; it must be owned by the user running blockseal \
+         (uid {euid}) or root: run `chown {euid} {}`",
+        .path.display(), .path.display()
+    )]
+    UntrustedOwner {
+        /// The file.
+        path: PathBuf,
+        /// The uid that owns it.
+        owner: u32,
+        /// The effective uid of this process.
+        euid: u32,
+    },
     /// The file does not start with the key file magic.
     #[error("{} is not a blockseal key file (bad magic)", .path.display())]
     BadMagic {
@@ -279,6 +337,16 @@ pub enum KeyFileError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The file asks for Argon2id parameters outside the accepted ranges (see
+    /// [`Argon2Params`]); nothing was derived.
+    #[error("key file {} asks for Argon2id parameters this build refuses", .path.display())]
+    Argon2Params {
+        /// The file.
+        path: PathBuf,
+        /// Which parameter, and its range.
+        #[source]
+        source: Argon2ParamsError,
     },
     /// The file is shorter than its header says it must be.
     #[error("key file {} is truncated: {actual} bytes, expected {expected}", .path.display())]
@@ -446,27 +514,38 @@ pub fn create_key_file_with_params(
 
 /// Loads the master key from the key file at `path`.
 ///
-/// Refuses a file that group or others may read or write, a file of the wrong
-/// length or with a bad header, a protected file without a passphrase, a
-/// passphrase for an unprotected file, and a wrong passphrase.
+/// Refuses a file that group or others may read or write, a file owned by a user
+/// other than the effective user and root, a file of the wrong length or with a
+/// bad header, a protected file without a passphrase, a passphrase for an
+/// unprotected file, and a wrong passphrase.
 pub fn load_key_file(
     path: &Path,
     passphrase: Option<&Passphrase>,
 ) -> Result<MasterKey, KeyFileError> {
-    let (bytes, mode) = read(path)?;
+    let (bytes, mode, owner) = read(path)?;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::InsecureMode {
             path: path.to_path_buf(),
             mode,
         });
     }
+    let euid = effective_uid();
+    if !owner_may_hold_key(owner, euid) {
+        return Err(KeyFileError::UntrustedOwner {
+            path: path.to_path_buf(),
+            owner,
+            euid,
+        });
+    }
     let header = parse(path, &bytes)?;
     let path_buf = || path.to_path_buf();
-    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    // Copied straight into the key's own memory, never into a plain array.
+    let mut key = KeyBytes::zeroed();
     match (header.protection, passphrase) {
         (Protection::None, None) => {
-            key.copy_from_slice(&bytes[HEADER_LEN..HEADER_LEN + KEY_LEN]);
-            let master = MasterKey::from_bytes(header.key_id, header.created, key);
+            key.expose_mut()
+                .copy_from_slice(&bytes[HEADER_LEN..HEADER_LEN + KEY_LEN]);
+            let master = MasterKey::from_key_bytes(header.key_id, header.created, key);
             let stored = &bytes[HEADER_LEN + KEY_LEN..PLAIN_LEN];
             if !constant_time_eq(master.check_value().as_bytes(), stored) {
                 return Err(KeyFileError::Damaged { path: path_buf() });
@@ -487,18 +566,21 @@ pub fn load_key_file(
             let plain = aead
                 .open_in_place(nonce, Aad::from(&bytes[..ARGON2_PARAMS_END]), &mut sealed)
                 .map_err(|_| KeyFileError::WrongPassphrase { path: path_buf() })?;
-            key.copy_from_slice(plain);
-            Ok(MasterKey::from_bytes(header.key_id, header.created, key)
-                .with_protection(header.protection))
+            key.expose_mut().copy_from_slice(plain);
+            Ok(
+                MasterKey::from_key_bytes(header.key_id, header.created, key)
+                    .with_protection(header.protection),
+            )
         }
     }
 }
 
-/// Reads what a key file says about itself: key id, creation time, protection and
-/// file mode. Needs no passphrase, never returns the key, and does not refuse a
-/// file whose mode is too open (see [`KeyFileInfo::mode_is_too_open`]).
+/// Reads what a key file says about itself: key id, creation time, protection,
+/// file mode and owner. Needs no passphrase, never returns the key, and does not
+/// refuse a file whose mode or owner a load would refuse (see
+/// [`KeyFileInfo::mode_is_too_open`] and [`KeyFileInfo::owner_is_refused`]).
 pub fn inspect_key_file(path: &Path) -> Result<KeyFileInfo, KeyFileError> {
-    let (bytes, mode) = read(path)?;
+    let (bytes, mode, owner) = read(path)?;
     let header = parse(path, &bytes)?;
     Ok(KeyFileInfo {
         format_version: KEY_FILE_VERSION,
@@ -506,7 +588,24 @@ pub fn inspect_key_file(path: &Path) -> Result<KeyFileInfo, KeyFileError> {
         created: header.created,
         protection: header.protection,
         mode,
+        owner,
     })
+}
+
+/// Whether a key file owned by `owner` may be loaded by a process whose effective
+/// uid is `euid`: its own files, and root's.
+///
+/// As ssh does for its configuration and keys: any other owner could replace the
+/// key with one of their choosing, or widen the mode and read it. Root's files are
+/// accepted because root is trusted anyway (an attacker with root is outside the
+/// threat model) and a provisioning system may install the file as root; a
+/// process running as root refuses other users' files like any other process.
+fn owner_may_hold_key(owner: u32, euid: u32) -> bool {
+    owner == euid || owner == 0
+}
+
+fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// The fields of a key file header that has passed every check.
@@ -516,8 +615,8 @@ struct Header {
     protection: Protection,
 }
 
-/// Reads at most `MAX_FILE_LEN + 1` bytes of a regular file, and its mode.
-fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
+/// Reads at most `MAX_FILE_LEN + 1` bytes of a regular file, its mode and its owner.
+fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32, u32), KeyFileError> {
     let io = |source: io::Error| {
         if source.kind() == io::ErrorKind::NotFound {
             KeyFileError::NotFound {
@@ -539,7 +638,7 @@ fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
         });
     }
     let file = File::open(path).map_err(io)?;
-    // The mode and type come from the open file, so they describe what is read.
+    // The mode, owner and type come from the open file, so they describe what is read.
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(KeyFileError::NotAFile {
@@ -552,7 +651,7 @@ fn read(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), KeyFileError> {
     file.take(MAX_FILE_LEN + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;
-    Ok((bytes, mode))
+    Ok((bytes, mode, meta.uid()))
 }
 
 /// Checks magic, version, header fields and length, in that order.
@@ -612,8 +711,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, KeyFileError> {
     let protection = if bytes[10] == PROTECTION_ARGON2ID {
         let word =
             |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"));
-        let params =
-            Argon2Params::new(word(36), word(40), word(44)).map_err(|e| bad(e.to_string()))?;
+        let params = Argon2Params::new(word(36), word(40), word(44)).map_err(|source| {
+            KeyFileError::Argon2Params {
+                path: path_buf(),
+                source,
+            }
+        })?;
         Protection::Argon2id(params)
     } else {
         Protection::None
@@ -666,7 +769,10 @@ fn encode(
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut nonce).map_err(random)?;
     let aead = passphrase_key(path, passphrase, &salt, params)?;
-    let mut sealed = Zeroizing::new(*key.expose_secret());
+    // Copied straight into a wiped buffer: `*key.expose_secret()` would make an
+    // unwiped temporary on the stack.
+    let mut sealed = Zeroizing::new([0u8; KEY_LEN]);
+    sealed.copy_from_slice(key.expose_secret());
     let tag = aead
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -699,20 +805,34 @@ fn passphrase_key(
     )
     .map_err(|_| failed())?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params.clone());
-    // Our own work memory, so that it can be wiped: it holds values derived from
-    // the passphrase.
-    let mut memory = vec![Block::new(); argon_params.block_count()];
+    // Our own work memory, so that it is wiped on every path: it holds values
+    // derived from the passphrase. (The crate's `zeroize` feature wipes its
+    // internal hash of the passphrase and its last block.)
+    let mut memory = Zeroizing::new(vec![Block::new(); argon_params.block_count()]);
     let mut derived = Zeroizing::new([0u8; KEY_LEN]);
-    let result = argon.hash_password_into_with_memory(
-        passphrase.expose_secret().as_bytes(),
-        salt,
-        derived.as_mut_slice(),
-        &mut memory,
-    );
-    for block in &mut memory {
-        block.as_mut().zeroize();
-    }
-    result.map_err(|_| failed())?;
+    argon
+        .hash_password_into_with_memory(
+            passphrase.expose_secret().as_bytes(),
+            salt,
+            derived.as_mut_slice(),
+            memory.as_mut_slice(),
+        )
+        .map_err(|_| failed())?;
+    drop(memory);
     let key = UnboundKey::new(&AES_256_GCM, derived.as_slice()).map_err(|_| failed())?;
     Ok(LessSafeKey::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_must_be_the_effective_user_or_root() {
+        assert!(owner_may_hold_key(1000, 1000));
+        assert!(owner_may_hold_key(0, 1000));
+        assert!(owner_may_hold_key(0, 0));
+        assert!(!owner_may_hold_key(1001, 1000));
+        assert!(!owner_may_hold_key(1000, 0));
+    }
 }

@@ -26,10 +26,10 @@
 //! let path = dir.path().join("master.key");
 //!
 //! // Generate a master key and keep it in a passphrase-protected key file.
-//! // (Cheap Argon2id parameters for the example; real files use the defaults.)
+//! // (The cheapest Argon2id parameters for the example; real files use the defaults.)
 //! let master = MasterKey::generate()?;
 //! let passphrase = Passphrase::new("correct horse battery staple".to_owned());
-//! let params = Argon2Params::new(64, 1, 1)?;
+//! let params = Argon2Params::CHEAPEST;
 //! create_key_file_with_params(&path, &master, Some(&passphrase), params)?;
 //! let master = load_key_file(&path, Some(&passphrase))?;
 //!
@@ -54,6 +54,7 @@ mod envelope;
 mod hkdf;
 mod ids;
 mod key_file;
+mod locked;
 mod master;
 mod tenant;
 

@@ -8,11 +8,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
 use crate::hkdf::{Info, constant_time_eq, hkdf_sha256};
 use crate::key_file::Protection;
+use crate::locked::KeyBytes;
 use crate::tenant::{DeploymentSalt, TenantKek, TenantSeed};
 use crate::{KEY_LEN, KeyVersion, RandomError, TenantId};
 
@@ -105,32 +106,46 @@ impl fmt::Debug for CheckValue {
 
 /// The master key offered is not the one a store was created with.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("wrong master key for this store: it expects key {expected}, this is key {actual}")]
 #[non_exhaustive]
-pub struct WrongMasterKey {
-    /// The key id the store recorded.
-    pub expected: KeyId,
-    /// The id of the key that was offered.
-    pub actual: KeyId,
+pub enum WrongMasterKey {
+    /// The key has another id than the one the store recorded: another key.
+    #[error("wrong master key for this store: it expects key {expected}, this is key {actual}")]
+    OtherKey {
+        /// The key id the store recorded.
+        expected: KeyId,
+        /// The id of the key that was offered.
+        actual: KeyId,
+    },
+    /// The key carries the id the store recorded, but its bytes do not give the
+    /// store's check value: the key (or the file it came from) was damaged or
+    /// forged under the right id.
+    #[error(
+        "master key {id} does not match this store's check value: the key file is damaged or forged"
+    )]
+    CheckValueMismatch {
+        /// The id the key and the store share.
+        id: KeyId,
+    },
 }
 
 /// The deployment's 256-bit master key.
 ///
-/// Zeroizes on drop; `Debug` shows its id, creation time and the protection of the
-/// file it was loaded from, never key bytes.
+/// The bytes live in locked memory that only keys use and zeroize on drop;
+/// `Debug` shows the id, creation time and the protection of the file the key
+/// was loaded from, never key bytes.
 pub struct MasterKey {
     id: KeyId,
     created: u64,
     protection: Option<Protection>,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    key: KeyBytes,
 }
 
 impl MasterKey {
     /// Generates a fresh master key and id from the system CSPRNG, stamped with the
     /// current time.
     pub fn generate() -> Result<MasterKey, RandomError> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        fill_random(key.as_mut_slice())?;
+        let mut key = KeyBytes::zeroed();
+        fill_random(key.expose_mut())?;
         let mut id = [0u8; KEY_ID_LEN];
         fill_random(&mut id)?;
         // A clock before 1970 is a misconfigured host; 0 still makes a valid key.
@@ -145,8 +160,13 @@ impl MasterKey {
         })
     }
 
-    /// Builds a master key from known parts (test vectors, a future KMS).
+    /// Builds a master key from known parts (test vectors, a future KMS). The
+    /// bytes are copied to the key's own memory and `key` is wiped.
     pub fn from_bytes(id: KeyId, created: u64, key: Zeroizing<[u8; KEY_LEN]>) -> MasterKey {
+        MasterKey::from_key_bytes(id, created, KeyBytes::copy_of(&key))
+    }
+
+    pub(crate) fn from_key_bytes(id: KeyId, created: u64, key: KeyBytes) -> MasterKey {
         MasterKey {
             id,
             created,
@@ -186,17 +206,21 @@ impl MasterKey {
 
     /// Checks that this is the key a store recorded as `id` with `check`.
     ///
-    /// The check value is compared in constant time.
+    /// Another id is [`WrongMasterKey::OtherKey`]; the right id with key bytes
+    /// that do not give `check` is [`WrongMasterKey::CheckValueMismatch`]. The
+    /// check value is always computed and compared in constant time.
     pub fn verify(&self, id: KeyId, check: &CheckValue) -> Result<(), WrongMasterKey> {
         let ours = self.check_value();
         let same_check = constant_time_eq(ours.as_bytes(), check.as_bytes());
-        if same_check && id == self.id {
-            Ok(())
-        } else {
-            Err(WrongMasterKey {
+        if id != self.id {
+            Err(WrongMasterKey::OtherKey {
                 expected: id,
                 actual: self.id,
             })
+        } else if !same_check {
+            Err(WrongMasterKey::CheckValueMismatch { id })
+        } else {
+            Ok(())
         }
     }
 
@@ -214,19 +238,20 @@ impl MasterKey {
         version: KeyVersion,
     ) -> TenantKek {
         let info = tenant_kek_info(tenant, seed, version);
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        // Derived straight into the KEK's own memory.
+        let mut key = KeyBytes::zeroed();
         hkdf_sha256(
             salt.as_bytes(),
             self.expose_secret(),
             info.as_bytes(),
-            key.as_mut_slice(),
+            key.expose_mut(),
         );
-        TenantKek::new(tenant.clone(), version, key)
+        TenantKek::from_key_bytes(tenant.clone(), version, key)
     }
 
     /// The raw key bytes. Every use of master key material goes through here.
     pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
-        &self.key
+        self.key.expose()
     }
 
     /// Records how the file this key came from is protected.
@@ -235,6 +260,8 @@ impl MasterKey {
         self
     }
 }
+
+impl ZeroizeOnDrop for MasterKey {}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -297,17 +324,45 @@ mod tests {
     fn verify_accepts_the_same_key_only() {
         let a = master(1);
         a.verify(a.id(), &a.check_value()).unwrap();
-        let b = master(2);
-        let err = b.verify(a.id(), &a.check_value()).unwrap_err();
+        // Another key under another id.
+        let c = MasterKey::from_bytes(KeyId([8; 16]), 1, Zeroizing::new([2; KEY_LEN]));
+        let err = c.verify(a.id(), &a.check_value()).unwrap_err();
+        assert!(matches!(err, WrongMasterKey::OtherKey { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
             "wrong master key for this store: it expects key 07070707070707070707070707070707, \
-             this is key 07070707070707070707070707070707"
+             this is key 08080808080808080808080808080808"
         );
-        let c = MasterKey::from_bytes(KeyId([8; 16]), 1, Zeroizing::new([1; KEY_LEN]));
-        let err = c.verify(a.id(), &a.check_value()).unwrap_err();
-        assert!(err.to_string().contains("expects key 0707"), "{err}");
-        assert!(err.to_string().contains("this is key 0808"), "{err}");
+        // The same bytes under another id: still the other key the store names.
+        let d = MasterKey::from_bytes(KeyId([8; 16]), 1, Zeroizing::new([1; KEY_LEN]));
+        let err = d.verify(a.id(), &a.check_value()).unwrap_err();
+        assert!(matches!(err, WrongMasterKey::OtherKey { .. }), "{err:?}");
+    }
+
+    /// A forged key file: the store's key id with other key bytes. The message
+    /// used to name the same id twice ("expects key X, this is key X").
+    #[test]
+    fn verify_names_a_forged_key_with_the_right_id() {
+        let a = master(1);
+        let forged = master(2);
+        assert_eq!(forged.id(), a.id());
+        let err = forged.verify(a.id(), &a.check_value()).unwrap_err();
+        assert!(
+            matches!(err, WrongMasterKey::CheckValueMismatch { id } if id == a.id()),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "master key 07070707070707070707070707070707 does not match this store's check \
+             value: the key file is damaged or forged"
+        );
+        // A damaged stored check value reads the same way.
+        let mut check = *a.check_value().as_bytes();
+        check[0] ^= 1;
+        let err = a
+            .verify(a.id(), &CheckValue::from_bytes(check))
+            .unwrap_err();
+        assert!(matches!(err, WrongMasterKey::CheckValueMismatch { .. }));
     }
 
     #[test]

@@ -3,13 +3,17 @@
 
 use std::fmt;
 
-use zeroize::Zeroizing;
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 use crate::data_key::fill_random;
+use crate::locked::KeyBytes;
 use crate::{KEY_LEN, KeyVersion, RandomError, TenantId};
 
 /// Length of a [`DeploymentSalt`] and of a [`TenantSeed`], in bytes.
 pub const SEED_LEN: usize = 32;
+
+// A seed is kept in a key slot.
+const _: () = assert!(SEED_LEN == KEY_LEN);
 
 /// A deployment's HKDF salt: 32 random bytes chosen once per deployment and stored
 /// in its metadata. Not secret; it separates the KEKs of two deployments that
@@ -48,28 +52,31 @@ impl fmt::Debug for DeploymentSalt {
 /// KEK derivation depends on.
 ///
 /// Crypto-shredding a tenant destroys its seed, after which its KEK can never be
-/// derived again, not even with the master key. Zeroizes on drop; `Debug` shows
-/// nothing.
-pub struct TenantSeed(Zeroizing<[u8; SEED_LEN]>);
+/// derived again, not even with the master key. Kept in locked memory like a key;
+/// zeroizes on drop; `Debug` shows nothing.
+pub struct TenantSeed(KeyBytes);
 
 impl TenantSeed {
     /// Generates a fresh seed from the system CSPRNG.
     pub fn generate() -> Result<TenantSeed, RandomError> {
-        let mut seed = Zeroizing::new([0u8; SEED_LEN]);
-        fill_random(seed.as_mut_slice())?;
+        let mut seed = KeyBytes::zeroed();
+        fill_random(seed.expose_mut())?;
         Ok(TenantSeed(seed))
     }
 
-    /// Builds a seed from stored bytes.
+    /// Builds a seed from stored bytes. The bytes are copied to the seed's own
+    /// memory and `bytes` is wiped.
     pub fn from_bytes(bytes: Zeroizing<[u8; SEED_LEN]>) -> TenantSeed {
-        TenantSeed(bytes)
+        TenantSeed(KeyBytes::copy_of(&bytes))
     }
 
     /// The seed's bytes, to store. Every use of seed material goes through here.
     pub fn expose_secret(&self) -> &[u8; SEED_LEN] {
-        &self.0
+        self.0.expose()
     }
 }
+
+impl ZeroizeOnDrop for TenantSeed {}
 
 impl fmt::Debug for TenantSeed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -81,19 +88,25 @@ impl fmt::Debug for TenantSeed {
 /// (see [`TenantKek::wrap`]).
 ///
 /// Only ever derived with [`MasterKey::tenant_kek`](crate::MasterKey::tenant_kek).
-/// Zeroizes on drop; `Debug` shows the tenant and version only.
+/// Kept in locked memory; zeroizes on drop; `Debug` shows the tenant and version
+/// only.
 pub struct TenantKek {
     tenant: TenantId,
     version: KeyVersion,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    key: KeyBytes,
 }
 
 impl TenantKek {
+    #[cfg(test)]
     pub(crate) fn new(
         tenant: TenantId,
         version: KeyVersion,
         key: Zeroizing<[u8; KEY_LEN]>,
     ) -> Self {
+        TenantKek::from_key_bytes(tenant, version, KeyBytes::copy_of(&key))
+    }
+
+    pub(crate) fn from_key_bytes(tenant: TenantId, version: KeyVersion, key: KeyBytes) -> Self {
         TenantKek {
             tenant,
             version,
@@ -113,9 +126,11 @@ impl TenantKek {
 
     /// The raw key bytes; crate private, every use goes through here.
     pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
-        &self.key
+        self.key.expose()
     }
 }
+
+impl ZeroizeOnDrop for TenantKek {}
 
 impl fmt::Debug for TenantKek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

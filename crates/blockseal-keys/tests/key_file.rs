@@ -5,12 +5,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use blockseal_keys::{
-    Argon2Params, KeyFileError, MasterKey, Passphrase, Protection, create_key_file,
-    create_key_file_with_params, inspect_key_file, load_key_file,
+    Argon2Params, Argon2ParamsError, KeyFileError, MasterKey, Passphrase, Protection,
+    create_key_file, create_key_file_with_params, inspect_key_file, load_key_file,
 };
 
 fn cheap() -> Argon2Params {
-    Argon2Params::new(64, 1, 1).unwrap()
+    Argon2Params::CHEAPEST
 }
 
 fn pass(s: &str) -> Passphrase {
@@ -100,7 +100,7 @@ fn inspect_needs_no_passphrase_and_shows_no_key() {
     assert!(!info.mode_is_too_open());
     assert_eq!(
         info.protection.to_string(),
-        "passphrase (Argon2id, m=64 KiB, t=1, p=1)"
+        "passphrase (Argon2id, m=47104 KiB, t=1, p=1)"
     );
 
     let f = plain();
@@ -127,6 +127,74 @@ fn refuses_mode_0644_and_0640() {
     let f = plain();
     fs::set_permissions(&f.path, fs::Permissions::from_mode(0o400)).unwrap();
     load_key_file(&f.path, None).unwrap();
+}
+
+/// Gives `path` to another uid, or returns false when this process may not
+/// (tests usually run as root; elsewhere the case cannot be built).
+fn give_away(path: &Path, uid: u32) -> bool {
+    match std::os::unix::fs::chown(path, Some(uid), None) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("cannot chown as this user ({e}); skipped");
+            false
+        }
+        Err(e) => panic!("chown {}: {e}", path.display()),
+    }
+}
+
+fn euid() -> u32 {
+    // The owner of a file this process just created.
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    fs::write(&probe, b"").unwrap();
+    std::os::unix::fs::MetadataExt::uid(&fs::metadata(&probe).unwrap())
+}
+
+/// A key file that another user owns (and so could replace or read) is refused,
+/// even with mode 0600 and even when root loads it.
+#[test]
+fn refuses_a_file_owned_by_another_user() {
+    let f = plain();
+    let me = euid();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    if !give_away(&f.path, other) {
+        return;
+    }
+    let p = f.path.display();
+    assert_eq!(
+        load_err(&f.path, None),
+        format!(
+            "key file {p} is owned by uid {other}; it must be owned by the user running \
+             blockseal (uid {me}) or root: run `chown {me} {p}`"
+        )
+    );
+    assert!(matches!(
+        load_key_file(&f.path, None),
+        Err(KeyFileError::UntrustedOwner { owner, euid, .. }) if owner == other && euid == me
+    ));
+    // inspect still reads it, and says a load would refuse it.
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.owner, other);
+    assert!(info.owner_is_refused());
+
+    // Back to its owner, it loads.
+    assert!(give_away(&f.path, me));
+    load_key_file(&f.path, None).unwrap();
+    let info = inspect_key_file(&f.path).unwrap();
+    assert_eq!(info.owner, me);
+    assert!(!info.owner_is_refused());
+}
+
+/// Root's key files are trusted by every user (ssh's rule): one installed by a
+/// provisioning system as root loads.
+#[test]
+fn accepts_a_file_owned_by_root() {
+    let f = plain();
+    if !give_away(&f.path, 0) {
+        return;
+    }
+    load_key_file(&f.path, None).unwrap();
+    assert!(!inspect_key_file(&f.path).unwrap().owner_is_refused());
 }
 
 #[test]
@@ -237,19 +305,106 @@ fn refuses_bad_header_fields() {
             f.path.display()
         )
     );
-    // Absurd Argon2id memory (a hostile file must not make us allocate 16 TiB).
-    let f = protected();
-    edit(&f.path, |b| {
-        b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())
+}
+
+/// Writes `(memory, iterations, lanes)` into a genuine protected file.
+fn with_params(path: &Path, params: (u32, u32, u32)) {
+    edit(path, |b| {
+        b[36..40].copy_from_slice(&params.0.to_be_bytes());
+        b[40..44].copy_from_slice(&params.1.to_be_bytes());
+        b[44..48].copy_from_slice(&params.2.to_be_bytes());
     });
-    assert_eq!(
-        load_err(&f.path, Some(&pass("hunter2"))),
-        format!(
-            "key file {} has a bad header: Argon2id memory must be between 8 KiB per lane and \
-             4194304 KiB; got 4294967295 KiB for 1 lane(s)",
-            f.path.display()
-        )
-    );
+}
+
+/// A damaged or hostile file must not make a load allocate or compute for long:
+/// parameters outside what `key init` writes are refused before any work, naming
+/// the parameter and its range. (Up to 4 GiB and 1024 passes used to be accepted.)
+#[test]
+fn refuses_key_files_with_argon2_params_out_of_range() {
+    let cases = [
+        (
+            (u32::MAX, 1, 1),
+            "Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); \
+             got 4294967295 KiB",
+        ),
+        (
+            (4 * 1024 * 1024, 1, 1),
+            "Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); \
+             got 4194304 KiB",
+        ),
+        (
+            (64, 1, 1),
+            "Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); \
+             got 64 KiB",
+        ),
+        (
+            (47104, 1024, 1),
+            "Argon2id iterations must be between 1 and 4; got 1024",
+        ),
+        (
+            (47104, 5, 1),
+            "Argon2id iterations must be between 1 and 4; got 5",
+        ),
+        (
+            (47104, 0, 1),
+            "Argon2id iterations must be between 1 and 4; got 0",
+        ),
+        (
+            (47104, 1, 64),
+            "Argon2id parallelism must be between 1 and 16; got 64",
+        ),
+        (
+            (47104, 1, 0),
+            "Argon2id parallelism must be between 1 and 16; got 0",
+        ),
+    ];
+    for (params, reason) in cases {
+        let f = protected();
+        with_params(&f.path, params);
+        let start = std::time::Instant::now();
+        let err = load_key_file(&f.path, Some(&pass("hunter2"))).unwrap_err();
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{params:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "key file {} asks for Argon2id parameters this build refuses",
+                f.path.display()
+            )
+        );
+        let KeyFileError::Argon2Params { source, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(source.to_string(), reason, "{params:?}");
+        // inspect reports the same refusal.
+        let err = inspect_key_file(&f.path).unwrap_err();
+        assert!(
+            matches!(err, KeyFileError::Argon2Params { .. }),
+            "{params:?}: {err:?}"
+        );
+    }
+}
+
+/// The edges of every range are accepted by a load.
+#[test]
+fn loads_key_files_at_the_edges_of_the_argon2_ranges() {
+    for params in [(47104, 1, 16), (47104, 4, 1)] {
+        let f = protected();
+        with_params(&f.path, params);
+        // The parameters are authenticated, so the edited file fails to open,
+        // but only after the derivation ran: the header was accepted.
+        assert_eq!(
+            load_err(&f.path, Some(&pass("hunter2"))),
+            format!("wrong passphrase for key file {}", f.path.display()),
+        );
+        let info = inspect_key_file(&f.path).unwrap();
+        let Protection::Argon2id(p) = info.protection else {
+            panic!("{info:?}");
+        };
+        assert_eq!((p.memory_kib(), p.iterations(), p.parallelism()), params);
+    }
 }
 
 #[test]
@@ -391,16 +546,46 @@ fn argon2_params_are_checked() {
     assert_eq!(Argon2Params::DEFAULT.memory_kib(), 65536);
     assert_eq!(Argon2Params::DEFAULT.iterations(), 3);
     assert_eq!(Argon2Params::DEFAULT.parallelism(), 1);
-    assert!(Argon2Params::new(7, 1, 1).is_err());
-    assert!(Argon2Params::new(15, 1, 2).is_err());
-    assert!(Argon2Params::new(16, 1, 2).is_ok());
+    // The defaults and the cheapest parameters pass their own checks.
+    for p in [Argon2Params::DEFAULT, Argon2Params::CHEAPEST] {
+        assert_eq!(
+            Argon2Params::new(p.memory_kib(), p.iterations(), p.parallelism()),
+            Ok(p)
+        );
+    }
+    // Edges of each range.
+    assert!(Argon2Params::new(47104, 1, 1).is_ok());
+    assert!(Argon2Params::new(2 * 1024 * 1024, 4, 16).is_ok());
+    let memory = |m| Argon2Params::new(m, 1, 1).unwrap_err();
     assert_eq!(
-        Argon2Params::new(64, 0, 1).unwrap_err().to_string(),
-        "Argon2id iterations must be between 1 and 1024; got 0"
+        memory(47103),
+        Argon2ParamsError::Memory { memory_kib: 47103 }
     );
     assert_eq!(
-        Argon2Params::new(64, 1, 0).unwrap_err().to_string(),
-        "Argon2id parallelism must be between 1 and 64; got 0"
+        memory(19 * 1024).to_string(),
+        "Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); got 19456 KiB"
+    );
+    assert_eq!(
+        memory(2 * 1024 * 1024 + 1),
+        Argon2ParamsError::Memory {
+            memory_kib: 2 * 1024 * 1024 + 1
+        }
+    );
+    assert_eq!(
+        Argon2Params::new(65536, 0, 1).unwrap_err().to_string(),
+        "Argon2id iterations must be between 1 and 4; got 0"
+    );
+    assert_eq!(
+        Argon2Params::new(65536, 5, 1).unwrap_err().to_string(),
+        "Argon2id iterations must be between 1 and 4; got 5"
+    );
+    assert_eq!(
+        Argon2Params::new(65536, 1, 0).unwrap_err().to_string(),
+        "Argon2id parallelism must be between 1 and 16; got 0"
+    );
+    assert_eq!(
+        Argon2Params::new(65536, 1, 17).unwrap_err().to_string(),
+        "Argon2id parallelism must be between 1 and 16; got 17"
     );
 }
 

@@ -4,7 +4,9 @@
 //! dump would write them to disk in the clear. So before anything else the
 //! binary sets its core size limit to zero (hard and soft) and marks itself not
 //! dumpable, which also keeps other processes of the same user from attaching a
-//! debugger (`ptrace`) or reading its memory through `/proc`.
+//! debugger (`ptrace`) or reading its memory through `/proc`. The key bytes
+//! themselves are also locked in memory and marked `MADV_DONTDUMP` where they
+//! live (`blockseal-keys`), in case dumps are turned back on.
 
 use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
 

@@ -6,8 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-/// Cheap Argon2id parameters, so that tests do not spend 64 MiB and three passes.
-const CHEAP: [&str; 4] = ["--argon2-memory-kib", "64", "--argon2-iterations", "1"];
+/// The cheapest Argon2id parameters accepted, so that tests do not spend 64 MiB
+/// and three passes.
+const CHEAP: [&str; 4] = ["--argon2-memory-kib", "47104", "--argon2-iterations", "1"];
 
 fn blockseal(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_blockseal"));
@@ -145,16 +146,16 @@ fn init_with_a_passphrase_from_the_environment() {
     let id = field(&stdout(&out), "key id:");
     assert_eq!(
         field(&stdout(&out), "protection:"),
-        "passphrase (Argon2id, m=64 KiB, t=1, p=1)"
+        "passphrase (Argon2id, m=47104 KiB, t=1, p=1)"
     );
-    assert!(stderr(&out).contains("warning: Argon2id memory of 64 KiB"));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 
     let out = run(&mut blockseal(&["key", "inspect", p(&path)]));
     assert_ok(&out);
     assert_eq!(field(&stdout(&out), "key id:"), id);
     assert_eq!(
         field(&stdout(&out), "protection:"),
-        "passphrase (Argon2id, m=64 KiB, t=1, p=1)"
+        "passphrase (Argon2id, m=47104 KiB, t=1, p=1)"
     );
 
     let mut check = blockseal(&[
@@ -326,9 +327,101 @@ fn usage_errors_exit_2() {
     assert_fails(
         &run(&mut bad),
         1,
-        "error: Argon2id iterations must be between 1 and 1024; got 0",
+        "error: Argon2id iterations must be between 1 and 4; got 0",
     );
     assert!(!path.exists());
+}
+
+/// `key init` writes only what a load accepts: weak and excessive Argon2id
+/// parameters are refused with the parameter and its range, before any prompt.
+#[test]
+fn init_refuses_argon2_params_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    for (option, value, message) in [
+        (
+            "--argon2-memory-kib",
+            "64",
+            "error: Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); \
+             got 64 KiB\n",
+        ),
+        (
+            "--argon2-memory-kib",
+            "4194304",
+            "error: Argon2id memory must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); \
+             got 4194304 KiB\n",
+        ),
+        (
+            "--argon2-iterations",
+            "1024",
+            "error: Argon2id iterations must be between 1 and 4; got 1024\n",
+        ),
+        (
+            "--argon2-parallelism",
+            "64",
+            "error: Argon2id parallelism must be between 1 and 16; got 64\n",
+        ),
+    ] {
+        let mut init = blockseal(&[
+            "key",
+            "init",
+            "--out",
+            p(&path),
+            "--passphrase-env",
+            "BLOCKSEAL_TEST_PASS",
+            option,
+            value,
+        ]);
+        init.env("BLOCKSEAL_TEST_PASS", "x");
+        let out = run(&mut init);
+        assert_fails(&out, 1, message);
+        assert!(!path.exists());
+    }
+}
+
+/// A key file asking for Argon2id work beyond the accepted ranges is refused at
+/// once by `key inspect` and `key check` (and so by `serve`), not worked on.
+#[test]
+fn check_refuses_a_key_file_asking_for_too_much_argon2_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    let mut init = blockseal(&[
+        "key",
+        "init",
+        "--out",
+        p(&path),
+        "--passphrase-env",
+        "BLOCKSEAL_TEST_PASS",
+    ]);
+    init.args(CHEAP).env("BLOCKSEAL_TEST_PASS", "open sesame");
+    assert_ok(&run(&mut init));
+    // 4 GiB and 1024 passes: about two hours of work, as the old bounds allowed.
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[36..40].copy_from_slice(&(4u32 * 1024 * 1024).to_be_bytes());
+    bytes[40..44].copy_from_slice(&1024u32.to_be_bytes());
+    fs::write(&path, bytes).unwrap();
+
+    let expected = format!(
+        "error: key file {} asks for Argon2id parameters this build refuses: Argon2id memory \
+         must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); got 4194304 KiB\n",
+        p(&path)
+    );
+    assert_fails(
+        &run(&mut blockseal(&["key", "inspect", p(&path)])),
+        1,
+        &expected,
+    );
+    let mut check = blockseal(&[
+        "key",
+        "check",
+        p(&path),
+        "--passphrase-env",
+        "BLOCKSEAL_TEST_PASS",
+    ]);
+    check.env("BLOCKSEAL_TEST_PASS", "open sesame");
+    let start = std::time::Instant::now();
+    assert_fails(&run(&mut check), 1, &expected);
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
 }
 
 #[test]
@@ -388,6 +481,43 @@ fn inspect_and_check_refusals() {
         &run(&mut check),
         1,
         "is not protected by a passphrase, but one was given",
+    );
+}
+
+/// A key file owned by another user is refused by `key check` (a real load) with
+/// what to do about it; `key inspect` shows the owner and warns.
+#[test]
+fn check_refuses_a_key_file_owned_by_another_user() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("master.key");
+    assert_ok(&run(&mut blockseal(&["key", "init", "--out", p(&path)])));
+    let me = fs::metadata(&path).unwrap().uid();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    if let Err(e) = std::os::unix::fs::chown(&path, Some(other), None) {
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        eprintln!("cannot chown as this user; skipped");
+        return;
+    }
+    assert_fails(
+        &run(&mut blockseal(&["key", "check", p(&path)])),
+        1,
+        &format!(
+            "error: key file {0} is owned by uid {other}; it must be owned by the user running \
+             blockseal (uid {me}) or root: run `chown {me} {0}`\n",
+            p(&path)
+        ),
+    );
+    let out = run(&mut blockseal(&["key", "inspect", p(&path)]));
+    assert_ok(&out);
+    assert_eq!(field(&stdout(&out), "owner:"), format!("uid {other}"));
+    assert!(
+        stderr(&out).contains(&format!(
+            "warning: key file {} is owned by uid {other}, neither this user nor root",
+            p(&path)
+        )),
+        "{}",
+        stderr(&out)
     );
 }
 
