@@ -375,8 +375,8 @@ where
                     let Some(slot) = shared.limits.enter_handshake(id) else {
                         // Closed at once: an unauthenticated peer holds no
                         // descriptor past the handshake cap.
-                        drop(stream);
                         refused_handshake(shared);
+                        drop(stream);
                         continue;
                     };
                     let (peer, connection) = start(stream, peer, slot);

@@ -121,3 +121,86 @@ fn block_status_describes_a_bounded_range() {
         assert_eq!(offset + lengths[0], 256 << 20);
     }
 }
+
+/// A client on `server` with simple replies in transmission on `acme/disk`,
+/// and a handle on its socket to change the read timeout.
+fn transmitting(server: &TestServer) -> (Raw, std::os::unix::net::UnixStream) {
+    let s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let handle = s.try_clone().unwrap();
+    let mut raw = Raw { s: Box::new(s) };
+    raw.handshake(FIXED_NO_ZEROES);
+    assert_eq!(try_go(&mut raw, "acme/disk"), REP_ACK);
+    (raw, handle)
+}
+
+/// 1 MiB requests, a 4 MiB budget.
+fn small_budget() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.max_request_payload = 1 << 20;
+    config.memory_budget = 4 << 20;
+    config
+}
+
+#[test]
+fn budget_is_held_until_replies_are_written_and_others_wait() {
+    let server = TestServer::start_with(MemCatalog::standard(), small_budget(), None);
+    let stats = || server.server.stats();
+    // A client that pipelines eight 1 MiB reads and reads nothing: four fit in
+    // the budget, run, and their replies wait on the socket holding it all.
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..8 {
+        slow.request(0, CMD_READ, k, k << 20, 1 << 20);
+    }
+    wait_until("the budget to be held", || {
+        stats().memory_budget_available == 0
+    });
+    // Another client's large read waits for the budget (it does not fail)...
+    let (mut other, socket) = transmitting(&server);
+    other.request(0, CMD_READ, 100, 0, 1 << 20);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let waiting = std::io::Read::read(&mut other.s, &mut byte);
+    assert!(waiting.is_err(), "answered while the budget was held");
+    // ...while small requests of other connections are answered at once (on
+    // its own connection a request waits behind the one that waits).
+    let (mut third, _) = transmitting(&server);
+    third.request(0, CMD_READ, 101, 0, 4096);
+    assert_eq!(third.simple_reply(), (0, 101));
+    third.read_n(4096);
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Once the slow client reads its replies, the budget comes back and the
+    // waiting read is answered.
+    for _ in 0..8 {
+        let (error, _) = slow.simple_reply();
+        assert_eq!(error, 0);
+        slow.read_n(1 << 20);
+    }
+    assert_eq!(other.simple_reply(), (0, 100));
+    other.read_n(1 << 20);
+    wait_until("the whole budget back", || {
+        stats().memory_budget_available == 4 << 20
+    });
+}
+
+#[test]
+fn a_client_that_reads_no_reply_is_dropped_after_the_reply_timeout() {
+    let mut config = small_budget();
+    config.reply_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..8 {
+        slow.request(0, CMD_READ, k, k << 20, 1 << 20);
+    }
+    wait_until("the budget to be held", || {
+        server.server.stats().memory_budget_available == 0
+    });
+    wait_until("the slow client dropped and the budget back", || {
+        let stats = server.server.stats();
+        stats.connections_active == 0 && stats.memory_budget_available == 4 << 20
+    });
+}
