@@ -288,6 +288,36 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_handshake_makes_room_once_it_has_lasted_a_second() {
+        let limits = limits(2, 10, 10);
+        let oldest = limits.enter_handshake(1).unwrap();
+        let _b = limits.enter_handshake(2).unwrap();
+        limits
+            .handshakes
+            .lock()
+            .unwrap()
+            .get_mut(&1)
+            .unwrap()
+            .started -= HANDSHAKE_EVICTION_AGE;
+        let _c = limits.enter_handshake(3).unwrap();
+        // The evicted connection is told (the wake-up waits for it), and its
+        // slot's drop leaves the newer ones alone.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), oldest.evicted())
+                .await
+                .expect("the oldest handshake is told it was evicted");
+        });
+        drop(oldest);
+        let ids: Vec<u64> = limits.handshakes.lock().unwrap().keys().copied().collect();
+        assert_eq!(ids, [2, 3]);
+        assert!(limits.enter_handshake(4).is_none());
+    }
+
+    #[test]
     fn connection_caps_total_and_per_tenant() {
         let limits = limits(2, 3, 2);
         let a1 = limits.enter_transmission("acme").unwrap();
