@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::export::{Export, Scope};
+use crate::limits::{ConnectionCap, ConnectionSlot};
 use crate::proto::*;
 use crate::server::Shared;
 
@@ -40,6 +41,8 @@ pub(crate) struct Session {
     /// Alignment the client agreed to (`NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`);
     /// 1 when it did not, and requests are then byte granular.
     pub(crate) alignment: u32,
+    /// The connection's place under the connection caps, held while it lasts.
+    pub(crate) _slot: Option<ConnectionSlot>,
 }
 
 /// How an option haggling round ended.
@@ -247,7 +250,13 @@ impl Negotiation {
             debug!(export = name, "unknown export; closing");
             return Ok(Outcome::Close);
         };
-        let session = self.session(name, export, false);
+        // "If the server is unwilling to allow the export, it MUST terminate the
+        // session".
+        let Some(slot) = self.enter_transmission(name) else {
+            return Ok(Outcome::Close);
+        };
+        let mut session = self.session(name, export, false);
+        session._slot = Some(slot);
         // "If the value of the option field is NBD_OPT_EXPORT_NAME and the server is
         // willing to allow the export": size, flags, then 124 zero bytes unless the
         // client set NBD_FLAG_C_NO_ZEROES.
@@ -360,11 +369,26 @@ impl Negotiation {
             return Ok(None);
         };
         let wants = |info: u16| requests.contains(&info);
-        let session = self.session(
+        let mut session = self.session(
             name,
             export.clone(),
             option == OPT_GO && wants(INFO_BLOCK_SIZE),
         );
+        if option == OPT_GO {
+            // Checked before anything is sent, so a refusal is one error reply and
+            // the client may try again or give up.
+            let Some(slot) = self.enter_transmission(name) else {
+                reply(
+                    s,
+                    option,
+                    REP_ERR_POLICY,
+                    b"too many connections; try again later",
+                )
+                .await?;
+                return Ok(None);
+            };
+            session._slot = Some(slot);
+        }
 
         let mut out = Vec::new();
         // NBD_INFO_EXPORT is mandatory before NBD_REP_ACK.
@@ -502,6 +526,38 @@ impl Negotiation {
         self.shared.catalog.open(name, scope)
     }
 
+    /// A slot under the connection caps for a client entering transmission with
+    /// export `name`; `None` (counted and logged, rate-limited) when a cap is full.
+    fn enter_transmission(&self, name: &str) -> Option<ConnectionSlot> {
+        let tenant = name.split_once('/').map_or(name, |(tenant, _)| tenant);
+        let limits = &self.shared.limits;
+        match limits.enter_transmission(tenant) {
+            Ok(slot) => Some(slot),
+            Err(cap) => {
+                limits
+                    .refused_connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(held_back) = limits.connection_log.allow() {
+                    let config = &self.shared.config;
+                    match cap {
+                        ConnectionCap::Total => warn!(
+                            max_connections = config.max_connections,
+                            similar_not_logged = held_back,
+                            "connection refused: the server is at its connection limit"
+                        ),
+                        ConnectionCap::Tenant => warn!(
+                            tenant,
+                            max_connections_per_tenant = config.max_connections_per_tenant,
+                            similar_not_logged = held_back,
+                            "connection refused: the tenant is at its connection limit"
+                        ),
+                    }
+                }
+                None
+            }
+        }
+    }
+
     fn session(&self, name: &str, export: Arc<dyn Export>, agreed_block_size: bool) -> Session {
         // "Transmission flags": advertise what this server implements for this export.
         let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_CACHE | FLAG_CAN_MULTI_CONN;
@@ -528,6 +584,7 @@ impl Negotiation {
             structured: self.structured,
             base_allocation,
             alignment: if agreed_block_size { minimum } else { 1 },
+            _slot: None,
         }
     }
 

@@ -103,16 +103,26 @@
 //! # Requests and threads
 //! Each connection is one task. It reads whatever the client has sent, runs the
 //! small requests (read, write, trim, write zeroes and cache of at most
-//! [`ServerConfig::inline_max_bytes`], block status) directly, and writes the
-//! replies of a batch with one write; larger requests go to a few blocking
+//! [`ServerConfig::inline_max_bytes`]) directly, and writes the replies of a
+//! batch with one write; larger requests and block status go to a few blocking
 //! workers of the connection, flushes and FUA requests to blocking threads of
 //! their own, concurrently with later requests, and reply out of order.
 //! Thread hand-offs cost more CPU than a 4 KiB request, so this keeps a 4 KiB
 //! request at a few microseconds of server CPU beyond the export call. For
 //! exports whose reads may wait on slow media, [`ServerConfig::inline_requests`]
-//! = false runs every request on blocking threads instead. [`ServerConfig`]
-//! bounds the requests and bytes a connection has on blocking threads; at the
-//! bound the server stops reading, it never fails a request for it.
+//! = false runs every request on blocking threads instead.
+//!
+//! # Limits
+//! [`ServerConfig`] bounds what clients can make the server hold, whatever they
+//! do: the requests and bytes one connection has on blocking threads, and the
+//! bytes all of them hold ([`ServerConfig::memory_budget`]), counted until each
+//! reply has been written to the socket, so a client that does not read its
+//! replies gets no more; connections in transmission, in total and per tenant;
+//! connections still in the handshake; the time a client may read no reply
+//! bytes; and the time a shutdown waits for connections. At a byte or request
+//! limit the server stops reading, it never fails a request for it. Block status
+//! describes at most 65536 blocks per request, and write zeroes with `NO_HOLE`
+//! runs in pieces of the maximum request size.
 //!
 //! # TLS and tenants
 //! On TCP with a [`TlsConfig`], TLS is mandatory and the client certificate names
@@ -132,6 +142,7 @@ mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
+mod limits;
 mod proto;
 mod server;
 mod tls;

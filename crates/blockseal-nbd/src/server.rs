@@ -3,8 +3,20 @@
 //! A [`Server`] accepts connections on any number of Unix and TCP listeners,
 //! gives each a task and a tracing span (`conn`, `peer`, `export`), runs the
 //! handshake under a time limit, and hands the stream to the transmission phase.
-//! [`Shutdown::trigger`] stops every accept loop, lets in-flight requests finish
-//! and reply, closes every connection, and then the `serve_*` futures return.
+//!
+//! Connections in the handshake hold one of [`ServerConfig::max_handshakes`]
+//! slots: past it a new connection is closed at once, unless the oldest
+//! handshake has lasted a second, which is then closed instead (a silent peer
+//! is cheaper to drop than a client that just arrived). Entering transmission
+//! takes a slot of [`ServerConfig::max_connections`] and of
+//! [`ServerConfig::max_connections_per_tenant`]. So unauthenticated peers can
+//! hold at most `max_handshakes` file descriptors, whatever they do.
+//!
+//! [`Shutdown::trigger`] stops every accept loop, drops connections still in
+//! the handshake, lets in-flight requests finish and reply, and closes every
+//! connection; connections still open after [`ServerConfig::shutdown_timeout`]
+//! (a client that does not read its replies) are dropped. Then the `serve_*`
+//! futures return.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +31,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::export::{Catalog, Scope};
 use crate::handshake::{Negotiation, Outcome, Session, TlsMode};
+use crate::limits::{HandshakeSlot, Limits};
 use crate::tls::{TlsConfig, client_tenant};
 use crate::transmission;
 
@@ -29,9 +42,35 @@ pub struct ServerConfig {
     /// Requests one connection may have on blocking threads; past it the server
     /// stops reading that connection until a reply is written. Default 64; at most 65536.
     pub max_in_flight_requests: usize,
-    /// Write payload and read data bytes one connection may have on blocking
-    /// threads; past it the server stops reading. Default 64 MiB.
+    /// Write payload and read data bytes one connection may hold in requests on
+    /// blocking threads and in their replies until those are written to the
+    /// socket; past it the server stops reading that connection. A request
+    /// larger than this runs alone. Default 64 MiB.
     pub max_in_flight_bytes: usize,
+    /// Write payload and read data bytes all connections together may hold in
+    /// requests on blocking threads and in their replies until those are written
+    /// to the socket. A request that does not fit waits (its connection stops
+    /// reading) until earlier replies are written; it never fails for it. Raised
+    /// to at least `max_request_payload`, so every request fits when the server
+    /// is otherwise idle. Default 256 MiB.
+    pub memory_budget: usize,
+    /// Connections in the transmission phase, in total. A client past it gets
+    /// `NBD_REP_ERR_POLICY` for `NBD_OPT_GO` (and is closed after
+    /// `NBD_OPT_EXPORT_NAME`). Default 256.
+    pub max_connections: usize,
+    /// Connections in the transmission phase to the exports of one tenant (the
+    /// part of the export name before `/`). Default 64.
+    pub max_connections_per_tenant: usize,
+    /// Connections still in the handshake (not yet authenticated, or not yet
+    /// past `NBD_OPT_GO`). Past it a new connection is closed at once, or the
+    /// oldest handshake is if it has lasted a second. Default 64.
+    pub max_handshakes: usize,
+    /// After [`Shutdown::trigger`], how long connections may take to finish
+    /// their requests and write the replies before they are dropped. Default 10 s.
+    pub shutdown_timeout: Duration,
+    /// A connection whose client accepts no reply bytes for this long is closed
+    /// (its budget comes back). Default 60 s.
+    pub reply_timeout: Duration,
     /// Run small reads, writes, trims, zeroes, block status and cache requests
     /// directly on the connection's task (default). The export's methods must then
     /// return quickly (memory, page cache, buffered writes): they hold a runtime
@@ -66,6 +105,12 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight_requests: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
+            memory_budget: 256 * 1024 * 1024,
+            max_connections: 256,
+            max_connections_per_tenant: 64,
+            max_handshakes: 64,
+            shutdown_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
             inline_requests: true,
             inline_max_bytes: 64 * 1024,
             workers_per_connection: 2,
@@ -79,6 +124,9 @@ impl Default for ServerConfig {
 /// 2^25: "any length less than 2^25 (33,554,432) bytes SHOULD NOT be considered a
 /// denial of service attack" (spec "Block size constraints").
 const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// The largest memory budget (tokio's semaphore counts at most 2^61 permits).
+const MAX_BUDGET: usize = 1 << 60;
 
 /// Why a `serve_*` future could not run.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +191,13 @@ pub struct ServerStats {
     pub connections_active: u64,
     /// Requests that failed because a block failed authentication.
     pub authentication_failures: u64,
+    /// Connections closed at once, or closed in the handshake to make room,
+    /// because every handshake slot was taken.
+    pub handshakes_refused: u64,
+    /// Clients refused entry to transmission by a connection cap.
+    pub connections_refused: u64,
+    /// Bytes of the memory budget not held by any request now.
+    pub memory_budget_available: u64,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +219,7 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) shutdown: Shutdown,
     pub(crate) stats: Stats,
+    pub(crate) limits: Arc<Limits>,
     next_conn: AtomicU64,
 }
 
@@ -188,8 +244,16 @@ impl Server {
         config.max_in_flight_bytes = config.max_in_flight_bytes.max(1);
         config.workers_per_connection = config.workers_per_connection.max(1);
         config.max_request_payload = config.max_request_payload.clamp(64 * 1024, MAX_PAYLOAD);
+        config.memory_budget = config
+            .memory_budget
+            .clamp(config.max_request_payload as usize, MAX_BUDGET);
+        config.max_connections = config.max_connections.max(1);
+        config.max_connections_per_tenant = config.max_connections_per_tenant.max(1);
+        config.max_handshakes = config.max_handshakes.max(1);
+        config.reply_timeout = config.reply_timeout.max(Duration::from_millis(100));
         Server {
             shared: Arc::new(Shared {
+                limits: Arc::new(Limits::new(&config)),
                 catalog,
                 config,
                 shutdown: Shutdown::new(),
@@ -211,6 +275,17 @@ impl Server {
             connections_accepted: s.accepted.load(Ordering::Relaxed),
             connections_active: s.active.load(Ordering::Relaxed),
             authentication_failures: s.authentication_failures.load(Ordering::Relaxed),
+            handshakes_refused: self
+                .shared
+                .limits
+                .refused_handshakes
+                .load(Ordering::Relaxed),
+            connections_refused: self
+                .shared
+                .limits
+                .refused_connections
+                .load(Ordering::Relaxed),
+            memory_budget_available: self.shared.limits.budget_available() as u64,
         }
     }
 
@@ -222,7 +297,7 @@ impl Server {
         accept_loop(
             &shared,
             || listener.accept(),
-            |stream, _| {
+            |stream, _, slot| {
                 let peer = match stream.peer_cred() {
                     Ok(cred) => format!(
                         "unix:uid={},pid={}",
@@ -231,7 +306,7 @@ impl Server {
                     ),
                     Err(_) => "unix".to_owned(),
                 };
-                (peer, unix_connection(shared.clone(), stream))
+                (peer, unix_connection(shared.clone(), stream, slot))
             },
         )
         .await;
@@ -259,12 +334,12 @@ impl Server {
         accept_loop(
             &shared,
             || listener.accept(),
-            |stream: TcpStream, peer| {
+            |stream: TcpStream, peer, slot| {
                 // "both the client and server SHOULD disable Nagle's algorithm".
                 let _ = stream.set_nodelay(true);
                 (
                     peer.to_string(),
-                    tcp_connection(shared.clone(), stream, tls.clone()),
+                    tcp_connection(shared.clone(), stream, tls.clone(), slot),
                 )
             },
         )
@@ -273,12 +348,13 @@ impl Server {
     }
 }
 
-/// Accepts until shutdown, one task per connection; then waits for them all.
+/// Accepts until shutdown, one task per connection; then waits for them, at
+/// most [`ServerConfig::shutdown_timeout`], and drops those still open.
 async fn accept_loop<S, A, AF, P, C>(shared: &Arc<Shared>, mut accept: A, mut start: C)
 where
     A: FnMut() -> AF,
     AF: Future<Output = std::io::Result<(S, P)>>,
-    C: FnMut(S, P) -> (String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
+    C: FnMut(S, P, HandshakeSlot) -> (String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
 {
     let mut connections = JoinSet::new();
     let shutdown = shared.shutdown.clone();
@@ -295,9 +371,16 @@ where
             accepted = accept() => match accepted {
                 Ok((stream, peer)) => {
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                    let (peer, connection) = start(stream, peer);
-                    let span = info_span!("nbd", conn = id, peer = %peer, export = tracing::field::Empty);
                     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = shared.limits.enter_handshake(id) else {
+                        // Closed at once: an unauthenticated peer holds no
+                        // descriptor past the handshake cap.
+                        refused_handshake(shared);
+                        drop(stream);
+                        continue;
+                    };
+                    let (peer, connection) = start(stream, peer, slot);
+                    let span = info_span!("nbd", conn = id, peer = %peer, export = tracing::field::Empty);
                     let active = ActiveConnection::enter(shared.clone());
                     connections.spawn(
                         async move {
@@ -310,9 +393,14 @@ where
                     );
                 }
                 Err(e) => {
-                    // Usually out of file descriptors: wait rather than spin.
-                    error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if accept_backoff(shared, &e) {
+                        // Out of descriptors or memory: retrying at once would
+                        // spin, so wait a little (but not past a shutdown).
+                        tokio::select! {
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                            _ = shutdown.triggered() => {}
+                        }
+                    }
                 }
             },
         }
@@ -321,10 +409,70 @@ where
         connections = connections.len(),
         "listener stopped; waiting for connections"
     );
-    while let Some(done) = connections.join_next().await {
-        if let Err(e) = done {
-            error!(error = %e, "connection task failed");
+    let deadline = shared.config.shutdown_timeout;
+    let drained = tokio::time::timeout(deadline, async {
+        while let Some(done) = connections.join_next().await {
+            if let Err(e) = done {
+                error!(error = %e, "connection task failed");
+            }
         }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            connections = connections.len(),
+            timeout_secs = deadline.as_secs_f64(),
+            "connections still open at the shutdown deadline; dropping them"
+        );
+        connections.abort_all();
+        while let Some(done) = connections.join_next().await {
+            if let Err(e) = done
+                && !e.is_cancelled()
+            {
+                error!(error = %e, "connection task failed");
+            }
+        }
+    }
+}
+
+/// Wait after an accept error that retrying at once would repeat.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Logs an accept error (rate-limited); `true` if the loop should back off
+/// before the next accept.
+fn accept_backoff(shared: &Shared, e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    // EMFILE, ENFILE, ENOBUFS and ENOMEM last until something is released; any
+    // other error (a connection reset before it was accepted) is that peer's.
+    let lasting = matches!(e.kind(), OutOfMemory | QuotaExceeded)
+        || matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12));
+    if !lasting {
+        debug!(error = %e, "accept failed");
+        return false;
+    }
+    if let Some(held_back) = shared.limits.accept_log.allow() {
+        warn!(
+            error = %e,
+            similar_errors_not_logged = held_back,
+            "accept failed; retrying shortly (raise the open file limit, or lower \
+             limits.max_connections and limits.max_handshakes)"
+        );
+    }
+    true
+}
+
+/// Counts and logs (rate-limited) a connection closed for want of a handshake slot.
+fn refused_handshake(shared: &Shared) {
+    shared
+        .limits
+        .refused_handshakes
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(held_back) = shared.limits.handshake_log.allow() {
+        warn!(
+            max_handshakes = shared.config.max_handshakes,
+            similar_not_logged = held_back,
+            "too many connections in the handshake; closing new ones"
+        );
     }
 }
 
@@ -345,21 +493,50 @@ impl Drop for ActiveConnection {
     }
 }
 
+/// How a handshake ended.
+enum HandshakeEnd {
+    /// The negotiation returned.
+    Done(std::io::Result<Outcome>),
+    TimedOut,
+    /// Closed to make room for a newer connection.
+    Evicted,
+    ShuttingDown,
+}
+
+/// Runs a handshake under the time limit; a shutdown or the loss of its
+/// handshake slot ends it at once.
+async fn bounded_handshake<F>(shared: &Shared, slot: &HandshakeSlot, handshake: F) -> HandshakeEnd
+where
+    F: Future<Output = std::io::Result<Outcome>>,
+{
+    tokio::select! {
+        biased;
+        _ = shared.shutdown.triggered() => HandshakeEnd::ShuttingDown,
+        _ = slot.evicted() => HandshakeEnd::Evicted,
+        outcome = tokio::time::timeout(shared.config.handshake_timeout, handshake) => match outcome {
+            Ok(outcome) => HandshakeEnd::Done(outcome),
+            Err(_) => HandshakeEnd::TimedOut,
+        },
+    }
+}
+
 fn unix_connection(
     shared: Arc<Shared>,
     mut stream: UnixStream,
+    slot: HandshakeSlot,
 ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let mut negotiation = Negotiation::new(shared.clone(), Some(Scope::All), TlsMode::Off);
-        let timeout = shared.config.handshake_timeout;
-        let outcome = tokio::time::timeout(timeout, async {
+        let outcome = bounded_handshake(&shared, &slot, async {
             if !negotiation.greet(&mut stream).await? {
                 return Ok(Outcome::Close);
             }
             negotiation.negotiate(&mut stream).await
         })
         .await;
-        match finish_handshake(outcome) {
+        let session = finish_handshake(&shared, outcome);
+        drop(slot);
+        match session {
             Some(session) => {
                 let (r, w) = stream.into_split();
                 transmission::serve(r, w, session, shared).await;
@@ -381,6 +558,7 @@ fn tcp_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     tls: Option<TlsConfig>,
+    handshake: HandshakeSlot,
 ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move {
         let (scope, mode) = match tls {
@@ -389,9 +567,8 @@ fn tcp_connection(
             None => (Some(Scope::All), TlsMode::Off),
         };
         let mut negotiation = Negotiation::new(shared.clone(), scope, mode);
-        let timeout = shared.config.handshake_timeout;
         let mut slot = Some(Upgraded::Plain(stream));
-        let outcome = tokio::time::timeout(timeout, async {
+        let outcome = bounded_handshake(&shared, &handshake, async {
             let Some(Upgraded::Plain(mut tcp)) = slot.take() else {
                 unreachable!("the connection starts as plain TCP");
             };
@@ -436,7 +613,8 @@ fn tcp_connection(
             outcome
         })
         .await;
-        let session = finish_handshake(outcome);
+        let session = finish_handshake(&shared, outcome);
+        drop(handshake);
         match (slot, session) {
             (Some(Upgraded::Plain(tcp)), Some(session)) => {
                 let (r, w) = tcp.into_split();
@@ -466,25 +644,45 @@ enum ClientIdentity {
 }
 
 /// Logs how a handshake ended; the session if it entered transmission.
-fn finish_handshake(
-    outcome: Result<std::io::Result<Outcome>, tokio::time::error::Elapsed>,
-) -> Option<Session> {
+fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
     match outcome {
-        Err(_) => {
-            warn!("handshake timed out");
+        HandshakeEnd::TimedOut => {
+            // Any peer can make this line: rate-limited like the other refusals.
+            if let Some(held_back) = shared.limits.handshake_log.allow() {
+                warn!(similar_not_logged = held_back, "handshake timed out");
+            }
             None
         }
-        Ok(Err(e)) => {
+        HandshakeEnd::Evicted => {
+            shared
+                .limits
+                .refused_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("handshake closed to make room for a new connection");
+            if let Some(held_back) = shared.limits.handshake_log.allow() {
+                warn!(
+                    max_handshakes = shared.config.max_handshakes,
+                    similar_not_logged = held_back,
+                    "too many connections in the handshake; closing the oldest"
+                );
+            }
+            None
+        }
+        HandshakeEnd::ShuttingDown => {
+            debug!("shutting down during the handshake");
+            None
+        }
+        HandshakeEnd::Done(Err(e)) => {
             debug!(error = %e, "handshake ended");
             None
         }
-        Ok(Ok(Outcome::Close)) => None,
-        Ok(Ok(Outcome::StartTls)) => {
+        HandshakeEnd::Done(Ok(Outcome::Close)) => None,
+        HandshakeEnd::Done(Ok(Outcome::StartTls)) => {
             // Handled inside the handshake; a second upgrade is refused there.
             error!("unexpected TLS upgrade request; closing");
             None
         }
-        Ok(Ok(Outcome::Go(session))) => {
+        HandshakeEnd::Done(Ok(Outcome::Go(session))) => {
             tracing::Span::current().record("export", session.name.as_str());
             info!(
                 export = %session.name,

@@ -23,13 +23,26 @@
 //! media can set [`ServerConfig::inline_requests`] to false: every request then
 //! goes through the worker queue.
 //!
-//! Reply buffers of offloaded requests are recycled through the connection, and
-//! a large reply is written from the worker's buffer rather than copied into the
-//! batch.
+//! Reply buffers of offloaded requests are recycled through a server-wide pool
+//! of bounded size, and a large reply is written from the worker's buffer rather
+//! than copied into the batch.
 //!
 //! Backpressure: requests handed to blocking threads count against the
-//! per-connection request and byte budgets; at the budget the task stops
-//! reading the socket until replies are out, and never fails a request for it.
+//! per-connection request and byte limits and the server-wide memory budget,
+//! from the moment they are admitted (before a write's payload is read) until
+//! their reply has been written to the socket, not merely computed: a client
+//! that does not read its replies holds its budget and gets no more. At a limit
+//! the task stops reading the socket, and never fails a request for it. A
+//! client that accepts no reply bytes for [`ServerConfig::reply_timeout`] is
+//! disconnected, which returns its budget.
+//!
+//! Block status always runs on the connection's workers (it reads the metadata
+//! store), and describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
+//! spec lets the server describe less than was asked, and the cost of the
+//! export's answer grows with the blocks it covers. Write zeroes with
+//! `NO_HOLE` (which seals real zero blocks) runs in pieces of the maximum
+//! request size, each under the same budget as a write of that size, and stops
+//! between pieces when the server shuts down.
 //!
 //! Replies are encoded in full before any of their bytes is written, so a read
 //! error is always known before its reply starts: a simple reply never needs the
@@ -37,18 +50,22 @@
 //!
 //! [`ServerConfig::inline_requests`]: crate::ServerConfig::inline_requests
 //! [`ServerConfig::inline_max_bytes`]: crate::ServerConfig::inline_max_bytes
+//! [`ServerConfig::reply_timeout`]: crate::ServerConfig::reply_timeout
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc};
 use tracing::{Span, debug, error, warn};
 
 use crate::export::{ErrorKind, Export, ExportError, errno, kind_text};
 use crate::handshake::Session;
+use crate::limits::Held;
 use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM};
 use crate::proto::*;
 use crate::server::Shared;
@@ -70,9 +87,12 @@ const MAX_DESCRIPTORS: usize = 1 << 16;
 const READ_CHUNK: usize = 256 * 1024;
 /// Replies are written once this much is batched, even mid-batch.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Reply buffers of offloaded requests are reused up to this capacity (a 1 MiB
-/// read and its header fit); larger ones go back to the allocator.
-const MAX_POOLED: usize = 2 * 1024 * 1024;
+/// Most blocks of the export one block status reply describes. The export's
+/// answer costs time and memory per block (the volume looks up every block of
+/// the range), so a 4 GiB query of 512-byte blocks would otherwise cost
+/// hundreds of MiB and a quarter of a second. 65536 blocks are 32 MiB of
+/// 512-byte blocks, 256 MiB of 4 KiB blocks.
+pub(crate) const MAX_STATUS_BLOCKS: u64 = 1 << 16;
 
 /// What blocking threads need of a connection.
 struct Conn {
@@ -86,9 +106,8 @@ struct Conn {
     /// Offloaded requests waiting for a worker, and how many workers drain them.
     queue: Mutex<Queue>,
     max_workers: usize,
-    /// Spare reply buffers: a worker fills one, the connection task writes it and
-    /// hands it back, so large replies cost no allocation (and no page faults).
-    buffers: Mutex<Vec<Vec<u8>>>,
+    /// Largest read or write, and the piece size of `NO_HOLE` write zeroes.
+    max_payload: u32,
 }
 
 #[derive(Default)]
@@ -104,13 +123,14 @@ struct Queue {
 struct Job {
     handle: u64,
     op: Op,
-    cost: u64,
+    held: Held,
 }
 
-/// A finished offloaded request: its encoded reply and the budget it held.
+/// A finished offloaded request: its encoded reply and the budget it holds
+/// until that reply is written.
 struct Done {
     reply: Vec<u8>,
-    cost: u64,
+    held: Held,
 }
 
 const LOCK: &str = "the queue lock is never poisoned: nothing under it panics";
@@ -172,29 +192,18 @@ impl Conn {
         // The connection task may be gone with its client; nothing to do then.
         let _ = self.done.send(Done {
             reply,
-            cost: job.cost,
+            held: job.held,
         });
     }
 
     /// An empty reply buffer, reused when one is spare.
     fn buffer(&self) -> Vec<u8> {
-        self.buffers
-            .lock()
-            .expect(LOCK)
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(WRITE_BATCH))
+        self.shared.limits.buffers.take(WRITE_BATCH)
     }
 
     /// Keeps `buf` for reuse, unless it is large or enough are spare already.
-    fn recycle(&self, mut buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > MAX_POOLED {
-            return;
-        }
-        buf.clear();
-        let mut spare = self.buffers.lock().expect(LOCK);
-        if spare.len() < self.max_workers + 2 {
-            spare.push(buf);
-        }
+    fn recycle(&self, buf: Vec<u8>) {
+        self.shared.limits.buffers.give(buf);
     }
 
     /// Runs a request against the export and appends its reply to `out`.
@@ -266,11 +275,19 @@ impl Op {
         }
     }
 
-    /// Bytes this request holds while offloaded: its payload or its read data.
-    fn cost(&self) -> u64 {
+    /// Bytes this request holds while offloaded and until its reply is written:
+    /// its write payload (`payload`, read or not yet), its read data, one piece
+    /// of sealed zeroes, or its block status reply. Headers are not counted.
+    fn cost(&self, payload: usize, max_payload: u32) -> u64 {
         match self {
             Op::Read { len, .. } => u64::from(*len),
-            Op::Write { data, .. } => data.len() as u64,
+            Op::Write { .. } => payload as u64,
+            Op::WriteZeroes {
+                len, no_hole: true, ..
+            } => (*len).min(u64::from(max_payload)),
+            // The reply (8 bytes a descriptor, at most one a block) and the
+            // export's answer, which for the volume is about 50 bytes a block.
+            Op::BlockStatus { .. } => 64 * MAX_STATUS_BLOCKS,
             _ => 0,
         }
     }
@@ -296,10 +313,13 @@ enum Stop {
     Now,
 }
 
+/// A pending wait for a share of the server-wide memory budget.
+type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
 /// Runs the transmission phase until the client disconnects, the server shuts
 /// down, or the stream breaks; in-flight requests finish and reply first
 /// whenever the socket still works.
-pub(crate) async fn serve<R, W>(mut reader: R, mut writer: W, session: Session, shared: Arc<Shared>)
+pub(crate) async fn serve<R, W>(mut reader: R, writer: W, session: Session, shared: Arc<Shared>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -310,6 +330,8 @@ where
     let max_payload = config.max_request_payload;
     let inline = config.inline_requests;
     let inline_max = u64::from(config.inline_max_bytes);
+    let budget = shared.limits.budget.clone();
+    let budget_total = config.memory_budget as u64;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let conn = Arc::new(Conn {
         export: session.export.clone(),
@@ -320,20 +342,31 @@ where
         done: done_tx,
         queue: Mutex::new(Queue::default()),
         max_workers: config.workers_per_connection,
-        buffers: Mutex::new(Vec::new()),
+        max_payload,
     });
     let shutdown = shared.shutdown.clone();
     let mut shutdown = std::pin::pin!(shutdown.triggered());
 
     let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    let mut out = Replies {
+        writer,
+        buf: Vec::with_capacity(WRITE_BATCH),
+        riding: Vec::new(),
+        held_bytes: 0,
+        timeout: config.reply_timeout,
+    };
     // Bytes of a refused write payload still to skip, and the reply to send once
     // it is skipped: clients do not expect the reply to a write they are still
     // sending (libnbd reports "no matching cookie").
     let mut skip: u64 = 0;
     let mut after_skip: Vec<u8> = Vec::new();
+    // Offloaded requests not yet back from their thread.
     let mut in_flight = 0usize;
-    let mut in_flight_bytes = 0u64;
+    // The share of the memory budget taken for the request at the head of
+    // `input` (a write may wait for its payload while holding it), and the wait
+    // for it when the budget was short.
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
+    let mut acquiring: Option<Acquiring> = None;
     let mut eof = false;
     let mut stop = Stop::No;
 
@@ -348,7 +381,7 @@ where
                 if skip > 0 {
                     break;
                 }
-                out.append(&mut after_skip);
+                out.buf.append(&mut after_skip);
             }
             if input.len() < REQUEST_HEADER_LEN {
                 break;
@@ -396,7 +429,7 @@ where
                         skip = u64::from(req.len);
                         &mut after_skip
                     } else {
-                        &mut out
+                        &mut out.buf
                     };
                     match verdict {
                         Verdict::Refuse(error, message) => {
@@ -414,16 +447,42 @@ where
             } else {
                 0
             };
-            let offload =
-                !inline || matches!(op, Op::Flush) || op.fua() || op.weight(payload) > inline_max;
+            // Block status reads the metadata store: never on the runtime's threads.
+            let offload = !inline
+                || matches!(op, Op::Flush | Op::BlockStatus { .. })
+                || op.fua()
+                || op.weight(payload) > inline_max;
+            let cost = op.cost(payload, max_payload);
             if offload {
-                // Backpressure: a request larger than the whole byte budget still
-                // runs, alone.
-                let cost = op.cost().max(payload as u64);
-                let fits = in_flight_bytes == 0 || in_flight_bytes + cost <= max_bytes;
+                // Backpressure: a request larger than the connection's byte limit
+                // still runs, alone.
+                let fits = out.held_bytes == 0 || out.held_bytes + cost <= max_bytes;
                 if in_flight >= max_requests || !fits {
                     blocked = true;
                     break;
+                }
+                // The server-wide budget is taken before a write's payload is
+                // read into memory. When it is short, the request waits in line
+                // (first come, first served) and this connection stops reading.
+                if cost > 0 && reserved.is_none() {
+                    if acquiring.is_none() {
+                        // Every cost is at most 32 MiB (the largest payload, a
+                        // piece of zeroes, or a block status). The budget is never
+                        // smaller than the largest payload; a block status costing
+                        // more than a tiny budget takes all of it and runs alone.
+                        let n = cost.min(budget_total);
+                        let n = u32::try_from(n).expect("a request costs less than 4 GiB");
+                        match budget.clone().try_acquire_many_owned(n) {
+                            Ok(permit) => reserved = Some(permit),
+                            Err(_) => {
+                                acquiring = Some(Box::pin(budget.clone().acquire_many_owned(n)))
+                            }
+                        }
+                    }
+                    if reserved.is_none() {
+                        blocked = true;
+                        break;
+                    }
                 }
             }
             if input.len() < REQUEST_HEADER_LEN + payload {
@@ -441,55 +500,70 @@ where
                 "request"
             );
             let op = match op {
-                Op::Write { offset, fua, .. } => Op::Write {
-                    offset,
-                    data: input.split_to(payload).freeze(),
-                    fua,
-                },
+                Op::Write { offset, fua, .. } => {
+                    let data = input.split_to(payload).freeze();
+                    if offload {
+                        // The payload's allocation must go when the request does,
+                        // not live on under the bytes read after it.
+                        let rest =
+                            std::mem::replace(&mut input, BytesMut::with_capacity(READ_CHUNK));
+                        input.extend_from_slice(&rest);
+                    }
+                    Op::Write { offset, data, fua }
+                }
                 op => op,
             };
             if offload {
-                let cost = op.cost();
                 in_flight += 1;
-                in_flight_bytes += cost;
+                out.held_bytes += cost;
                 conn.offload(Job {
                     handle: req.handle,
                     op,
-                    cost,
+                    held: Held {
+                        bytes: cost,
+                        _permit: reserved.take(),
+                    },
                 });
             } else {
-                conn.execute(req.handle, op, &mut out);
-                if out.len() >= WRITE_BATCH && !flush(&mut writer, &mut out, &conn).await {
+                conn.execute(req.handle, op, &mut out.buf);
+                if out.buf.len() >= WRITE_BATCH && !out.flush(&conn).await {
                     stop = Stop::Now;
                     break;
                 }
             }
         }
+        if stop != Stop::No {
+            // No new request will be admitted: give back what was set aside.
+            reserved = None;
+            acquiring = None;
+        }
         // Collect whatever offloaded requests have finished meanwhile.
-        let mut freed = false;
+        let held_before = out.held_bytes;
         while stop != Stop::Now
             && let Ok(done) = done_rx.try_recv()
         {
             in_flight -= 1;
-            in_flight_bytes -= done.cost;
-            freed = true;
-            if !absorb(&mut writer, &mut out, done.reply, &conn).await {
+            if !out.absorb(done, &conn).await {
                 stop = Stop::Now;
             }
         }
-        // Every reply of this batch goes out before we wait for more input.
-        if stop != Stop::Now && !out.is_empty() && !flush(&mut writer, &mut out, &conn).await {
+        // Every reply of this batch goes out before we wait for more input; only
+        // then is the budget its requests held given back.
+        if stop != Stop::Now && !out.buf.is_empty() && !out.flush(&conn).await {
             stop = Stop::Now;
         }
-        if stop == Stop::Now || ((stop == Stop::Drain || eof) && in_flight == 0) {
+        if stop == Stop::Now
+            || ((stop == Stop::Drain || eof) && in_flight == 0 && acquiring.is_none())
+        {
             break 'conn;
         }
-        if blocked && freed {
+        if blocked && (out.held_bytes < held_before || reserved.is_some()) {
             // Room in the budget again: take the waiting requests first.
             continue;
         }
-        // At the budget, stop reading: the next reply frees room. (Then something
-        // is in flight, so the select below always has a branch to wait on.)
+        // At a limit, stop reading: a finished request or the budget frees room.
+        // (Then something is in flight or awaited, so the select below always
+        // has a branch to wait on.)
         let reading = stop == Stop::No && !eof && !blocked;
         if reading && input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
@@ -503,10 +577,18 @@ where
             done = done_rx.recv(), if in_flight > 0 => {
                 let done = done.expect("the connection holds a sender, so the channel is open");
                 in_flight -= 1;
-                in_flight_bytes -= done.cost;
-                if !absorb(&mut writer, &mut out, done.reply, &conn).await {
+                if !out.absorb(done, &conn).await {
                     stop = Stop::Now;
                 }
+            }
+            permit = async {
+                match acquiring.as_mut() {
+                    Some(wait) => wait.await,
+                    None => std::future::pending().await,
+                }
+            }, if acquiring.is_some() => {
+                acquiring = None;
+                reserved = Some(permit.expect("the memory budget is never closed"));
             }
             read = reader.read_buf(&mut input), if reading => match read {
                 Ok(0) => {
@@ -523,56 +605,99 @@ where
     }
     if stop != Stop::Now {
         // An orderly close: TLS close_notify, then FIN.
-        if let Err(e) = writer.shutdown().await {
+        let closed = tokio::time::timeout(out.timeout, out.writer.shutdown()).await;
+        if let Ok(Err(e)) = closed {
             debug!(error = %e, "closing the connection failed");
         }
     }
 }
 
-/// Adds the reply of an offloaded request to the batch. A large reply is not
-/// copied: the batch so far is written first and the reply's buffer becomes the
-/// batch. `false` if the client is gone.
-async fn absorb<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    out: &mut Vec<u8>,
-    mut reply: Vec<u8>,
-    conn: &Conn,
-) -> bool {
-    let mut written = true;
-    if out.is_empty() {
-        std::mem::swap(out, &mut reply);
-    } else if reply.len() >= WRITE_BATCH {
-        written = flush(writer, out, conn).await;
-        std::mem::swap(out, &mut reply);
-    } else {
-        out.extend_from_slice(&reply);
-    }
-    conn.recycle(reply);
-    written
+/// The reply side of a connection: the batch of encoded replies not yet
+/// written, and the budget their requests hold until they are.
+struct Replies<W> {
+    writer: W,
+    buf: Vec<u8>,
+    /// Budget of the offloaded requests whose replies are in `buf`.
+    riding: Vec<Held>,
+    /// Bytes this connection's offloaded requests hold: running, or replied to
+    /// but not yet written.
+    held_bytes: u64,
+    /// Longest wait for the client to accept any reply bytes.
+    timeout: Duration,
 }
 
-/// Writes the batched replies; `false` if the client is gone.
-async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, out: &mut Vec<u8>, conn: &Conn) -> bool {
-    let written = async {
-        writer.write_all(out).await?;
-        writer.flush().await
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    /// Adds the reply of an offloaded request to the batch. A large reply is not
+    /// copied: the batch so far is written first and the reply's buffer becomes
+    /// the batch. `false` if the client is gone.
+    async fn absorb(&mut self, done: Done, conn: &Conn) -> bool {
+        let Done { mut reply, held } = done;
+        let mut written = true;
+        if self.buf.is_empty() {
+            std::mem::swap(&mut self.buf, &mut reply);
+        } else if reply.len() >= WRITE_BATCH {
+            written = self.flush(conn).await;
+            std::mem::swap(&mut self.buf, &mut reply);
+        } else {
+            self.buf.extend_from_slice(&reply);
+        }
+        self.riding.push(held);
+        conn.recycle(reply);
+        written
     }
-    .await;
-    if out.capacity() > 4 * WRITE_BATCH {
-        // After a large reply, hand the buffer to the workers (or back to the
-        // allocator) rather than keep it for the connection's lifetime.
-        let large = std::mem::replace(out, conn.buffer());
-        conn.recycle(large);
-    } else {
-        out.clear();
-    }
-    match written {
-        Ok(()) => true,
-        Err(e) => {
-            debug!(error = %e, "writing replies failed");
-            false
+
+    /// Writes the batched replies, then gives back the budget their requests
+    /// held; `false` if the client is gone or accepted no bytes for the reply
+    /// timeout.
+    async fn flush(&mut self, conn: &Conn) -> bool {
+        let written = write_all(&mut self.writer, &self.buf, self.timeout).await;
+        if self.buf.capacity() > 4 * WRITE_BATCH {
+            // After a large reply, hand the buffer to the pool (or back to the
+            // allocator) rather than keep it for the connection's lifetime.
+            let large = std::mem::replace(&mut self.buf, conn.buffer());
+            conn.recycle(large);
+        } else {
+            self.buf.clear();
+        }
+        for held in self.riding.drain(..) {
+            self.held_bytes -= held.bytes;
+        }
+        match written {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                warn!(
+                    timeout_secs = self.timeout.as_secs_f64(),
+                    "client read no reply for the reply timeout; closing"
+                );
+                false
+            }
+            Err(e) => {
+                debug!(error = %e, "writing replies failed");
+                false
+            }
         }
     }
+}
+
+/// `write_all` and `flush`, failing with `TimedOut` when the peer accepts no
+/// bytes for `timeout` (progress resets it, so a slow link is not cut off).
+async fn write_all<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let stalled = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    while !buf.is_empty() {
+        match tokio::time::timeout(timeout, writer.write(buf)).await {
+            Err(_) => return Err(stalled()),
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    tokio::time::timeout(timeout, writer.flush())
+        .await
+        .map_err(|_| stalled())?
 }
 
 /// Checks a request against the session; no export call happens here.
@@ -727,13 +852,60 @@ fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) {
             offset,
             len,
             fua,
-            no_hole,
-        } => (offset, len, export.write_zeroes(offset, len, fua, no_hole)),
+            no_hole: true,
+        } => (offset, len, allocated_zeroes(conn, offset, len, fua)),
+        Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole: false,
+        } => (offset, len, export.write_zeroes(offset, len, fua, false)),
         Op::Cache { offset, len } => (offset, len, export.cache(offset, len)),
     };
     match result {
         Ok(()) => put_simple_reply(out, 0, handle),
         Err(e) => export_error_reply(conn, handle, offset, len, &e, out),
+    }
+}
+
+/// `NBD_CMD_WRITE_ZEROES` with `NBD_CMD_FLAG_NO_HOLE`: the export seals real
+/// zero blocks, as much work as a write of the same length, so it runs in pieces
+/// of at most the maximum request size (the budget the request holds), with
+/// boundaries on the export's blocks, and stops with `ESHUTDOWN` between pieces
+/// when the server shuts down. FUA is one flush at the end.
+fn allocated_zeroes(conn: &Conn, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+    let export = conn.export.as_ref();
+    let piece = u64::from(conn.max_payload);
+    let block = status_block_size(export);
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        if at > offset && conn.shared.shutdown.is_triggered() {
+            return Err(ExportError::new(
+                ErrorKind::ShuttingDown,
+                "write zeroes stopped by shutdown",
+            ));
+        }
+        let mut next = (at + piece).min(end);
+        // Pieces end on a block boundary where they can, so only the request's
+        // own edges are partial blocks.
+        if next < end && next / block * block > at {
+            next = next / block * block;
+        }
+        export.write_zeroes(at, next - at, false, true)?;
+        at = next;
+    }
+    if fua { export.flush() } else { Ok(()) }
+}
+
+/// The export's block size as block status and zeroes use it: a power of two
+/// from 512 to 65536, or 4096 if the export reports something else.
+fn status_block_size(export: &dyn Export) -> u64 {
+    let bs = export.block_size();
+    if bs.is_power_of_two() && (512..=65536).contains(&bs) {
+        u64::from(bs)
+    } else {
+        4096
     }
 }
 
@@ -849,7 +1021,10 @@ fn sparse_read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, out: &mut 
 }
 
 /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: one `NBD_REPLY_TYPE_BLOCK_STATUS`
-/// chunk.
+/// chunk describing at most [`MAX_STATUS_BLOCKS`] blocks from `offset`: "the sum
+/// of the *length* fields of each descriptor MUST not be greater than the overall
+/// *length* of the request. This means that the server MAY return less data than
+/// required. However the server MUST return at least one status descriptor."
 fn block_status_reply(
     conn: &Conn,
     handle: u64,
@@ -859,11 +1034,15 @@ fn block_status_reply(
     context: u32,
     out: &mut Vec<u8>,
 ) {
+    let block = status_block_size(conn.export.as_ref());
+    // Ends on a block boundary past `offset`, so it describes at least a byte.
+    let limit = (offset / block + MAX_STATUS_BLOCKS) * block;
+    let end = (offset + u64::from(len)).min(limit);
+    let len = (end - offset) as u32;
     let extents = match conn.export.block_status(offset, u64::from(len)) {
         Ok(extents) => extents,
         Err(e) => return export_error_reply(conn, handle, offset, u64::from(len), &e, out),
     };
-    let end = offset + u64::from(len);
     let mut descriptors: Vec<(u32, u32)> = Vec::new();
     let mut pos = offset;
     for e in extents {

@@ -36,7 +36,7 @@ pub(crate) struct Config {
     pub(crate) unix: Option<UnixConfig>,
     /// The TCP listener.
     pub(crate) tcp: Option<TcpConfig>,
-    /// Per-connection limits.
+    /// Per-connection and server-wide limits.
     #[serde(default)]
     pub(crate) limits: Limits,
     /// Exports (`tenant/volume`) served read-only.
@@ -132,12 +132,26 @@ pub(crate) struct TlsFiles {
 pub(crate) struct Limits {
     /// Requests one connection may have in flight.
     pub(crate) max_in_flight_requests: Option<usize>,
-    /// Payload bytes one connection may have in flight.
+    /// Payload bytes one connection may have in flight (replies not yet
+    /// written included).
     pub(crate) max_in_flight_bytes: Option<Size>,
     /// Largest single read or write (64K to 32M).
     pub(crate) max_request_bytes: Option<Size>,
+    /// Payload bytes all connections together may have in flight (replies not
+    /// yet written included); at least `max_request_bytes`.
+    pub(crate) memory_budget: Option<Size>,
+    /// Connections in transmission, in total.
+    pub(crate) max_connections: Option<usize>,
+    /// Connections in transmission to one tenant's exports.
+    pub(crate) max_connections_per_tenant: Option<usize>,
+    /// Connections still in the handshake.
+    pub(crate) max_handshakes: Option<usize>,
     /// Seconds a client has to finish the handshake.
     pub(crate) handshake_timeout_secs: Option<u64>,
+    /// Seconds connections get to finish after SIGTERM before they are dropped.
+    pub(crate) shutdown_timeout_secs: Option<u64>,
+    /// Seconds a client may accept no reply bytes before it is disconnected.
+    pub(crate) reply_timeout_secs: Option<u64>,
 }
 
 /// Unix permission bits: a TOML integer (`0o660`) or an octal string (`"0660"`).
@@ -216,8 +230,26 @@ impl Config {
         if let Some(Size(n)) = l.max_request_bytes {
             server.max_request_payload = u32::try_from(n).unwrap_or(u32::MAX);
         }
+        if let Some(Size(n)) = l.memory_budget {
+            server.memory_budget = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = l.max_connections {
+            server.max_connections = n;
+        }
+        if let Some(n) = l.max_connections_per_tenant {
+            server.max_connections_per_tenant = n;
+        }
+        if let Some(n) = l.max_handshakes {
+            server.max_handshakes = n;
+        }
         if let Some(secs) = l.handshake_timeout_secs {
             server.handshake_timeout = Duration::from_secs(secs);
+        }
+        if let Some(secs) = l.shutdown_timeout_secs {
+            server.shutdown_timeout = Duration::from_secs(secs);
+        }
+        if let Some(secs) = l.reply_timeout_secs {
+            server.reply_timeout = Duration::from_secs(secs);
         }
         server.insecure_plain_tcp = self.tcp.as_ref().is_some_and(|t| t.insecure_plain_tcp);
         server
@@ -281,8 +313,50 @@ impl Config {
         {
             bail!("limits.max_request_bytes: {n} is outside 64K..=32M");
         }
+        self.check_server_limits()?;
         for name in &self.read_only {
             parse_export_name(name).with_context(|| format!("read_only: {name:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The limits that bound memory, descriptors and shutdown time.
+    fn check_server_limits(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        let defaults = ServerConfig::default();
+        let max_request = l
+            .max_request_bytes
+            .map_or(u64::from(defaults.max_request_payload), |Size(n)| n);
+        if let Some(Size(n)) = l.memory_budget
+            && n < max_request
+        {
+            // Every request must fit in the budget on its own, or it would wait
+            // forever.
+            bail!(
+                "limits.memory_budget: {} is less than the largest request ({}, \
+                 limits.max_request_bytes)",
+                Size(n),
+                Size(max_request)
+            );
+        }
+        for (name, value) in [
+            ("max_connections", l.max_connections),
+            ("max_connections_per_tenant", l.max_connections_per_tenant),
+            ("max_handshakes", l.max_handshakes),
+        ] {
+            if value == Some(0) {
+                bail!("limits.{name}: must be at least 1");
+            }
+        }
+        for (name, value) in [
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("reply_timeout_secs", l.reply_timeout_secs),
+        ] {
+            if value == Some(0) {
+                bail!("limits.{name}: must be at least 1");
+            }
         }
         Ok(())
     }
@@ -333,6 +407,10 @@ mod tests {
         let server = config.server_config();
         assert!(!server.insecure_plain_tcp);
         assert_eq!(server.max_in_flight_requests, 64);
+        let defaults = ServerConfig::default();
+        assert_eq!(server.memory_budget, defaults.memory_budget);
+        assert_eq!(server.max_handshakes, defaults.max_handshakes);
+        assert_eq!(server.shutdown_timeout, defaults.shutdown_timeout);
     }
 
     #[test]
@@ -358,7 +436,13 @@ mod tests {
             max_in_flight_requests = 16
             max_in_flight_bytes = "16M"
             max_request_bytes = 1048576
+            memory_budget = "128M"
+            max_connections = 100
+            max_connections_per_tenant = 10
+            max_handshakes = 20
             handshake_timeout_secs = 5
+            shutdown_timeout_secs = 3
+            reply_timeout_secs = 30
             "#,
         )
         .unwrap();
@@ -380,6 +464,12 @@ mod tests {
         assert_eq!(server.max_in_flight_bytes, 16 << 20);
         assert_eq!(server.max_request_payload, 1 << 20);
         assert_eq!(server.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(server.memory_budget, 128 << 20);
+        assert_eq!(server.max_connections, 100);
+        assert_eq!(server.max_connections_per_tenant, 10);
+        assert_eq!(server.max_handshakes, 20);
+        assert_eq!(server.shutdown_timeout, Duration::from_secs(3));
+        assert_eq!(server.reply_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -415,6 +505,26 @@ mod tests {
             (
                 format!("{MINIMAL}[limits]\nmax_in_flight_bytes = \"lots\""),
                 "lots",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmemory_budget = \"16M\""),
+                "limits.memory_budget",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmemory_budget = \"1M\"\nmax_request_bytes = \"2M\""),
+                "limits.memory_budget",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_handshakes = 0"),
+                "limits.max_handshakes",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_connections_per_tenant = 0"),
+                "limits.max_connections_per_tenant",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nreply_timeout_secs = 0"),
+                "limits.reply_timeout_secs",
             ),
             (
                 MINIMAL.replace(

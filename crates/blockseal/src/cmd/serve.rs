@@ -5,8 +5,11 @@
 //! every listener, then print one readiness line on stdout
 //! (`ready unix=PATH tcp=IP:PORT`, only the listeners configured), so that
 //! scripts wait on it rather than sleep. SIGTERM or SIGINT starts a graceful
-//! shutdown: stop accepting, let in-flight requests finish, flush every open
-//! volume, close the store, exit 0. A second signal exits at once.
+//! shutdown: stop accepting, drop connections still in the handshake, let
+//! in-flight requests finish and reply for at most `limits.shutdown_timeout_secs`
+//! (then drop the connections still open: a client that does not read its
+//! replies cannot hold the exit), flush every open volume, close the store,
+//! exit 0. A second signal exits at once.
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, Permissions};
@@ -191,6 +194,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         tcp,
         hints,
     } = plan;
+    check_descriptor_limit(&server_config);
     let store = Arc::new(store);
     let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
     let server = Server::new(catalog.clone(), server_config);
@@ -291,6 +295,27 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Warns when the open file limit is below what the connection caps allow: the
+/// server would then meet EMFILE (and refuse connections, or fail to create a
+/// segment) before its own limits apply.
+fn check_descriptor_limit(config: &ServerConfig) {
+    use rustix::process::{Resource, getrlimit};
+    let Some(soft) = getrlimit(Resource::Nofile).current else {
+        return;
+    };
+    // A socket per connection the caps admit, plus the store's files (metadata,
+    // lock, open segments) and the runtime's own.
+    let needed = (config.max_connections + config.max_handshakes) as u64 + 128;
+    if soft < needed {
+        warn!(
+            open_file_limit = soft,
+            needed,
+            "the open file limit is below limits.max_connections + limits.max_handshakes \
+             + 128: raise it (LimitNOFILE= in the systemd unit) or lower those limits"
+        );
+    }
 }
 
 /// Binds a Unix socket with permission bits `mode`. A stale socket file (nobody

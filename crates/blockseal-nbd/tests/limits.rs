@@ -1,0 +1,206 @@
+//! Server-wide limits with a raw client: the connection caps (in total and per
+//! tenant) refuse `NBD_OPT_GO` with `NBD_REP_ERR_POLICY` and free their slot
+//! when a connection closes; the handshake cap closes new connections at once;
+//! block status describes a bounded range.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use blockseal_nbd::ServerConfig;
+use common::mem::{MemCatalog, MemExport};
+use common::*;
+
+const FIXED_NO_ZEROES: u32 = 3;
+const REQ_ONE: u16 = 1 << 3;
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends `NBD_OPT_GO` for `name`; the final reply type.
+fn try_go(raw: &mut Raw, name: &str) -> u32 {
+    raw.option(OPT_GO, &info_payload(name, &[]));
+    loop {
+        let (_, kind, _) = raw.option_reply();
+        if kind != REP_INFO {
+            return kind;
+        }
+    }
+}
+
+fn connected(server: &TestServer) -> Raw {
+    let mut raw = server.raw();
+    raw.handshake(FIXED_NO_ZEROES);
+    raw
+}
+
+#[test]
+fn connection_caps_refuse_go_until_a_slot_frees() {
+    let mut config = ServerConfig::default();
+    config.max_connections = 3;
+    config.max_connections_per_tenant = 2;
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+
+    let mut a1 = connected(&server);
+    assert_eq!(try_go(&mut a1, "acme/disk"), REP_ACK);
+    let mut a2 = connected(&server);
+    assert_eq!(try_go(&mut a2, "acme/ro"), REP_ACK);
+    // The tenant is at its cap; the refused client stays in the handshake and
+    // may ask for another tenant's export.
+    let mut a3 = connected(&server);
+    assert_eq!(try_go(&mut a3, "acme/disk"), REP_ERR_POLICY);
+    assert_eq!(try_go(&mut a3, "globex/disk"), REP_ACK);
+    // Now the server is at its cap.
+    let mut g = connected(&server);
+    assert_eq!(try_go(&mut g, "globex/disk"), REP_ERR_POLICY);
+    assert_eq!(server.server.stats().connections_refused, 2);
+
+    // A closed connection gives its slot back.
+    drop(a1);
+    wait_until("a free slot", || {
+        let mut c = connected(&server);
+        try_go(&mut c, "acme/disk") == REP_ACK
+    });
+}
+
+#[test]
+fn handshake_cap_closes_new_connections_at_once() {
+    let mut config = ServerConfig::default();
+    config.max_handshakes = 2;
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let mut first = server.raw();
+    first.greeting();
+    let mut second = server.raw();
+    second.greeting();
+    // Both slots are taken by young handshakes: the third is closed unanswered.
+    let mut third = server.raw();
+    assert!(third.closed());
+    assert_eq!(server.server.stats().handshakes_refused, 1);
+    // A handshake that completes frees its slot.
+    second.send(&FIXED_NO_ZEROES.to_be_bytes());
+    assert_eq!(try_go(&mut second, "acme/disk"), REP_ACK);
+    let mut fourth = server.raw();
+    fourth.handshake(FIXED_NO_ZEROES);
+    assert_eq!(try_go(&mut fourth, "acme/disk"), REP_ACK);
+}
+
+#[test]
+fn block_status_describes_a_bounded_range() {
+    // 2 GiB of 4 KiB blocks: the server describes at most 65536 blocks (256 MiB).
+    let mut catalog = MemCatalog::default();
+    catalog.add("acme/big", MemExport::new(2 << 30, false), "big");
+    let server = TestServer::start_with(catalog, ServerConfig::default(), None);
+    let mut raw = connected(&server);
+    raw.option(OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(raw.option_reply().1, REP_ACK);
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&8u32.to_be_bytes());
+    meta.extend_from_slice(b"acme/big");
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    raw.option(OPT_SET_META_CONTEXT, &meta);
+    assert_eq!(raw.option_reply().1, REP_META_CONTEXT);
+    assert_eq!(raw.option_reply().1, REP_ACK);
+    assert_eq!(try_go(&mut raw, "acme/big"), REP_ACK);
+    for (flags, offset) in [(0, 0), (REQ_ONE, 0), (0, 100)] {
+        raw.request(flags, CMD_BLOCK_STATUS, 1, offset, (1 << 30) + 4096);
+        let (_, kind, handle, payload) = raw.chunk();
+        assert_eq!((kind, handle), (5, 1));
+        let lengths: Vec<u64> = payload[4..]
+            .chunks(8)
+            .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())))
+            .collect();
+        assert_eq!(lengths.len(), 1);
+        // Ends on the block boundary 65536 blocks past the offset's block.
+        assert_eq!(offset + lengths[0], 256 << 20);
+    }
+}
+
+/// A client on `server` with simple replies in transmission on `acme/disk`,
+/// and a handle on its socket to change the read timeout.
+fn transmitting(server: &TestServer) -> (Raw, std::os::unix::net::UnixStream) {
+    let s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let handle = s.try_clone().unwrap();
+    let mut raw = Raw { s: Box::new(s) };
+    raw.handshake(FIXED_NO_ZEROES);
+    assert_eq!(try_go(&mut raw, "acme/disk"), REP_ACK);
+    (raw, handle)
+}
+
+/// 1 MiB requests, a 4 MiB budget.
+fn small_budget() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.max_request_payload = 1 << 20;
+    config.memory_budget = 4 << 20;
+    config
+}
+
+#[test]
+fn budget_is_held_until_replies_are_written_and_others_wait() {
+    let server = TestServer::start_with(MemCatalog::standard(), small_budget(), None);
+    let stats = || server.server.stats();
+    // A client that pipelines eight 1 MiB reads and reads nothing: four fit in
+    // the budget, run, and their replies wait on the socket holding it all.
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..8 {
+        slow.request(0, CMD_READ, k, k << 20, 1 << 20);
+    }
+    wait_until("the budget to be held", || {
+        stats().memory_budget_available == 0
+    });
+    // Another client's large read waits for the budget (it does not fail)...
+    let (mut other, socket) = transmitting(&server);
+    other.request(0, CMD_READ, 100, 0, 1 << 20);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let waiting = std::io::Read::read(&mut other.s, &mut byte);
+    assert!(waiting.is_err(), "answered while the budget was held");
+    // ...while small requests of other connections are answered at once (on
+    // its own connection a request waits behind the one that waits).
+    let (mut third, _) = transmitting(&server);
+    third.request(0, CMD_READ, 101, 0, 4096);
+    assert_eq!(third.simple_reply(), (0, 101));
+    third.read_n(4096);
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Once the slow client reads its replies, the budget comes back and the
+    // waiting read is answered.
+    for _ in 0..8 {
+        let (error, _) = slow.simple_reply();
+        assert_eq!(error, 0);
+        slow.read_n(1 << 20);
+    }
+    assert_eq!(other.simple_reply(), (0, 100));
+    other.read_n(1 << 20);
+    wait_until("the whole budget back", || {
+        stats().memory_budget_available == 4 << 20
+    });
+}
+
+#[test]
+fn a_client_that_reads_no_reply_is_dropped_after_the_reply_timeout() {
+    let mut config = small_budget();
+    config.reply_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..8 {
+        slow.request(0, CMD_READ, k, k << 20, 1 << 20);
+    }
+    wait_until("the budget to be held", || {
+        server.server.stats().memory_budget_available == 0
+    });
+    wait_until("the slow client dropped and the budget back", || {
+        let stats = server.server.stats();
+        stats.connections_active == 0 && stats.memory_budget_available == 4 << 20
+    });
+}
