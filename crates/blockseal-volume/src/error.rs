@@ -198,6 +198,15 @@ pub enum CreateError {
         /// The volume's block size, in bytes.
         block_size: u32,
     },
+    /// The volume size is larger than NBD clients and the kernel can address
+    /// (2^63 - 1 bytes, rounded down to 64 KiB).
+    #[error("volume size {size} is larger than the largest volume ({max} bytes)")]
+    TooLarge {
+        /// The requested size.
+        size: u64,
+        /// [`MAX_VOLUME_BYTES`](crate::MAX_VOLUME_BYTES).
+        max: u64,
+    },
     /// The store has no internal volume ids left.
     #[error("the store has no volume ids left")]
     Exhausted,
@@ -222,7 +231,8 @@ impl CreateError {
             CreateError::TenantExists { .. }
             | CreateError::NoSuchTenant { .. }
             | CreateError::VolumeExists { .. }
-            | CreateError::InvalidSize { .. } => ErrorKind::InvalidInput,
+            | CreateError::InvalidSize { .. }
+            | CreateError::TooLarge { .. } => ErrorKind::InvalidInput,
             CreateError::Exhausted => ErrorKind::NoSpace,
             _ => ErrorKind::Io,
         }

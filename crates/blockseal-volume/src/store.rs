@@ -554,8 +554,13 @@ impl Store {
         options: VolumeOptions,
     ) -> Result<VolumeInfo, CreateError> {
         let block_size = options.block_size;
-        if size == 0 || !size.is_multiple_of(u64::from(block_size.get())) || size > MAX_VOLUME_BYTES
-        {
+        if size > MAX_VOLUME_BYTES {
+            return Err(CreateError::TooLarge {
+                size,
+                max: MAX_VOLUME_BYTES,
+            });
+        }
+        if size == 0 || !size.is_multiple_of(u64::from(block_size.get())) {
             return Err(CreateError::InvalidSize {
                 size,
                 block_size: block_size.get(),

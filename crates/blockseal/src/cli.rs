@@ -32,6 +32,28 @@ pub(crate) enum Command {
     /// Create and inspect master key files.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Store maintenance (opens the store directly; no server may run).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `blockseal store ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum StoreCommand {
+    /// Open a store whose metadata lost commits it had acknowledged (damaged,
+    /// or restored from an older copy), accepting the loss: mappings that no
+    /// longer hang together are dropped, live counts recounted, segments of
+    /// volumes the metadata does not know moved to DIR/lost/, and the commit
+    /// marker reset. Blocks whose mappings were lost read as zeros afterwards.
+    /// Restore the metadata from a backup first if you can.
+    AcceptMetadataLoss {
+        /// Confirms that lost writes stay lost.
+        #[arg(long, required = true)]
+        yes_i_understand: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// Arguments of `blockseal serve`.

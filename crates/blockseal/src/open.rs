@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use blockseal_keys::{MasterKey, load_key_file};
 use blockseal_volume::meta::BackendKind;
-use blockseal_volume::{OpenError, Store, StoreOptions};
+use blockseal_volume::{OpenError, RecoveryReport, Store, StoreOptions};
 
 use crate::cli::StoreArgs;
 use crate::config::Config;
@@ -88,6 +88,18 @@ impl StoreLocation {
     }
 
     /// Whether the directory holds a store.
+    /// Opens the store accepting that its metadata lost commits
+    /// (`Store::danger_accept_metadata_loss`).
+    pub(crate) fn accept_metadata_loss(&self) -> anyhow::Result<(Store, RecoveryReport)> {
+        if !self.has_store() {
+            bail!("{} holds no blockseal store", self.dir.display());
+        }
+        let key = self.load_key()?;
+        let options = StoreOptions::new().backend(self.backend);
+        Store::danger_accept_metadata_loss(&self.dir, key, options)
+            .map_err(|e| explain_open_error(e, &self.dir))
+    }
+
     pub(crate) fn has_store(&self) -> bool {
         holds_store(&self.dir)
     }
@@ -134,6 +146,15 @@ fn explain_open_error(err: OpenError, dir: &Path) -> anyhow::Error {
             "the store {} is in use: a running `blockseal serve` (or another blockseal \
              command) holds its lock; stop the server first, admin commands open the store \
              directly",
+            dir.display()
+        ),
+        e @ (OpenError::MetadataRolledBack { .. }
+        | OpenError::MarkerDamaged { .. }
+        | OpenError::UnknownSegments { .. }) => anyhow::anyhow!(
+            "{e}\n\nRestore the store's metadata from a backup if you can. To serve what \
+             the metadata still holds instead, and lose what it forgot, run\n  \
+             blockseal store accept-metadata-loss --data-dir {} --yes-i-understand\n\
+             (docs/OPERATIONS.md, \"Metadata loss\")",
             dir.display()
         ),
         other => {

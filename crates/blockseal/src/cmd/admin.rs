@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use blockseal_keys::TenantId;
 use blockseal_volume::{BlockSize, VolumeOptions};
 
-use crate::cli::{StoreArgs, TenantCommand, VolumeCommand};
+use crate::cli::{StoreArgs, StoreCommand, TenantCommand, VolumeCommand};
 use crate::config::parse_export_name;
 use crate::open::{IfMissing, StoreLocation};
 use crate::size::Size;
@@ -114,6 +114,34 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+    }
+}
+
+/// Runs a `blockseal store` subcommand.
+pub(crate) fn store(command: StoreCommand) -> anyhow::Result<()> {
+    match command {
+        StoreCommand::AcceptMetadataLoss {
+            yes_i_understand,
+            store,
+        } => {
+            if !yes_i_understand {
+                bail!("accepting metadata loss needs --yes-i-understand");
+            }
+            let location = StoreLocation::from_args(&store)?;
+            let (_store, report) = location.accept_metadata_loss()?;
+            println!(
+                "store {} opened accepting metadata loss: {} commits lost, {} mapping \
+                 records dropped, {} live counts recounted, {} unknown volumes' segments \
+                 moved to {}",
+                location.dir.display(),
+                report.commits_lost,
+                report.extents_dropped,
+                report.live_counts_fixed,
+                report.orphan_volumes,
+                location.dir.join("lost").display()
+            );
             Ok(())
         }
     }

@@ -16,5 +16,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(command) => admin::tenant(command),
         Command::Volume(command) => admin::volume(command),
         Command::Key(command) => key::run(command),
+        Command::Store(command) => admin::store(command),
     }
 }
