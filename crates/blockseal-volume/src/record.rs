@@ -366,6 +366,7 @@ impl Extent {
     pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Extent, Corrupt> {
         let last = key
             .get(5..13)
+            .filter(|_| key.len() == 13 && key[0] == b'm')
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .ok_or_else(|| Corrupt("extent key".into()))?;

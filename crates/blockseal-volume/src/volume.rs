@@ -1454,9 +1454,10 @@ fn load_writers(
     }
 }
 
-/// Checks at open that the committed mappings hang together: every extent names
-/// a writer the volume has a record of (or a DEK it holds, for format v1 blocks),
-/// and the blocks mapped into each segment add up to its live count. Mappings
+/// Checks at open that the committed mappings hang together: extents come in
+/// order without overlap, every extent names a writer the volume has a record
+/// of (or a DEK it holds, for format v1 blocks), and the blocks mapped into each
+/// segment add up to its live count. Mappings
 /// and counts change only together, in one batch, so a difference means records
 /// went missing (a damaged metadata file, a partial restore): serving on would
 /// read lost blocks as zeros.
@@ -1469,6 +1470,7 @@ fn check_extents(
 ) -> Result<(), VolumeError> {
     let mut mapped: HashMap<u32, u64> = HashMap::new();
     let mut bad: Option<String> = None;
+    let mut next_lba = 0u64;
     meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
         let extent = match Extent::decode(key, value) {
             Ok(extent) => extent,
@@ -1477,6 +1479,16 @@ fn check_extents(
                 return false;
             }
         };
+        // Keys sort by last LBA and extents never overlap: a record out of
+        // that order is a damaged key, which a lookup would miss.
+        if extent.lba < next_lba {
+            bad = Some(format!(
+                "mapping records overlap or are out of order at block {}",
+                extent.lba
+            ));
+            return false;
+        }
+        next_lba = extent.last().saturating_add(1);
         let known = match extent.writer {
             0 => deks.contains_key(&extent.dek_version),
             n => writers
