@@ -312,7 +312,38 @@ impl SegmentStore for FileSegments {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    dir_sync_probe::check(dir)?;
     File::open(dir)?.sync_all()
+}
+
+/// Records directory syncs and fails chosen ones, for the unit tests of the
+/// durability of directory entries.
+#[cfg(test)]
+mod dir_sync_probe {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// (directories synced, directories whose next sync fails)
+    static PROBE: Mutex<(Vec<PathBuf>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+
+    pub(super) fn check(dir: &Path) -> std::io::Result<()> {
+        let mut probe = PROBE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = probe.1.iter().position(|d| d == dir) {
+            probe.1.remove(i);
+            return Err(std::io::Error::other("injected directory sync failure"));
+        }
+        probe.0.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    pub(super) fn fail_next(dir: &Path) {
+        PROBE.lock().unwrap().1.push(dir.to_path_buf());
+    }
+
+    pub(super) fn synced(dir: &Path) -> usize {
+        PROBE.lock().unwrap().0.iter().filter(|d| *d == dir).count()
+    }
 }
 
 /// Which operation a [`FaultySegments`] fault targets.
@@ -573,5 +604,57 @@ mod tests {
         store.clear_faults();
         store.write_at(id(0), 1, b"b").unwrap();
         assert_eq!(store.count(FaultOp::Write), 4);
+    }
+
+    #[test]
+    fn new_directories_are_synced_into_their_parent_even_after_a_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("segments");
+        let segments = FileSegments::new(&root).unwrap();
+        // The segments directory itself is made durable in the store directory.
+        assert_eq!(dir_sync_probe::synced(tmp.path()), 1);
+        // A volume's first segment: its directory must reach the root durably.
+        // The first attempt's sync fails; the second must sync again rather
+        // than trust the directory it finds.
+        dir_sync_probe::fail_next(&root);
+        let id = SegmentId {
+            volume: 7,
+            index: 0,
+        };
+        assert!(segments.create(id).is_err());
+        assert_eq!(dir_sync_probe::synced(&root), 0);
+        segments
+            .create(SegmentId {
+                volume: 7,
+                index: 1,
+            })
+            .unwrap();
+        assert_eq!(dir_sync_probe::synced(&root), 1);
+        // Later segments of the same volume sync only its own directory.
+        segments
+            .create(SegmentId {
+                volume: 7,
+                index: 2,
+            })
+            .unwrap();
+        assert_eq!(dir_sync_probe::synced(&root), 1);
+    }
+
+    #[test]
+    fn files_and_directories_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("segments");
+        let segments = FileSegments::new(&root).unwrap();
+        segments
+            .create(SegmentId {
+                volume: 1,
+                index: 0,
+            })
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("1")), 0o700);
+        assert_eq!(mode(&root.join("1/0")), 0o600);
     }
 }

@@ -71,6 +71,7 @@ pub struct StoreOptions {
     compaction_rate: u64,
     compaction_interval: Duration,
     space_reserve: u64,
+    writer_nonce_limit: Option<u64>,
 }
 
 impl StoreOptions {
@@ -101,6 +102,7 @@ impl StoreOptions {
             compaction_rate: Self::DEFAULT_COMPACTION_RATE,
             compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
             space_reserve: FileSegments::DEFAULT_RESERVE,
+            writer_nonce_limit: None,
         }
     }
 
@@ -169,6 +171,15 @@ impl StoreOptions {
     /// committing. Only for segments kept as files under the store directory.
     pub fn space_reserve(mut self, bytes: u64) -> StoreOptions {
         self.space_reserve = bytes;
+        self
+    }
+
+    /// Lowers the number of blocks one writer key seals before the volume makes
+    /// a new one (default: [`nonce::default_limit`](crate::nonce::default_limit)).
+    /// For tests of writer turnover only; a limit can only be lowered.
+    #[doc(hidden)]
+    pub fn danger_writer_nonce_limit(mut self, blocks: u64) -> StoreOptions {
+        self.writer_nonce_limit = Some(blocks.max(1));
         self
     }
 
@@ -714,6 +725,7 @@ impl Store {
             wake: self.compactor.as_ref().map(|c| c.wakeup().clone()),
             flusher: Some(self.flusher.queue().clone()),
             closed: closed.clone(),
+            nonce_limit: self.options.writer_nonce_limit,
         })?;
         open.retain(|_, weak| weak.strong_count() > 0);
         {

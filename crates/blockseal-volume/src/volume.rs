@@ -238,6 +238,8 @@ pub(crate) struct VolumeParts {
     pub(crate) flusher: Option<Arc<FlushQueue>>,
     /// Signalled when the instance has finished closing.
     pub(crate) closed: Arc<Closed>,
+    /// A lower limit of seals per writer key (tests of writer turnover).
+    pub(crate) nonce_limit: Option<u64>,
 }
 
 /// A one-way gate: shut while a volume instance lives, open once it has
@@ -287,6 +289,7 @@ impl Volume {
             wake,
             flusher,
             closed,
+            nonce_limit,
         } = parts;
         let active_dek = keys
             .first()
@@ -357,7 +360,9 @@ impl Volume {
                 segments,
                 deks,
                 active_dek,
-                nonce_limit: crate::nonce::default_limit(block_size),
+                nonce_limit: nonce_limit
+                    .unwrap_or(u64::MAX)
+                    .min(crate::nonce::default_limit(block_size)),
                 writers: RwLock::new(
                     writers
                         .into_iter()
