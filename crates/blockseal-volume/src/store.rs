@@ -507,7 +507,7 @@ impl Store {
         let seed = TenantSeed::generate()?;
         let record = TenantRecord {
             kek_version: KeyVersion::FIRST.0,
-            seed: Zeroizing::new(*seed.expose_secret()),
+            seed: seed_copy(seed.expose_secret()),
             state: TenantState::Active,
             created: now(),
         };
@@ -766,10 +766,18 @@ impl Store {
     }
 
     fn kek(&self, tenant: &TenantId, record: &TenantRecord) -> TenantKek {
-        let seed = TenantSeed::from_bytes(Zeroizing::new(*record.seed));
+        let seed = TenantSeed::from_bytes(seed_copy(&record.seed));
         self.master
             .tenant_kek(&self.salt, tenant, &seed, KeyVersion(record.kek_version))
     }
+}
+
+/// A wiped-on-drop copy of a tenant seed, made in place (a `Zeroizing::new(*x)`
+/// would leave an unwiped temporary on the stack).
+fn seed_copy(seed: &[u8; blockseal_keys::SEED_LEN]) -> Zeroizing<[u8; blockseal_keys::SEED_LEN]> {
+    let mut copy = Zeroizing::new([0u8; blockseal_keys::SEED_LEN]);
+    copy.copy_from_slice(seed);
+    copy
 }
 
 fn tenant_info(id: TenantId, record: &TenantRecord) -> TenantInfo {

@@ -42,6 +42,10 @@ pub(crate) struct Config {
     /// Exports (`tenant/volume`) served read-only.
     #[serde(default)]
     pub(crate) read_only: BTreeSet<String>,
+    /// Free space on the store's file system that data writes leave for
+    /// metadata commits (default 64M): writes past it fail with ENOSPC.
+    #[serde(default)]
+    pub(crate) space_reserve: Option<Size>,
 }
 
 /// `metadata_backend`.
@@ -420,6 +424,7 @@ mod tests {
             data_dir = "/var/lib/blockseal"
             metadata_backend = "sled"
             read_only = ["acme/archive"]
+            space_reserve = "16M"
             [master_key]
             file = "/etc/blockseal/master.key"
             passphrase_env = "BLOCKSEAL_PASSPHRASE"
@@ -447,6 +452,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.metadata_backend, Backend::Sled);
+        assert_eq!(config.space_reserve, Some(Size(16 << 20)));
         assert_eq!(config.unix.as_ref().unwrap().mode, FileMode(0o600));
         assert!(
             config

@@ -24,6 +24,8 @@ pub(crate) struct StoreLocation {
     pub(crate) passphrase: PassphraseArgs,
     /// The metadata backend of a store created here.
     pub(crate) backend: BackendKind,
+    /// Free space kept for metadata commits (`space_reserve`).
+    pub(crate) space_reserve: Option<u64>,
 }
 
 /// Whether opening may create a store in a directory that holds none.
@@ -50,6 +52,7 @@ impl StoreLocation {
             dir: args.data_dir.clone(),
             passphrase: args.passphrase.clone(),
             backend: BackendKind::Redb,
+            space_reserve: None,
         })
     }
 
@@ -68,6 +71,7 @@ impl StoreLocation {
                 config.master_key.passphrase()
             },
             backend: config.metadata_backend.into(),
+            space_reserve: config.space_reserve.map(|s| s.0),
         }
     }
 
@@ -95,9 +99,17 @@ impl StoreLocation {
             bail!("{} holds no blockseal store", self.dir.display());
         }
         let key = self.load_key()?;
-        let options = StoreOptions::new().backend(self.backend);
+        let options = self.options();
         Store::danger_accept_metadata_loss(&self.dir, key, options)
             .map_err(|e| explain_open_error(e, &self.dir))
+    }
+
+    fn options(&self) -> StoreOptions {
+        let options = StoreOptions::new().backend(self.backend);
+        match self.space_reserve {
+            Some(bytes) => options.space_reserve(bytes),
+            None => options,
+        }
     }
 
     pub(crate) fn has_store(&self) -> bool {
@@ -114,7 +126,7 @@ impl StoreLocation {
             );
         }
         let key = self.load_key()?;
-        let options = StoreOptions::new().backend(self.backend);
+        let options = self.options();
         let opened = if exists {
             Store::open(&self.dir, key, options)
         } else {

@@ -380,3 +380,64 @@ fn serve_refuses_bad_configuration() {
     let bad = write_config(dir.path(), "[unix]\nmode = 1\n");
     fails(&["serve", "--config", p(&bad)], "unix");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_name() != "meta.lock" {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn metadata_that_went_back_in_time_is_refused_with_the_recovery_command() {
+    let dir = data_dir();
+    let d = p(dir.path());
+    ok(&["tenant", "create", "acme", "--data-dir", d]);
+    let old = tempfile::tempdir().unwrap();
+    copy_dir(&dir.path().join("meta"), old.path());
+    ok(&["tenant", "create", "globex", "--data-dir", d]);
+    std::fs::remove_dir_all(dir.path().join("meta")).unwrap();
+    copy_dir(old.path(), &dir.path().join("meta"));
+
+    fails(&["tenant", "list", "--data-dir", d], "went back in time");
+    fails(
+        &["tenant", "list", "--data-dir", d],
+        "blockseal store accept-metadata-loss --data-dir",
+    );
+    // The flag is required.
+    fails_with(
+        2,
+        &["store", "accept-metadata-loss", "--data-dir", d],
+        "--yes-i-understand",
+    );
+    let out = ok(&[
+        "store",
+        "accept-metadata-loss",
+        "--data-dir",
+        d,
+        "--yes-i-understand",
+    ]);
+    assert!(out.contains("1 commits lost"), "{out}");
+    let out = ok(&["tenant", "list", "--data-dir", d]);
+    assert!(out.contains("acme") && !out.contains("globex"), "{out}");
+}
+
+#[test]
+fn a_store_open_to_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = data_dir();
+    let d = p(dir.path());
+    ok(&["tenant", "create", "acme", "--data-dir", d]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = blockseal(&["tenant", "list", "--data-dir", d]);
+    assert!(out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("open to group or others"), "{stderr}");
+    assert!(stderr.contains("chmod 0700"), "{stderr}");
+}

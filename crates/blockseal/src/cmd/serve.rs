@@ -104,6 +104,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         dir: dir.clone(),
         passphrase: args.passphrase.clone(),
         backend: BackendKind::Redb,
+        space_reserve: None,
     };
     let key_file = &location.key_file;
     if key_file.symlink_metadata().is_err() {
