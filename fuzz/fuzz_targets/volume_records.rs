@@ -11,11 +11,13 @@
 //!   no slack, so a record that decodes was fully understood;
 //! - the fixed-size records (header, tenant, counter) decode exactly when the
 //!   length, version and enumerated fields are right;
-//! - an extent decodes exactly when its value is `23 + 16 * n` bytes with a block
-//!   count `n` in `1..=256` that fits below the key's last LBA, and when every
-//!   block's segment offset and nonce counter fit their integers. A decoded
-//!   extent has as many tags as its header says, ends at the key's LBA, and
-//!   starts `n - 1` blocks before it.
+//! - an extent decodes exactly when its key is the 13 bytes `m`, volume, last
+//!   LBA, and its value is version 1 of `23 + 16 * n` bytes or version 2 of
+//!   `27 + 16 * n` bytes naming a writer other than 0, with a block count `n` in
+//!   `1..=256` that fits below the key's last LBA, and when every block's segment
+//!   offset and nonce counter fit their integers. A decoded extent has as many
+//!   tags as its header says, ends at the key's LBA, and starts `n - 1` blocks
+//!   before it.
 #![no_main]
 
 use blockseal_volume::fuzzing::{
@@ -89,18 +91,27 @@ fn check_extent(raw_key: bool, bytes: &[u8]) {
     // The layout restated independently.
     let last = key
         .get(5..13)
+        .filter(|_| key.len() == 13 && key[0] == b'm')
         .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
     let expected = (|| {
         let last = last?;
-        if *value.first()? != 1 || value.len() < 23 {
+        // Version 2 adds the writer (u32, never 0) before the nonce counter.
+        let header = match *value.first()? {
+            1 => 23,
+            2 => 27,
+            _ => return None,
+        };
+        if value.len() < header {
             return None;
         }
         let n = u64::from(u16::from_be_bytes([value[1], value[2]]));
         let offset = u64::from(u32::from_be_bytes(value[7..11].try_into().unwrap()));
-        let nonce = u64::from_be_bytes(value[15..23].try_into().unwrap());
+        let writer_ok = header == 23 || value[15..19] != [0, 0, 0, 0];
+        let nonce = u64::from_be_bytes(value[header - 8..header].try_into().unwrap());
         let fits = (1..=MAX_EXTENT_BLOCKS as u64).contains(&n)
+            && writer_ok
             && n <= last.saturating_add(1)
-            && value.len() as u64 == 23 + 16 * n
+            && value.len() as u64 == header as u64 + 16 * n
             && offset + (n - 1) <= u64::from(u32::MAX)
             && nonce.checked_add(n - 1).is_some();
         fits.then_some(n as usize)

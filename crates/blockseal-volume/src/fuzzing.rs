@@ -64,6 +64,8 @@ pub struct ExtentView {
     pub offset: u32,
     /// DEK version.
     pub dek_version: u32,
+    /// The writer whose key sealed the blocks (0: format v1, the DEK itself).
+    pub writer: u32,
     /// First block's nonce counter.
     pub nonce: u64,
     /// Number of tags, one per block.
@@ -82,6 +84,7 @@ pub fn extent_record(key: &[u8], value: &[u8]) -> Result<ExtentView, String> {
         segment: e.segment,
         offset: e.offset,
         dek_version: e.dek_version,
+        writer: e.writer,
         nonce: e.nonce,
         tags: e.tags.len(),
         encoded: e.encode(),
