@@ -43,19 +43,6 @@ fn options(backend: BackendKind) -> StoreOptions {
         .segment_bytes(256 << 10)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// A store with every third block written (several writers, overwrites and a
 /// trim), closed cleanly; the expected content of each block.
 fn populated(dir: &Path, backend: BackendKind) -> Vec<Option<Vec<u8>>> {

@@ -110,3 +110,64 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
     }
     (apparent, allocated)
 }
+
+/// FLUSH latency of a volume after one 4 KiB write, per backend: segment sync,
+/// the metadata commit and the commit marker's write and fdatasync together;
+/// and the marker's part alone (an in-place 24-byte write and fdatasync).
+#[test]
+#[ignore = "measurement; prints numbers, run by hand"]
+fn measure_flush() {
+    use blockseal_keys::{KeyId, MasterKey, TenantId, VolumeId, Zeroizing};
+    use blockseal_volume::{Store, StoreOptions, VolumeOptions};
+    use std::os::unix::fs::FileExt;
+
+    for kind in [BackendKind::Redb, BackendKind::Sled] {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let master = MasterKey::from_bytes(KeyId::from_bytes([1; 16]), 0, Zeroizing::new([2; 32]));
+        let options = StoreOptions::new()
+            .backend(kind)
+            .background_compaction(false);
+        let store = Store::create(dir.path(), master, options).unwrap();
+        let (tenant, name) = (
+            TenantId::new("acme").unwrap(),
+            VolumeId::new("disk").unwrap(),
+        );
+        store.create_tenant(&tenant).unwrap();
+        store
+            .create_volume(&tenant, &name, 64 << 20, VolumeOptions::default())
+            .unwrap();
+        let volume = store.open_volume(&tenant, &name).unwrap();
+        let mut times = Vec::new();
+        for k in 0..400u64 {
+            volume
+                .write_at((k % 1024) * 4096, &[k as u8; 4096])
+                .unwrap();
+            let started = Instant::now();
+            volume.flush().unwrap();
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "{kind:?}: write + FLUSH of one 4 KiB block: flush median {:?} p90 {:?}",
+            times[times.len() / 2],
+            times[times.len() * 9 / 10]
+        );
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = std::fs::File::create(dir.path().join("COMMITS")).unwrap();
+    file.write_all_at(&[0u8; 24], 0).unwrap();
+    file.sync_all().unwrap();
+    let mut times = Vec::new();
+    for k in 0..400u64 {
+        let started = Instant::now();
+        file.write_all_at(&k.to_be_bytes(), 8).unwrap();
+        file.sync_data().unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!(
+        "commit marker alone (24-byte in-place write + fdatasync): median {:?} p90 {:?}",
+        times[times.len() / 2],
+        times[times.len() * 9 / 10]
+    );
+}

@@ -24,19 +24,6 @@ fn options(backend: BackendKind) -> StoreOptions {
         .background_compaction(false)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry.file_name() != "meta.lock" {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn replace_meta(dir: &Path, with: &Path) {
     std::fs::remove_dir_all(dir.join("meta")).unwrap();
     copy_dir(with, &dir.join("meta"));

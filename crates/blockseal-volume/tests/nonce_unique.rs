@@ -86,19 +86,6 @@ fn delete_keys(dir: &Path, backend: BackendKind, prefixes: &[&[u8]]) -> usize {
     n
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry.file_name() != "meta.lock" {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Runs this binary as a child that writes zeros without ever flushing the last
 /// writes, and kills it with SIGKILL once it has written.
 fn write_and_kill(dir: &Path, backend: BackendKind) {

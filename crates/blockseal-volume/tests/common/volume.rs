@@ -75,3 +75,18 @@ pub fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// Copies the directory tree `from` to `to` (made if missing), leaving out the
+/// metadata store's lock file, as a backup of a closed store would.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_name() != "meta.lock" {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
