@@ -102,6 +102,16 @@ pub enum OpenError {
         /// The last commit the marker recorded.
         recorded: u64,
     },
+    /// The commit marker file is gone although the metadata counts its commits
+    /// (it had a marker): without it, a rollback could not be seen.
+    #[error(
+        "the store's commit marker {path} is missing although its metadata was \
+         written with one: it was deleted, or the metadata comes from another store"
+    )]
+    MarkerMissing {
+        /// The marker file.
+        path: PathBuf,
+    },
     /// The commit marker file is not a valid marker.
     #[error("the store's commit marker {path} is damaged")]
     MarkerDamaged {

@@ -97,18 +97,23 @@ impl Sequenced {
         sequence: u64,
     ) -> io::Result<Sequenced> {
         let path = dir.join(MARKER_FILE);
-        let created = !path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)?;
-        write_marker(&file, sequence)?;
-        if created {
-            File::open(dir)?.sync_all()?;
+        if !path.exists() {
+            // Made whole under a temporary name, then renamed: a crash never
+            // leaves an empty or partial marker.
+            let tmp = dir.join("COMMITS.tmp");
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            write_marker(&file, sequence)?;
+            std::fs::rename(&tmp, &path)?;
         }
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        write_marker(&file, sequence)?;
+        // Every open: an earlier one may have failed before syncing the entry.
+        File::open(dir)?.sync_all()?;
         Ok(Sequenced {
             inner,
             state: Mutex::new(State {

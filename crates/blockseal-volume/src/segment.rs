@@ -126,10 +126,15 @@ pub struct FileSegments {
     reserve: u64,
     /// Bytes that may still be written before free space is looked at again.
     budget: AtomicU64,
+    /// Held while the budget is refilled, so two refills never both grant the
+    /// same free space.
+    refill: Mutex<()>,
 }
 
-/// Free space looked up once covers at most this many bytes of writes.
-const SPACE_GRANT: u64 = 64 << 20;
+/// Free space looked up once covers at most this many bytes of writes: other
+/// writers on the same file system can eat at most this much into the reserve
+/// unseen. A look is one `statvfs`, so this costs one call per 4 MiB written.
+const SPACE_GRANT: u64 = 4 << 20;
 
 impl FileSegments {
     /// The default free-space reserve: 64 MiB.
@@ -150,9 +155,11 @@ impl FileSegments {
                 .recursive(true)
                 .mode(0o700)
                 .create(&root)?;
-            if let Some(parent) = root.parent() {
-                sync_dir(parent)?;
-            }
+        }
+        // Every time, not only when it was made: an earlier attempt may have
+        // failed between making the directory and syncing its entry.
+        if let Some(parent) = root.parent() {
+            sync_dir(parent)?;
         }
         Ok(FileSegments {
             root,
@@ -160,6 +167,7 @@ impl FileSegments {
             synced_volumes: Mutex::new(HashSet::new()),
             reserve,
             budget: AtomicU64::new(0),
+            refill: Mutex::new(()),
         })
     }
 
@@ -288,6 +296,11 @@ impl SegmentStore for FileSegments {
     }
 
     fn check_space(&self, bytes: u64) -> io::Result<()> {
+        if self.take_budget(bytes) {
+            return Ok(());
+        }
+        let _refill = self.refill.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have refilled while this one waited.
         if self.take_budget(bytes) {
             return Ok(());
         }

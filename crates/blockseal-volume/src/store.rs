@@ -45,8 +45,11 @@ use crate::volume::{Closed, CompactionReport, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
 
-/// The store format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The store format this build writes and the newest it reads. Version 2 added
+/// writer keys (extent records of version 2, writer records, the commit marker);
+/// a version 1 store is upgraded in place when this build opens it, so that an
+/// older build refuses it instead of misreading its new records.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The largest volume: 2^63 - 1 bytes rounded down to 64 KiB, so that every
 /// offset fits the signed 64-bit sizes of NBD clients and the kernel.
@@ -269,6 +272,9 @@ pub struct RecoveryReport {
     pub live_counts_fixed: u64,
     /// Volumes the metadata does not know whose segments moved to `lost/`.
     pub orphan_volumes: u64,
+    /// Volume records dropped because they did not decode (their keys, and so
+    /// their data, were lost with them).
+    pub volumes_dropped: u64,
 }
 
 /// An open store. One process (and one `Store`) may hold a store open at a time.
@@ -291,6 +297,9 @@ pub struct Store {
     /// Per volume, the gate its latest instance opens when it has finished
     /// closing (see [`Closed`]).
     closing: Mutex<HashMap<(TenantId, VolumeId), Arc<Closed>>>,
+    /// Per volume being opened, a gate opened when that open has finished (and
+    /// registered the instance, or failed).
+    opening: Mutex<HashMap<(TenantId, VolumeId), Arc<Closed>>>,
     /// Serializes tenant and volume creation (read-check-write of records).
     admin: Mutex<()>,
     // Dropped last: the lock outlives every other handle on the directory.
@@ -320,6 +329,9 @@ impl Store {
         let lock = lock_store(&dir)?;
         if dir.join(FORMAT_FILE).exists() {
             return Err(OpenError::AlreadyExists { path: dir });
+        }
+        if unfinished_create(&dir) {
+            set_aside_unfinished_create(&dir)?;
         }
         check_no_store_data(&dir)?;
         let backend = options.backend;
@@ -380,11 +392,15 @@ impl Store {
     ) -> Result<(Store, RecoveryReport), OpenError> {
         let dir = dir.to_path_buf();
         if !dir.join(FORMAT_FILE).exists() {
-            check_no_store_data(&dir)?;
+            // An unfinished create (it never got to write FORMAT) is no store
+            // yet; creating one there starts over.
+            if !unfinished_create(&dir) {
+                check_no_store_data(&dir)?;
+            }
             return Err(OpenError::NotAStore { path: dir });
         }
         let lock = lock_store(&dir)?;
-        let backend = read_format_file(&dir)?;
+        let (backend, version) = read_format_file(&dir)?;
         warn_if_open_to_others(&dir);
         if options.meta_store.is_none() && !meta::exists(backend, &dir.join(META_DIR)) {
             return Err(OpenError::MetadataMissing {
@@ -407,6 +423,14 @@ impl Store {
             }
             Marker::Damaged if !accept_loss => {
                 return Err(OpenError::MarkerDamaged {
+                    path: dir.join(MARKER_FILE),
+                });
+            }
+            // Metadata that counted its commits had a marker beside it: losing
+            // it alone would switch the rollback check off. (A store made before
+            // markers has neither, and gets its first marker now.)
+            Marker::Missing if sequence.is_some() && !accept_loss => {
+                return Err(OpenError::MarkerMissing {
                     path: dir.join(MARKER_FILE),
                 });
             }
@@ -434,6 +458,10 @@ impl Store {
         }
         let meta: Arc<dyn MetaStore> =
             Arc::new(Sequenced::new(&dir, raw, sequence.unwrap_or(0)).map_err(io_error(&dir))?);
+        if version < FORMAT_VERSION {
+            write_format_file(&dir, backend)?;
+            tracing::info!(dir = %dir.display(), from = version, to = FORMAT_VERSION, "store format upgraded");
+        }
         if accept_loss {
             repair_volumes(meta.as_ref(), &mut report)?;
             tracing::warn!(
@@ -474,6 +502,7 @@ impl Store {
             options,
             open,
             closing: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
             _lock: lock,
         })
@@ -658,24 +687,40 @@ impl Store {
     /// shared instance.
     pub fn open_volume(&self, tenant: &TenantId, volume: &VolumeId) -> Result<Volume, VolumeError> {
         let handle = (tenant.clone(), volume.clone());
-        let mut open = loop {
+        let _opening = loop {
             let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(inner) = open.get(&handle).and_then(Weak::upgrade) {
                 return Ok(Volume::from_inner(inner));
             }
-            // The last instance may still be closing (its final flush runs on
-            // whichever thread dropped it): wait for it, outside the registry.
-            let closing = self
-                .lock_closing()
+            // Another thread may be opening it (reading every mapping record
+            // takes a while, so that happens outside the registry lock), or
+            // the last instance may still be closing (its final flush runs on
+            // whichever thread dropped it): wait for either, then look again.
+            let busy = self
+                .lock_opening()
                 .get(&handle)
-                .filter(|closed| !closed.is_open())
-                .cloned();
-            match closing {
-                Some(closed) => {
+                .filter(|gate| !gate.is_open())
+                .cloned()
+                .or_else(|| {
+                    self.lock_closing()
+                        .get(&handle)
+                        .filter(|gate| !gate.is_open())
+                        .cloned()
+                });
+            match busy {
+                Some(gate) => {
                     drop(open);
-                    closed.wait();
+                    gate.wait();
                 }
-                None => break open,
+                None => {
+                    let gate = Arc::new(Closed::default());
+                    self.lock_opening().insert(handle.clone(), gate.clone());
+                    break Opening {
+                        store: self,
+                        handle: handle.clone(),
+                        gate,
+                    };
+                }
             }
         };
         let tenant_record = self
@@ -727,14 +772,14 @@ impl Store {
             closed: closed.clone(),
             nonce_limit: self.options.writer_nonce_limit,
         })?;
-        open.retain(|_, weak| weak.strong_count() > 0);
         {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.retain(|_, weak| weak.strong_count() > 0);
             let mut gates = self.lock_closing();
             gates.retain(|_, gate| !gate.is_open());
             gates.insert(handle.clone(), closed);
+            open.insert(handle, opened.downgrade());
         }
-        open.insert(handle, opened.downgrade());
-        drop(open);
         // Segments left dead by an earlier session are reclaimed soon after open.
         if let Some(compactor) = &self.compactor {
             compactor.wakeup().notify();
@@ -745,6 +790,10 @@ impl Store {
 
     fn lock_closing(&self) -> MutexGuard<'_, HashMap<(TenantId, VolumeId), Arc<Closed>>> {
         self.closing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_opening(&self) -> MutexGuard<'_, HashMap<(TenantId, VolumeId), Arc<Closed>>> {
+        self.opening.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_admin(&self) -> MutexGuard<'_, ()> {
@@ -778,6 +827,28 @@ fn seed_copy(seed: &[u8; blockseal_keys::SEED_LEN]) -> Zeroizing<[u8; blockseal_
     let mut copy = Zeroizing::new([0u8; blockseal_keys::SEED_LEN]);
     copy.copy_from_slice(seed);
     copy
+}
+
+/// One thread's claim to open a volume: whatever the open's outcome, dropping it
+/// opens the gate other openers of the same volume wait on.
+struct Opening<'a> {
+    store: &'a Store,
+    handle: (TenantId, VolumeId),
+    gate: Arc<Closed>,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.store.lock_opening();
+        if opening
+            .get(&self.handle)
+            .is_some_and(|gate| Arc::ptr_eq(gate, &self.gate))
+        {
+            opening.remove(&self.handle);
+        }
+        drop(opening);
+        self.gate.open();
+    }
 }
 
 fn tenant_info(id: TenantId, record: &TenantRecord) -> TenantInfo {
@@ -882,7 +953,8 @@ fn write_format_file(dir: &Path, backend: BackendKind) -> Result<(), OpenError> 
     .map_err(io_error(&path))
 }
 
-fn read_format_file(dir: &Path) -> Result<BackendKind, OpenError> {
+/// The backend and format version a `FORMAT` file names.
+fn read_format_file(dir: &Path) -> Result<(BackendKind, u32), OpenError> {
     let path = dir.join(FORMAT_FILE);
     let bytes = fs::read(&path).map_err(io_error(&path))?;
     let not_a_store = || OpenError::NotAStore {
@@ -903,8 +975,8 @@ fn read_format_file(dir: &Path) -> Result<BackendKind, OpenError> {
         });
     }
     match bytes[12] {
-        1 => Ok(BackendKind::Sled),
-        2 => Ok(BackendKind::Redb),
+        1 => Ok((BackendKind::Sled, version)),
+        2 => Ok((BackendKind::Redb, version)),
         _ => Err(not_a_store()),
     }
 }
@@ -920,10 +992,12 @@ fn open_meta(
     let path = dir.join(META_DIR);
     if !path.is_dir() {
         create_private_dir(&path)?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(dir))?;
     }
+    // Every open, not only the one that made it: an earlier attempt may have
+    // failed between creating the directory and syncing its entry.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))?;
     let meta = meta::open(backend, &path)?;
     restrict_modes(&path).map_err(io_error(&path))?;
     Ok(Arc::from(meta))
@@ -985,6 +1059,41 @@ fn create_private_dir(dir: &Path) -> Result<(), OpenError> {
         .mode(0o700)
         .create(dir)
         .map_err(io_error(dir))
+}
+
+/// Whether `dir` holds what an interrupted [`Store::create`] leaves: metadata
+/// and perhaps a commit marker, but neither `FORMAT` (written last) nor
+/// `segments/` (made when a store first starts, after `FORMAT`): no store was
+/// ever opened there, so no data was ever written.
+fn unfinished_create(dir: &Path) -> bool {
+    !dir.join(FORMAT_FILE).exists()
+        && !dir.join(SEGMENTS_DIR).exists()
+        && (dir.join(META_DIR).exists() || dir.join(MARKER_FILE).exists())
+}
+
+/// Moves what an interrupted create left to `<dir>/lost/unfinished-create[.N]/`
+/// (nothing is deleted: it holds no data, but it is not ours to destroy).
+fn set_aside_unfinished_create(dir: &Path) -> Result<(), OpenError> {
+    let lost = dir.join("lost");
+    create_private_dir(&lost)?;
+    let mut target = lost.join("unfinished-create");
+    let mut n = 1;
+    while target.exists() {
+        target = lost.join(format!("unfinished-create.{n}"));
+        n += 1;
+    }
+    create_private_dir(&target)?;
+    for name in [META_DIR, MARKER_FILE] {
+        let from = dir.join(name);
+        if from.exists() {
+            fs::rename(&from, target.join(name)).map_err(io_error(&from))?;
+        }
+    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))?;
+    tracing::warn!(dir = %dir.display(), moved_to = %target.display(), "set aside what an interrupted store creation left");
+    Ok(())
 }
 
 /// Refuses a directory without a `FORMAT` file that holds store data anyway: it
@@ -1089,42 +1198,51 @@ fn move_aside(dir: &Path, volumes: &[u32]) -> Result<u64, OpenError> {
 /// extents no writer record (or DEK, for format v1 blocks) opens, and rewrites
 /// the live counts from the extents that remain.
 fn repair_volumes(meta: &dyn MetaStore, report: &mut RecoveryReport) -> Result<(), OpenError> {
-    let corrupt = |e: record::Corrupt| OpenError::Corrupt { what: e.0 };
+    // A volume record that does not decode holds wrapped keys nobody can use:
+    // its data is lost with it, and the record goes.
     let mut volumes: Vec<VolumeRecord> = Vec::new();
-    let mut bad = None;
-    meta.scan_prefix(b"V", &mut |_, value| match VolumeRecord::decode(value) {
-        Ok(v) => {
-            volumes.push(v);
-            true
+    let mut unreadable = Batch::new();
+    meta.scan_prefix(b"V", &mut |key, value| {
+        match VolumeRecord::decode(value) {
+            Ok(v) => volumes.push(v),
+            Err(_) => unreadable.delete(key.to_vec()),
         }
-        Err(e) => {
-            bad = Some(e);
-            false
-        }
+        true
     })?;
-    if let Some(e) = bad {
-        return Err(corrupt(e));
-    }
+    report.volumes_dropped += unreadable.len() as u64;
+    meta.commit(&unreadable)?;
     for volume in volumes {
         let id = volume.internal_id;
         let deks: Vec<u32> = volume.keys.iter().map(|&(v, _)| v).collect();
+        let mut batch = Batch::new();
+        // Writer records that do not decode are dropped (and the extents that
+        // name them with them, below).
         let mut writers: HashMap<u32, u32> = HashMap::new();
         meta.scan_prefix(&record::writer_prefix(id), &mut |key, value| {
-            if let (Ok(n), Ok(w)) = (record::writer_key_number(key), WriterRecord::decode(value)) {
-                writers.insert(n, w.dek_version);
+            match (record::writer_key_number(key), WriterRecord::decode(value)) {
+                (Ok(n), Ok(w)) if n != 0 => {
+                    writers.insert(n, w.dek_version);
+                }
+                _ => batch.delete(key.to_vec()),
             }
             true
         })?;
-        let mut batch = Batch::new();
         let mut mapped: HashMap<u32, u64> = HashMap::new();
         let mut dropped = 0u64;
+        let mut next_lba = 0u64;
         meta.scan_prefix(&record::extent_prefix(id), &mut |key, value| {
-            let keep = Extent::decode(key, value).ok().filter(|e| match e.writer {
-                0 => deks.contains(&e.dek_version),
-                n => writers.get(&n) == Some(&e.dek_version),
+            // Kept: it decodes, follows the previous one without overlap, and
+            // names a DEK the volume holds and a writer it has a record of.
+            let keep = Extent::decode(key, value).ok().filter(|e| {
+                e.lba >= next_lba
+                    && deks.contains(&e.dek_version)
+                    && (e.writer == 0 || writers.get(&e.writer) == Some(&e.dek_version))
             });
             match keep {
-                Some(e) => *mapped.entry(e.segment).or_default() += e.tags.len() as u64,
+                Some(e) => {
+                    next_lba = e.last().saturating_add(1);
+                    *mapped.entry(e.segment).or_default() += e.tags.len() as u64;
+                }
                 None => {
                     batch.delete(key.to_vec());
                     dropped += 1;

@@ -242,11 +242,12 @@ pub(crate) struct VolumeParts {
     pub(crate) nonce_limit: Option<u64>,
 }
 
-/// A one-way gate: shut while a volume instance lives, open once it has
-/// flushed on close. The store's registry waits on it before opening a new
-/// instance of the same volume, so two instances never hold mappings of one
-/// volume at a time (a new one would miss the old one's unflushed writes, and
-/// the old one's late commit would overwrite the new one's).
+/// A one-way gate, shut until something finishes. Each volume instance has one
+/// that opens once it has flushed on close: the store's registry waits on it
+/// before opening a new instance of the same volume, so two instances never
+/// hold mappings of one volume at a time (a new one would miss the old one's
+/// unflushed writes, and the old one's late commit would overwrite the new
+/// one's). The registry also uses one per open in progress.
 #[derive(Default)]
 pub(crate) struct Closed {
     done: Mutex<bool>,
@@ -266,7 +267,7 @@ impl Closed {
         }
     }
 
-    fn open(&self) {
+    pub(crate) fn open(&self) {
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.signal.notify_all();
     }
@@ -574,6 +575,15 @@ impl fmt::Debug for Volume {
 
 impl Drop for VolumeInner {
     fn drop(&mut self) {
+        // Opened however the flush below ends, a panic included: a gate left
+        // shut would block every later open of this volume.
+        struct OpenOnDrop(Arc<Closed>);
+        impl Drop for OpenOnDrop {
+            fn drop(&mut self) {
+                self.0.open();
+            }
+        }
+        let _open = OpenOnDrop(self.closed.clone());
         if !self.poisoned.load(Ordering::Acquire)
             && let Err(error) = self.flush()
         {
@@ -584,7 +594,6 @@ impl Drop for VolumeInner {
                 "flushing a closing volume failed"
             );
         }
-        self.closed.open();
     }
 }
 
@@ -1494,12 +1503,11 @@ fn check_extents(
             return false;
         }
         next_lba = extent.last().saturating_add(1);
-        let known = match extent.writer {
-            0 => deks.contains_key(&extent.dek_version),
-            n => writers
-                .get(&n)
-                .is_some_and(|w| w.dek_version == extent.dek_version),
-        };
+        let known = deks.contains_key(&extent.dek_version)
+            && (extent.writer == 0
+                || writers
+                    .get(&extent.writer)
+                    .is_some_and(|w| w.dek_version == extent.dek_version));
         if !known {
             bad = Some(format!(
                 "blocks {}..={} were sealed by writer {} (DEK v{}), of which the \

@@ -212,6 +212,7 @@ fn segments_of_volumes_the_metadata_never_allocated_are_refused() {
         options(backend),
     ));
     copy_dir(&dir.join("meta"), &old);
+    std::fs::copy(dir.join("COMMITS"), tmp.path().join("old-COMMITS")).unwrap();
     {
         let store = Store::open(&dir, master(1), options(backend)).unwrap();
         store
@@ -228,10 +229,10 @@ fn segments_of_volumes_the_metadata_never_allocated_are_refused() {
         v.write_at(0, &pattern(5, BS)).unwrap();
         v.flush().unwrap();
     }
-    // Both the metadata and the marker go back (the marker alone would catch
-    // a metadata-only restore first).
+    // Both the metadata and the marker go back to a consistent older copy (the
+    // marker alone would catch a metadata-only restore first).
     replace_meta(&dir, &old);
-    std::fs::remove_file(dir.join("COMMITS")).unwrap();
+    std::fs::copy(tmp.path().join("old-COMMITS"), dir.join("COMMITS")).unwrap();
     let err = Store::open(&dir, master(1), options(backend)).unwrap_err();
     let OpenError::UnknownSegments { volumes, .. } = &err else {
         panic!("{err}");
@@ -290,4 +291,121 @@ fn volume_sizes_past_i64_max_are_refused() {
         )
         .unwrap();
     assert!(i64::try_from(info.size).is_ok());
+}
+
+#[test]
+fn a_deleted_commit_marker_is_refused_when_the_metadata_counted_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(store_with_volume(
+        &dir,
+        BLOCKS * BS as u64,
+        options(BackendKind::Redb),
+    ));
+    std::fs::remove_file(dir.join("COMMITS")).unwrap();
+    let err = Store::open(&dir, master(1), options(BackendKind::Redb)).unwrap_err();
+    assert!(matches!(err, OpenError::MarkerMissing { .. }), "{err}");
+    Store::danger_accept_metadata_loss(&dir, master(1), options(BackendKind::Redb)).unwrap();
+    Store::open(&dir, master(1), options(BackendKind::Redb)).unwrap();
+}
+
+#[test]
+fn an_interrupted_create_is_started_over_not_refused() {
+    for backend in BACKENDS {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        drop(store_with_volume(
+            &dir,
+            BLOCKS * BS as u64,
+            options(backend),
+        ));
+        // What a create killed before writing FORMAT leaves: metadata and a
+        // marker, no FORMAT, no segments.
+        std::fs::remove_file(dir.join("FORMAT")).unwrap();
+        std::fs::remove_dir_all(dir.join("segments")).unwrap();
+        let err = Store::open(&dir, master(1), options(backend)).unwrap_err();
+        assert!(matches!(err, OpenError::NotAStore { .. }), "{err}");
+        let store = Store::create(&dir, master(1), options(backend)).unwrap();
+        assert!(store.tenants().unwrap().is_empty());
+        // Nothing was destroyed: it was set aside.
+        assert!(dir.join("lost/unfinished-create/meta").is_dir());
+    }
+}
+
+#[test]
+fn a_format_1_store_is_upgraded_when_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(store_with_volume(
+        &dir,
+        BLOCKS * BS as u64,
+        options(BackendKind::Redb),
+    ));
+    let mut format = std::fs::read(dir.join("FORMAT")).unwrap();
+    assert_eq!(
+        format[8..12],
+        blockseal_volume::FORMAT_VERSION.to_be_bytes()
+    );
+    format[8..12].copy_from_slice(&1u32.to_be_bytes());
+    std::fs::write(dir.join("FORMAT"), &format).unwrap();
+    drop(reopen(&dir, options(BackendKind::Redb)));
+    let format = std::fs::read(dir.join("FORMAT")).unwrap();
+    assert_eq!(format[8..12], 2u32.to_be_bytes());
+}
+
+#[test]
+fn recovery_repairs_damaged_writer_records_and_overlapping_mappings() {
+    let backend = BackendKind::Redb;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    {
+        let (_s, volume) = store_with_volume(&dir, BLOCKS * BS as u64, options(backend));
+        volume.write_at(0, &pattern(1, 4 * BS)).unwrap();
+        volume.flush().unwrap();
+    }
+    {
+        let (_s, volume) = reopen(&dir, options(backend));
+        volume.write_at(8 * BS as u64, &pattern(2, BS)).unwrap();
+        volume.flush().unwrap();
+    }
+    // Damage: the first writer's record garbled, and a copy of the second
+    // writer's extent planted over blocks 0..1 (overlapping the first extent).
+    {
+        let meta = meta::open(backend, &dir.join("meta")).unwrap();
+        let mut keys = Vec::new();
+        meta.scan_prefix(b"w", &mut |key, _| {
+            keys.push(key.to_vec());
+            true
+        })
+        .unwrap();
+        let mut extents = Vec::new();
+        meta.scan_prefix(b"m", &mut |key, value| {
+            extents.push((key.to_vec(), value.to_vec()));
+            true
+        })
+        .unwrap();
+        let mut batch = Batch::new();
+        batch.put(keys[0].clone(), vec![9u8; 5]);
+        let (mut key, value) = extents.last().unwrap().clone();
+        key[5..13].copy_from_slice(&1u64.to_be_bytes());
+        batch.put(key, value);
+        meta.commit(&batch).unwrap();
+    }
+    let store = Store::open(&dir, master(1), options(backend)).unwrap();
+    assert!(
+        store
+            .open_volume(&tenant("acme"), &volume_id("disk"))
+            .is_err()
+    );
+    drop(store);
+    let (store, report) =
+        Store::danger_accept_metadata_loss(&dir, master(1), options(backend)).unwrap();
+    assert!(report.extents_dropped >= 1, "{report:?}");
+    let volume = store
+        .open_volume(&tenant("acme"), &volume_id("disk"))
+        .unwrap();
+    // The second writer's block survived; what the garbled record sealed is
+    // lost, and reads as zeros now that the loss is accepted.
+    assert_eq!(read_block(&volume, 8), pattern(2, BS));
+    assert_eq!(read_block(&volume, 0), vec![0u8; BS]);
 }

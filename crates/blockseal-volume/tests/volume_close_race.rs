@@ -155,3 +155,45 @@ fn a_volume_reopened_while_closing_sees_every_write_and_keeps_its_own() {
     volume.read_at(BS as u64, &mut buf).unwrap();
     assert!(buf == b);
 }
+
+#[test]
+fn concurrent_opens_of_one_volume_share_one_instance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = StoreOptions::new().background_compaction(false);
+    let (store, first) = store_with_volume(tmp.path(), 1 << 20, options);
+    drop(first);
+    store
+        .create_volume(
+            &tenant("acme"),
+            &volume_id("other"),
+            1 << 20,
+            VolumeOptions::default(),
+        )
+        .unwrap();
+    let handles: Vec<_> = std::thread::scope(|s| {
+        let opens: Vec<_> = (0..8)
+            .map(|k| {
+                let store = &store;
+                s.spawn(move || {
+                    let name = if k % 4 == 3 { "other" } else { "disk" };
+                    (
+                        name,
+                        store
+                            .open_volume(&tenant("acme"), &volume_id(name))
+                            .unwrap(),
+                    )
+                })
+            })
+            .collect();
+        opens.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // A write through one handle is seen, unflushed, through every other
+    // handle of the same volume: one instance.
+    let disks: Vec<_> = handles.iter().filter(|(n, _)| *n == "disk").collect();
+    disks[0].1.write_at(0, &pattern(3, BS)).unwrap();
+    for (_, v) in &disks {
+        let mut buf = vec![0u8; BS];
+        v.read_at(0, &mut buf).unwrap();
+        assert!(buf == pattern(3, BS));
+    }
+}

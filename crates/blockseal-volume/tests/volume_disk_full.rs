@@ -170,3 +170,78 @@ fn enospc_from_the_file_system_itself_does_not_poison() {
     let (_store, volume) = reopen(&dir, options());
     verify(&volume, flushed);
 }
+
+#[test]
+fn compaction_on_a_full_disk_stops_without_poisoning_and_leaves_the_reserve() {
+    let fs = Tmpfs::mount(40);
+    let dir = fs.path.join("store");
+    let options = || {
+        StoreOptions::new()
+            .segment_bytes(1 << 20)
+            .space_reserve(8 << 20)
+            .background_compaction(false)
+    };
+    let (_store, volume) = store_with_volume(&dir, 64 << 20, options());
+    // 8 MiB, then three of every four blocks again: the first eight segments
+    // are a quarter live, so compacting them copies.
+    for k in 0..32u64 {
+        volume
+            .write_at(k * CHUNK as u64, &pattern(k, CHUNK))
+            .unwrap();
+    }
+    for block in 0..2048u64 {
+        if block % 4 != 0 {
+            volume
+                .write_at(block * 4096, &pattern(block + 7, 4096))
+                .unwrap();
+        }
+    }
+    volume.flush().unwrap();
+    // Fill the file system to just above the reserve, then write until the
+    // volume says ENOSPC (what it may still write unseen is used up).
+    let free = || {
+        let stat = rustix::fs::statvfs(&fs.path).unwrap();
+        stat.f_bavail * stat.f_frsize
+    };
+    let mut fillers = 0;
+    while free() > (8 << 20) + (128 << 10) {
+        let piece = (free() - (8 << 20) - (64 << 10)).clamp(4096, 1 << 20);
+        std::fs::write(
+            fs.path.join(format!("filler{fillers}")),
+            vec![1u8; piece as usize],
+        )
+        .unwrap();
+        fillers += 1;
+    }
+    let mut k = 0u64;
+    while volume
+        .write_at(40 * CHUNK as u64 + k * 4096, &pattern(k, 4096))
+        .is_ok()
+    {
+        k += 1;
+    }
+    volume.flush().unwrap();
+    let before = free();
+    let err = volume.compact_now().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert!(!volume.is_poisoned());
+    assert!(free() >= before, "a refused compaction took space");
+    // Flushes still commit; data still reads.
+    volume.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    for block in [1u64, 2, 3, 4, 2047] {
+        volume.read_at(block * 4096, &mut buf).unwrap();
+        let want = if block % 4 == 0 {
+            pattern(block / 64, CHUNK)[(block % 64) as usize * 4096..][..4096].to_vec()
+        } else {
+            pattern(block + 7, 4096)
+        };
+        assert_eq!(buf, want, "block {block}");
+    }
+    // Space back: compaction does its work.
+    for n in 0..fillers {
+        std::fs::remove_file(fs.path.join(format!("filler{n}"))).unwrap();
+    }
+    let report = volume.compact_now().unwrap();
+    assert!(report.blocks_moved > 0, "{report:?}");
+}

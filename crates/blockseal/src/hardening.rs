@@ -10,6 +10,14 @@
 
 use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
 
+/// Sets the process umask to 077: every file and directory blockseal or its
+/// metadata backend creates later (sled writes snapshot files while it runs) is
+/// owner-only, whatever the umask it was started with. Files meant for others
+/// (the Unix socket) get their mode set explicitly.
+pub(crate) fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Forbids core dumps of this process. An error names the step that failed.
 pub(crate) fn forbid_core_dumps() -> Result<(), String> {
     setrlimit(

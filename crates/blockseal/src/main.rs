@@ -26,6 +26,7 @@ const LOG_ENV: &str = "BLOCKSEAL_LOG";
 fn main() -> ExitCode {
     // First, before any key is read: secrets must never reach a core file.
     let hardened = hardening::forbid_core_dumps();
+    hardening::private_umask();
     let cli = cli::Cli::parse();
     init_logging(match cli.command {
         cli::Command::Serve(_) => "info",

@@ -162,6 +162,7 @@ fn explain_open_error(err: OpenError, dir: &Path) -> anyhow::Error {
         ),
         e @ (OpenError::MetadataRolledBack { .. }
         | OpenError::MarkerDamaged { .. }
+        | OpenError::MarkerMissing { .. }
         | OpenError::UnknownSegments { .. }) => anyhow::anyhow!(
             "{e}\n\nRestore the store's metadata from a backup if you can. To serve what \
              the metadata still holds instead, and lose what it forgot, run\n  \

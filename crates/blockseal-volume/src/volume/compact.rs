@@ -218,11 +218,13 @@ impl VolumeInner {
     /// The sealed segments whose live fraction is below `threshold` (or that hold
     /// no live block and may be deleted), emptiest first.
     fn candidates(&self, sealed_below: u32, threshold: f64) -> Result<Vec<Candidate>, VolumeError> {
-        let last_created = self.lock_head().next_index.checked_sub(1);
         let existing = self
             .segments
             .list(self.internal_id)
             .map_err(VolumeError::Io)?;
+        // The highest index present is what a reopened volume numbers from (a
+        // failed create may have skipped an index without making its file).
+        let last_created = existing.last().copied();
         let live = self
             .flush
             .lock()
@@ -290,6 +292,13 @@ impl VolumeInner {
         let mut written = std::collections::BTreeSet::new();
         let mut n = 0;
         while n < blocks.len() {
+            // Copies take space like writes do: on a full disk the pass stops
+            // (nothing copied so far is referenced) and the reserve stays for
+            // the metadata commits of flushes.
+            let want = ((blocks.len() - n) * bs) as u64;
+            self.segments
+                .check_space(want)
+                .map_err(|e| Err(self.write_failed(e)))?;
             let (segment, offset, run) = {
                 let mut head = self.lock_head();
                 self.allocate_in(&mut head, blocks.len() - n).map_err(Err)?
@@ -299,8 +308,7 @@ impl VolumeInner {
                 u64::from(offset) * bs as u64,
                 &data[n * bs..(n + run) * bs],
             ) {
-                self.poison();
-                return Err(Err(VolumeError::Io(e)));
+                return Err(Err(self.write_failed(e)));
             }
             written.insert(segment);
             for k in 0..run {

@@ -133,12 +133,13 @@ pub(crate) fn store(command: StoreCommand) -> anyhow::Result<()> {
             let (_store, report) = location.accept_metadata_loss()?;
             println!(
                 "store {} opened accepting metadata loss: {} commits lost, {} mapping \
-                 records dropped, {} live counts recounted, {} unknown volumes' segments \
-                 moved to {}",
+                 records dropped, {} live counts recounted, {} unreadable volume records \
+                 dropped, {} unknown volumes' segments moved to {}",
                 location.dir.display(),
                 report.commits_lost,
                 report.extents_dropped,
                 report.live_counts_fixed,
+                report.volumes_dropped,
                 report.orphan_volumes,
                 location.dir.join("lost").display()
             );
