@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::meta::{BackendKind, Batch, MetaError, MetaStore};
@@ -75,15 +76,24 @@ pub(crate) fn metadata_sequence(meta: &dyn MetaStore) -> Result<Option<u64>, Met
 
 /// A metadata store whose every commit carries the next sequence number and
 /// advances the marker file once durable.
+///
+/// Commits take the commit lock (sequence numbers in commit order); the marker
+/// is written under a lock of its own, after the commit lock is released, so the
+/// next commit goes on while one marker write covers every commit durable by then.
 pub(crate) struct Sequenced {
     inner: Arc<dyn MetaStore>,
-    state: Mutex<State>,
+    /// The last sequence handed to a commit.
+    committing: Mutex<u64>,
+    /// The last sequence whose commit returned `Ok` (durable).
+    durable: AtomicU64,
+    marker: Mutex<MarkerFile>,
     path: PathBuf,
 }
 
-struct State {
-    last: u64,
+struct MarkerFile {
     file: File,
+    /// The sequence the file holds.
+    written: u64,
     /// Whether a failed marker write was already logged.
     warned: bool,
 }
@@ -116,9 +126,11 @@ impl Sequenced {
         File::open(dir)?.sync_all()?;
         Ok(Sequenced {
             inner,
-            state: Mutex::new(State {
-                last: sequence,
+            committing: Mutex::new(sequence),
+            durable: AtomicU64::new(sequence),
+            marker: Mutex::new(MarkerFile {
                 file,
+                written: sequence,
                 warned: false,
             }),
             path,
@@ -144,24 +156,40 @@ impl MetaStore for Sequenced {
         if batch.is_empty() {
             return Ok(());
         }
-        // Commits are serialized by every backend anyway; holding the lock across
-        // one keeps sequence numbers in commit order.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let sequence = state.last + 1;
-        let mut sequenced = batch.clone();
-        sequenced.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
-        let committed = self.inner.commit(&sequenced);
-        // The copy may hold a tenant seed, like the caller's batch.
-        sequenced.wipe_values();
-        committed?;
-        state.last = sequence;
+        let sequence = {
+            // Commits are serialized by every backend anyway; holding the lock
+            // across one keeps sequence numbers in commit order.
+            let mut last = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+            let sequence = *last + 1;
+            let mut sequenced = batch.clone();
+            sequenced.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
+            let committed = self.inner.commit(&sequenced);
+            // The copy may hold a tenant seed, like the caller's batch.
+            sequenced.wipe_values();
+            // A failed commit may still have become durable: its number is
+            // never handed out again.
+            *last = sequence;
+            committed?;
+            self.durable.fetch_max(sequence, Ordering::AcqRel);
+            sequence
+        };
+        // The marker only ever records commits that returned Ok, and this one
+        // returns only once the marker holds it (or a later one).
+        let mut marker = self.marker.lock().unwrap_or_else(|e| e.into_inner());
+        if marker.written >= sequence {
+            return Ok(());
+        }
+        let target = self.durable.load(Ordering::Acquire);
         // The commit is durable whatever happens to the marker: a marker that
         // lags only weakens the check at the next open, so a failure is logged,
         // not returned.
-        match write_marker(&state.file, sequence) {
-            Ok(()) => state.warned = false,
-            Err(error) if !state.warned => {
-                state.warned = true;
+        match write_marker(&marker.file, target) {
+            Ok(()) => {
+                marker.written = target;
+                marker.warned = false;
+            }
+            Err(error) if !marker.warned => {
+                marker.warned = true;
                 tracing::warn!(path = %self.path.display(), %error, "could not advance the commit marker");
             }
             Err(_) => {}
@@ -194,6 +222,28 @@ fn checksum(bytes: &[u8]) -> [u8; 8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_commits_number_in_order_and_the_marker_ends_at_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn MetaStore> =
+            Arc::from(crate::meta::open(BackendKind::Redb, &dir.path().join("meta")).unwrap());
+        let store = Sequenced::new(dir.path(), inner.clone(), 0).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let store = &store;
+                s.spawn(move || {
+                    for k in 0..25u8 {
+                        let mut batch = Batch::new();
+                        batch.put(vec![b'x', t, k], vec![k]);
+                        store.commit(&batch).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(metadata_sequence(inner.as_ref()).unwrap(), Some(200));
+        assert_eq!(read(dir.path()).unwrap(), Marker::At(200));
+    }
 
     #[test]
     fn marker_round_trips_and_damage_is_seen() {
