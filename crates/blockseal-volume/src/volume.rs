@@ -27,7 +27,7 @@ mod compact;
 
 pub use compact::CompactionReport;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
@@ -330,7 +330,25 @@ impl Volume {
         if let Some(e) = bad {
             return Err(corrupt(e));
         }
-        check_extents(meta.as_ref(), internal_id, &deks, &writers, &live)?;
+        let named = check_extents(meta.as_ref(), internal_id, &deks, &writers, &live)?;
+        // Writers no extent names any more (their blocks were overwritten,
+        // trimmed or never committed) are forgotten: nothing will ever need
+        // their keys. No other instance of this volume runs now, so nothing
+        // can start naming them meanwhile.
+        let unnamed: Vec<u32> = writers
+            .keys()
+            .copied()
+            .filter(|n| !named.contains(n))
+            .collect();
+        let mut writers = writers;
+        if !unnamed.is_empty() {
+            let mut batch = Batch::new();
+            for n in &unnamed {
+                batch.delete(record::writer_key(internal_id, *n).to_vec());
+                writers.remove(n);
+            }
+            meta.commit(&batch)?;
+        }
 
         // Writing resumes in a fresh segment: the tail of the last one may hold
         // unsynced bytes from before a crash, which nothing references.
@@ -1517,8 +1535,9 @@ fn check_extents(
     deks: &HashMap<u32, DataKey>,
     writers: &HashMap<u32, WriterRecord>,
     live: &HashMap<u32, u64>,
-) -> Result<(), VolumeError> {
+) -> Result<HashSet<u32>, VolumeError> {
     let mut mapped: HashMap<u32, u64> = HashMap::new();
+    let mut named: HashSet<u32> = HashSet::new();
     let mut bad: Option<String> = None;
     let mut next_lba = 0u64;
     meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
@@ -1555,6 +1574,7 @@ fn check_extents(
             ));
             return false;
         }
+        named.insert(extent.writer);
         *mapped.entry(extent.segment).or_default() += extent.tags.len() as u64;
         true
     })?;
@@ -1578,7 +1598,7 @@ fn check_extents(
             });
         }
     }
-    Ok(())
+    Ok(named)
 }
 
 fn corrupt(e: record::Corrupt) -> VolumeError {

@@ -24,6 +24,15 @@ use common::volume::*;
 const BS: usize = 4096;
 const BLOCKS: u64 = 64;
 const CHILD_ENV: &str = "BLOCKSEAL_NONCE_CHILD_DIR";
+
+/// The tests of this binary run one at a time: one of them forks a child, and a
+/// fork copies every open descriptor (store locks included) until its exec, so
+/// a store another test just closed could briefly still look locked.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 const BACKEND_ENV: &str = "BLOCKSEAL_NONCE_CHILD_BACKEND";
 
 fn options(backend: BackendKind) -> StoreOptions {
@@ -171,7 +180,8 @@ fn scenario(backend: BackendKind) {
     //    could not be opened, and nothing may seal where they left off)...
     assert!(delete_keys(&dir, backend, &[b"w"]) > 0);
     {
-        let store = Store::open(&dir, master(1), options(backend)).unwrap();
+        let store = Store::open(&dir, master(1), options(backend))
+            .unwrap_or_else(|e| panic!("{backend:?}: {e:?}"));
         let err = store
             .open_volume(&tenant("acme"), &volume_id("disk"))
             .unwrap_err();
@@ -230,6 +240,7 @@ fn no_nonce_repeats_under_any_key_redb() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let _serial = serial();
     scenario(BackendKind::Redb);
 }
 
@@ -238,6 +249,7 @@ fn no_nonce_repeats_under_any_key_sled() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let _serial = serial();
     scenario(BackendKind::Sled);
 }
 
@@ -248,6 +260,7 @@ fn lost_records_never_give_away_plaintext_xor() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let (p1, p2) = (pattern(1, BS), pattern(2, BS));
@@ -283,6 +296,7 @@ fn writer_keys_turn_over_at_their_nonce_limit() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let options = || options(BackendKind::Redb).danger_writer_nonce_limit(5);
@@ -318,6 +332,7 @@ fn open_close_cycles_spend_nothing() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::create(tmp.path(), master(1), options(BackendKind::Redb)).unwrap();
     store.create_tenant(&tenant("acme")).unwrap();
@@ -338,5 +353,47 @@ fn open_close_cycles_spend_nothing() {
             .write_at((cycle % 16) * 65536, &cycle.to_be_bytes())
             .unwrap();
         volume.close().unwrap();
+    }
+}
+
+/// Writer records that no mapping names any more are pruned when the volume
+/// opens, so reopening does not grow the metadata for good.
+#[test]
+fn unnamed_writer_records_are_pruned_at_open() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(store_with_volume(
+        &dir,
+        BLOCKS * BS as u64,
+        options(BackendKind::Redb),
+    ));
+    for round in 0..10u64 {
+        let (_store, volume) = reopen(&dir, options(BackendKind::Redb));
+        // Every block overwritten: the previous writers' blocks are all gone.
+        let data: Vec<u8> = (0..BLOCKS)
+            .flat_map(|lba| pattern(lba + round, BS))
+            .collect();
+        volume.write_at(0, &data).unwrap();
+        volume.flush().unwrap();
+    }
+    drop(reopen(&dir, options(BackendKind::Redb)));
+    let meta = meta::open(BackendKind::Redb, &dir.join("meta")).unwrap();
+    let mut writers = 0;
+    meta.scan_prefix(b"w", &mut |_, _| {
+        writers += 1;
+        true
+    })
+    .unwrap();
+    assert_eq!(writers, 1, "only the last writer's blocks are mapped");
+    drop(meta);
+    let (_store, volume) = reopen(&dir, options(BackendKind::Redb));
+    let mut buf = vec![0u8; BS];
+    for lba in 0..BLOCKS {
+        volume.read_at(lba * BS as u64, &mut buf).unwrap();
+        assert_eq!(buf, pattern(lba + 9, BS));
     }
 }
