@@ -14,13 +14,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::server::ServerConfig;
 
-/// A connection in the handshake this long may be closed to make room for a new
-/// one when every handshake slot is taken. A real client finishes its handshake
-/// well within it; a peer that holds a slot longer is the cheaper one to drop,
-/// so a flood of silent connections cannot keep real clients out for the whole
-/// handshake timeout.
-pub(crate) const HANDSHAKE_EVICTION_AGE: Duration = Duration::from_secs(1);
-
 /// At most one log line per this interval for each kind of refusal.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -40,6 +33,7 @@ pub(crate) struct Limits {
     handshakes: Mutex<BTreeMap<u64, Handshake>>,
     established: Mutex<Established>,
     max_handshakes: usize,
+    eviction_age: Duration,
     max_connections: usize,
     max_per_tenant: usize,
     pub(crate) refused_handshakes: AtomicU64,
@@ -68,6 +62,7 @@ impl Limits {
             handshakes: Mutex::new(BTreeMap::new()),
             established: Mutex::new(Established::default()),
             max_handshakes: config.max_handshakes,
+            eviction_age: config.handshake_eviction_age,
             max_connections: config.max_connections,
             max_per_tenant: config.max_connections_per_tenant,
             refused_handshakes: AtomicU64::new(0),
@@ -85,13 +80,13 @@ impl Limits {
 
     /// Takes a handshake slot for connection `id` (ids grow with accept order).
     /// When every slot is taken, the oldest handshake is closed to make room if
-    /// it has lasted [`HANDSHAKE_EVICTION_AGE`]; otherwise `None`: the new
+    /// it has lasted [`ServerConfig::handshake_eviction_age`]; otherwise `None`: the new
     /// connection is to be closed at once.
     pub(crate) fn enter_handshake(self: &Arc<Self>, id: u64) -> Option<HandshakeSlot> {
         let mut handshakes = self.handshakes.lock().expect(LOCK);
         if handshakes.len() >= self.max_handshakes {
             let (&oldest, handshake) = handshakes.iter().next()?;
-            if handshake.started.elapsed() < HANDSHAKE_EVICTION_AGE {
+            if handshake.started.elapsed() < self.eviction_age {
                 return None;
             }
             // notify_one stores the wake-up if the task is not waiting yet.
@@ -267,9 +262,12 @@ impl LogLimiter {
 mod tests {
     use super::*;
 
+    /// Limits whose handshakes are never old enough to be evicted unless a test
+    /// ages them.
     fn limits(handshakes: usize, connections: usize, per_tenant: usize) -> Arc<Limits> {
         let config = ServerConfig {
             max_handshakes: handshakes,
+            handshake_eviction_age: Duration::from_secs(60),
             max_connections: connections,
             max_connections_per_tenant: per_tenant,
             ..ServerConfig::default()
@@ -288,18 +286,19 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_handshake_makes_room_once_it_has_lasted_a_second() {
+    fn the_oldest_handshake_makes_room_once_it_has_lasted_the_eviction_age() {
         let limits = limits(2, 10, 10);
         let oldest = limits.enter_handshake(1).unwrap();
         let _b = limits.enter_handshake(2).unwrap();
-        limits
-            .handshakes
-            .lock()
-            .unwrap()
-            .get_mut(&1)
-            .unwrap()
-            .started -= HANDSHAKE_EVICTION_AGE;
-        let _c = limits.enter_handshake(3).unwrap();
+        assert!(limits.enter_handshake(3).is_none());
+        {
+            let mut handshakes = limits.handshakes.lock().unwrap();
+            let started = &mut handshakes.get_mut(&1).unwrap().started;
+            *started = started
+                .checked_sub(limits.eviction_age)
+                .expect("the clock has run longer than the eviction age");
+        }
+        let _c = limits.enter_handshake(4).unwrap();
         // The evicted connection is told (the wake-up waits for it), and its
         // slot's drop leaves the newer ones alone.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -313,8 +312,8 @@ mod tests {
         });
         drop(oldest);
         let ids: Vec<u64> = limits.handshakes.lock().unwrap().keys().copied().collect();
-        assert_eq!(ids, [2, 3]);
-        assert!(limits.enter_handshake(4).is_none());
+        assert_eq!(ids, [2, 4]);
+        assert!(limits.enter_handshake(5).is_none());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! Connections in the handshake hold one of [`ServerConfig::max_handshakes`]
 //! slots: past it a new connection is closed at once, unless the oldest
-//! handshake has lasted a second, which is then closed instead (a silent peer
+//! handshake has lasted [`ServerConfig::handshake_eviction_age`] (a second),
+//! which is then closed instead (a silent peer
 //! is cheaper to drop than a client that just arrived). Entering transmission
 //! takes a slot of [`ServerConfig::max_connections`] and of
 //! [`ServerConfig::max_connections_per_tenant`]. So unauthenticated peers can
@@ -63,8 +64,14 @@ pub struct ServerConfig {
     pub max_connections_per_tenant: usize,
     /// Connections still in the handshake (not yet authenticated, or not yet
     /// past `NBD_OPT_GO`). Past it a new connection is closed at once, or the
-    /// oldest handshake is if it has lasted a second. Default 64.
+    /// oldest handshake is if it has lasted `handshake_eviction_age`. Default 64.
     pub max_handshakes: usize,
+    /// With every handshake slot taken, the oldest connection in the handshake
+    /// is closed to make room for a new one once it has been there this long. A
+    /// real client finishes its handshake well within it; a peer that holds a
+    /// slot longer is the cheaper one to drop, so a flood of silent connections
+    /// cannot keep real clients out for the whole handshake timeout. Default 1 s.
+    pub handshake_eviction_age: Duration,
     /// After [`Shutdown::trigger`], how long connections may take to finish
     /// their requests and write the replies before they are dropped. Default 10 s.
     pub shutdown_timeout: Duration,
@@ -109,6 +116,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_connections_per_tenant: 64,
             max_handshakes: 64,
+            handshake_eviction_age: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             inline_requests: true,

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use blockseal_nbd::ServerConfig;
-use common::mem::{MemCatalog, MemExport};
+use common::mem::{EmptyExport, MemCatalog};
 use common::*;
 
 const FIXED_NO_ZEROES: u32 = 3;
@@ -72,6 +72,9 @@ fn connection_caps_refuse_go_until_a_slot_frees() {
 fn handshake_cap_closes_new_connections_at_once() {
     let mut config = ServerConfig::default();
     config.max_handshakes = 2;
+    // However slow this test runs, no handshake becomes old enough to be closed
+    // to make room.
+    config.handshake_eviction_age = Duration::from_secs(3600);
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let mut first = server.raw();
     first.greeting();
@@ -90,10 +93,38 @@ fn handshake_cap_closes_new_connections_at_once() {
 }
 
 #[test]
+fn the_oldest_handshake_is_closed_to_make_room_once_old_enough() {
+    let mut config = ServerConfig::default();
+    config.max_handshakes = 2;
+    config.handshake_eviction_age = Duration::from_millis(100);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let mut first = server.raw();
+    first.greeting();
+    let mut second = server.raw();
+    second.greeting();
+    // Once the first has waited the eviction age, a new connection takes its
+    // slot (until then new ones may be closed at once).
+    let mut third = None;
+    wait_until("a new connection to be greeted", || {
+        let mut raw = server.raw();
+        let mut magic = [0u8; 8];
+        if std::io::Read::read_exact(&mut raw.s, &mut magic).is_ok() {
+            third = Some(raw);
+        }
+        third.is_some()
+    });
+    assert!(first.closed(), "the oldest handshake was closed");
+    assert!(server.server.stats().handshakes_refused >= 1);
+    // The newer handshakes go on.
+    second.send(&FIXED_NO_ZEROES.to_be_bytes());
+    assert_eq!(try_go(&mut second, "acme/disk"), REP_ACK);
+}
+
+#[test]
 fn block_status_describes_a_bounded_range() {
     // 2 GiB of 4 KiB blocks: the server describes at most 65536 blocks (256 MiB).
     let mut catalog = MemCatalog::default();
-    catalog.add("acme/big", MemExport::new(2 << 30, false), "big");
+    catalog.add_other("acme/big", EmptyExport::new(2 << 30));
     let server = TestServer::start_with(catalog, ServerConfig::default(), None);
     let mut raw = connected(&server);
     raw.option(OPT_STRUCTURED_REPLY, b"");
