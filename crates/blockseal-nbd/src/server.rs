@@ -75,9 +75,18 @@ pub struct ServerConfig {
     /// After [`Shutdown::trigger`], how long connections may take to finish
     /// their requests and write the replies before they are dropped. Default 10 s.
     pub shutdown_timeout: Duration,
-    /// A connection whose client accepts no reply bytes for this long is closed
-    /// (its budget comes back). Default 60 s.
+    /// A client must accept each batch of replies written to it (at most about
+    /// one largest request, plus up to 256 KiB of small replies) in full within
+    /// this long, or its connection is closed and its budget comes back. The
+    /// deadline covers the whole batch: a client that reads a few bytes now and
+    /// then does not extend it. Default 60 s (32 MiB replies then need about
+    /// 0.6 MB/s).
     pub reply_timeout: Duration,
+    /// A client must send a write's whole payload within this long of the
+    /// server taking in its header (and reserving memory for it), or its
+    /// connection is closed and the reservation comes back. Progress does not
+    /// extend it. Default 60 s.
+    pub payload_timeout: Duration,
     /// Run small reads, writes, trims, zeroes, block status and cache requests
     /// directly on the connection's task (default). The export's methods must then
     /// return quickly (memory, page cache, buffered writes): they hold a runtime
@@ -119,6 +128,7 @@ impl Default for ServerConfig {
             handshake_eviction_age: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            payload_timeout: Duration::from_secs(60),
             inline_requests: true,
             inline_max_bytes: 64 * 1024,
             workers_per_connection: 2,
@@ -259,6 +269,7 @@ impl Server {
         config.max_connections_per_tenant = config.max_connections_per_tenant.max(1);
         config.max_handshakes = config.max_handshakes.max(1);
         config.reply_timeout = config.reply_timeout.max(Duration::from_millis(100));
+        config.payload_timeout = config.payload_timeout.max(Duration::from_millis(100));
         Server {
             shared: Arc::new(Shared {
                 limits: Arc::new(Limits::new(&config)),

@@ -32,9 +32,13 @@
 //! from the moment they are admitted (before a write's payload is read) until
 //! their reply has been written to the socket, not merely computed: a client
 //! that does not read its replies holds its budget and gets no more. At a limit
-//! the task stops reading the socket, and never fails a request for it. A
-//! client that accepts no reply bytes for [`ServerConfig::reply_timeout`] is
-//! disconnected, which returns its budget.
+//! the task stops reading the socket, and never fails a request for it. What a
+//! client holds is bounded in time too: a write's payload must arrive within
+//! [`ServerConfig::payload_timeout`] of its header being admitted, and each
+//! batch of replies must be accepted in full within
+//! [`ServerConfig::reply_timeout`]; neither deadline moves when the client
+//! makes a little progress. A client that misses one is disconnected, which
+//! returns its budget.
 //!
 //! Block status always runs on the connection's workers (it reads the metadata
 //! store), and describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
@@ -51,6 +55,7 @@
 //! [`ServerConfig::inline_requests`]: crate::ServerConfig::inline_requests
 //! [`ServerConfig::inline_max_bytes`]: crate::ServerConfig::inline_max_bytes
 //! [`ServerConfig::reply_timeout`]: crate::ServerConfig::reply_timeout
+//! [`ServerConfig::payload_timeout`]: crate::ServerConfig::payload_timeout
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -61,6 +66,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
 use tracing::{Span, debug, error, warn};
 
 use crate::export::{ErrorKind, Export, ExportError, errno, kind_text};
@@ -367,6 +373,10 @@ where
     // for it when the budget was short.
     let mut reserved: Option<OwnedSemaphorePermit> = None;
     let mut acquiring: Option<Acquiring> = None;
+    // When the payload of the write at the head of `input` must have arrived:
+    // set once the write is admitted and waits for it, so a client cannot hold
+    // what the write reserved by sending its header alone (or trickling).
+    let mut payload_deadline: Option<Instant> = None;
     let mut eof = false;
     let mut stop = Stop::No;
 
@@ -486,10 +496,12 @@ where
                 }
             }
             if input.len() < REQUEST_HEADER_LEN + payload {
-                // Wait for the rest of the write payload.
+                // Wait for the rest of the write payload, not forever.
                 input.reserve(REQUEST_HEADER_LEN + payload - input.len());
+                payload_deadline.get_or_insert_with(|| Instant::now() + config.payload_timeout);
                 break;
             }
+            payload_deadline = None;
             input.advance(REQUEST_HEADER_LEN);
             debug!(
                 handle = req.handle,
@@ -590,6 +602,20 @@ where
                 acquiring = None;
                 reserved = Some(permit.expect("the memory budget is never closed"));
             }
+            _ = async {
+                match payload_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            }, if reading && payload_deadline.is_some() => {
+                warn!(
+                    timeout_secs = config.payload_timeout.as_secs_f64(),
+                    "client did not send a write payload within the payload timeout; closing"
+                );
+                // What the write reserved is given back at once; earlier
+                // requests still finish and reply.
+                stop = Stop::Drain;
+            }
             read = reader.read_buf(&mut input), if reading => match read {
                 Ok(0) => {
                     debug!("client closed the connection");
@@ -622,7 +648,7 @@ struct Replies<W> {
     /// Bytes this connection's offloaded requests hold: running, or replied to
     /// but not yet written.
     held_bytes: u64,
-    /// Longest wait for the client to accept any reply bytes.
+    /// Time the client has to accept a whole batch of replies.
     timeout: Duration,
 }
 
@@ -647,8 +673,8 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 
     /// Writes the batched replies, then gives back the budget their requests
-    /// held; `false` if the client is gone or accepted no bytes for the reply
-    /// timeout.
+    /// held; `false` if the client is gone or did not accept them all within
+    /// the reply timeout.
     async fn flush(&mut self, conn: &Conn) -> bool {
         let written = write_all(&mut self.writer, &self.buf, self.timeout).await;
         if self.buf.capacity() > 4 * WRITE_BATCH {
@@ -667,7 +693,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 warn!(
                     timeout_secs = self.timeout.as_secs_f64(),
-                    "client read no reply for the reply timeout; closing"
+                    "client did not read its replies within the reply timeout; closing"
                 );
                 false
             }
@@ -679,25 +705,21 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 }
 
-/// `write_all` and `flush`, failing with `TimedOut` when the peer accepts no
-/// bytes for `timeout` (progress resets it, so a slow link is not cut off).
+/// `write_all` and `flush`, failing with `TimedOut` unless the peer has
+/// accepted all of `buf` within `timeout`. Progress does not extend the
+/// deadline: a client that reads a little now and then would otherwise hold
+/// the budget of the reply for as long as it liked.
 async fn write_all<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    mut buf: &[u8],
+    buf: &[u8],
     timeout: Duration,
 ) -> std::io::Result<()> {
-    let stalled = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-    while !buf.is_empty() {
-        match tokio::time::timeout(timeout, writer.write(buf)).await {
-            Err(_) => return Err(stalled()),
-            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(e),
-        }
-    }
-    tokio::time::timeout(timeout, writer.flush())
-        .await
-        .map_err(|_| stalled())?
+    let written = tokio::time::timeout(timeout, async {
+        writer.write_all(buf).await?;
+        writer.flush().await
+    })
+    .await;
+    written.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Checks a request against the session; no export call happens here.

@@ -236,3 +236,83 @@ fn a_client_that_reads_no_reply_is_dropped_after_the_reply_timeout() {
         stats.connections_active == 0 && stats.memory_budget_available == 4 << 20
     });
 }
+
+#[test]
+fn writes_whose_payload_never_arrives_are_dropped_and_give_the_budget_back() {
+    let mut config = small_budget();
+    config.payload_timeout = Duration::from_secs(2);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let stats = || server.server.stats();
+    // Eight clients send a 1 MiB write header (one of them a little of the
+    // payload too) and nothing more: the first four reserve the whole budget.
+    let mut writers: Vec<Raw> = (0..8u64)
+        .map(|k| {
+            let (mut raw, _) = transmitting(&server);
+            raw.request(0, CMD_WRITE, k, k << 20, 1 << 20);
+            if k == 0 {
+                raw.send(&[7; 4096]);
+            }
+            raw
+        })
+        .collect();
+    wait_until("the budget to be reserved", || {
+        stats().memory_budget_available < 1 << 20
+    });
+    // A well-behaved large read waits behind them, and is answered once the
+    // server has dropped them.
+    let (mut reader, _) = transmitting(&server);
+    reader.request(0, CMD_READ, 100, 0, 1 << 20);
+    assert_eq!(reader.simple_reply(), (0, 100));
+    reader.read_n(1 << 20);
+    for (k, writer) in writers.iter_mut().enumerate() {
+        assert!(writer.closed(), "writer {k} was not disconnected");
+    }
+    wait_until("the whole budget back", || {
+        let stats = stats();
+        stats.connections_active == 1 && stats.memory_budget_available == 4 << 20
+    });
+    assert_eq!(server.catalog.get("acme/disk").peek(0, 1), [0]);
+}
+
+#[test]
+fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline() {
+    // Replies much larger than a socket buffer, so most of each must wait for
+    // the client.
+    let mut config = ServerConfig::default();
+    config.max_request_payload = 4 << 20;
+    config.memory_budget = 8 << 20;
+    config.reply_timeout = Duration::from_secs(1);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..2 {
+        slow.request(0, CMD_READ, k, k << 22, 4 << 20);
+    }
+    wait_until("the budget to be held", || {
+        server.server.stats().memory_budget_available == 0
+    });
+    // 16 KiB every 50 ms (320 KiB/s) is steady progress, but a 4 MiB reply
+    // then takes 13 s: far past the 1 s deadline.
+    let total = 2 * ((4 << 20) + 16);
+    let mut received = 0;
+    let mut piece = vec![0u8; 16 << 10];
+    let started = Instant::now();
+    loop {
+        match std::io::Read::read(&mut slow.s, &mut piece) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the trickling client was never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        received < total,
+        "the client received all {received} bytes at 320 KiB/s"
+    );
+    wait_until("the slow client dropped and the budget back", || {
+        let stats = server.server.stats();
+        stats.connections_active == 0 && stats.memory_budget_available == 8 << 20
+    });
+}

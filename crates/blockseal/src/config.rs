@@ -154,8 +154,10 @@ pub(crate) struct Limits {
     pub(crate) handshake_timeout_secs: Option<u64>,
     /// Seconds connections get to finish after SIGTERM before they are dropped.
     pub(crate) shutdown_timeout_secs: Option<u64>,
-    /// Seconds a client may accept no reply bytes before it is disconnected.
+    /// Seconds a client has to accept each batch of replies in full.
     pub(crate) reply_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a write's whole payload after its header.
+    pub(crate) payload_timeout_secs: Option<u64>,
 }
 
 /// Unix permission bits: a TOML integer (`0o660`) or an octal string (`"0660"`).
@@ -254,6 +256,9 @@ impl Config {
         }
         if let Some(secs) = l.reply_timeout_secs {
             server.reply_timeout = Duration::from_secs(secs);
+        }
+        if let Some(secs) = l.payload_timeout_secs {
+            server.payload_timeout = Duration::from_secs(secs);
         }
         server.insecure_plain_tcp = self.tcp.as_ref().is_some_and(|t| t.insecure_plain_tcp);
         server
@@ -357,6 +362,7 @@ impl Config {
         for (name, value) in [
             ("handshake_timeout_secs", l.handshake_timeout_secs),
             ("reply_timeout_secs", l.reply_timeout_secs),
+            ("payload_timeout_secs", l.payload_timeout_secs),
         ] {
             if value == Some(0) {
                 bail!("limits.{name}: must be at least 1");
@@ -448,6 +454,7 @@ mod tests {
             handshake_timeout_secs = 5
             shutdown_timeout_secs = 3
             reply_timeout_secs = 30
+            payload_timeout_secs = 20
             "#,
         )
         .unwrap();
@@ -476,6 +483,7 @@ mod tests {
         assert_eq!(server.max_handshakes, 20);
         assert_eq!(server.shutdown_timeout, Duration::from_secs(3));
         assert_eq!(server.reply_timeout, Duration::from_secs(30));
+        assert_eq!(server.payload_timeout, Duration::from_secs(20));
     }
 
     #[test]
@@ -531,6 +539,10 @@ mod tests {
             (
                 format!("{MINIMAL}[limits]\nreply_timeout_secs = 0"),
                 "limits.reply_timeout_secs",
+            ),
+            (
+                format!("{MINIMAL}[limits]\npayload_timeout_secs = 0"),
+                "limits.payload_timeout_secs",
             ),
             (
                 MINIMAL.replace(
