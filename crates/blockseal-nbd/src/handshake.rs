@@ -41,8 +41,9 @@ pub(crate) struct Session {
     /// Alignment the client agreed to (`NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`);
     /// 1 when it did not, and requests are then byte granular.
     pub(crate) alignment: u32,
-    /// The connection's place under the connection caps, held while it lasts.
-    pub(crate) _slot: Option<ConnectionSlot>,
+    /// The connection's place under the connection caps and its tenant's share
+    /// of the memory budget, held while it lasts.
+    pub(crate) slot: Option<ConnectionSlot>,
 }
 
 /// How an option haggling round ended.
@@ -256,7 +257,7 @@ impl Negotiation {
             return Ok(Outcome::Close);
         };
         let mut session = self.session(name, export, false);
-        session._slot = Some(slot);
+        session.slot = Some(slot);
         // "If the value of the option field is NBD_OPT_EXPORT_NAME and the server is
         // willing to allow the export": size, flags, then 124 zero bytes unless the
         // client set NBD_FLAG_C_NO_ZEROES.
@@ -387,7 +388,7 @@ impl Negotiation {
                 .await?;
                 return Ok(None);
             };
-            session._slot = Some(slot);
+            session.slot = Some(slot);
         }
 
         let mut out = Vec::new();
@@ -584,7 +585,7 @@ impl Negotiation {
             structured: self.structured,
             base_allocation,
             alignment: if agreed_block_size { minimum } else { 1 },
-            _slot: None,
+            slot: None,
         }
     }
 

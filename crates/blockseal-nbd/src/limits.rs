@@ -1,11 +1,13 @@
-//! Server-wide limits: the memory budget of request and reply buffers, the spare
-//! reply buffers, the caps on connections in the handshake and in transmission
+//! Server-wide limits: the memory budget of request and reply buffers (and each
+//! tenant's share of it), the spare reply buffers, the caps on connections in the handshake and in transmission
 //! (in total and per tenant), and rate-limited log lines for refusals.
 //!
 //! Every limit here applies backpressure or refuses a connection; none of them
 //! ever fails a request that was accepted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,12 +24,17 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const MAX_POOLED: usize = 2 * 1024 * 1024;
 
 const LOCK: &str = "limit locks are never poisoned: nothing under them panics";
+const CLOSED: &str = "budget semaphores are never closed";
 
 /// The shared state behind the limits of one server.
 pub(crate) struct Limits {
     /// Bytes of request payloads and reply data held by requests on blocking
     /// threads, from admission until their reply is written to the socket.
     pub(crate) budget: Arc<Semaphore>,
+    /// Bytes in `budget`.
+    budget_total: usize,
+    /// The most of `budget` the connections of one tenant may hold together.
+    tenant_budget: usize,
     /// Spare reply buffers, shared by every connection.
     pub(crate) buffers: BufferPool,
     handshakes: Mutex<BTreeMap<u64, Handshake>>,
@@ -51,13 +58,22 @@ struct Handshake {
 #[derive(Default)]
 struct Established {
     total: usize,
-    per_tenant: HashMap<String, usize>,
+    per_tenant: HashMap<String, Tenant>,
+}
+
+/// A tenant with connections in transmission.
+struct Tenant {
+    connections: usize,
+    /// The tenant's share of the memory budget, in bytes.
+    budget: Arc<Semaphore>,
 }
 
 impl Limits {
     pub(crate) fn new(config: &ServerConfig) -> Limits {
         Limits {
             budget: Arc::new(Semaphore::new(config.memory_budget)),
+            budget_total: config.memory_budget,
+            tenant_budget: config.tenant_budget(),
             buffers: BufferPool::new((config.memory_budget / 8).min(32 * 1024 * 1024)),
             handshakes: Mutex::new(BTreeMap::new()),
             established: Mutex::new(Established::default()),
@@ -76,6 +92,54 @@ impl Limits {
     /// Bytes of the memory budget not held by any request now.
     pub(crate) fn budget_available(&self) -> usize {
         self.budget.available_permits()
+    }
+
+    /// Reserves `bytes` of the memory budget (at most a tenant's share) for a request of a connection with `slot`: first
+    /// of the tenant's share, then of the server's budget, always in that order
+    /// so that no two waits can hold what the other needs. Both semaphores are
+    /// first come, first served. `Err` is the wait when either is short.
+    pub(crate) fn reserve(
+        &self,
+        slot: Option<&ConnectionSlot>,
+        bytes: u64,
+    ) -> Result<Reservation, Reserving> {
+        // Every cost is at most 32 MiB (the largest payload, a piece of zeroes,
+        // or a block status), and the budget and each share are at least the
+        // largest payload; a block status costing more than a tiny share takes
+        // all of it and runs alone.
+        let share = self.tenant_budget.min(self.budget_total) as u64;
+        let n = u32::try_from(bytes.min(share)).expect("a request costs less than 4 GiB");
+        let server = self.budget.clone();
+        let tenant = slot.map(|slot| slot.budget.clone());
+        let held_by_tenant = match tenant {
+            None => None,
+            Some(tenant) => match tenant.clone().try_acquire_many_owned(n) {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    return Err(Box::pin(async move {
+                        let tenant = tenant.acquire_many_owned(n).await;
+                        let server = server.acquire_many_owned(n).await;
+                        Reservation {
+                            _tenant: Some(tenant.expect(CLOSED)),
+                            _server: server.expect(CLOSED),
+                        }
+                    }));
+                }
+            },
+        };
+        match server.clone().try_acquire_many_owned(n) {
+            Ok(permit) => Ok(Reservation {
+                _tenant: held_by_tenant,
+                _server: permit,
+            }),
+            Err(_) => Err(Box::pin(async move {
+                let server = server.acquire_many_owned(n).await;
+                Reservation {
+                    _tenant: held_by_tenant,
+                    _server: server.expect(CLOSED),
+                }
+            })),
+        }
     }
 
     /// Takes a handshake slot for connection `id` (ids grow with accept order).
@@ -118,15 +182,26 @@ impl Limits {
         if established.total >= self.max_connections {
             return Err(ConnectionCap::Total);
         }
-        let count = established.per_tenant.get(tenant).copied().unwrap_or(0);
+        let count = established
+            .per_tenant
+            .get(tenant)
+            .map_or(0, |t| t.connections);
         if count >= self.max_per_tenant {
             return Err(ConnectionCap::Tenant);
         }
         established.total += 1;
-        established.per_tenant.insert(tenant.to_owned(), count + 1);
+        let entry = established
+            .per_tenant
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Tenant {
+                connections: 0,
+                budget: Arc::new(Semaphore::new(self.tenant_budget)),
+            });
+        entry.connections += 1;
         Ok(ConnectionSlot {
             limits: self.clone(),
             tenant: tenant.to_owned(),
+            budget: entry.budget.clone(),
         })
     }
 }
@@ -166,31 +241,45 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// A connection's place among those in transmission; released on drop.
+/// A connection's place among those in transmission, and its tenant's share of
+/// the memory budget; released on drop.
 pub(crate) struct ConnectionSlot {
     limits: Arc<Limits>,
     tenant: String,
+    budget: Arc<Semaphore>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut established = self.limits.established.lock().expect(LOCK);
         established.total -= 1;
-        if let Some(count) = established.per_tenant.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(t) = established.per_tenant.get_mut(&self.tenant) {
+            t.connections -= 1;
+            // Requests still holding part of the share keep its semaphore alive
+            // until they end; the server's budget bounds them meanwhile.
+            if t.connections == 0 {
                 established.per_tenant.remove(&self.tenant);
             }
         }
     }
 }
 
+/// A request's share of the memory budget: of its tenant's share (none for a
+/// connection outside the connection caps) and of the server's budget.
+pub(crate) struct Reservation {
+    _tenant: Option<OwnedSemaphorePermit>,
+    _server: OwnedSemaphorePermit,
+}
+
+/// A pending [`Reservation`], when the budget or the tenant's share was short.
+pub(crate) type Reserving = Pin<Box<dyn Future<Output = Reservation> + Send>>;
+
 /// Budget a request holds until its reply is written: bytes against its
-/// connection's limit and, for requests on blocking threads, a permit of the
-/// server-wide memory budget.
+/// connection's limit and, for requests on blocking threads, a reservation of
+/// the memory budget.
 pub(crate) struct Held {
     pub(crate) bytes: u64,
-    pub(crate) _permit: Option<OwnedSemaphorePermit>,
+    pub(crate) _reservation: Option<Reservation>,
 }
 
 /// Spare reply buffers shared by every connection, at most `limit` bytes of

@@ -55,6 +55,13 @@ pub struct ServerConfig {
     /// to at least `max_request_payload`, so every request fits when the server
     /// is otherwise idle. Default 256 MiB.
     pub memory_budget: usize,
+    /// The most of `memory_budget` the connections to one tenant's exports may
+    /// hold together, so that one tenant's slow or hostile clients leave the
+    /// rest to the others; its requests past it wait like those past the budget.
+    /// `None` (the default): half of `memory_budget`. Clamped to
+    /// `max_request_payload ..= memory_budget`; a server with one tenant may set
+    /// it to `memory_budget`.
+    pub memory_budget_per_tenant: Option<usize>,
     /// Connections in the transmission phase, in total. A client past it gets
     /// `NBD_REP_ERR_POLICY` for `NBD_OPT_GO` (and is closed after
     /// `NBD_OPT_EXPORT_NAME`). Default 256.
@@ -122,6 +129,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
             memory_budget: 256 * 1024 * 1024,
+            memory_budget_per_tenant: None,
             max_connections: 256,
             max_connections_per_tenant: 64,
             max_handshakes: 64,
@@ -136,6 +144,16 @@ impl Default for ServerConfig {
             insecure_plain_tcp: false,
             handshake_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl ServerConfig {
+    /// A tenant's share of the memory budget, in bytes.
+    pub(crate) fn tenant_budget(&self) -> usize {
+        self.memory_budget_per_tenant
+            .unwrap_or(self.memory_budget / 2)
+            .min(self.memory_budget)
+            .max(self.max_request_payload as usize)
     }
 }
 

@@ -59,19 +59,18 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Span, debug, error, warn};
 
 use crate::export::{ErrorKind, Export, ExportError, errno, kind_text};
 use crate::handshake::Session;
-use crate::limits::Held;
+use crate::limits::{Held, Reservation, Reserving};
 use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM};
 use crate::proto::*;
 use crate::server::Shared;
@@ -319,9 +318,6 @@ enum Stop {
     Now,
 }
 
-/// A pending wait for a share of the server-wide memory budget.
-type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
-
 /// Runs the transmission phase until the client disconnects, the server shuts
 /// down, or the stream breaks; in-flight requests finish and reply first
 /// whenever the socket still works.
@@ -336,8 +332,6 @@ where
     let max_payload = config.max_request_payload;
     let inline = config.inline_requests;
     let inline_max = u64::from(config.inline_max_bytes);
-    let budget = shared.limits.budget.clone();
-    let budget_total = config.memory_budget as u64;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let conn = Arc::new(Conn {
         export: session.export.clone(),
@@ -371,8 +365,8 @@ where
     // The share of the memory budget taken for the request at the head of
     // `input` (a write may wait for its payload while holding it), and the wait
     // for it when the budget was short.
-    let mut reserved: Option<OwnedSemaphorePermit> = None;
-    let mut acquiring: Option<Acquiring> = None;
+    let mut reserved: Option<Reservation> = None;
+    let mut acquiring: Option<Reserving> = None;
     // When the payload of the write at the head of `input` must have arrived:
     // set once the write is admitted and waits for it, so a client cannot hold
     // what the write reserved by sending its header alone (or trickling).
@@ -471,22 +465,15 @@ where
                     blocked = true;
                     break;
                 }
-                // The server-wide budget is taken before a write's payload is
-                // read into memory. When it is short, the request waits in line
-                // (first come, first served) and this connection stops reading.
+                // The budget (the tenant's share, then the server's) is taken
+                // before a write's payload is read into memory. When it is
+                // short, the request waits in line (first come, first served)
+                // and this connection stops reading.
                 if cost > 0 && reserved.is_none() {
                     if acquiring.is_none() {
-                        // Every cost is at most 32 MiB (the largest payload, a
-                        // piece of zeroes, or a block status). The budget is never
-                        // smaller than the largest payload; a block status costing
-                        // more than a tiny budget takes all of it and runs alone.
-                        let n = cost.min(budget_total);
-                        let n = u32::try_from(n).expect("a request costs less than 4 GiB");
-                        match budget.clone().try_acquire_many_owned(n) {
-                            Ok(permit) => reserved = Some(permit),
-                            Err(_) => {
-                                acquiring = Some(Box::pin(budget.clone().acquire_many_owned(n)))
-                            }
+                        match shared.limits.reserve(session.slot.as_ref(), cost) {
+                            Ok(reservation) => reserved = Some(reservation),
+                            Err(wait) => acquiring = Some(wait),
                         }
                     }
                     if reserved.is_none() {
@@ -533,7 +520,7 @@ where
                     op,
                     held: Held {
                         bytes: cost,
-                        _permit: reserved.take(),
+                        _reservation: reserved.take(),
                     },
                 });
             } else {
@@ -593,14 +580,14 @@ where
                     stop = Stop::Now;
                 }
             }
-            permit = async {
+            reservation = async {
                 match acquiring.as_mut() {
                     Some(wait) => wait.await,
                     None => std::future::pending().await,
                 }
             }, if acquiring.is_some() => {
                 acquiring = None;
-                reserved = Some(permit.expect("the memory budget is never closed"));
+                reserved = Some(reservation);
             }
             _ = async {
                 match payload_deadline {

@@ -156,20 +156,25 @@ fn block_status_describes_a_bounded_range() {
 /// A client on `server` with simple replies in transmission on `acme/disk`,
 /// and a handle on its socket to change the read timeout.
 fn transmitting(server: &TestServer) -> (Raw, std::os::unix::net::UnixStream) {
+    transmitting_on(server, "acme/disk")
+}
+
+fn transmitting_on(server: &TestServer, export: &str) -> (Raw, std::os::unix::net::UnixStream) {
     let s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let handle = s.try_clone().unwrap();
     let mut raw = Raw { s: Box::new(s) };
     raw.handshake(FIXED_NO_ZEROES);
-    assert_eq!(try_go(&mut raw, "acme/disk"), REP_ACK);
+    assert_eq!(try_go(&mut raw, export), REP_ACK);
     (raw, handle)
 }
 
-/// 1 MiB requests, a 4 MiB budget.
+/// 1 MiB requests, a 4 MiB budget that one tenant may hold all of.
 fn small_budget() -> ServerConfig {
     let mut config = ServerConfig::default();
     config.max_request_payload = 1 << 20;
     config.memory_budget = 4 << 20;
+    config.memory_budget_per_tenant = Some(4 << 20);
     config
 }
 
@@ -281,6 +286,7 @@ fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline
     let mut config = ServerConfig::default();
     config.max_request_payload = 4 << 20;
     config.memory_budget = 8 << 20;
+    config.memory_budget_per_tenant = Some(8 << 20);
     config.reply_timeout = Duration::from_secs(1);
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let (mut slow, _) = transmitting(&server);
@@ -314,5 +320,54 @@ fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline
     wait_until("the slow client dropped and the budget back", || {
         let stats = server.server.stats();
         stats.connections_active == 0 && stats.memory_budget_available == 8 << 20
+    });
+}
+
+#[test]
+fn one_tenant_holds_at_most_its_share_of_the_budget() {
+    let mut config = small_budget();
+    config.memory_budget_per_tenant = None;
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let stats = || server.server.stats();
+    // Two acme clients pipeline 1 MiB reads and read nothing: together they
+    // hold acme's share, half of the budget, and no more.
+    let mut slow: Vec<Raw> = (0..2)
+        .map(|c| {
+            let (mut raw, _) = transmitting(&server);
+            for k in 0..4 {
+                raw.request(0, CMD_READ, k, (c * 4 + k) << 20, 1 << 20);
+            }
+            raw
+        })
+        .collect();
+    wait_until("acme's share to be held", || {
+        stats().memory_budget_available == 2 << 20
+    });
+    // Another tenant's large reads are answered meanwhile.
+    let (mut other, _) = transmitting_on(&server, "globex/disk");
+    for k in 0..4 {
+        other.request(0, CMD_READ, 100 + k, k << 20, 1 << 20);
+    }
+    for _ in 0..4 {
+        assert_eq!(other.simple_reply().0, 0);
+        other.read_n(1 << 20);
+    }
+    wait_until("globex's reads to give their budget back", || {
+        stats().memory_budget_available == 2 << 20
+    });
+    // acme's clients get every reply once they read them (both at once: which
+    // of them the share goes to next is first come, first served).
+    std::thread::scope(|scope| {
+        for raw in &mut slow {
+            scope.spawn(move || {
+                for _ in 0..4 {
+                    assert_eq!(raw.simple_reply().0, 0);
+                    raw.read_n(1 << 20);
+                }
+            });
+        }
+    });
+    wait_until("the whole budget back", || {
+        stats().memory_budget_available == 4 << 20
     });
 }

@@ -144,6 +144,9 @@ pub(crate) struct Limits {
     /// Payload bytes all connections together may have in flight (replies not
     /// yet written included); at least `max_request_bytes`.
     pub(crate) memory_budget: Option<Size>,
+    /// The most of `memory_budget` one tenant's connections may hold together;
+    /// from `max_request_bytes` to `memory_budget`, default half of it.
+    pub(crate) memory_budget_per_tenant: Option<Size>,
     /// Connections in transmission, in total.
     pub(crate) max_connections: Option<usize>,
     /// Connections in transmission to one tenant's exports.
@@ -238,6 +241,9 @@ impl Config {
         }
         if let Some(Size(n)) = l.memory_budget {
             server.memory_budget = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(Size(n)) = l.memory_budget_per_tenant {
+            server.memory_budget_per_tenant = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
         if let Some(n) = l.max_connections {
             server.max_connections = n;
@@ -350,6 +356,20 @@ impl Config {
                 Size(max_request)
             );
         }
+        if let Some(Size(n)) = l.memory_budget_per_tenant {
+            let budget = l
+                .memory_budget
+                .map_or(defaults.memory_budget as u64, |Size(n)| n);
+            if !(max_request..=budget).contains(&n) {
+                bail!(
+                    "limits.memory_budget_per_tenant: {} is outside {}..={} \
+                     (limits.max_request_bytes ..= limits.memory_budget)",
+                    Size(n),
+                    Size(max_request),
+                    Size(budget)
+                );
+            }
+        }
         for (name, value) in [
             ("max_connections", l.max_connections),
             ("max_connections_per_tenant", l.max_connections_per_tenant),
@@ -448,6 +468,7 @@ mod tests {
             max_in_flight_bytes = "16M"
             max_request_bytes = 1048576
             memory_budget = "128M"
+            memory_budget_per_tenant = "32M"
             max_connections = 100
             max_connections_per_tenant = 10
             max_handshakes = 20
@@ -478,6 +499,7 @@ mod tests {
         assert_eq!(server.max_request_payload, 1 << 20);
         assert_eq!(server.handshake_timeout, Duration::from_secs(5));
         assert_eq!(server.memory_budget, 128 << 20);
+        assert_eq!(server.memory_budget_per_tenant, Some(32 << 20));
         assert_eq!(server.max_connections, 100);
         assert_eq!(server.max_connections_per_tenant, 10);
         assert_eq!(server.max_handshakes, 20);
@@ -527,6 +549,14 @@ mod tests {
             (
                 format!("{MINIMAL}[limits]\nmemory_budget = \"1M\"\nmax_request_bytes = \"2M\""),
                 "limits.memory_budget",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"512M\""),
+                "limits.memory_budget_per_tenant",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"16M\""),
+                "limits.memory_budget_per_tenant",
             ),
             (
                 format!("{MINIMAL}[limits]\nmax_handshakes = 0"),
