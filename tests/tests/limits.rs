@@ -615,3 +615,84 @@ fn allocated_zeroes_run_in_pieces() {
     );
     assert!(written < 2 << 30, "{written} bytes of zeroes written");
 }
+
+/// `disk_usage(dir)` once it has stopped changing for half a second; fails
+/// when it is still changing after `limit`.
+fn settled_usage(dir: &Path, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut last = disk_usage(dir);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = disk_usage(dir);
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the data directory still grows after {limit:?}"
+        );
+        last = now;
+    }
+}
+
+/// Requests a client had queued used to run on after it left (and after the
+/// shutdown deadline), flushes and FUA requests each took a blocking thread of
+/// their own, and the final flush at SIGTERM queued behind them. Now a client
+/// that leaves without NBD_CMD_DISC takes its queued work with it, allocated
+/// zeroes stop at the next piece, and SIGTERM keeps its deadline.
+#[test]
+fn the_work_of_a_client_that_left_stops() {
+    let (dir, config) = configured("8G", "4096", "shutdown_timeout_secs = 2");
+    let mut server = ServerProcess::with_config(dir.path(), &config);
+    let socket = server.socket.clone().unwrap();
+    let data = dir.path().join("data");
+    let base = disk_usage(&data);
+    // Four GiB of allocated zeroes and many flushes, then the client leaves
+    // once the zeroes are under way.
+    let mut gone = Client::unix(&socket);
+    gone.enter("acme/disk", false);
+    for k in 0..4u64 {
+        gone.request(FLAG_NO_HOLE, CMD_WRITE_ZEROES, k, k << 30, 1 << 30);
+        for f in 0..8 {
+            gone.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_usage(&data) < base + 64 * MIB {
+        assert!(Instant::now() < deadline, "the zeroes never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gone);
+    let written = settled_usage(&data, Duration::from_secs(30)) - base;
+    eprintln!("a client that left: {written} bytes of its 4 GiB of zeroes written");
+    assert!(
+        written < 1 << 30,
+        "{written} bytes of zeroes written for a client that left"
+    );
+
+    // The same from a client still connected at SIGTERM: the server exits
+    // within the shutdown deadline (2 s) and some slack.
+    let mut staying = Client::unix(&socket);
+    staying.enter("acme/disk", false);
+    let base = disk_usage(&data);
+    for k in 4..8u64 {
+        staying.request(FLAG_NO_HOLE, CMD_WRITE_ZEROES, k, k << 30, 1 << 30);
+        for f in 0..8 {
+            staying.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_usage(&data) < base + 64 * MIB {
+        assert!(Instant::now() < deadline, "the zeroes never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    server.stop();
+    let took = signalled.elapsed();
+    eprintln!("shutdown with zeroes and flushes queued took {took:?} (deadline 2 s)");
+    assert!(
+        took < Duration::from_secs(8),
+        "shutdown took {took:?} with a 2 s deadline"
+    );
+    drop(staying);
+}

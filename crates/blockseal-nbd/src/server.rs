@@ -14,9 +14,10 @@
 //! hold at most `max_handshakes` file descriptors, whatever they do.
 //!
 //! [`Shutdown::trigger`] stops every accept loop, drops connections still in
-//! the handshake, lets in-flight requests finish and reply, and closes every
-//! connection; connections still open after [`ServerConfig::shutdown_timeout`]
-//! (a client that does not read its replies) are dropped. Then the `serve_*`
+//! the handshake, lets running requests finish and reply (queued ones are
+//! answered `ESHUTDOWN`), and closes every connection; connections still open
+//! after [`ServerConfig::shutdown_timeout`] (a client that does not read its
+//! replies) are dropped, with the work they had queued. Then the `serve_*`
 //! futures return.
 
 use std::net::SocketAddr;
@@ -109,8 +110,7 @@ pub struct ServerConfig {
     /// more than one core. Default 64 KiB.
     pub inline_max_bytes: u32,
     /// Blocking threads that may run one connection's offloaded requests at the
-    /// same time (flushes and FUA requests get threads of their own on top).
-    /// Default 2.
+    /// same time, and as many again for its flushes and FUA requests. Default 2.
     pub workers_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum
     /// block size. Default (and the spec's interoperability ceiling) 32 MiB;

@@ -7,10 +7,18 @@
 //! cache requests of at most [`ServerConfig::inline_max_bytes`], and block
 //! status) run directly on the task. Larger ones go to a per-connection queue
 //! drained by up to `workers_per_connection` blocking threads, and flushes and
-//! FUA requests, which wait for the disk, get blocking threads of their own.
-//! Offloaded requests run concurrently with the requests after them, and their
-//! replies join a later batch ("Replies need not be sent in the same order as
+//! FUA requests, which wait for the disk, to a second queue with as many
+//! threads again, so that a flush never waits behind a large read. Offloaded
+//! requests run concurrently with the requests after them, and their replies
+//! join a later batch ("Replies need not be sent in the same order as
 //! requests").
+//!
+//! Queued work never outlives its connection: when the connection task ends
+//! (the client left without `NBD_CMD_DISC`, the stream broke, or the task was
+//! dropped at the shutdown deadline) its queued requests are dropped unrun, and
+//! `NO_HOLE` write zeroes stop at the next piece. After a shutdown, requests
+//! that have not started yet are answered `ESHUTDOWN` instead of run; the ones
+//! running finish and reply.
 //!
 //! Why not a thread per request: a hand-off between threads is a futex wake-up
 //! and two context switches, which cost several times more server CPU than the
@@ -32,7 +40,9 @@
 //! from the moment they are admitted (before a write's payload is read) until
 //! their reply has been written to the socket, not merely computed: a client
 //! that does not read its replies holds its budget and gets no more. At a limit
-//! the task stops reading the socket, and never fails a request for it. What a
+//! the task stops reading the socket (beyond at most [`READ_CHUNK`] of input,
+//! taken so that a client that leaves is noticed), and never fails a request
+//! for it. What a
 //! client holds is bounded in time too: a write's payload must arrive within
 //! [`ServerConfig::payload_timeout`] of its header being admitted, and each
 //! batch of replies must be accepted in full within
@@ -59,6 +69,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,15 +119,28 @@ struct Conn {
     span: Span,
     /// Completed offloaded requests, back to the connection task.
     done: mpsc::UnboundedSender<Done>,
-    /// Offloaded requests waiting for a worker, and how many workers drain them.
-    queue: Mutex<Queue>,
+    /// Offloaded requests waiting for a worker, and how many workers drain
+    /// them: one lane for data requests, one for flushes and FUA requests
+    /// (which wait for the disk), each with at most `max_workers` threads. So a
+    /// flush never waits behind a large read, and a client's flushes cannot
+    /// take more threads than its reads.
+    lanes: [Mutex<Lane>; 2],
     max_workers: usize,
     /// Largest read or write, and the piece size of `NO_HOLE` write zeroes.
     max_payload: u32,
+    /// Set when the connection task has ended: nothing it queued is run any
+    /// more (no reply is owed to a client that is gone), and `NO_HOLE` write
+    /// zeroes stop at the next piece.
+    closed: AtomicBool,
 }
 
+/// Index in [`Conn::lanes`] of requests that read or write data.
+const DATA_LANE: usize = 0;
+/// Index in [`Conn::lanes`] of flushes and FUA requests.
+const SYNC_LANE: usize = 1;
+
 #[derive(Default)]
-struct Queue {
+struct Lane {
     jobs: VecDeque<Job>,
     /// Workers started and not yet finished.
     workers: usize,
@@ -138,21 +162,20 @@ struct Done {
     held: Held,
 }
 
-const LOCK: &str = "the queue lock is never poisoned: nothing under it panics";
+const LOCK: &str = "the lane locks are never poisoned: nothing under them panics";
 
 impl Conn {
-    /// Hands a request to a blocking thread. Flushes and FUA requests get a thread
-    /// of their own, so they never hold up the requests behind them; the rest go
-    /// to this connection's queue, drained by at most `max_workers` workers that
-    /// keep going while jobs remain (one wake-up per burst, not per request).
+    /// Hands a request to a blocking thread: it joins its lane's queue, drained
+    /// by at most `max_workers` workers that keep going while jobs remain (one
+    /// wake-up per burst, not per request).
     fn offload(self: &Arc<Self>, job: Job) {
-        if matches!(job.op, Op::Flush) || job.op.fua() {
-            let conn = self.clone();
-            tokio::task::spawn_blocking(move || conn.run(job));
-            return;
-        }
+        let lane = if matches!(job.op, Op::Flush) || job.op.fua() {
+            SYNC_LANE
+        } else {
+            DATA_LANE
+        };
         let start_worker = {
-            let mut q = self.queue.lock().expect(LOCK);
+            let mut q = self.lanes[lane].lock().expect(LOCK);
             q.jobs.push_back(job);
             // A worker busy with an earlier job (perhaps blocked in the export)
             // will not take this one soon: start another unless an idle one will.
@@ -165,15 +188,15 @@ impl Conn {
         };
         if start_worker {
             let conn = self.clone();
-            tokio::task::spawn_blocking(move || conn.work());
+            tokio::task::spawn_blocking(move || conn.work(lane));
         }
     }
 
-    /// A worker: runs queued jobs until none is left.
-    fn work(&self) {
+    /// A worker: runs the jobs queued in `lane` until none is left.
+    fn work(&self, lane: usize) {
         loop {
             let job = {
-                let mut q = self.queue.lock().expect(LOCK);
+                let mut q = self.lanes[lane].lock().expect(LOCK);
                 match q.jobs.pop_front() {
                     Some(job) => {
                         q.busy += 1;
@@ -186,19 +209,51 @@ impl Conn {
                 }
             };
             self.run(job);
-            self.queue.lock().expect(LOCK).busy -= 1;
+            self.lanes[lane].lock().expect(LOCK).busy -= 1;
         }
     }
 
     /// Runs one offloaded job and sends its reply back. Blocking thread.
     fn run(&self, job: Job) {
+        if self.is_closed() {
+            // Dropping the job gives back the budget it held.
+            return;
+        }
         let mut reply = self.buffer();
-        self.execute(job.handle, job.op, &mut reply);
+        if self.shared.shutdown.is_triggered() {
+            // Not started before the shutdown: answered at once rather than
+            // run, so the connection drains within the shutdown deadline.
+            debug!(parent: &self.span, handle = job.handle, "request not started before shutdown");
+            error_reply(
+                self.structured,
+                job.handle,
+                errno(ErrorKind::ShuttingDown),
+                kind_text(ErrorKind::ShuttingDown),
+                &mut reply,
+            );
+        } else {
+            self.execute(job.handle, job.op, &mut reply);
+        }
         // The connection task may be gone with its client; nothing to do then.
         let _ = self.done.send(Done {
             reply,
             held: job.held,
         });
+    }
+
+    /// Whether the connection task has ended.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection closed and drops the requests still queued, which
+    /// gives back the budget they held.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for lane in &self.lanes {
+            let jobs = std::mem::take(&mut lane.lock().expect(LOCK).jobs);
+            drop(jobs);
+        }
     }
 
     /// An empty reply buffer, reused when one is spare.
@@ -340,10 +395,14 @@ where
         shared: shared.clone(),
         span: Span::current(),
         done: done_tx,
-        queue: Mutex::new(Queue::default()),
+        lanes: Default::default(),
         max_workers: config.workers_per_connection,
         max_payload,
+        closed: AtomicBool::new(false),
     });
+    // However the task ends (returning, or dropped at the shutdown deadline),
+    // its queued work goes with it.
+    let _closing = CloseOnDrop(conn.clone());
     let shutdown = shared.shutdown.clone();
     let mut shutdown = std::pin::pin!(shutdown.triggered());
 
@@ -562,11 +621,19 @@ where
         }
         // At a limit, stop reading: a finished request or the budget frees room.
         // (Then something is in flight or awaited, so the select below always
-        // has a branch to wait on.)
+        // has a branch to wait on.) Up to READ_CHUNK of input is still taken
+        // in meanwhile, so that a client that leaves is noticed, and its
+        // queued work dropped, without waiting for that work.
         let reading = stop == Stop::No && !eof && !blocked;
-        if reading && input.capacity() - input.len() < READ_CHUNK / 4 {
+        let peeking = stop == Stop::No && !eof && blocked && input.len() < READ_CHUNK;
+        if (reading || peeking) && input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
+        let read_limit = if reading {
+            u64::MAX
+        } else {
+            (READ_CHUNK - input.len().min(READ_CHUNK)) as u64
+        };
         tokio::select! {
             biased;
             _ = &mut shutdown, if stop == Stop::No => {
@@ -603,15 +670,23 @@ where
                 // requests still finish and reply.
                 stop = Stop::Drain;
             }
-            read = reader.read_buf(&mut input), if reading => match read {
-                Ok(0) => {
-                    debug!("client closed the connection");
+            read = async { (&mut reader).take(read_limit).read_buf(&mut input).await },
+                if reading || peeking => match read {
+                Ok(0) if disconnect_pending(&input, skip) => {
+                    // The requests before NBD_CMD_DISC are still handled.
+                    debug!("client closed its side after a disconnect request");
                     eof = true;
+                }
+                Ok(0) => {
+                    // Gone without NBD_CMD_DISC (a hard disconnect): no reply is
+                    // owed, so what it queued is dropped rather than run.
+                    debug!("client closed the connection");
+                    stop = Stop::Now;
                 }
                 Ok(_) => {}
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    eof = true;
+                    stop = Stop::Now;
                 }
             },
         }
@@ -622,6 +697,39 @@ where
         if let Ok(Err(e)) = closed {
             debug!(error = %e, "closing the connection failed");
         }
+    }
+}
+
+/// Whether the unread requests in `input` (after `skip` bytes of a refused
+/// write's payload) include `NBD_CMD_DISC`.
+fn disconnect_pending(input: &[u8], skip: u64) -> bool {
+    let mut rest = &input[(skip.min(input.len() as u64)) as usize..];
+    while let Some(header) = rest.first_chunk::<REQUEST_HEADER_LEN>() {
+        let Some(req) = Request::decode(header) else {
+            return false;
+        };
+        if req.kind == CMD_DISC {
+            return true;
+        }
+        let payload = if req.kind == CMD_WRITE {
+            req.len as usize
+        } else {
+            0
+        };
+        let Some(next) = rest.get(REQUEST_HEADER_LEN + payload..) else {
+            return false;
+        };
+        rest = next;
+    }
+    false
+}
+
+/// Closes a connection's [`Conn`] when the connection task ends or is dropped.
+struct CloseOnDrop(Arc<Conn>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -889,6 +997,13 @@ fn allocated_zeroes(conn: &Conn, offset: u64, len: u64, fua: bool) -> Result<(),
     let end = offset + len;
     let mut at = offset;
     while at < end {
+        if at > offset && conn.is_closed() {
+            // Nobody is left to answer.
+            return Err(ExportError::new(
+                ErrorKind::ShuttingDown,
+                "write zeroes stopped: the connection closed",
+            ));
+        }
         if at > offset && conn.shared.shutdown.is_triggered() {
             return Err(ExportError::new(
                 ErrorKind::ShuttingDown,

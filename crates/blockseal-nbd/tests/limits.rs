@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blockseal_nbd::ServerConfig;
@@ -370,4 +371,90 @@ fn one_tenant_holds_at_most_its_share_of_the_budget() {
     wait_until("the whole budget back", || {
         stats().memory_budget_available == 4 << 20
     });
+}
+
+const FUA: u16 = 1;
+const WRITE: usize = 128 << 10;
+
+#[test]
+fn a_client_that_leaves_takes_its_queued_work_with_it() {
+    let server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    let full = server.server.stats().memory_budget_available;
+    disk.close_gate();
+    // 128 KiB writes run on the connection's data workers, FUA writes on its
+    // sync workers: two of each reach the export, the rest wait in line.
+    let (mut raw, _) = transmitting(&server);
+    for k in 0..16u64 {
+        raw.request(0, CMD_WRITE, k, k * WRITE as u64, WRITE as u32);
+        raw.send(&[1; WRITE]);
+        raw.request(FUA, CMD_WRITE, 100 + k, (4 << 20) + k * 4096, 4096);
+        raw.send(&[2; 4096]);
+        raw.request(0, CMD_FLUSH, 200 + k, 0, 0);
+    }
+    wait_until("four writes at the export", || {
+        disk.waiting.load(Ordering::SeqCst) >= 4
+    });
+    // Gone without NBD_CMD_DISC: the connection ends at once, though four of
+    // its requests are still running.
+    drop(raw);
+    wait_until("the connection to end", || {
+        server.server.stats().connections_active == 0
+    });
+    disk.open_gate();
+    wait_until(
+        "the running writes to finish and the budget to come back",
+        || server.server.stats().memory_budget_available == full,
+    );
+    assert_eq!(
+        disk.writes.load(Ordering::SeqCst),
+        4,
+        "only the writes already running were run"
+    );
+    assert_eq!(
+        disk.most_waiting.load(Ordering::SeqCst),
+        4,
+        "two threads for data and two for syncs, not a thread per FUA write"
+    );
+}
+
+#[test]
+fn requests_not_started_before_a_shutdown_are_answered_eshutdown() {
+    let mut server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    let full = server.server.stats().memory_budget_available;
+    disk.close_gate();
+    let (mut raw, _) = transmitting(&server);
+    for k in 0..6u64 {
+        raw.request(0, CMD_WRITE, k, k * WRITE as u64, WRITE as u32);
+        raw.send(&[k as u8 + 1; WRITE]);
+    }
+    // All six admitted (a request still unread at the shutdown is never
+    // read), two of them at the export.
+    wait_until("six writes admitted, two at the export", || {
+        server.server.stats().memory_budget_available == full - 6 * WRITE as u64
+            && disk.waiting.load(Ordering::SeqCst) == 2
+    });
+    server.server.shutdown_handle().trigger();
+    disk.open_gate();
+    // The two running writes finish and succeed; the four queued ones are not
+    // run.
+    let mut replies: Vec<(u32, u64)> = (0..6).map(|_| raw.simple_reply()).collect();
+    replies.sort_by_key(|r| r.1);
+    assert_eq!(
+        replies,
+        [
+            (0, 0),
+            (0, 1),
+            (ESHUTDOWN, 2),
+            (ESHUTDOWN, 3),
+            (ESHUTDOWN, 4),
+            (ESHUTDOWN, 5)
+        ]
+    );
+    assert!(raw.closed());
+    assert_eq!(disk.writes.load(Ordering::SeqCst), 2);
+    assert_eq!(disk.peek(WRITE as u64, 1), [2]);
+    assert_eq!(disk.peek(2 * WRITE as u64, 1), [0]);
+    server.stop();
 }

@@ -26,10 +26,14 @@ pub struct MemExport {
     tampered: AtomicU64,
     pub flushes: AtomicU64,
     pub fua_writes: AtomicU64,
-    /// Writes wait while the gate is closed; `waiting` counts them.
+    /// Writes that got past the gate.
+    pub writes: AtomicU64,
+    /// Writes wait while the gate is closed; `waiting` counts them, and
+    /// `most_waiting` is the most that ever waited at once.
     gate: Mutex<bool>,
     gate_cv: Condvar,
     pub waiting: AtomicUsize,
+    pub most_waiting: AtomicUsize,
 }
 
 impl MemExport {
@@ -44,9 +48,11 @@ impl MemExport {
             tampered: AtomicU64::new(u64::MAX),
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            most_waiting: AtomicUsize::new(0),
         })
     }
 
@@ -81,7 +87,8 @@ impl MemExport {
     fn wait_gate(&self) {
         let mut open = self.gate.lock().unwrap();
         if !*open {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let waiting = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_waiting.fetch_max(waiting, Ordering::SeqCst);
             while !*open {
                 open = self.gate_cv.wait(open).unwrap();
             }
@@ -144,6 +151,7 @@ impl Export for MemExport {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         self.check(offset, data.len() as u64)?;
         self.wait_gate();
+        self.writes.fetch_add(1, Ordering::SeqCst);
         if fua {
             self.fua_writes.fetch_add(1, Ordering::Relaxed);
         }
