@@ -130,17 +130,11 @@ impl Negotiation {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let shutdown = self.shared.shutdown.clone();
+        // A shutdown needs no handling here: the server drops the handshake
+        // as soon as one starts (`server::bounded_handshake`).
         loop {
             let mut header = [0u8; 16];
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => {
-                    debug!("shutting down during option haggling");
-                    return Ok(Outcome::Close);
-                }
-                r = s.read_exact(&mut header) => { r?; }
-            }
+            s.read_exact(&mut header).await?;
             let mut h = &header[..];
             let (magic, option, len) = (h.get_u64(), h.get_u32(), h.get_u32());
             if magic != IHAVEOPT {
@@ -162,17 +156,6 @@ impl Negotiation {
                     option,
                     "option from a client without fixed newstyle; closing"
                 );
-                return Ok(Outcome::Close);
-            }
-            if self.shared.shutdown.is_triggered() {
-                // "Termination of the session during option haggling": error further
-                // options with NBD_REP_ERR_SHUTDOWN, then leave.
-                let rep = if option == OPT_ABORT {
-                    REP_ACK
-                } else {
-                    REP_ERR_SHUTDOWN
-                };
-                reply(s, option, rep, b"").await?;
                 return Ok(Outcome::Close);
             }
             if self.tls == (TlsMode::Required { active: false })

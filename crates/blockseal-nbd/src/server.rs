@@ -412,7 +412,7 @@ where
                     let Some(slot) = shared.limits.enter_handshake(id) else {
                         // Closed at once: an unauthenticated peer holds no
                         // descriptor past the handshake cap.
-                        refused_handshake(shared);
+                        refused_handshake(shared, "the new one");
                         drop(stream);
                         continue;
                     };
@@ -498,8 +498,9 @@ fn accept_backoff(shared: &Shared, e: &std::io::Error) -> bool {
     true
 }
 
-/// Counts and logs (rate-limited) a connection closed for want of a handshake slot.
-fn refused_handshake(shared: &Shared) {
+/// Counts and logs (rate-limited) a connection closed for want of a handshake
+/// slot: `closed` says which, the new one or the oldest.
+fn refused_handshake(shared: &Shared, closed: &'static str) {
     shared
         .limits
         .refused_handshakes
@@ -507,8 +508,9 @@ fn refused_handshake(shared: &Shared) {
     if let Some(held_back) = shared.limits.handshake_log.allow() {
         warn!(
             max_handshakes = shared.config.max_handshakes,
+            closed,
             similar_not_logged = held_back,
-            "too many connections in the handshake; closing new ones"
+            "too many connections in the handshake; closing one"
         );
     }
 }
@@ -541,7 +543,9 @@ enum HandshakeEnd {
 }
 
 /// Runs a handshake under the time limit; a shutdown or the loss of its
-/// handshake slot ends it at once.
+/// handshake slot ends it at once. (The spec lets a server answer further
+/// options with `NBD_REP_ERR_SHUTDOWN` during a shutdown; closing at once gives
+/// an unauthenticated peer nothing to hold the shutdown with.)
 async fn bounded_handshake<F>(shared: &Shared, slot: &HandshakeSlot, handshake: F) -> HandshakeEnd
 where
     F: Future<Output = std::io::Result<Outcome>>,
@@ -691,18 +695,8 @@ fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
             None
         }
         HandshakeEnd::Evicted => {
-            shared
-                .limits
-                .refused_handshakes
-                .fetch_add(1, Ordering::Relaxed);
             debug!("handshake closed to make room for a new connection");
-            if let Some(held_back) = shared.limits.handshake_log.allow() {
-                warn!(
-                    max_handshakes = shared.config.max_handshakes,
-                    similar_not_logged = held_back,
-                    "too many connections in the handshake; closing the oldest"
-                );
-            }
+            refused_handshake(shared, "the oldest");
             None
         }
         HandshakeEnd::ShuttingDown => {
