@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -582,11 +582,24 @@ fn unix_connection(
                 let (r, w) = stream.into_split();
                 transmission::serve(r, w, session, shared).await;
             }
-            None => {
-                let _ = stream.shutdown().await;
-            }
+            None => close(&mut stream).await,
         }
     })
+}
+
+/// Longest wait to close a connection that did not enter transmission: a TLS
+/// close_notify waits for room in the socket, which a peer that reads nothing
+/// never makes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `stream` in an orderly way (TLS close_notify, then FIN), giving up
+/// after [`CLOSE_TIMEOUT`]; dropping it then closes the socket.
+async fn close<S: AsyncWrite + Unpin>(stream: &mut S) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "closing the connection failed"),
+        Err(_) => debug!("the peer took no bytes for the close; dropping the connection"),
+    }
 }
 
 /// A TCP stream before or after the TLS upgrade.
@@ -643,7 +656,7 @@ fn tcp_connection(
                 Ok(tenant) => tenant,
                 Err(e) => {
                     warn!(error = %e, "client certificate refused");
-                    let _ = stream.shutdown().await;
+                    close(&mut stream).await;
                     return Ok(Outcome::Close);
                 }
             };
@@ -665,12 +678,8 @@ fn tcp_connection(
                 let (r, w) = tokio::io::split(*tls);
                 transmission::serve(r, w, session, shared).await;
             }
-            (Some(Upgraded::Plain(mut tcp)), None) => {
-                let _ = tcp.shutdown().await;
-            }
-            (Some(Upgraded::Tls(mut tls)), None) => {
-                let _ = tls.shutdown().await;
-            }
+            (Some(Upgraded::Plain(mut tcp)), None) => close(&mut tcp).await,
+            (Some(Upgraded::Tls(mut tls)), None) => close(&mut *tls).await,
             (None, _) => {}
         }
     })
