@@ -394,6 +394,8 @@ where
     C: FnMut(S, P, HandshakeSlot) -> (String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
 {
     let mut connections = JoinSet::new();
+    // Accept errors since the last accepted connection.
+    let mut failures = 0u32;
     let shutdown = shared.shutdown.clone();
     let mut triggered = std::pin::pin!(shutdown.triggered());
     loop {
@@ -407,6 +409,7 @@ where
             }
             accepted = accept() => match accepted {
                 Ok((stream, peer)) => {
+                    failures = 0;
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     let Some(slot) = shared.limits.enter_handshake(id) else {
@@ -430,13 +433,13 @@ where
                     );
                 }
                 Err(e) => {
-                    if accept_backoff(shared, &e) {
-                        // Out of descriptors or memory: retrying at once would
-                        // spin, so wait a little (but not past a shutdown).
-                        tokio::select! {
-                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                            _ = shutdown.triggered() => {}
-                        }
+                    // Retrying at once could spin on an error that lasts:
+                    // wait a little (but not past a shutdown).
+                    failures = failures.saturating_add(1);
+                    let wait = accept_failed(shared, &e, failures);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.triggered() => {}
                     }
                 }
             },
@@ -472,30 +475,49 @@ where
     }
 }
 
-/// Wait after an accept error that retrying at once would repeat.
+/// Wait after an accept error that means a shortage of descriptors or memory,
+/// and the longest wait after any other.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Wait after a first accept error of another kind (most often one peer's
+/// connection reset before it was accepted); it doubles while errors repeat.
+const ACCEPT_RETRY: Duration = Duration::from_millis(1);
 
-/// Logs an accept error (rate-limited); `true` if the loop should back off
-/// before the next accept.
-fn accept_backoff(shared: &Shared, e: &std::io::Error) -> bool {
+/// Logs an accept error (rate-limited) and says how long to wait before the
+/// next accept, the `failures`th error in a row.
+fn accept_failed(shared: &Shared, e: &std::io::Error, failures: u32) -> Duration {
     use std::io::ErrorKind::*;
-    // EMFILE, ENFILE, ENOBUFS and ENOMEM last until something is released; any
-    // other error (a connection reset before it was accepted) is that peer's.
-    let lasting = matches!(e.kind(), OutOfMemory | QuotaExceeded)
+    // EMFILE, ENFILE, ENOBUFS and ENOMEM last until something is released.
+    let shortage = matches!(e.kind(), OutOfMemory | QuotaExceeded)
         || matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12));
-    if !lasting {
-        debug!(error = %e, "accept failed");
-        return false;
-    }
     if let Some(held_back) = shared.limits.accept_log.allow() {
-        warn!(
-            error = %e,
-            similar_errors_not_logged = held_back,
-            "accept failed; retrying shortly (raise the open file limit, or lower \
-             limits.max_connections and limits.max_handshakes)"
-        );
+        if shortage {
+            warn!(
+                error = %e,
+                similar_errors_not_logged = held_back,
+                "accept failed; retrying shortly (raise the open file limit, or lower \
+                 limits.max_connections and limits.max_handshakes)"
+            );
+        } else {
+            warn!(
+                error = %e,
+                similar_errors_not_logged = held_back,
+                "accept failed; retrying shortly"
+            );
+        }
     }
-    true
+    accept_backoff(failures, shortage)
+}
+
+/// The wait before the next accept after `failures` errors in a row: a
+/// shortage waits [`ACCEPT_BACKOFF`]; any other error [`ACCEPT_RETRY`], doubled
+/// for each error in a row up to [`ACCEPT_BACKOFF`], so that one peer's reset
+/// costs the others next to nothing and an error that lasts cannot spin.
+fn accept_backoff(failures: u32, shortage: bool) -> Duration {
+    if shortage {
+        return ACCEPT_BACKOFF;
+    }
+    let doublings = failures.saturating_sub(1).min(16);
+    (ACCEPT_RETRY * (1 << doublings)).min(ACCEPT_BACKOFF)
 }
 
 /// Counts and logs (rate-limited) a connection closed for want of a handshake
@@ -732,5 +754,24 @@ fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
             );
             Some(session)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_always_wait_and_repeated_ones_longer() {
+        let waits: Vec<Duration> = (1..=10).map(|n| accept_backoff(n, false)).collect();
+        assert_eq!(waits[0], ACCEPT_RETRY);
+        assert!(
+            waits
+                .windows(2)
+                .all(|w| w[0] < w[1] || w[1] == ACCEPT_BACKOFF)
+        );
+        assert_eq!(waits[9], ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(u32::MAX, false), ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(1, true), ACCEPT_BACKOFF);
     }
 }
