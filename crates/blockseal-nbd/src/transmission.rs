@@ -337,8 +337,9 @@ impl Op {
 
     /// Bytes this request holds while offloaded and until its reply is written:
     /// its write payload (`payload`, read or not yet), its read data, one piece
-    /// of sealed zeroes, or its block status reply. Headers are not counted.
-    fn cost(&self, payload: usize, max_payload: u32) -> u64 {
+    /// of sealed zeroes, or its block status reply (`block`: the export's block
+    /// size as block status counts it). Headers are not counted.
+    fn cost(&self, payload: usize, max_payload: u32, block: u64) -> u64 {
         match self {
             Op::Read { len, .. } => u64::from(*len),
             Op::Write { .. } => payload as u64,
@@ -346,8 +347,12 @@ impl Op {
                 len, no_hole: true, ..
             } => (*len).min(u64::from(max_payload)),
             // The reply (8 bytes a descriptor, at most one a block) and the
-            // export's answer, which for the volume is about 50 bytes a block.
-            Op::BlockStatus { .. } => 64 * MAX_STATUS_BLOCKS,
+            // export's answer, which for the volume is about 50 bytes a block,
+            // for the blocks the reply may describe.
+            Op::BlockStatus { offset, len, .. } => {
+                let blocks = (offset + u64::from(*len)).div_ceil(block) - offset / block;
+                64 * blocks.min(MAX_STATUS_BLOCKS)
+            }
             _ => 0,
         }
     }
@@ -387,6 +392,7 @@ where
     let max_payload = config.max_request_payload;
     let inline = config.inline_requests;
     let inline_max = u64::from(config.inline_max_bytes);
+    let status_block = status_block_size(session.export.as_ref());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let conn = Arc::new(Conn {
         export: session.export.clone(),
@@ -515,7 +521,7 @@ where
                 || matches!(op, Op::Flush | Op::BlockStatus { .. })
                 || op.fua()
                 || op.weight(payload) > inline_max;
-            let cost = op.cost(payload, max_payload);
+            let cost = op.cost(payload, max_payload, status_block);
             if offload {
                 // Backpressure: a request larger than the connection's byte limit
                 // still runs, alone.

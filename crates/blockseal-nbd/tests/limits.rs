@@ -127,19 +127,7 @@ fn block_status_describes_a_bounded_range() {
     let mut catalog = MemCatalog::default();
     catalog.add_other("acme/big", EmptyExport::new(2 << 30));
     let server = TestServer::start_with(catalog, ServerConfig::default(), None);
-    let mut raw = connected(&server);
-    raw.option(OPT_STRUCTURED_REPLY, b"");
-    assert_eq!(raw.option_reply().1, REP_ACK);
-    let mut meta = Vec::new();
-    meta.extend_from_slice(&8u32.to_be_bytes());
-    meta.extend_from_slice(b"acme/big");
-    meta.extend_from_slice(&1u32.to_be_bytes());
-    meta.extend_from_slice(&15u32.to_be_bytes());
-    meta.extend_from_slice(b"base:allocation");
-    raw.option(OPT_SET_META_CONTEXT, &meta);
-    assert_eq!(raw.option_reply().1, REP_META_CONTEXT);
-    assert_eq!(raw.option_reply().1, REP_ACK);
-    assert_eq!(try_go(&mut raw, "acme/big"), REP_ACK);
+    let mut raw = structured(&server, "acme/big");
     for (flags, offset) in [(0, 0), (REQ_ONE, 0), (0, 100)] {
         raw.request(flags, CMD_BLOCK_STATUS, 1, offset, (1 << 30) + 4096);
         let (_, kind, handle, payload) = raw.chunk();
@@ -152,6 +140,25 @@ fn block_status_describes_a_bounded_range() {
         // Ends on the block boundary 65536 blocks past the offset's block.
         assert_eq!(offset + lengths[0], 256 << 20);
     }
+}
+
+/// A client on `server` with structured replies and `base:allocation` in
+/// transmission on `export`.
+fn structured(server: &TestServer, export: &str) -> Raw {
+    let mut raw = connected(server);
+    raw.option(OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(raw.option_reply().1, REP_ACK);
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    meta.extend_from_slice(export.as_bytes());
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    raw.option(OPT_SET_META_CONTEXT, &meta);
+    assert_eq!(raw.option_reply().1, REP_META_CONTEXT);
+    assert_eq!(raw.option_reply().1, REP_ACK);
+    assert_eq!(try_go(&mut raw, export), REP_ACK);
+    raw
 }
 
 /// A client on `server` with simple replies in transmission on `acme/disk`,
@@ -457,4 +464,28 @@ fn requests_not_started_before_a_shutdown_are_answered_eshutdown() {
     assert_eq!(disk.peek(WRITE as u64, 1), [2]);
     assert_eq!(disk.peek(2 * WRITE as u64, 1), [0]);
     server.stop();
+}
+
+#[test]
+fn a_small_block_status_costs_little_of_the_budget() {
+    // A budget of four 1 MiB reads and 64 KiB.
+    let mut config = small_budget();
+    config.memory_budget = (4 << 20) + (64 << 10);
+    config.memory_budget_per_tenant = Some(config.memory_budget);
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let (mut slow, _) = transmitting(&server);
+    for k in 0..4 {
+        slow.request(0, CMD_READ, k, k << 20, 1 << 20);
+    }
+    wait_until("four reads to hold the budget", || {
+        server.server.stats().memory_budget_available == 64 << 10
+    });
+    // A block status of a few blocks fits in what is left (it is costed by
+    // the blocks it covers, not by the most it could ever cover).
+    let mut raw = structured(&server, "acme/disk");
+    raw.request(0, CMD_BLOCK_STATUS, 1, 4096, 3 * 4096);
+    let (_, kind, handle, payload) = raw.chunk();
+    assert_eq!((kind, handle), (5, 1));
+    assert_eq!(&payload[4..8], &(3 * 4096u32).to_be_bytes());
+    drop(slow);
 }
