@@ -95,14 +95,14 @@ pub struct ServerConfig {
     /// connection is closed and the reservation comes back. Progress does not
     /// extend it. Default 60 s.
     pub payload_timeout: Duration,
-    /// Run small reads, writes, trims, zeroes, block status and cache requests
-    /// directly on the connection's task (default). The export's methods must then
-    /// return quickly (memory, page cache, buffered writes): they hold a runtime
-    /// thread while they run. Requests larger than `inline_max_bytes`, flushes and
-    /// FUA requests always run on blocking threads, concurrently with the requests
-    /// after them. Set to false for an export whose reads may wait on slow media:
-    /// every request then runs on blocking threads, at several times the CPU cost
-    /// of a small request.
+    /// Run small reads, writes, trims, zeroes and cache requests directly on the
+    /// connection's task (default). The export's methods must then return
+    /// quickly (memory, page cache, buffered writes): they hold a runtime thread
+    /// while they run. Requests larger than `inline_max_bytes`, block status,
+    /// flushes and FUA requests always run on blocking threads, concurrently with
+    /// the requests after them. Set to false for an export whose reads may wait
+    /// on slow media: every request then runs on blocking threads, at several
+    /// times the CPU cost of a small request.
     pub inline_requests: bool,
     /// With `inline_requests` on: reads, writes, trims, zeroes and cache requests
     /// of more than this many bytes run on the connection's workers instead of its

@@ -4,8 +4,8 @@
 //! Each connection is one task that reads whatever the client has sent into a
 //! buffer, handles every complete request in it, and writes all the replies of
 //! that batch with one write. Small requests (reads, writes, trims, zeroes and
-//! cache requests of at most [`ServerConfig::inline_max_bytes`], and block
-//! status) run directly on the task. Larger ones go to a per-connection queue
+//! cache requests of at most [`ServerConfig::inline_max_bytes`]) run directly
+//! on the task. Larger ones and block status go to a per-connection queue
 //! drained by up to `workers_per_connection` blocking threads, and flushes and
 //! FUA requests, which wait for the disk, to a second queue with as many
 //! threads again, so that a flush never waits behind a large read. Offloaded
@@ -51,7 +51,8 @@
 //! returns its budget.
 //!
 //! Block status always runs on the connection's workers (it reads the metadata
-//! store), and describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
+//! store), as do the structured reads that consult it to send holes, and it
+//! describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
 //! spec lets the server describe less than was asked, and the cost of the
 //! export's answer grows with the blocks it covers. Write zeroes with
 //! `NO_HOLE` (which seals real zero blocks) runs in pieces of the maximum
@@ -91,8 +92,9 @@ use crate::server::Shared;
 /// (spec "Block size constraints": a payload "large enough to be deemed a denial
 /// of service attack").
 const MAX_DRAINED_WRITE: u32 = 256 * 1024 * 1024;
-/// Structured reads at least this long consult block status and send holes as
-/// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of zero bytes.
+/// Structured reads at least this long that run on a blocking thread consult
+/// block status and send holes as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead
+/// of zero bytes.
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Holes shorter than this are sent as data: a chunk header would cost more.
 const MIN_HOLE_CHUNK: u64 = 512;
@@ -285,6 +287,9 @@ enum Op {
         offset: u64,
         len: u32,
         df: bool,
+        /// Send zero ranges as holes, which asks the export for block status:
+        /// only for long structured reads on a blocking thread.
+        sparse: bool,
     },
     Write {
         offset: u64,
@@ -467,7 +472,7 @@ where
                 break;
             };
             let verdict = validate(&req, &session, max_payload);
-            let op = match verdict {
+            let mut op = match verdict {
                 Verdict::Disconnect => {
                     // NBD_CMD_DISC: "The server MUST handle all outstanding requests
                     // ... and close the TCP session".
@@ -521,6 +526,13 @@ where
                 || matches!(op, Op::Flush | Op::BlockStatus { .. })
                 || op.fua()
                 || op.weight(payload) > inline_max;
+            if let Op::Read {
+                len, df, sparse, ..
+            } = &mut op
+            {
+                // Block status may wait on the metadata store too.
+                *sparse = offload && session.structured && !*df && *len >= SPARSE_READ_MIN;
+            }
             let cost = op.cost(payload, max_payload, status_block);
             if offload {
                 // Backpressure: a request larger than the connection's byte limit
@@ -921,6 +933,7 @@ fn validate(req: &Request, s: &Session, max_payload: u32) -> Verdict {
             offset: req.offset,
             len: req.len,
             df: req.flags & CMD_FLAG_DF != 0,
+            sparse: false,
         }),
         CMD_WRITE => Verdict::Run(Op::Write {
             offset: req.offset,
@@ -959,7 +972,12 @@ fn validate(req: &Request, s: &Session, max_payload: u32) -> Verdict {
 fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) {
     let export = conn.export.as_ref();
     let (offset, len, result) = match op {
-        Op::Read { offset, len, df } => return read_reply(conn, handle, offset, len, df, out),
+        Op::Read {
+            offset,
+            len,
+            sparse,
+            ..
+        } => return read_reply(conn, handle, offset, len, sparse, out),
         Op::BlockStatus {
             offset,
             len,
@@ -1039,9 +1057,9 @@ fn status_block_size(export: &dyn Export) -> u64 {
     }
 }
 
-/// `NBD_CMD_READ`: a simple reply with the data, or structured chunks. The data
-/// is read straight into the output buffer.
-fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, df: bool, out: &mut Vec<u8>) {
+/// `NBD_CMD_READ`: a simple reply with the data, or structured chunks (with
+/// holes when `sparse`). The data is read straight into the output buffer.
+fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, sparse: bool, out: &mut Vec<u8>) {
     let start = out.len();
     let n = len as usize;
     if !conn.structured {
@@ -1059,9 +1077,10 @@ fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, df: bool, out: &m
         }
         return;
     }
-    // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk";
-    // every read up to the maximum payload fits in one, so EOVERFLOW never arises.
-    if !df && len >= SPARSE_READ_MIN && sparse_read_reply(conn, handle, offset, len, out) {
+    // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk"
+    // (such reads are never sparse); every read up to the maximum payload fits
+    // in one, so EOVERFLOW never arises.
+    if sparse && sparse_read_reply(conn, handle, offset, len, out) {
         return;
     }
     // One NBD_REPLY_TYPE_OFFSET_DATA chunk, final: the data is complete before the

@@ -489,3 +489,23 @@ fn a_small_block_status_costs_little_of_the_budget() {
     assert_eq!(&payload[4..8], &(3 * 4096u32).to_be_bytes());
     drop(slow);
 }
+
+#[test]
+fn reads_on_the_connection_task_never_ask_for_block_status() {
+    let empty = EmptyExport::new(1 << 20);
+    let mut catalog = MemCatalog::default();
+    catalog.add_other("acme/empty", empty.clone());
+    let server = TestServer::start_with(catalog, ServerConfig::default(), None);
+    let mut raw = structured(&server, "acme/empty");
+    // 64 KiB is the most a read may be and still run on the connection's task:
+    // plain data, no block status.
+    raw.request(0, CMD_READ, 1, 0, 64 << 10);
+    let (_, kind, handle, payload) = raw.chunk();
+    assert_eq!((kind, handle, payload.len()), (1, 1, 8 + (64 << 10)));
+    assert_eq!(empty.status_calls.load(Ordering::SeqCst), 0);
+    // A longer one runs on a worker, which asks and sends a hole.
+    raw.request(0, CMD_READ, 2, 0, 128 << 10);
+    let (_, kind, handle, payload) = raw.chunk();
+    assert_eq!((kind, handle, payload.len()), (2, 2, 12));
+    assert_eq!(empty.status_calls.load(Ordering::SeqCst), 1);
+}
