@@ -174,11 +174,16 @@ impl Client {
         self.read_n(len as usize)
     }
 
-    /// Writes `data` at `offset` and flushes (simple replies).
-    fn write_and_flush(&mut self, offset: u64, data: &[u8]) {
+    /// Writes `data` at `offset` (simple replies), without a flush.
+    fn write(&mut self, offset: u64, data: &[u8]) {
         self.request(0, CMD_WRITE, 1, offset, data.len() as u32);
         self.send(data);
         assert_eq!(self.simple_reply(), (0, 1));
+    }
+
+    /// Writes `data` at `offset` and flushes (simple replies).
+    fn write_and_flush(&mut self, offset: u64, data: &[u8]) {
+        self.write(offset, data);
         self.request(0, CMD_FLUSH, 2, 0, 0);
         assert_eq!(self.simple_reply(), (0, 2));
     }
@@ -488,7 +493,8 @@ fn accept_survives_running_out_of_descriptors() {
 /// Finding: SIGTERM waited as long as a client did not read its replies, and a
 /// client that never sent its flags delayed exit by the handshake timeout. Now
 /// shutdown has a deadline, after which connections are dropped, volumes
-/// flushed, exit 0; data flushed before SIGTERM survives.
+/// flushed, exit 0; data written before SIGTERM survives, flushed by the client
+/// or not.
 #[test]
 fn sigterm_has_a_deadline() {
     let (dir, config) = configured("512M", "4096", "shutdown_timeout_secs = 2");
@@ -499,6 +505,10 @@ fn sigterm_has_a_deadline() {
     let mut good = Client::unix(&socket);
     good.enter("acme/disk", false);
     good.write_and_flush(MIB, &pattern);
+    // Acknowledged but never flushed by the client: the server's final flush
+    // must make it durable.
+    let unflushed: Vec<u8> = pattern.iter().rev().copied().collect();
+    good.write(2 * MIB, &unflushed);
 
     // Replies in flight that the client never reads: it takes the first reply
     // header, so the server is known to be writing, and stops there.
@@ -531,6 +541,10 @@ fn sigterm_has_a_deadline() {
     let mut check = Client::unix(server.socket.as_ref().unwrap());
     check.enter("acme/disk", false);
     assert!(check.read(MIB, pattern.len() as u32) == pattern);
+    assert!(
+        check.read(2 * MIB, unflushed.len() as u32) == unflushed,
+        "a write acknowledged before SIGTERM was lost"
+    );
 }
 
 /// Finding: a 4 GiB BLOCK_STATUS had the volume look up every block of the
