@@ -1,6 +1,7 @@
 //! Server-wide limits: the memory budget of request and reply buffers (and each
-//! tenant's share of it), the spare reply buffers, the caps on connections in the handshake and in transmission
-//! (in total and per tenant), and rate-limited log lines for refusals.
+//! tenant's share of it), the spare reply buffers, the caps on connections in
+//! the handshake and in transmission (in total and per tenant), and
+//! rate-limited log lines for refusals.
 //!
 //! Every limit here applies backpressure or refuses a connection; none of them
 //! ever fails a request that was accepted.
@@ -94,10 +95,11 @@ impl Limits {
         self.budget.available_permits()
     }
 
-    /// Reserves `bytes` of the memory budget (at most a tenant's share) for a request of a connection with `slot`: first
-    /// of the tenant's share, then of the server's budget, always in that order
-    /// so that no two waits can hold what the other needs. Both semaphores are
-    /// first come, first served. `Err` is the wait when either is short.
+    /// Reserves `bytes` of the memory budget (at most a tenant's share) for a
+    /// request of the connection holding `slot`: first of its tenant's share,
+    /// then of the server's budget, always in that order so that no two waits
+    /// can each hold what the other needs. Both semaphores are first come,
+    /// first served. `Err` is the wait when either is short.
     pub(crate) fn reserve(
         &self,
         slot: Option<&ConnectionSlot>,
@@ -144,8 +146,8 @@ impl Limits {
 
     /// Takes a handshake slot for connection `id` (ids grow with accept order).
     /// When every slot is taken, the oldest handshake is closed to make room if
-    /// it has lasted [`ServerConfig::handshake_eviction_age`]; otherwise `None`: the new
-    /// connection is to be closed at once.
+    /// it has lasted [`ServerConfig::handshake_eviction_age`]; otherwise `None`:
+    /// the new connection is to be closed at once.
     pub(crate) fn enter_handshake(self: &Arc<Self>, id: u64) -> Option<HandshakeSlot> {
         let mut handshakes = self.handshakes.lock().expect(LOCK);
         if handshakes.len() >= self.max_handshakes {
@@ -421,6 +423,41 @@ mod tests {
         );
         drop(a1);
         let _a3 = limits.enter_transmission("acme").unwrap();
+    }
+
+    #[test]
+    fn a_tenant_past_its_share_waits_while_another_reserves() {
+        let config = ServerConfig {
+            memory_budget: 4 << 20,
+            memory_budget_per_tenant: Some(2 << 20),
+            max_request_payload: 1 << 20,
+            ..ServerConfig::default()
+        };
+        let limits = Arc::new(Limits::new(&config));
+        let acme = limits.enter_transmission("acme").unwrap();
+        let globex = limits.enter_transmission("globex").unwrap();
+        let held = limits.reserve(Some(&acme), 2 << 20).ok().unwrap();
+        let waiting = limits.reserve(Some(&acme), 1).err().unwrap();
+        let other = limits.reserve(Some(&globex), 2 << 20).ok().unwrap();
+        assert_eq!(limits.budget_available(), 0);
+        drop(other);
+        // The server's budget is free again, but acme's share is not.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let reserved = runtime.block_on(async {
+            let mut waiting = waiting;
+            let now = tokio::time::timeout(Duration::ZERO, &mut waiting).await;
+            assert!(now.is_err(), "acme reserved past its share");
+            drop(held);
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .expect("acme's share came back")
+        });
+        assert_eq!(limits.budget_available(), (4 << 20) - 1);
+        drop(reserved);
+        assert_eq!(limits.budget_available(), 4 << 20);
     }
 
     #[test]

@@ -42,10 +42,9 @@
 //! that does not read its replies holds its budget and gets no more. At a limit
 //! the task stops reading the socket (beyond at most [`READ_CHUNK`] of input,
 //! taken so that a client that leaves is noticed), and never fails a request
-//! for it. What a
-//! client holds is bounded in time too: a write's payload must arrive within
-//! [`ServerConfig::payload_timeout`] of its header being admitted, and each
-//! batch of replies must be accepted in full within
+//! for it. What a client holds is bounded in time too: a write's payload must
+//! arrive within [`ServerConfig::payload_timeout`] of its header being
+//! admitted, and each batch of replies must be accepted in full within
 //! [`ServerConfig::reply_timeout`]; neither deadline moves when the client
 //! makes a little progress. A client that misses one is disconnected, which
 //! returns its budget.
@@ -530,7 +529,8 @@ where
                 len, df, sparse, ..
             } = &mut op
             {
-                // Block status may wait on the metadata store too.
+                // Sending holes asks the export for block status, which may
+                // wait on the metadata store: only on a blocking thread.
                 *sparse = offload && session.structured && !*df && *len >= SPARSE_READ_MIN;
             }
             let cost = op.cost(payload, max_payload, status_block);
