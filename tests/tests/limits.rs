@@ -174,11 +174,16 @@ impl Client {
         self.read_n(len as usize)
     }
 
-    /// Writes `data` at `offset` and flushes (simple replies).
-    fn write_and_flush(&mut self, offset: u64, data: &[u8]) {
+    /// Writes `data` at `offset` (simple replies), without a flush.
+    fn write(&mut self, offset: u64, data: &[u8]) {
         self.request(0, CMD_WRITE, 1, offset, data.len() as u32);
         self.send(data);
         assert_eq!(self.simple_reply(), (0, 1));
+    }
+
+    /// Writes `data` at `offset` and flushes (simple replies).
+    fn write_and_flush(&mut self, offset: u64, data: &[u8]) {
+        self.write(offset, data);
         self.request(0, CMD_FLUSH, 2, 0, 0);
         assert_eq!(self.simple_reply(), (0, 2));
     }
@@ -488,7 +493,8 @@ fn accept_survives_running_out_of_descriptors() {
 /// Finding: SIGTERM waited as long as a client did not read its replies, and a
 /// client that never sent its flags delayed exit by the handshake timeout. Now
 /// shutdown has a deadline, after which connections are dropped, volumes
-/// flushed, exit 0; data flushed before SIGTERM survives.
+/// flushed, exit 0; data written before SIGTERM survives, flushed by the client
+/// or not.
 #[test]
 fn sigterm_has_a_deadline() {
     let (dir, config) = configured("512M", "4096", "shutdown_timeout_secs = 2");
@@ -499,6 +505,10 @@ fn sigterm_has_a_deadline() {
     let mut good = Client::unix(&socket);
     good.enter("acme/disk", false);
     good.write_and_flush(MIB, &pattern);
+    // Acknowledged but never flushed by the client: the server's final flush
+    // must make it durable.
+    let unflushed: Vec<u8> = pattern.iter().rev().copied().collect();
+    good.write(2 * MIB, &unflushed);
 
     // Replies in flight that the client never reads: it takes the first reply
     // header, so the server is known to be writing, and stops there.
@@ -531,6 +541,10 @@ fn sigterm_has_a_deadline() {
     let mut check = Client::unix(server.socket.as_ref().unwrap());
     check.enter("acme/disk", false);
     assert!(check.read(MIB, pattern.len() as u32) == pattern);
+    assert!(
+        check.read(2 * MIB, unflushed.len() as u32) == unflushed,
+        "a write acknowledged before SIGTERM was lost"
+    );
 }
 
 /// Finding: a 4 GiB BLOCK_STATUS had the volume look up every block of the
@@ -614,4 +628,85 @@ fn allocated_zeroes_run_in_pieces() {
         "shutdown waited {took:?} for the zeroes"
     );
     assert!(written < 2 << 30, "{written} bytes of zeroes written");
+}
+
+/// `disk_usage(dir)` once it has stopped changing for half a second; fails
+/// when it is still changing after `limit`.
+fn settled_usage(dir: &Path, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut last = disk_usage(dir);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = disk_usage(dir);
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the data directory still grows after {limit:?}"
+        );
+        last = now;
+    }
+}
+
+/// Requests a client had queued used to run on after it left (and after the
+/// shutdown deadline), flushes and FUA requests each took a blocking thread of
+/// their own, and the final flush at SIGTERM queued behind them. Now a client
+/// that leaves without NBD_CMD_DISC takes its queued work with it, allocated
+/// zeroes stop at the next piece, and SIGTERM keeps its deadline.
+#[test]
+fn the_work_of_a_client_that_left_stops() {
+    let (dir, config) = configured("8G", "4096", "shutdown_timeout_secs = 2");
+    let mut server = ServerProcess::with_config(dir.path(), &config);
+    let socket = server.socket.clone().unwrap();
+    let data = dir.path().join("data");
+    let base = disk_usage(&data);
+    // Four GiB of allocated zeroes and many flushes, then the client leaves
+    // once the zeroes are under way.
+    let mut gone = Client::unix(&socket);
+    gone.enter("acme/disk", false);
+    for k in 0..4u64 {
+        gone.request(FLAG_NO_HOLE, CMD_WRITE_ZEROES, k, k << 30, 1 << 30);
+        for f in 0..8 {
+            gone.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_usage(&data) < base + 64 * MIB {
+        assert!(Instant::now() < deadline, "the zeroes never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gone);
+    let written = settled_usage(&data, Duration::from_secs(30)) - base;
+    eprintln!("a client that left: {written} bytes of its 4 GiB of zeroes written");
+    assert!(
+        written < 1 << 30,
+        "{written} bytes of zeroes written for a client that left"
+    );
+
+    // The same from a client still connected at SIGTERM: the server exits
+    // within the shutdown deadline (2 s) and some slack.
+    let mut staying = Client::unix(&socket);
+    staying.enter("acme/disk", false);
+    let base = disk_usage(&data);
+    for k in 4..8u64 {
+        staying.request(FLAG_NO_HOLE, CMD_WRITE_ZEROES, k, k << 30, 1 << 30);
+        for f in 0..8 {
+            staying.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while disk_usage(&data) < base + 64 * MIB {
+        assert!(Instant::now() < deadline, "the zeroes never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    server.stop();
+    let took = signalled.elapsed();
+    eprintln!("shutdown with zeroes and flushes queued took {took:?} (deadline 2 s)");
+    assert!(
+        took < Duration::from_secs(8),
+        "shutdown took {took:?} with a 2 s deadline"
+    );
+    drop(staying);
 }

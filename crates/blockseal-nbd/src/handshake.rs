@@ -41,8 +41,9 @@ pub(crate) struct Session {
     /// Alignment the client agreed to (`NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`);
     /// 1 when it did not, and requests are then byte granular.
     pub(crate) alignment: u32,
-    /// The connection's place under the connection caps, held while it lasts.
-    pub(crate) _slot: Option<ConnectionSlot>,
+    /// The connection's place under the connection caps and its tenant's share
+    /// of the memory budget, held while it lasts.
+    pub(crate) slot: Option<ConnectionSlot>,
 }
 
 /// How an option haggling round ended.
@@ -129,17 +130,11 @@ impl Negotiation {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let shutdown = self.shared.shutdown.clone();
+        // A shutdown needs no handling here: the server drops the handshake
+        // as soon as one starts (`server::bounded_handshake`).
         loop {
             let mut header = [0u8; 16];
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => {
-                    debug!("shutting down during option haggling");
-                    return Ok(Outcome::Close);
-                }
-                r = s.read_exact(&mut header) => { r?; }
-            }
+            s.read_exact(&mut header).await?;
             let mut h = &header[..];
             let (magic, option, len) = (h.get_u64(), h.get_u32(), h.get_u32());
             if magic != IHAVEOPT {
@@ -161,17 +156,6 @@ impl Negotiation {
                     option,
                     "option from a client without fixed newstyle; closing"
                 );
-                return Ok(Outcome::Close);
-            }
-            if self.shared.shutdown.is_triggered() {
-                // "Termination of the session during option haggling": error further
-                // options with NBD_REP_ERR_SHUTDOWN, then leave.
-                let rep = if option == OPT_ABORT {
-                    REP_ACK
-                } else {
-                    REP_ERR_SHUTDOWN
-                };
-                reply(s, option, rep, b"").await?;
                 return Ok(Outcome::Close);
             }
             if self.tls == (TlsMode::Required { active: false })
@@ -256,7 +240,7 @@ impl Negotiation {
             return Ok(Outcome::Close);
         };
         let mut session = self.session(name, export, false);
-        session._slot = Some(slot);
+        session.slot = Some(slot);
         // "If the value of the option field is NBD_OPT_EXPORT_NAME and the server is
         // willing to allow the export": size, flags, then 124 zero bytes unless the
         // client set NBD_FLAG_C_NO_ZEROES.
@@ -387,7 +371,7 @@ impl Negotiation {
                 .await?;
                 return Ok(None);
             };
-            session._slot = Some(slot);
+            session.slot = Some(slot);
         }
 
         let mut out = Vec::new();
@@ -584,7 +568,7 @@ impl Negotiation {
             structured: self.structured,
             base_allocation,
             alignment: if agreed_block_size { minimum } else { 1 },
-            _slot: None,
+            slot: None,
         }
     }
 

@@ -105,8 +105,9 @@
 //! small requests (read, write, trim, write zeroes and cache of at most
 //! [`ServerConfig::inline_max_bytes`]) directly, and writes the replies of a
 //! batch with one write; larger requests and block status go to a few blocking
-//! workers of the connection, flushes and FUA requests to blocking threads of
-//! their own, concurrently with later requests, and reply out of order.
+//! workers of the connection, flushes and FUA requests to as many more of their
+//! own, concurrently with later requests, and reply out of order. Work a
+//! connection queued is dropped when the connection ends.
 //! Thread hand-offs cost more CPU than a 4 KiB request, so this keeps a 4 KiB
 //! request at a few microseconds of server CPU beyond the export call. For
 //! exports whose reads may wait on slow media, [`ServerConfig::inline_requests`]
@@ -117,9 +118,10 @@
 //! do: the requests and bytes one connection has on blocking threads, and the
 //! bytes all of them hold ([`ServerConfig::memory_budget`]), counted until each
 //! reply has been written to the socket, so a client that does not read its
-//! replies gets no more; connections in transmission, in total and per tenant;
-//! connections still in the handshake; the time a client may read no reply
-//! bytes; and the time a shutdown waits for connections. At a byte or request
+//! replies gets no more, and one tenant's connections hold at most its share;
+//! connections in transmission, in total and per tenant; connections still in
+//! the handshake; the time a client has to take a batch of replies or to send a
+//! write's payload; and the time a shutdown waits for connections. At a byte or request
 //! limit the server stops reading, it never fails a request for it. Block status
 //! describes at most 65536 blocks per request, and write zeroes with `NO_HOLE`
 //! runs in pieces of the maximum request size.

@@ -55,7 +55,6 @@ pub(crate) const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub(crate) const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub(crate) const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-pub(crate) const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 
 // "NBD_REP_INFO": information types.
 pub(crate) const INFO_EXPORT: u16 = 0;

@@ -6,16 +6,18 @@
 //!
 //! Connections in the handshake hold one of [`ServerConfig::max_handshakes`]
 //! slots: past it a new connection is closed at once, unless the oldest
-//! handshake has lasted a second, which is then closed instead (a silent peer
+//! handshake has lasted [`ServerConfig::handshake_eviction_age`] (a second),
+//! which is then closed instead (a silent peer
 //! is cheaper to drop than a client that just arrived). Entering transmission
 //! takes a slot of [`ServerConfig::max_connections`] and of
 //! [`ServerConfig::max_connections_per_tenant`]. So unauthenticated peers can
 //! hold at most `max_handshakes` file descriptors, whatever they do.
 //!
 //! [`Shutdown::trigger`] stops every accept loop, drops connections still in
-//! the handshake, lets in-flight requests finish and reply, and closes every
-//! connection; connections still open after [`ServerConfig::shutdown_timeout`]
-//! (a client that does not read its replies) are dropped. Then the `serve_*`
+//! the handshake, lets running requests finish and reply (queued ones are
+//! answered `ESHUTDOWN`), and closes every connection; connections still open
+//! after [`ServerConfig::shutdown_timeout`] (a client that does not read its
+//! replies) are dropped, with the work they had queued. Then the `serve_*`
 //! futures return.
 
 use std::net::SocketAddr;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -54,6 +56,13 @@ pub struct ServerConfig {
     /// to at least `max_request_payload`, so every request fits when the server
     /// is otherwise idle. Default 256 MiB.
     pub memory_budget: usize,
+    /// The most of `memory_budget` the connections to one tenant's exports may
+    /// hold together, so that one tenant's slow or hostile clients leave the
+    /// rest to the others; its requests past it wait like those past the budget.
+    /// `None` (the default): half of `memory_budget`. Clamped to
+    /// `max_request_payload ..= memory_budget`; a server with one tenant may set
+    /// it to `memory_budget`.
+    pub memory_budget_per_tenant: Option<usize>,
     /// Connections in the transmission phase, in total. A client past it gets
     /// `NBD_REP_ERR_POLICY` for `NBD_OPT_GO` (and is closed after
     /// `NBD_OPT_EXPORT_NAME`). Default 256.
@@ -63,22 +72,37 @@ pub struct ServerConfig {
     pub max_connections_per_tenant: usize,
     /// Connections still in the handshake (not yet authenticated, or not yet
     /// past `NBD_OPT_GO`). Past it a new connection is closed at once, or the
-    /// oldest handshake is if it has lasted a second. Default 64.
+    /// oldest handshake is if it has lasted `handshake_eviction_age`. Default 64.
     pub max_handshakes: usize,
+    /// With every handshake slot taken, the oldest connection in the handshake
+    /// is closed to make room for a new one once it has been there this long. A
+    /// real client finishes its handshake well within it; a peer that holds a
+    /// slot longer is the cheaper one to drop, so a flood of silent connections
+    /// cannot keep real clients out for the whole handshake timeout. Default 1 s.
+    pub handshake_eviction_age: Duration,
     /// After [`Shutdown::trigger`], how long connections may take to finish
     /// their requests and write the replies before they are dropped. Default 10 s.
     pub shutdown_timeout: Duration,
-    /// A connection whose client accepts no reply bytes for this long is closed
-    /// (its budget comes back). Default 60 s.
+    /// A client must accept each batch of replies written to it (at most about
+    /// one largest request, plus up to 256 KiB of small replies) in full within
+    /// this long, or its connection is closed and its budget comes back. The
+    /// deadline covers the whole batch: a client that reads a few bytes now and
+    /// then does not extend it. Default 60 s (32 MiB replies then need about
+    /// 0.6 MB/s).
     pub reply_timeout: Duration,
-    /// Run small reads, writes, trims, zeroes, block status and cache requests
-    /// directly on the connection's task (default). The export's methods must then
-    /// return quickly (memory, page cache, buffered writes): they hold a runtime
-    /// thread while they run. Requests larger than `inline_max_bytes`, flushes and
-    /// FUA requests always run on blocking threads, concurrently with the requests
-    /// after them. Set to false for an export whose reads may wait on slow media:
-    /// every request then runs on blocking threads, at several times the CPU cost
-    /// of a small request.
+    /// A client must send a write's whole payload within this long of the
+    /// server taking in its header (and reserving memory for it), or its
+    /// connection is closed and the reservation comes back. Progress does not
+    /// extend it. Default 60 s.
+    pub payload_timeout: Duration,
+    /// Run small reads, writes, trims, zeroes and cache requests directly on the
+    /// connection's task (default). The export's methods must then return
+    /// quickly (memory, page cache, buffered writes): they hold a runtime thread
+    /// while they run. Requests larger than `inline_max_bytes`, block status,
+    /// flushes and FUA requests always run on blocking threads, concurrently with
+    /// the requests after them. Set to false for an export whose reads may wait
+    /// on slow media: every request then runs on blocking threads, at several
+    /// times the CPU cost of a small request.
     pub inline_requests: bool,
     /// With `inline_requests` on: reads, writes, trims, zeroes and cache requests
     /// of more than this many bytes run on the connection's workers instead of its
@@ -86,8 +110,7 @@ pub struct ServerConfig {
     /// more than one core. Default 64 KiB.
     pub inline_max_bytes: u32,
     /// Blocking threads that may run one connection's offloaded requests at the
-    /// same time (flushes and FUA requests get threads of their own on top).
-    /// Default 2.
+    /// same time, and as many again for its flushes and FUA requests. Default 2.
     pub workers_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum
     /// block size. Default (and the spec's interoperability ceiling) 32 MiB;
@@ -106,11 +129,14 @@ impl Default for ServerConfig {
             max_in_flight_requests: 64,
             max_in_flight_bytes: 64 * 1024 * 1024,
             memory_budget: 256 * 1024 * 1024,
+            memory_budget_per_tenant: None,
             max_connections: 256,
             max_connections_per_tenant: 64,
             max_handshakes: 64,
+            handshake_eviction_age: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            payload_timeout: Duration::from_secs(60),
             inline_requests: true,
             inline_max_bytes: 64 * 1024,
             workers_per_connection: 2,
@@ -118,6 +144,16 @@ impl Default for ServerConfig {
             insecure_plain_tcp: false,
             handshake_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl ServerConfig {
+    /// A tenant's share of the memory budget, in bytes.
+    pub(crate) fn tenant_budget(&self) -> usize {
+        self.memory_budget_per_tenant
+            .unwrap_or(self.memory_budget / 2)
+            .min(self.memory_budget)
+            .max(self.max_request_payload as usize)
     }
 }
 
@@ -251,6 +287,7 @@ impl Server {
         config.max_connections_per_tenant = config.max_connections_per_tenant.max(1);
         config.max_handshakes = config.max_handshakes.max(1);
         config.reply_timeout = config.reply_timeout.max(Duration::from_millis(100));
+        config.payload_timeout = config.payload_timeout.max(Duration::from_millis(100));
         Server {
             shared: Arc::new(Shared {
                 limits: Arc::new(Limits::new(&config)),
@@ -357,6 +394,8 @@ where
     C: FnMut(S, P, HandshakeSlot) -> (String, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
 {
     let mut connections = JoinSet::new();
+    // Accept errors since the last accepted connection.
+    let mut failures = 0u32;
     let shutdown = shared.shutdown.clone();
     let mut triggered = std::pin::pin!(shutdown.triggered());
     loop {
@@ -370,12 +409,13 @@ where
             }
             accepted = accept() => match accepted {
                 Ok((stream, peer)) => {
+                    failures = 0;
                     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     let Some(slot) = shared.limits.enter_handshake(id) else {
                         // Closed at once: an unauthenticated peer holds no
                         // descriptor past the handshake cap.
-                        refused_handshake(shared);
+                        refused_handshake(shared, "the new one");
                         drop(stream);
                         continue;
                     };
@@ -393,13 +433,13 @@ where
                     );
                 }
                 Err(e) => {
-                    if accept_backoff(shared, &e) {
-                        // Out of descriptors or memory: retrying at once would
-                        // spin, so wait a little (but not past a shutdown).
-                        tokio::select! {
-                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                            _ = shutdown.triggered() => {}
-                        }
+                    // Retrying at once could spin on an error that lasts:
+                    // wait a little (but not past a shutdown).
+                    failures = failures.saturating_add(1);
+                    let wait = accept_failed(shared, &e, failures);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.triggered() => {}
                     }
                 }
             },
@@ -435,34 +475,54 @@ where
     }
 }
 
-/// Wait after an accept error that retrying at once would repeat.
+/// Wait after an accept error that means a shortage of descriptors or memory,
+/// and the longest wait after any other.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Wait after a first accept error of another kind (most often one peer's
+/// connection reset before it was accepted); it doubles while errors repeat.
+const ACCEPT_RETRY: Duration = Duration::from_millis(1);
 
-/// Logs an accept error (rate-limited); `true` if the loop should back off
-/// before the next accept.
-fn accept_backoff(shared: &Shared, e: &std::io::Error) -> bool {
+/// Logs an accept error (rate-limited) and says how long to wait before the
+/// next accept, the `failures`th error in a row.
+fn accept_failed(shared: &Shared, e: &std::io::Error, failures: u32) -> Duration {
     use std::io::ErrorKind::*;
-    // EMFILE, ENFILE, ENOBUFS and ENOMEM last until something is released; any
-    // other error (a connection reset before it was accepted) is that peer's.
-    let lasting = matches!(e.kind(), OutOfMemory | QuotaExceeded)
+    // EMFILE, ENFILE, ENOBUFS and ENOMEM last until something is released.
+    let shortage = matches!(e.kind(), OutOfMemory | QuotaExceeded)
         || matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12));
-    if !lasting {
-        debug!(error = %e, "accept failed");
-        return false;
-    }
     if let Some(held_back) = shared.limits.accept_log.allow() {
-        warn!(
-            error = %e,
-            similar_errors_not_logged = held_back,
-            "accept failed; retrying shortly (raise the open file limit, or lower \
-             limits.max_connections and limits.max_handshakes)"
-        );
+        if shortage {
+            warn!(
+                error = %e,
+                similar_errors_not_logged = held_back,
+                "accept failed; retrying shortly (raise the open file limit, or lower \
+                 limits.max_connections and limits.max_handshakes)"
+            );
+        } else {
+            warn!(
+                error = %e,
+                similar_errors_not_logged = held_back,
+                "accept failed; retrying shortly"
+            );
+        }
     }
-    true
+    accept_backoff(failures, shortage)
 }
 
-/// Counts and logs (rate-limited) a connection closed for want of a handshake slot.
-fn refused_handshake(shared: &Shared) {
+/// The wait before the next accept after `failures` errors in a row: a
+/// shortage waits [`ACCEPT_BACKOFF`]; any other error [`ACCEPT_RETRY`], doubled
+/// for each error in a row up to [`ACCEPT_BACKOFF`], so that one peer's reset
+/// costs the others next to nothing and an error that lasts cannot spin.
+fn accept_backoff(failures: u32, shortage: bool) -> Duration {
+    if shortage {
+        return ACCEPT_BACKOFF;
+    }
+    let doublings = failures.saturating_sub(1).min(16);
+    (ACCEPT_RETRY * (1 << doublings)).min(ACCEPT_BACKOFF)
+}
+
+/// Counts and logs (rate-limited) a connection closed for want of a handshake
+/// slot: `closed` says which, the new one or the oldest.
+fn refused_handshake(shared: &Shared, closed: &'static str) {
     shared
         .limits
         .refused_handshakes
@@ -470,8 +530,9 @@ fn refused_handshake(shared: &Shared) {
     if let Some(held_back) = shared.limits.handshake_log.allow() {
         warn!(
             max_handshakes = shared.config.max_handshakes,
+            closed,
             similar_not_logged = held_back,
-            "too many connections in the handshake; closing new ones"
+            "too many connections in the handshake; closing one"
         );
     }
 }
@@ -504,7 +565,9 @@ enum HandshakeEnd {
 }
 
 /// Runs a handshake under the time limit; a shutdown or the loss of its
-/// handshake slot ends it at once.
+/// handshake slot ends it at once. (The spec lets a server answer further
+/// options with `NBD_REP_ERR_SHUTDOWN` during a shutdown; closing at once gives
+/// an unauthenticated peer nothing to hold the shutdown with.)
 async fn bounded_handshake<F>(shared: &Shared, slot: &HandshakeSlot, handshake: F) -> HandshakeEnd
 where
     F: Future<Output = std::io::Result<Outcome>>,
@@ -541,11 +604,24 @@ fn unix_connection(
                 let (r, w) = stream.into_split();
                 transmission::serve(r, w, session, shared).await;
             }
-            None => {
-                let _ = stream.shutdown().await;
-            }
+            None => close(&mut stream).await,
         }
     })
+}
+
+/// Longest wait to close a connection that did not enter transmission: a TLS
+/// close_notify waits for room in the socket, which a peer that reads nothing
+/// never makes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `stream` in an orderly way (TLS close_notify, then FIN), giving up
+/// after [`CLOSE_TIMEOUT`]; dropping it then closes the socket.
+async fn close<S: AsyncWrite + Unpin>(stream: &mut S) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "closing the connection failed"),
+        Err(_) => debug!("the peer took no bytes for the close; dropping the connection"),
+    }
 }
 
 /// A TCP stream before or after the TLS upgrade.
@@ -602,7 +678,7 @@ fn tcp_connection(
                 Ok(tenant) => tenant,
                 Err(e) => {
                     warn!(error = %e, "client certificate refused");
-                    let _ = stream.shutdown().await;
+                    close(&mut stream).await;
                     return Ok(Outcome::Close);
                 }
             };
@@ -624,12 +700,8 @@ fn tcp_connection(
                 let (r, w) = tokio::io::split(*tls);
                 transmission::serve(r, w, session, shared).await;
             }
-            (Some(Upgraded::Plain(mut tcp)), None) => {
-                let _ = tcp.shutdown().await;
-            }
-            (Some(Upgraded::Tls(mut tls)), None) => {
-                let _ = tls.shutdown().await;
-            }
+            (Some(Upgraded::Plain(mut tcp)), None) => close(&mut tcp).await,
+            (Some(Upgraded::Tls(mut tls)), None) => close(&mut *tls).await,
             (None, _) => {}
         }
     })
@@ -654,18 +726,8 @@ fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
             None
         }
         HandshakeEnd::Evicted => {
-            shared
-                .limits
-                .refused_handshakes
-                .fetch_add(1, Ordering::Relaxed);
             debug!("handshake closed to make room for a new connection");
-            if let Some(held_back) = shared.limits.handshake_log.allow() {
-                warn!(
-                    max_handshakes = shared.config.max_handshakes,
-                    similar_not_logged = held_back,
-                    "too many connections in the handshake; closing the oldest"
-                );
-            }
+            refused_handshake(shared, "the oldest");
             None
         }
         HandshakeEnd::ShuttingDown => {
@@ -692,5 +754,24 @@ fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
             );
             Some(session)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_always_wait_and_repeated_ones_longer() {
+        let waits: Vec<Duration> = (1..=10).map(|n| accept_backoff(n, false)).collect();
+        assert_eq!(waits[0], ACCEPT_RETRY);
+        assert!(
+            waits
+                .windows(2)
+                .all(|w| w[0] < w[1] || w[1] == ACCEPT_BACKOFF)
+        );
+        assert_eq!(waits[9], ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(u32::MAX, false), ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(1, true), ACCEPT_BACKOFF);
     }
 }

@@ -4,13 +4,21 @@
 //! Each connection is one task that reads whatever the client has sent into a
 //! buffer, handles every complete request in it, and writes all the replies of
 //! that batch with one write. Small requests (reads, writes, trims, zeroes and
-//! cache requests of at most [`ServerConfig::inline_max_bytes`], and block
-//! status) run directly on the task. Larger ones go to a per-connection queue
+//! cache requests of at most [`ServerConfig::inline_max_bytes`]) run directly
+//! on the task. Larger ones and block status go to a per-connection queue
 //! drained by up to `workers_per_connection` blocking threads, and flushes and
-//! FUA requests, which wait for the disk, get blocking threads of their own.
-//! Offloaded requests run concurrently with the requests after them, and their
-//! replies join a later batch ("Replies need not be sent in the same order as
+//! FUA requests, which wait for the disk, to a second queue with as many
+//! threads again, so that a flush never waits behind a large read. Offloaded
+//! requests run concurrently with the requests after them, and their replies
+//! join a later batch ("Replies need not be sent in the same order as
 //! requests").
+//!
+//! Queued work never outlives its connection: when the connection task ends
+//! (the client left without `NBD_CMD_DISC`, the stream broke, or the task was
+//! dropped at the shutdown deadline) its queued requests are dropped unrun, and
+//! `NO_HOLE` write zeroes stop at the next piece. After a shutdown, requests
+//! that have not started yet are answered `ESHUTDOWN` instead of run; the ones
+//! running finish and reply.
 //!
 //! Why not a thread per request: a hand-off between threads is a futex wake-up
 //! and two context switches, which cost several times more server CPU than the
@@ -32,12 +40,18 @@
 //! from the moment they are admitted (before a write's payload is read) until
 //! their reply has been written to the socket, not merely computed: a client
 //! that does not read its replies holds its budget and gets no more. At a limit
-//! the task stops reading the socket, and never fails a request for it. A
-//! client that accepts no reply bytes for [`ServerConfig::reply_timeout`] is
-//! disconnected, which returns its budget.
+//! the task stops reading the socket (beyond at most [`READ_CHUNK`] of input,
+//! taken so that a client that leaves is noticed), and never fails a request
+//! for it. What a client holds is bounded in time too: a write's payload must
+//! arrive within [`ServerConfig::payload_timeout`] of its header being
+//! admitted, and each batch of replies must be accepted in full within
+//! [`ServerConfig::reply_timeout`]; neither deadline moves when the client
+//! makes a little progress. A client that misses one is disconnected, which
+//! returns its budget.
 //!
 //! Block status always runs on the connection's workers (it reads the metadata
-//! store), and describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
+//! store), as do the structured reads that consult it to send holes, and it
+//! describes at most [`MAX_STATUS_BLOCKS`] blocks per request: the
 //! spec lets the server describe less than was asked, and the cost of the
 //! export's answer grows with the blocks it covers. Write zeroes with
 //! `NO_HOLE` (which seals real zero blocks) runs in pieces of the maximum
@@ -51,21 +65,23 @@
 //! [`ServerConfig::inline_requests`]: crate::ServerConfig::inline_requests
 //! [`ServerConfig::inline_max_bytes`]: crate::ServerConfig::inline_max_bytes
 //! [`ServerConfig::reply_timeout`]: crate::ServerConfig::reply_timeout
+//! [`ServerConfig::payload_timeout`]: crate::ServerConfig::payload_timeout
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{Span, debug, error, warn};
 
 use crate::export::{ErrorKind, Export, ExportError, errno, kind_text};
 use crate::handshake::Session;
-use crate::limits::Held;
+use crate::limits::{Held, Reservation, Reserving};
 use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM};
 use crate::proto::*;
 use crate::server::Shared;
@@ -75,8 +91,9 @@ use crate::server::Shared;
 /// (spec "Block size constraints": a payload "large enough to be deemed a denial
 /// of service attack").
 const MAX_DRAINED_WRITE: u32 = 256 * 1024 * 1024;
-/// Structured reads at least this long consult block status and send holes as
-/// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of zero bytes.
+/// Structured reads at least this long that run on a blocking thread consult
+/// block status and send holes as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead
+/// of zero bytes.
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Holes shorter than this are sent as data: a chunk header would cost more.
 const MIN_HOLE_CHUNK: u64 = 512;
@@ -103,15 +120,28 @@ struct Conn {
     span: Span,
     /// Completed offloaded requests, back to the connection task.
     done: mpsc::UnboundedSender<Done>,
-    /// Offloaded requests waiting for a worker, and how many workers drain them.
-    queue: Mutex<Queue>,
+    /// Offloaded requests waiting for a worker, and how many workers drain
+    /// them: one lane for data requests, one for flushes and FUA requests
+    /// (which wait for the disk), each with at most `max_workers` threads. So a
+    /// flush never waits behind a large read, and a client's flushes cannot
+    /// take more threads than its reads.
+    lanes: [Mutex<Lane>; 2],
     max_workers: usize,
     /// Largest read or write, and the piece size of `NO_HOLE` write zeroes.
     max_payload: u32,
+    /// Set when the connection task has ended: nothing it queued is run any
+    /// more (no reply is owed to a client that is gone), and `NO_HOLE` write
+    /// zeroes stop at the next piece.
+    closed: AtomicBool,
 }
 
+/// Index in [`Conn::lanes`] of requests that read or write data.
+const DATA_LANE: usize = 0;
+/// Index in [`Conn::lanes`] of flushes and FUA requests.
+const SYNC_LANE: usize = 1;
+
 #[derive(Default)]
-struct Queue {
+struct Lane {
     jobs: VecDeque<Job>,
     /// Workers started and not yet finished.
     workers: usize,
@@ -133,21 +163,20 @@ struct Done {
     held: Held,
 }
 
-const LOCK: &str = "the queue lock is never poisoned: nothing under it panics";
+const LOCK: &str = "the lane locks are never poisoned: nothing under them panics";
 
 impl Conn {
-    /// Hands a request to a blocking thread. Flushes and FUA requests get a thread
-    /// of their own, so they never hold up the requests behind them; the rest go
-    /// to this connection's queue, drained by at most `max_workers` workers that
-    /// keep going while jobs remain (one wake-up per burst, not per request).
+    /// Hands a request to a blocking thread: it joins its lane's queue, drained
+    /// by at most `max_workers` workers that keep going while jobs remain (one
+    /// wake-up per burst, not per request).
     fn offload(self: &Arc<Self>, job: Job) {
-        if matches!(job.op, Op::Flush) || job.op.fua() {
-            let conn = self.clone();
-            tokio::task::spawn_blocking(move || conn.run(job));
-            return;
-        }
+        let lane = if matches!(job.op, Op::Flush) || job.op.fua() {
+            SYNC_LANE
+        } else {
+            DATA_LANE
+        };
         let start_worker = {
-            let mut q = self.queue.lock().expect(LOCK);
+            let mut q = self.lanes[lane].lock().expect(LOCK);
             q.jobs.push_back(job);
             // A worker busy with an earlier job (perhaps blocked in the export)
             // will not take this one soon: start another unless an idle one will.
@@ -160,15 +189,15 @@ impl Conn {
         };
         if start_worker {
             let conn = self.clone();
-            tokio::task::spawn_blocking(move || conn.work());
+            tokio::task::spawn_blocking(move || conn.work(lane));
         }
     }
 
-    /// A worker: runs queued jobs until none is left.
-    fn work(&self) {
+    /// A worker: runs the jobs queued in `lane` until none is left.
+    fn work(&self, lane: usize) {
         loop {
             let job = {
-                let mut q = self.queue.lock().expect(LOCK);
+                let mut q = self.lanes[lane].lock().expect(LOCK);
                 match q.jobs.pop_front() {
                     Some(job) => {
                         q.busy += 1;
@@ -181,19 +210,51 @@ impl Conn {
                 }
             };
             self.run(job);
-            self.queue.lock().expect(LOCK).busy -= 1;
+            self.lanes[lane].lock().expect(LOCK).busy -= 1;
         }
     }
 
     /// Runs one offloaded job and sends its reply back. Blocking thread.
     fn run(&self, job: Job) {
+        if self.is_closed() {
+            // Dropping the job gives back the budget it held.
+            return;
+        }
         let mut reply = self.buffer();
-        self.execute(job.handle, job.op, &mut reply);
+        if self.shared.shutdown.is_triggered() {
+            // Not started before the shutdown: answered at once rather than
+            // run, so the connection drains within the shutdown deadline.
+            debug!(parent: &self.span, handle = job.handle, "request not started before shutdown");
+            error_reply(
+                self.structured,
+                job.handle,
+                errno(ErrorKind::ShuttingDown),
+                kind_text(ErrorKind::ShuttingDown),
+                &mut reply,
+            );
+        } else {
+            self.execute(job.handle, job.op, &mut reply);
+        }
         // The connection task may be gone with its client; nothing to do then.
         let _ = self.done.send(Done {
             reply,
             held: job.held,
         });
+    }
+
+    /// Whether the connection task has ended.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection closed and drops the requests still queued, which
+    /// gives back the budget they held.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for lane in &self.lanes {
+            let jobs = std::mem::take(&mut lane.lock().expect(LOCK).jobs);
+            drop(jobs);
+        }
     }
 
     /// An empty reply buffer, reused when one is spare.
@@ -225,6 +286,9 @@ enum Op {
         offset: u64,
         len: u32,
         df: bool,
+        /// Send zero ranges as holes, which asks the export for block status:
+        /// only for long structured reads on a blocking thread.
+        sparse: bool,
     },
     Write {
         offset: u64,
@@ -277,8 +341,9 @@ impl Op {
 
     /// Bytes this request holds while offloaded and until its reply is written:
     /// its write payload (`payload`, read or not yet), its read data, one piece
-    /// of sealed zeroes, or its block status reply. Headers are not counted.
-    fn cost(&self, payload: usize, max_payload: u32) -> u64 {
+    /// of sealed zeroes, or its block status reply (`block`: the export's block
+    /// size as block status counts it). Headers are not counted.
+    fn cost(&self, payload: usize, max_payload: u32, block: u64) -> u64 {
         match self {
             Op::Read { len, .. } => u64::from(*len),
             Op::Write { .. } => payload as u64,
@@ -286,8 +351,12 @@ impl Op {
                 len, no_hole: true, ..
             } => (*len).min(u64::from(max_payload)),
             // The reply (8 bytes a descriptor, at most one a block) and the
-            // export's answer, which for the volume is about 50 bytes a block.
-            Op::BlockStatus { .. } => 64 * MAX_STATUS_BLOCKS,
+            // export's answer, which for the volume is about 50 bytes a block,
+            // for the blocks the reply may describe.
+            Op::BlockStatus { offset, len, .. } => {
+                let blocks = (offset + u64::from(*len)).div_ceil(block) - offset / block;
+                64 * blocks.min(MAX_STATUS_BLOCKS)
+            }
             _ => 0,
         }
     }
@@ -313,9 +382,6 @@ enum Stop {
     Now,
 }
 
-/// A pending wait for a share of the server-wide memory budget.
-type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
-
 /// Runs the transmission phase until the client disconnects, the server shuts
 /// down, or the stream breaks; in-flight requests finish and reply first
 /// whenever the socket still works.
@@ -330,8 +396,7 @@ where
     let max_payload = config.max_request_payload;
     let inline = config.inline_requests;
     let inline_max = u64::from(config.inline_max_bytes);
-    let budget = shared.limits.budget.clone();
-    let budget_total = config.memory_budget as u64;
+    let status_block = status_block_size(session.export.as_ref());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let conn = Arc::new(Conn {
         export: session.export.clone(),
@@ -340,10 +405,14 @@ where
         shared: shared.clone(),
         span: Span::current(),
         done: done_tx,
-        queue: Mutex::new(Queue::default()),
+        lanes: Default::default(),
         max_workers: config.workers_per_connection,
         max_payload,
+        closed: AtomicBool::new(false),
     });
+    // However the task ends (returning, or dropped at the shutdown deadline),
+    // its queued work goes with it.
+    let _closing = CloseOnDrop(conn.clone());
     let shutdown = shared.shutdown.clone();
     let mut shutdown = std::pin::pin!(shutdown.triggered());
 
@@ -365,8 +434,12 @@ where
     // The share of the memory budget taken for the request at the head of
     // `input` (a write may wait for its payload while holding it), and the wait
     // for it when the budget was short.
-    let mut reserved: Option<OwnedSemaphorePermit> = None;
-    let mut acquiring: Option<Acquiring> = None;
+    let mut reserved: Option<Reservation> = None;
+    let mut acquiring: Option<Reserving> = None;
+    // When the payload of the write at the head of `input` must have arrived:
+    // set once the write is admitted and waits for it, so a client cannot hold
+    // what the write reserved by sending its header alone (or trickling).
+    let mut payload_deadline: Option<Instant> = None;
     let mut eof = false;
     let mut stop = Stop::No;
 
@@ -398,7 +471,7 @@ where
                 break;
             };
             let verdict = validate(&req, &session, max_payload);
-            let op = match verdict {
+            let mut op = match verdict {
                 Verdict::Disconnect => {
                     // NBD_CMD_DISC: "The server MUST handle all outstanding requests
                     // ... and close the TCP session".
@@ -452,7 +525,15 @@ where
                 || matches!(op, Op::Flush | Op::BlockStatus { .. })
                 || op.fua()
                 || op.weight(payload) > inline_max;
-            let cost = op.cost(payload, max_payload);
+            if let Op::Read {
+                len, df, sparse, ..
+            } = &mut op
+            {
+                // Sending holes asks the export for block status, which may
+                // wait on the metadata store: only on a blocking thread.
+                *sparse = offload && session.structured && !*df && *len >= SPARSE_READ_MIN;
+            }
+            let cost = op.cost(payload, max_payload, status_block);
             if offload {
                 // Backpressure: a request larger than the connection's byte limit
                 // still runs, alone.
@@ -461,22 +542,15 @@ where
                     blocked = true;
                     break;
                 }
-                // The server-wide budget is taken before a write's payload is
-                // read into memory. When it is short, the request waits in line
-                // (first come, first served) and this connection stops reading.
+                // The budget (the tenant's share, then the server's) is taken
+                // before a write's payload is read into memory. When it is
+                // short, the request waits in line (first come, first served)
+                // and this connection stops reading.
                 if cost > 0 && reserved.is_none() {
                     if acquiring.is_none() {
-                        // Every cost is at most 32 MiB (the largest payload, a
-                        // piece of zeroes, or a block status). The budget is never
-                        // smaller than the largest payload; a block status costing
-                        // more than a tiny budget takes all of it and runs alone.
-                        let n = cost.min(budget_total);
-                        let n = u32::try_from(n).expect("a request costs less than 4 GiB");
-                        match budget.clone().try_acquire_many_owned(n) {
-                            Ok(permit) => reserved = Some(permit),
-                            Err(_) => {
-                                acquiring = Some(Box::pin(budget.clone().acquire_many_owned(n)))
-                            }
+                        match shared.limits.reserve(session.slot.as_ref(), cost) {
+                            Ok(reservation) => reserved = Some(reservation),
+                            Err(wait) => acquiring = Some(wait),
                         }
                     }
                     if reserved.is_none() {
@@ -486,10 +560,12 @@ where
                 }
             }
             if input.len() < REQUEST_HEADER_LEN + payload {
-                // Wait for the rest of the write payload.
+                // Wait for the rest of the write payload, not forever.
                 input.reserve(REQUEST_HEADER_LEN + payload - input.len());
+                payload_deadline.get_or_insert_with(|| Instant::now() + config.payload_timeout);
                 break;
             }
+            payload_deadline = None;
             input.advance(REQUEST_HEADER_LEN);
             debug!(
                 handle = req.handle,
@@ -521,7 +597,7 @@ where
                     op,
                     held: Held {
                         bytes: cost,
-                        _permit: reserved.take(),
+                        _reservation: reserved.take(),
                     },
                 });
             } else {
@@ -563,11 +639,19 @@ where
         }
         // At a limit, stop reading: a finished request or the budget frees room.
         // (Then something is in flight or awaited, so the select below always
-        // has a branch to wait on.)
+        // has a branch to wait on.) Up to READ_CHUNK of input is still taken
+        // in meanwhile, so that a client that leaves is noticed, and its
+        // queued work dropped, without waiting for that work.
         let reading = stop == Stop::No && !eof && !blocked;
-        if reading && input.capacity() - input.len() < READ_CHUNK / 4 {
+        let peeking = stop == Stop::No && !eof && blocked && input.len() < READ_CHUNK;
+        if (reading || peeking) && input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
+        let read_limit = if reading {
+            u64::MAX
+        } else {
+            (READ_CHUNK - input.len().min(READ_CHUNK)) as u64
+        };
         tokio::select! {
             biased;
             _ = &mut shutdown, if stop == Stop::No => {
@@ -581,24 +665,46 @@ where
                     stop = Stop::Now;
                 }
             }
-            permit = async {
+            reservation = async {
                 match acquiring.as_mut() {
                     Some(wait) => wait.await,
                     None => std::future::pending().await,
                 }
             }, if acquiring.is_some() => {
                 acquiring = None;
-                reserved = Some(permit.expect("the memory budget is never closed"));
+                reserved = Some(reservation);
             }
-            read = reader.read_buf(&mut input), if reading => match read {
-                Ok(0) => {
-                    debug!("client closed the connection");
+            _ = async {
+                match payload_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            }, if reading && payload_deadline.is_some() => {
+                warn!(
+                    timeout_secs = config.payload_timeout.as_secs_f64(),
+                    "client did not send a write payload within the payload timeout; closing"
+                );
+                // What the write reserved is given back at once; earlier
+                // requests still finish and reply.
+                stop = Stop::Drain;
+            }
+            read = async { (&mut reader).take(read_limit).read_buf(&mut input).await },
+                if reading || peeking => match read {
+                Ok(0) if disconnect_pending(&input, skip) => {
+                    // The requests before NBD_CMD_DISC are still handled.
+                    debug!("client closed its side after a disconnect request");
                     eof = true;
+                }
+                Ok(0) => {
+                    // Gone without NBD_CMD_DISC (a hard disconnect): no reply is
+                    // owed, so what it queued is dropped rather than run.
+                    debug!("client closed the connection");
+                    stop = Stop::Now;
                 }
                 Ok(_) => {}
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    eof = true;
+                    stop = Stop::Now;
                 }
             },
         }
@@ -612,6 +718,39 @@ where
     }
 }
 
+/// Whether the unread requests in `input` (after `skip` bytes of a refused
+/// write's payload) include `NBD_CMD_DISC`.
+fn disconnect_pending(input: &[u8], skip: u64) -> bool {
+    let mut rest = &input[(skip.min(input.len() as u64)) as usize..];
+    while let Some(header) = rest.first_chunk::<REQUEST_HEADER_LEN>() {
+        let Some(req) = Request::decode(header) else {
+            return false;
+        };
+        if req.kind == CMD_DISC {
+            return true;
+        }
+        let payload = if req.kind == CMD_WRITE {
+            req.len as usize
+        } else {
+            0
+        };
+        let Some(next) = rest.get(REQUEST_HEADER_LEN + payload..) else {
+            return false;
+        };
+        rest = next;
+    }
+    false
+}
+
+/// Closes a connection's [`Conn`] when the connection task ends or is dropped.
+struct CloseOnDrop(Arc<Conn>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// The reply side of a connection: the batch of encoded replies not yet
 /// written, and the budget their requests hold until they are.
 struct Replies<W> {
@@ -622,7 +761,7 @@ struct Replies<W> {
     /// Bytes this connection's offloaded requests hold: running, or replied to
     /// but not yet written.
     held_bytes: u64,
-    /// Longest wait for the client to accept any reply bytes.
+    /// Time the client has to accept a whole batch of replies.
     timeout: Duration,
 }
 
@@ -647,8 +786,8 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 
     /// Writes the batched replies, then gives back the budget their requests
-    /// held; `false` if the client is gone or accepted no bytes for the reply
-    /// timeout.
+    /// held; `false` if the client is gone or did not accept them all within
+    /// the reply timeout.
     async fn flush(&mut self, conn: &Conn) -> bool {
         let written = write_all(&mut self.writer, &self.buf, self.timeout).await;
         if self.buf.capacity() > 4 * WRITE_BATCH {
@@ -667,7 +806,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 warn!(
                     timeout_secs = self.timeout.as_secs_f64(),
-                    "client read no reply for the reply timeout; closing"
+                    "client did not read its replies within the reply timeout; closing"
                 );
                 false
             }
@@ -679,25 +818,21 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 }
 
-/// `write_all` and `flush`, failing with `TimedOut` when the peer accepts no
-/// bytes for `timeout` (progress resets it, so a slow link is not cut off).
+/// `write_all` and `flush`, failing with `TimedOut` unless the peer has
+/// accepted all of `buf` within `timeout`. Progress does not extend the
+/// deadline: a client that reads a little now and then would otherwise hold
+/// the budget of the reply for as long as it liked.
 async fn write_all<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    mut buf: &[u8],
+    buf: &[u8],
     timeout: Duration,
 ) -> std::io::Result<()> {
-    let stalled = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-    while !buf.is_empty() {
-        match tokio::time::timeout(timeout, writer.write(buf)).await {
-            Err(_) => return Err(stalled()),
-            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => buf = &buf[n..],
-            Ok(Err(e)) => return Err(e),
-        }
-    }
-    tokio::time::timeout(timeout, writer.flush())
-        .await
-        .map_err(|_| stalled())?
+    let written = tokio::time::timeout(timeout, async {
+        writer.write_all(buf).await?;
+        writer.flush().await
+    })
+    .await;
+    written.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Checks a request against the session; no export call happens here.
@@ -798,6 +933,7 @@ fn validate(req: &Request, s: &Session, max_payload: u32) -> Verdict {
             offset: req.offset,
             len: req.len,
             df: req.flags & CMD_FLAG_DF != 0,
+            sparse: false,
         }),
         CMD_WRITE => Verdict::Run(Op::Write {
             offset: req.offset,
@@ -836,7 +972,12 @@ fn validate(req: &Request, s: &Session, max_payload: u32) -> Verdict {
 fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) {
     let export = conn.export.as_ref();
     let (offset, len, result) = match op {
-        Op::Read { offset, len, df } => return read_reply(conn, handle, offset, len, df, out),
+        Op::Read {
+            offset,
+            len,
+            sparse,
+            ..
+        } => return read_reply(conn, handle, offset, len, sparse, out),
         Op::BlockStatus {
             offset,
             len,
@@ -880,6 +1021,13 @@ fn allocated_zeroes(conn: &Conn, offset: u64, len: u64, fua: bool) -> Result<(),
     let end = offset + len;
     let mut at = offset;
     while at < end {
+        if at > offset && conn.is_closed() {
+            // Nobody is left to answer.
+            return Err(ExportError::new(
+                ErrorKind::ShuttingDown,
+                "write zeroes stopped: the connection closed",
+            ));
+        }
         if at > offset && conn.shared.shutdown.is_triggered() {
             return Err(ExportError::new(
                 ErrorKind::ShuttingDown,
@@ -909,9 +1057,9 @@ fn status_block_size(export: &dyn Export) -> u64 {
     }
 }
 
-/// `NBD_CMD_READ`: a simple reply with the data, or structured chunks. The data
-/// is read straight into the output buffer.
-fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, df: bool, out: &mut Vec<u8>) {
+/// `NBD_CMD_READ`: a simple reply with the data, or structured chunks (with
+/// holes when `sparse`). The data is read straight into the output buffer.
+fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, sparse: bool, out: &mut Vec<u8>) {
     let start = out.len();
     let n = len as usize;
     if !conn.structured {
@@ -929,9 +1077,10 @@ fn read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, df: bool, out: &m
         }
         return;
     }
-    // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk";
-    // every read up to the maximum payload fits in one, so EOVERFLOW never arises.
-    if !df && len >= SPARSE_READ_MIN && sparse_read_reply(conn, handle, offset, len, out) {
+    // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk"
+    // (such reads are never sparse); every read up to the maximum payload fits
+    // in one, so EOVERFLOW never arises.
+    if sparse && sparse_read_reply(conn, handle, offset, len, out) {
         return;
     }
     // One NBD_REPLY_TYPE_OFFSET_DATA chunk, final: the data is complete before the

@@ -144,6 +144,9 @@ pub(crate) struct Limits {
     /// Payload bytes all connections together may have in flight (replies not
     /// yet written included); at least `max_request_bytes`.
     pub(crate) memory_budget: Option<Size>,
+    /// The most of `memory_budget` one tenant's connections may hold together;
+    /// from `max_request_bytes` to `memory_budget`, default half of it.
+    pub(crate) memory_budget_per_tenant: Option<Size>,
     /// Connections in transmission, in total.
     pub(crate) max_connections: Option<usize>,
     /// Connections in transmission to one tenant's exports.
@@ -154,8 +157,10 @@ pub(crate) struct Limits {
     pub(crate) handshake_timeout_secs: Option<u64>,
     /// Seconds connections get to finish after SIGTERM before they are dropped.
     pub(crate) shutdown_timeout_secs: Option<u64>,
-    /// Seconds a client may accept no reply bytes before it is disconnected.
+    /// Seconds a client has to accept each batch of replies in full.
     pub(crate) reply_timeout_secs: Option<u64>,
+    /// Seconds a client has to send a write's whole payload after its header.
+    pub(crate) payload_timeout_secs: Option<u64>,
 }
 
 /// Unix permission bits: a TOML integer (`0o660`) or an octal string (`"0660"`).
@@ -237,6 +242,9 @@ impl Config {
         if let Some(Size(n)) = l.memory_budget {
             server.memory_budget = usize::try_from(n).unwrap_or(usize::MAX);
         }
+        if let Some(Size(n)) = l.memory_budget_per_tenant {
+            server.memory_budget_per_tenant = Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
         if let Some(n) = l.max_connections {
             server.max_connections = n;
         }
@@ -254,6 +262,9 @@ impl Config {
         }
         if let Some(secs) = l.reply_timeout_secs {
             server.reply_timeout = Duration::from_secs(secs);
+        }
+        if let Some(secs) = l.payload_timeout_secs {
+            server.payload_timeout = Duration::from_secs(secs);
         }
         server.insecure_plain_tcp = self.tcp.as_ref().is_some_and(|t| t.insecure_plain_tcp);
         server
@@ -345,6 +356,20 @@ impl Config {
                 Size(max_request)
             );
         }
+        if let Some(Size(n)) = l.memory_budget_per_tenant {
+            let budget = l
+                .memory_budget
+                .map_or(defaults.memory_budget as u64, |Size(n)| n);
+            if !(max_request..=budget).contains(&n) {
+                bail!(
+                    "limits.memory_budget_per_tenant: {} is outside {}..={} \
+                     (limits.max_request_bytes ..= limits.memory_budget)",
+                    Size(n),
+                    Size(max_request),
+                    Size(budget)
+                );
+            }
+        }
         for (name, value) in [
             ("max_connections", l.max_connections),
             ("max_connections_per_tenant", l.max_connections_per_tenant),
@@ -357,6 +382,7 @@ impl Config {
         for (name, value) in [
             ("handshake_timeout_secs", l.handshake_timeout_secs),
             ("reply_timeout_secs", l.reply_timeout_secs),
+            ("payload_timeout_secs", l.payload_timeout_secs),
         ] {
             if value == Some(0) {
                 bail!("limits.{name}: must be at least 1");
@@ -442,12 +468,14 @@ mod tests {
             max_in_flight_bytes = "16M"
             max_request_bytes = 1048576
             memory_budget = "128M"
+            memory_budget_per_tenant = "32M"
             max_connections = 100
             max_connections_per_tenant = 10
             max_handshakes = 20
             handshake_timeout_secs = 5
             shutdown_timeout_secs = 3
             reply_timeout_secs = 30
+            payload_timeout_secs = 20
             "#,
         )
         .unwrap();
@@ -471,11 +499,13 @@ mod tests {
         assert_eq!(server.max_request_payload, 1 << 20);
         assert_eq!(server.handshake_timeout, Duration::from_secs(5));
         assert_eq!(server.memory_budget, 128 << 20);
+        assert_eq!(server.memory_budget_per_tenant, Some(32 << 20));
         assert_eq!(server.max_connections, 100);
         assert_eq!(server.max_connections_per_tenant, 10);
         assert_eq!(server.max_handshakes, 20);
         assert_eq!(server.shutdown_timeout, Duration::from_secs(3));
         assert_eq!(server.reply_timeout, Duration::from_secs(30));
+        assert_eq!(server.payload_timeout, Duration::from_secs(20));
     }
 
     #[test]
@@ -521,6 +551,14 @@ mod tests {
                 "limits.memory_budget",
             ),
             (
+                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"512M\""),
+                "limits.memory_budget_per_tenant",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"16M\""),
+                "limits.memory_budget_per_tenant",
+            ),
+            (
                 format!("{MINIMAL}[limits]\nmax_handshakes = 0"),
                 "limits.max_handshakes",
             ),
@@ -531,6 +569,10 @@ mod tests {
             (
                 format!("{MINIMAL}[limits]\nreply_timeout_secs = 0"),
                 "limits.reply_timeout_secs",
+            ),
+            (
+                format!("{MINIMAL}[limits]\npayload_timeout_secs = 0"),
+                "limits.payload_timeout_secs",
             ),
             (
                 MINIMAL.replace(

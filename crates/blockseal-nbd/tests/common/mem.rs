@@ -26,10 +26,14 @@ pub struct MemExport {
     tampered: AtomicU64,
     pub flushes: AtomicU64,
     pub fua_writes: AtomicU64,
-    /// Writes wait while the gate is closed; `waiting` counts them.
+    /// Writes that got past the gate.
+    pub writes: AtomicU64,
+    /// Writes wait while the gate is closed; `waiting` counts them, and
+    /// `most_waiting` is the most that ever waited at once.
     gate: Mutex<bool>,
     gate_cv: Condvar,
     pub waiting: AtomicUsize,
+    pub most_waiting: AtomicUsize,
 }
 
 impl MemExport {
@@ -44,9 +48,11 @@ impl MemExport {
             tampered: AtomicU64::new(u64::MAX),
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            most_waiting: AtomicUsize::new(0),
         })
     }
 
@@ -81,7 +87,8 @@ impl MemExport {
     fn wait_gate(&self) {
         let mut open = self.gate.lock().unwrap();
         if !*open {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let waiting = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_waiting.fetch_max(waiting, Ordering::SeqCst);
             while !*open {
                 open = self.gate_cv.wait(open).unwrap();
             }
@@ -144,6 +151,7 @@ impl Export for MemExport {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         self.check(offset, data.len() as u64)?;
         self.wait_gate();
+        self.writes.fetch_add(1, Ordering::SeqCst);
         if fua {
             self.fua_writes.fetch_add(1, Ordering::Relaxed);
         }
@@ -202,10 +210,74 @@ impl Export for MemExport {
     }
 }
 
+/// A read-only export of any size that was never written: it reads as zeroes
+/// and block status reports one hole, with no memory behind it.
+pub struct EmptyExport {
+    pub size: u64,
+    /// Block status calls so far.
+    pub status_calls: AtomicU64,
+}
+
+impl EmptyExport {
+    pub fn new(size: u64) -> Arc<EmptyExport> {
+        assert_eq!(size % BLOCK, 0);
+        Arc::new(EmptyExport {
+            size,
+            status_calls: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Export for EmptyExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        BLOCK as u32
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
+        Err(ErrorKind::ReadOnly.into())
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        Ok(())
+    }
+
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), ExportError> {
+        Err(ErrorKind::ReadOnly.into())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), ExportError> {
+        Err(ErrorKind::ReadOnly.into())
+    }
+
+    fn block_status(&self, _offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        self.status_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(vec![Extent {
+            length: len,
+            hole: true,
+            zero: true,
+        }])
+    }
+}
+
 /// Exports by name, with descriptions; scope filtering as a real catalog does it.
 #[derive(Default)]
 pub struct MemCatalog {
     pub exports: BTreeMap<String, (Arc<MemExport>, String)>,
+    /// Exports of other kinds, by name.
+    pub others: BTreeMap<String, Arc<dyn Export>>,
 }
 
 impl MemCatalog {
@@ -239,6 +311,11 @@ impl MemCatalog {
             .insert(name.to_owned(), (export, description.to_owned()));
     }
 
+    /// Adds an export of another kind (with an empty description).
+    pub fn add_other(&mut self, name: &str, export: Arc<dyn Export>) {
+        self.others.insert(name.to_owned(), export);
+    }
+
     pub fn get(&self, name: &str) -> Arc<MemExport> {
         self.exports[name].0.clone()
     }
@@ -253,6 +330,15 @@ impl Catalog for MemCatalog {
                 name: name.clone(),
                 description: description.clone(),
             })
+            .chain(
+                self.others
+                    .keys()
+                    .filter(|name| scope.permits(name))
+                    .map(|name| ExportInfo {
+                        name: name.clone(),
+                        description: String::new(),
+                    }),
+            )
             .collect()
     }
 
@@ -263,5 +349,6 @@ impl Catalog for MemCatalog {
         self.exports
             .get(name)
             .map(|(e, _)| e.clone() as Arc<dyn Export>)
+            .or_else(|| self.others.get(name).cloned())
     }
 }

@@ -6,10 +6,10 @@
 //! (`ready unix=PATH tcp=IP:PORT`, only the listeners configured), so that
 //! scripts wait on it rather than sleep. SIGTERM or SIGINT starts a graceful
 //! shutdown: stop accepting, drop connections still in the handshake, let
-//! in-flight requests finish and reply for at most `limits.shutdown_timeout_secs`
+//! running requests finish and reply for at most `limits.shutdown_timeout_secs`
 //! (then drop the connections still open: a client that does not read its
-//! replies cannot hold the exit), flush every open volume, close the store,
-//! exit 0. A second signal exits at once.
+//! replies cannot hold the exit), flush every open volume on a thread of its
+//! own, close the store, exit 0. A second signal exits at once.
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, Permissions};
@@ -273,10 +273,20 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         while let Some(done) = listeners.join_next().await {
             done.context("a listener failed")??;
         }
+        // A thread of its own: the blocking pool may still be busy with
+        // requests of connections dropped at the deadline, and the flush must
+        // not queue behind them.
         let catalog = catalog.clone();
-        let flushed = tokio::task::spawn_blocking(move || catalog.flush_all())
+        let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("blockseal-final-flush".into())
+            .spawn(move || {
+                let _ = flushed_tx.send(catalog.flush_all());
+            })
+            .context("cannot start the final flush")?;
+        let flushed = flushed_rx
             .await
-            .context("the final flush failed")?
+            .context("the final flush did not finish")?
             .context("the final flush failed")?;
         info!(volumes = flushed, "connections closed and volumes flushed");
         anyhow::Ok(())
