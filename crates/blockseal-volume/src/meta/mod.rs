@@ -271,16 +271,12 @@ pub fn open_with(
     // A backend that meets a damaged file may panic instead of reporting it
     // (redb's b-tree code indexes with lengths read from disk): that is corrupt
     // metadata, never a crash of the process.
-    let opened = catch_panic(kind, || -> Result<Box<dyn MetaStore>, MetaError> {
+    let store = catch_panic(kind, || -> Result<Box<dyn MetaStore>, MetaError> {
         Ok(match kind {
             BackendKind::Sled => Box::new(sled::SledStore::open(path, options)?),
             BackendKind::Redb => Box::new(redb::RedbStore::open(path, options)?),
         })
-    });
-    let store = match opened {
-        Ok(result) => result?,
-        Err(error) => return Err(error),
-    };
+    })??;
     Ok(Box::new(GuardedStore {
         store,
         kind,
