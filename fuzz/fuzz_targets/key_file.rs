@@ -9,7 +9,7 @@
 //!   never fuzzed at full cost).
 //! - odd: a genuine file with one byte XORed, `position (u16 BE) || xor || ...`:
 //!   with `0x02` set an unprotected one (checked like an arbitrary file), else a
-//!   passphrase-protected one (the cheapest Argon2id parameters accepted) followed by
+//!   passphrase-protected one (Argon2id at 1 MiB, one pass) followed by
 //!   `right passphrase? || wrong passphrase`.
 //!
 //! What must hold (layout in `docs/FORMAT.md`, "Master key file"):
@@ -62,7 +62,9 @@ static GENUINE: LazyLock<(Vec<u8>, MasterKey)> = LazyLock::new(|| {
         Zeroizing::new([0x5a; 32]),
     );
     let path = DIR.join("genuine");
-    let params = Argon2Params::CHEAPEST;
+    // 1 MiB, one pass: weaker than `key init` writes, but a key file may ask for
+    // it, and it keeps an iteration fast.
+    let params = Argon2Params::for_existing_file(1024, 1, 1).expect("1 MiB, one pass, one lane");
     let passphrase = Passphrase::new(PASSPHRASE.into());
     create_key_file_with_params(&path, &key, Some(&passphrase), params)
         .expect("write the genuine key file");
@@ -229,7 +231,21 @@ fn expected_header(b: &[u8]) -> Option<(Protection, [u8; 16], u64)> {
     let protection = match (b[10], b.len()) {
         (0, PLAIN_LEN) => Protection::None,
         (1, PROTECTED_LEN) => {
-            Protection::Argon2id(Argon2Params::new(word(36), word(40), word(44)).ok()?)
+            // The bounds on what a key file may ask for, restated: 1 to 64 lanes
+            // of at least 8 KiB, at most 2 GiB, memory x passes at most 8 GiB.
+            let (m, t, p) = (word(36), word(40), word(44));
+            let ok = (1..=64).contains(&p)
+                && t >= 1
+                && m >= 8 * p
+                && m <= 2 * 1024 * 1024
+                && u64::from(m) * u64::from(t) <= 8 * 1024 * 1024;
+            if !ok {
+                return None;
+            }
+            Protection::Argon2id(
+                Argon2Params::for_existing_file(m, t, p)
+                    .expect("the key file bounds accept what the restated bounds accept"),
+            )
         }
         _ => return None,
     };
@@ -237,8 +253,8 @@ fn expected_header(b: &[u8]) -> Option<(Protection, [u8; 16], u64)> {
     Some((protection, b[12..28].try_into().unwrap(), created))
 }
 
-/// Parameters a fuzzing iteration can afford: the cheapest accepted (46 MiB, one
-/// pass), on up to 4 lanes.
+/// Parameters a fuzzing iteration can afford: at most 46 MiB and one pass, on up
+/// to 4 lanes.
 fn cheap(params: &Argon2Params) -> bool {
     params.memory_kib() <= Argon2Params::CHEAPEST.memory_kib()
         && params.iterations() <= Argon2Params::CHEAPEST.iterations()

@@ -133,6 +133,21 @@ pub enum Argon2ParamsError {
         /// The refused lane count.
         parallelism: u32,
     },
+    /// Parameters read from a key file ask for more work than any key file may
+    /// (see [`Argon2Params::for_existing_file`]).
+    #[error(
+        "Argon2id parameters m={memory_kib} KiB, t={iterations}, p={parallelism} are \
+         outside what a key file may ask for: memory at most 2 GiB and at least 8 KiB \
+         per lane, 1 to 64 lanes, memory x iterations at most 8 GiB"
+    )]
+    FileWork {
+        /// Memory cost, in KiB.
+        memory_kib: u32,
+        /// Passes over memory.
+        iterations: u32,
+        /// Lanes.
+        parallelism: u32,
+    },
 }
 
 impl Argon2Params {
@@ -158,6 +173,12 @@ impl Argon2Params {
     pub const MAX_ITERATIONS: u32 = 4;
     /// Largest lane count accepted.
     pub const MAX_PARALLELISM: u32 = 16;
+    /// Most lanes a key file being read may name (Argon2's own practical bound,
+    /// and what older builds wrote).
+    pub const MAX_FILE_PARALLELISM: u32 = 64;
+    /// Most work a key file being read may ask for, memory x iterations in KiB:
+    /// 8 GiB, the cost of the largest parameters [`Argon2Params::new`] accepts.
+    pub const MAX_FILE_WORK_KIB: u64 = Self::MAX_MEMORY_KIB as u64 * Self::MAX_ITERATIONS as u64;
 
     /// Checks and builds parameters.
     pub fn new(
@@ -181,6 +202,48 @@ impl Argon2Params {
             iterations,
             parallelism,
         })
+    }
+
+    /// Checks parameters read from an existing key file. Looser than
+    /// [`Argon2Params::new`] (what `key init` writes), which older builds did not
+    /// enforce: a file they wrote with less memory or more passes still opens. What
+    /// is bounded is the work a damaged or hostile file can make a start do:
+    /// memory up to [`Argon2Params::MAX_MEMORY_KIB`], memory x iterations up to
+    /// [`Argon2Params::MAX_FILE_WORK_KIB`], up to
+    /// [`Argon2Params::MAX_FILE_PARALLELISM`] lanes of at least 8 KiB (Argon2's
+    /// own minimum). A weaker file costs an attacker less too, but its parameters
+    /// are authenticated with the key, so no one can weaken a file without
+    /// the passphrase: they could only replace it, which the store's check value
+    /// catches.
+    pub fn for_existing_file(
+        memory_kib: u32,
+        iterations: u32,
+        parallelism: u32,
+    ) -> Result<Self, Argon2ParamsError> {
+        let work = u64::from(memory_kib) * u64::from(iterations);
+        let ok = (1..=Self::MAX_FILE_PARALLELISM).contains(&parallelism)
+            && iterations >= 1
+            && memory_kib >= 8 * parallelism
+            && memory_kib <= Self::MAX_MEMORY_KIB
+            && work <= Self::MAX_FILE_WORK_KIB;
+        if !ok {
+            return Err(Argon2ParamsError::FileWork {
+                memory_kib,
+                iterations,
+                parallelism,
+            });
+        }
+        Ok(Argon2Params {
+            memory_kib,
+            iterations,
+            parallelism,
+        })
+    }
+
+    /// Whether `key init` would refuse these parameters today (a key file made
+    /// by an older build, weaker or slower than the current ranges allow).
+    pub fn outside_init_ranges(&self) -> bool {
+        Self::new(self.memory_kib, self.iterations, self.parallelism).is_err()
     }
 
     /// Memory cost, in KiB.
@@ -557,6 +620,13 @@ pub fn load_key_file(
             Err(KeyFileError::PassphraseRequired { path: path_buf() })
         }
         (Protection::Argon2id(params), Some(passphrase)) => {
+            if params.outside_init_ranges() {
+                tracing::warn!(
+                    path = %path.display(),
+                    %params,
+                    "key file's Argon2id parameters are outside what `blockseal key init` writes today; consider a new key file"
+                );
+            }
             let salt = &bytes[ARGON2_PARAMS_END - SALT_LEN..ARGON2_PARAMS_END];
             let aead = passphrase_key(path, passphrase, salt, params)?;
             let nonce_end = ARGON2_PARAMS_END + NONCE_LEN;
@@ -711,12 +781,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header, KeyFileError> {
     let protection = if bytes[10] == PROTECTION_ARGON2ID {
         let word =
             |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4-byte slice"));
-        let params = Argon2Params::new(word(36), word(40), word(44)).map_err(|source| {
-            KeyFileError::Argon2Params {
-                path: path_buf(),
-                source,
-            }
-        })?;
+        let params =
+            Argon2Params::for_existing_file(word(36), word(40), word(44)).map_err(|source| {
+                KeyFileError::Argon2Params {
+                    path: path_buf(),
+                    source,
+                }
+            })?;
         Protection::Argon2id(params)
     } else {
         Protection::None

@@ -402,8 +402,10 @@ fn check_refuses_a_key_file_asking_for_too_much_argon2_work() {
     fs::write(&path, bytes).unwrap();
 
     let expected = format!(
-        "error: key file {} asks for Argon2id parameters this build refuses: Argon2id memory \
-         must be between 47104 KiB (46 MiB) and 2097152 KiB (2 GiB); got 4194304 KiB\n",
+        "error: key file {} asks for Argon2id parameters this build refuses: Argon2id \
+         parameters m=4194304 KiB, t=1024, p=1 are outside what a key file may ask for: \
+         memory at most 2 GiB and at least 8 KiB per lane, 1 to 64 lanes, memory x \
+         iterations at most 8 GiB\n",
         p(&path)
     );
     assert_fails(
@@ -513,7 +515,7 @@ fn check_refuses_a_key_file_owned_by_another_user() {
     assert_eq!(field(&stdout(&out), "owner:"), format!("uid {other}"));
     assert!(
         stderr(&out).contains(&format!(
-            "warning: key file {} is owned by uid {other}, neither this user nor root",
+            "warning: key file {} is owned by uid {other}: only processes running as uid {other} or root will load it",
             p(&path)
         )),
         "{}",

@@ -64,9 +64,18 @@ fn inspect(args: &KeyInspectArgs) -> anyhow::Result<()> {
     }
     if info.owner_is_refused() {
         eprintln!(
-            "warning: key file {} is owned by uid {}, neither this user nor root; it will be refused until its owner is changed",
+            "warning: key file {} is owned by uid {}: only processes running as uid {} or root will load it",
             path.display(),
             info.owner,
+            info.owner,
+        );
+    }
+    if let blockseal_keys::Protection::Argon2id(params) = info.protection
+        && params.outside_init_ranges()
+    {
+        eprintln!(
+            "warning: key file {} uses Argon2id parameters ({params}) outside what `blockseal key init` writes today; it still loads, but consider a new key file",
+            path.display(),
         );
     }
     Ok(())
