@@ -118,9 +118,11 @@ pub enum WrongMasterKey {
     },
     /// The key carries the id the store recorded, but its bytes do not give the
     /// store's check value: the key (or the file it came from) was damaged or
-    /// forged under the right id.
+    /// forged under the right id, or the store's record of the check value was
+    /// damaged.
     #[error(
-        "master key {id} does not match this store's check value: the key file is damaged or forged"
+        "master key {id} does not match this store's check value: the key file is damaged \
+         or forged, or the store's record of the key is"
     )]
     CheckValueMismatch {
         /// The id the key and the store share.
@@ -354,7 +356,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "master key 07070707070707070707070707070707 does not match this store's check \
-             value: the key file is damaged or forged"
+             value: the key file is damaged or forged, or the store's record of the key is"
         );
         // A damaged stored check value reads the same way.
         let mut check = *a.check_value().as_bytes();
