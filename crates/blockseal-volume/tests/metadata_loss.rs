@@ -24,6 +24,19 @@ fn options(backend: BackendKind) -> StoreOptions {
         .background_compaction(false)
 }
 
+/// A store with one tenant and volume, made and closed in a fresh temporary
+/// directory: the directory's guard and the store's path.
+fn closed_store(backend: BackendKind) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(store_with_volume(
+        &dir,
+        BLOCKS * BS as u64,
+        options(backend),
+    ));
+    (tmp, dir)
+}
+
 fn replace_meta(dir: &Path, with: &Path) {
     std::fs::remove_dir_all(dir.join("meta")).unwrap();
     copy_dir(with, &dir.join("meta"));
@@ -181,13 +194,7 @@ fn a_missing_metadata_file_is_refused_and_not_recreated() {
 
 #[test]
 fn a_deleted_format_file_is_a_damaged_store_for_open_and_create() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    drop(store_with_volume(
-        &dir,
-        BLOCKS * BS as u64,
-        options(BackendKind::Redb),
-    ));
+    let (_tmp, dir) = closed_store(BackendKind::Redb);
     std::fs::remove_file(dir.join("FORMAT")).unwrap();
     for err in [
         Store::open(&dir, master(1), options(BackendKind::Redb)).unwrap_err(),
@@ -246,13 +253,7 @@ fn segments_of_volumes_the_metadata_never_allocated_are_refused() {
 
 #[test]
 fn a_damaged_commit_marker_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    drop(store_with_volume(
-        &dir,
-        BLOCKS * BS as u64,
-        options(BackendKind::Redb),
-    ));
+    let (_tmp, dir) = closed_store(BackendKind::Redb);
     let mut bytes = std::fs::read(dir.join("COMMITS")).unwrap();
     bytes[10] ^= 0xff;
     std::fs::write(dir.join("COMMITS"), &bytes).unwrap();
@@ -295,13 +296,7 @@ fn volume_sizes_past_i64_max_are_refused() {
 
 #[test]
 fn a_deleted_commit_marker_is_refused_when_the_metadata_counted_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    drop(store_with_volume(
-        &dir,
-        BLOCKS * BS as u64,
-        options(BackendKind::Redb),
-    ));
+    let (_tmp, dir) = closed_store(BackendKind::Redb);
     std::fs::remove_file(dir.join("COMMITS")).unwrap();
     let err = Store::open(&dir, master(1), options(BackendKind::Redb)).unwrap_err();
     assert!(matches!(err, OpenError::MarkerMissing { .. }), "{err}");
@@ -334,13 +329,7 @@ fn an_interrupted_create_is_started_over_not_refused() {
 
 #[test]
 fn a_format_1_store_is_upgraded_when_opened() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    drop(store_with_volume(
-        &dir,
-        BLOCKS * BS as u64,
-        options(BackendKind::Redb),
-    ));
+    let (_tmp, dir) = closed_store(BackendKind::Redb);
     let mut format = std::fs::read(dir.join("FORMAT")).unwrap();
     assert_eq!(
         format[8..12],
