@@ -145,7 +145,7 @@ pub(crate) fn compact_all(open: &OpenVolumes) -> Result<CompactionReport, crate:
     Ok(report)
 }
 
-fn open_volumes(open: &OpenVolumes) -> Vec<Arc<VolumeInner>> {
+pub(crate) fn open_volumes(open: &OpenVolumes) -> Vec<Arc<VolumeInner>> {
     open.lock()
         .unwrap_or_else(|e| e.into_inner())
         .values()

@@ -9,11 +9,21 @@
 //! The thread keeps only weak references to volumes, holds a strong one only for
 //! the flush it is running, and is stopped and joined when the store drops, so no
 //! volume (and no metadata store handle) outlives its store because of it.
+//!
+//! Once a second it also moves the store's extent index budget to where reads
+//! are (see `volume/index.rs`): volumes without an index whose reads went to the
+//! metadata store get one, loaded here, after the indexes of volumes nobody
+//! read since the last pass were dropped to make room.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::volume::VolumeInner;
+use crate::compactor::{OpenVolumes, open_volumes};
+use crate::volume::{IndexBudget, VolumeInner};
+
+/// How often the index budget is moved to where reads are.
+const REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The queue of volumes waiting for a background flush.
 #[derive(Default)]
@@ -53,12 +63,12 @@ impl FlushQueue {
         self.cv.notify_all();
     }
 
-    /// Waits for requests; `None` when the store is closing.
-    fn take(&self) -> Option<Vec<Weak<VolumeInner>>> {
+    /// Waits for requests or `timeout`; `None` when the store is closing.
+    fn take(&self, timeout: Duration) -> Option<Vec<Weak<VolumeInner>>> {
         let state = self.lock();
-        let mut state = self
+        let (mut state, _) = self
             .cv
-            .wait_while(state, |s| s.volumes.is_empty() && !s.stop)
+            .wait_timeout_while(state, timeout, |s| s.volumes.is_empty() && !s.stop)
             .unwrap_or_else(|e| e.into_inner());
         if state.stop {
             return None;
@@ -75,13 +85,13 @@ pub(crate) struct Flusher {
 
 impl Flusher {
     /// Starts the thread.
-    pub(crate) fn start() -> std::io::Result<Flusher> {
+    pub(crate) fn start(open: OpenVolumes, budget: Arc<IndexBudget>) -> std::io::Result<Flusher> {
         let queue = Arc::new(FlushQueue::default());
         let thread = std::thread::Builder::new()
             .name("blockseal-flush".into())
             .spawn({
                 let queue = queue.clone();
-                move || run(&queue)
+                move || run(&queue, &open, &budget)
             })?;
         Ok(Flusher {
             queue,
@@ -105,10 +115,55 @@ impl Drop for Flusher {
     }
 }
 
-fn run(queue: &FlushQueue) {
-    while let Some(volumes) = queue.take() {
+fn run(queue: &FlushQueue, open: &OpenVolumes, budget: &IndexBudget) {
+    let mut last_pass = Instant::now();
+    while let Some(volumes) = queue.take(REBALANCE_INTERVAL) {
         for volume in volumes.iter().filter_map(Weak::upgrade) {
             volume.background_flush();
+        }
+        if last_pass.elapsed() >= REBALANCE_INTERVAL {
+            rebalance(open, budget);
+            last_pass = Instant::now();
+        }
+    }
+}
+
+/// Gives an index to the volumes whose reads went to the metadata store since
+/// the last pass, busiest first, dropping the indexes no read used meanwhile
+/// when that makes room.
+fn rebalance(open: &OpenVolumes, budget: &IndexBudget) {
+    if budget.limit() == 0 {
+        return;
+    }
+    let mut idle = Vec::new();
+    let mut hungry = Vec::new();
+    for volume in open_volumes(open) {
+        let (store, index) = volume.take_lookup_counts();
+        if volume.has_index() {
+            if index == 0 {
+                idle.push(volume);
+            }
+        } else if store > 0 {
+            hungry.push((store, volume));
+        }
+    }
+    hungry.sort_by_key(|(reads, _)| std::cmp::Reverse(*reads));
+    for (_, volume) in hungry {
+        loop {
+            match volume.load_index() {
+                Ok(true) => break,
+                Ok(false) => match idle.pop() {
+                    Some(cold) => {
+                        cold.drop_index();
+                    }
+                    None => return,
+                },
+                Err(error) => {
+                    // The read path reports the same error to its callers.
+                    tracing::debug!(%error, "loading an extent index failed");
+                    break;
+                }
+            }
         }
     }
 }

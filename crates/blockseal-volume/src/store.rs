@@ -41,6 +41,7 @@ use crate::marker::{self, MARKER_FILE, Marker, Sequenced};
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, Extent, HeaderRecord, TenantRecord, VolumeRecord, WriterRecord};
 use crate::segment::{FileSegments, SegmentStore};
+use crate::volume::IndexBudget;
 use crate::volume::{Closed, CompactionReport, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
@@ -75,6 +76,7 @@ pub struct StoreOptions {
     compaction_interval: Duration,
     space_reserve: u64,
     writer_nonce_limit: Option<u64>,
+    index_memory: usize,
 }
 
 impl StoreOptions {
@@ -91,6 +93,10 @@ impl StoreOptions {
     /// Default interval of the background thread's check of every open volume,
     /// besides the checks flushes trigger.
     pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_secs(10);
+    /// Default memory all open volumes' extent indexes may hold together:
+    /// 512 MiB, the mappings of about 21 GiB written in scattered 4 KiB blocks
+    /// or 125 GiB written sequentially.
+    pub const DEFAULT_INDEX_MEMORY: usize = 512 << 20;
 
     /// Defaults: redb metadata, 64 MiB segments in files under the store directory.
     pub fn new() -> StoreOptions {
@@ -106,7 +112,17 @@ impl StoreOptions {
             compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
             space_reserve: FileSegments::DEFAULT_RESERVE,
             writer_nonce_limit: None,
+            index_memory: Self::DEFAULT_INDEX_MEMORY,
         }
+    }
+
+    /// The most memory the open volumes' in-memory extent indexes hold
+    /// together. A volume whose index does not fit reads its mappings from the
+    /// metadata store (slower reads, same results); the budget moves to the
+    /// volumes being read. `0` keeps every mapping in the store only.
+    pub fn index_memory(mut self, bytes: usize) -> StoreOptions {
+        self.index_memory = bytes;
+        self
     }
 
     /// The metadata backend of a new store. An existing store always opens with
@@ -213,6 +229,7 @@ impl fmt::Debug for StoreOptions {
             .field("compaction_rate", &self.compaction_rate)
             .field("compaction_interval", &self.compaction_interval)
             .field("space_reserve", &self.space_reserve)
+            .field("index_memory", &self.index_memory)
             .finish()
     }
 }
@@ -285,6 +302,7 @@ pub struct Store {
     // Dropped first: the compaction and flush threads stop before anything else goes.
     compactor: Option<Compactor>,
     flusher: Flusher,
+    index_budget: Arc<IndexBudget>,
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
@@ -491,9 +509,11 @@ impl Store {
     ) -> Result<Store, OpenError> {
         let segments = open_segments(&dir, &options)?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
+        let index_budget = Arc::new(IndexBudget::new(options.index_memory));
         Ok(Store {
             compactor: start_compactor(&dir, &open, &options)?,
-            flusher: Flusher::start().map_err(io_error(&dir))?,
+            flusher: Flusher::start(open.clone(), index_budget.clone()).map_err(io_error(&dir))?,
+            index_budget,
             dir,
             meta,
             segments,
@@ -771,6 +791,7 @@ impl Store {
             flusher: Some(self.flusher.queue().clone()),
             closed: closed.clone(),
             nonce_limit: self.options.writer_nonce_limit,
+            index_budget: self.index_budget.clone(),
         })?;
         {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

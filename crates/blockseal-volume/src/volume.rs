@@ -24,8 +24,10 @@
 //! write after a failed write or sync (the volume is poisoned until reopened).
 
 mod compact;
+mod index;
 
 pub use compact::CompactionReport;
+pub(crate) use index::IndexBudget;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -43,6 +45,7 @@ use crate::nonce::nonce_for;
 use crate::record::{self, Extent, MAX_EXTENT_BLOCKS, WriterRecord};
 use crate::seal::{BlockCipher, TAG_LEN, Tag};
 use crate::segment::{SegmentId, SegmentStore};
+use index::{ExtentIndex, ExtentView};
 
 /// Number of block lock stripes per volume (a power of two).
 const STRIPES: usize = 1024;
@@ -109,7 +112,7 @@ struct Location {
 }
 
 /// Block `k` of `extent`.
-fn location(extent: &Extent, k: usize) -> Location {
+fn location(extent: &ExtentView<'_>, k: usize) -> Location {
     Location {
         segment: extent.segment,
         offset: extent.offset + k as u32,
@@ -216,6 +219,15 @@ pub(crate) struct VolumeInner {
     compacted_blocks: AtomicU64,
     deleted_segments: AtomicU64,
     compaction_metadata_bytes: AtomicU64,
+    /// The committed mappings in memory, when the budget allows (see
+    /// [`index`]); `None`: reads look mappings up in the metadata store.
+    index: RwLock<Option<ExtentIndex>>,
+    /// The store-wide budget `index` is charged to.
+    budget: Arc<IndexBudget>,
+    /// Lookups that went to the metadata store / to the index since the
+    /// budget's last pass (which moves indexes to where reads are).
+    store_lookups: AtomicU64,
+    index_lookups: AtomicU64,
 }
 
 /// Everything [`Volume::open`] needs, assembled by the store.
@@ -240,6 +252,8 @@ pub(crate) struct VolumeParts {
     pub(crate) closed: Arc<Closed>,
     /// A lower limit of seals per writer key (tests of writer turnover).
     pub(crate) nonce_limit: Option<u64>,
+    /// The store-wide budget of extent index memory.
+    pub(crate) index_budget: Arc<IndexBudget>,
 }
 
 /// A one-way gate, shut until something finishes. Each volume instance has one
@@ -291,6 +305,7 @@ impl Volume {
             flusher,
             closed,
             nonce_limit,
+            index_budget,
         } = parts;
         let active_dek = keys
             .first()
@@ -330,7 +345,16 @@ impl Volume {
         if let Some(e) = bad {
             return Err(corrupt(e));
         }
-        let named = check_extents(meta.as_ref(), internal_id, &deks, &writers, &live)?;
+        let (named, index) = check_extents(
+            meta.as_ref(),
+            internal_id,
+            &deks,
+            &writers,
+            &live,
+            index_budget.limit(),
+        )?;
+        // The open scan read every record anyway: keep them when they fit.
+        let index = index.filter(|index| index_budget.try_charge(index.bytes()));
         // Writers no extent names any more (their blocks were overwritten,
         // trimmed or never committed) are forgotten: nothing will ever need
         // their keys. No other instance of this volume runs now, so nothing
@@ -421,6 +445,10 @@ impl Volume {
                 compacted_blocks: AtomicU64::new(0),
                 deleted_segments: AtomicU64::new(0),
                 compaction_metadata_bytes: AtomicU64::new(0),
+                index: RwLock::new(index),
+                budget: index_budget,
+                store_lookups: AtomicU64::new(0),
+                index_lookups: AtomicU64::new(0),
             }),
         })
     }
@@ -566,7 +594,7 @@ impl Volume {
             .map(|(&lba, &(slot, _))| (lba, matches!(slot, Slot::Mapped(_))))
             .collect();
         let mut committed: Vec<(u64, u64)> = Vec::new();
-        i.scan_extents(first, end_block, &mut |extent| {
+        i.visit_extents(first, end_block, &mut |extent| {
             let from = extent.lba.max(first);
             let to = (extent.last() + 1).min(end_block);
             match committed.last_mut() {
@@ -648,6 +676,8 @@ impl Drop for VolumeInner {
                 "flushing a closing volume failed"
             );
         }
+        // Before the gate opens: the next instance charges its own.
+        self.drop_index();
     }
 }
 
@@ -746,7 +776,7 @@ impl VolumeInner {
             }
         }
         if missing {
-            self.scan_extents(first, first + count, &mut |extent| {
+            self.visit_extents(first, first + count, &mut |extent| {
                 let from = extent.lba.max(first);
                 let to = (extent.last() + 1).min(first + count);
                 for lba in from..to {
@@ -768,8 +798,29 @@ impl VolumeInner {
             .collect())
     }
 
-    /// Visits the committed extents overlapping blocks `from..to`, in order.
-    fn scan_extents(
+    /// Visits the committed extents overlapping blocks `from..to`, in order:
+    /// from the index when the volume has one, else from the metadata store.
+    fn visit_extents(
+        &self,
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(ExtentView<'_>),
+    ) -> Result<(), VolumeError> {
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(index) = index.as_ref() {
+                self.index_lookups.fetch_add(1, Ordering::Relaxed);
+                index.visit(from, to, visit);
+                return Ok(());
+            }
+        }
+        self.store_lookups.fetch_add(1, Ordering::Relaxed);
+        self.scan_store(from, to, &mut |extent| visit(ExtentView::from(&extent)))
+    }
+
+    /// Visits the extent records overlapping blocks `from..to` in the metadata
+    /// store, in order.
+    fn scan_store(
         &self,
         from: u64,
         to: u64,
@@ -797,6 +848,87 @@ impl VolumeInner {
             Some(e) => Err(corrupt(e)),
             None => Ok(()),
         }
+    }
+
+    /// Applies a durable mapping commit to the index (the caller holds the flush
+    /// lock, and the overlay still holds the entries committed). An index that
+    /// outgrows the store's budget is given up: reads then use the store.
+    fn apply_to_index(&self, change: &MappingChange) {
+        let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = guard.as_mut() else {
+            return;
+        };
+        let before = index.bytes();
+        for &last in &change.removed {
+            index.remove(last);
+        }
+        for extent in &change.added {
+            index.insert(extent);
+        }
+        let after = index.bytes();
+        if after <= before {
+            self.budget.release(before - after);
+        } else if !self.budget.charge(after - before) {
+            self.budget.release(after);
+            *guard = None;
+            tracing::debug!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                "extent index given up: the store's index budget is spent"
+            );
+        }
+    }
+
+    /// Whether the volume holds its mappings in memory.
+    pub(crate) fn has_index(&self) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Drops the index (its memory goes back to the budget). Returns the bytes
+    /// released.
+    pub(crate) fn drop_index(&self) -> usize {
+        let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let bytes = guard.take().map_or(0, |index| index.bytes());
+        self.budget.release(bytes);
+        bytes
+    }
+
+    /// Builds the index from the metadata store if it fits in the budget (under
+    /// the flush lock, so no commit changes the records meanwhile). Returns
+    /// whether the volume has an index afterwards.
+    pub(crate) fn load_index(&self) -> Result<bool, VolumeError> {
+        let _state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        if self.has_index() {
+            return Ok(true);
+        }
+        let limit = self.budget.limit().saturating_sub(self.budget.used());
+        let mut built = Some(ExtentIndex::default());
+        self.scan_store(0, u64::MAX, &mut |extent| {
+            if let Some(index) = built.as_mut() {
+                index.insert(&extent);
+                if index.bytes() > limit {
+                    built = None;
+                }
+            }
+        })?;
+        match built {
+            Some(index) if self.budget.try_charge(index.bytes()) => {
+                *self.index.write().unwrap_or_else(|e| e.into_inner()) = Some(index);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Lookups that went to the store and to the index since the last call.
+    pub(crate) fn take_lookup_counts(&self) -> (u64, u64) {
+        (
+            self.store_lookups.swap(0, Ordering::Relaxed),
+            self.index_lookups.swap(0, Ordering::Relaxed),
+        )
     }
 
     /// The cipher that opens a block at `loc`, derived on first use; `None` when
@@ -1070,16 +1202,9 @@ impl VolumeInner {
     fn trim_direct(&self, from: u64, to: u64) -> Result<(), VolumeError> {
         let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
-        let mut batch = Batch::new();
-        let mut deltas = HashMap::new();
-        self.build_commit(&[(from, to)], &[], &mut batch, &mut deltas)?;
-        self.apply_live(&mut batch, &state.live, &deltas);
-        if let Err(e) = self.meta.commit(&batch) {
-            self.poison();
-            return Err(e.into());
-        }
-        apply_deltas(&mut state.live, &deltas);
-        self.note_dead_space(&state.live, &deltas);
+        let mut commit = MappingCommit::default();
+        self.build_commit(&[(from, to)], &[], &mut commit)?;
+        self.commit_mappings(&mut state, commit, CommitKind::Foreground)?;
         // The overlay's entries for these blocks are superseded by the trim,
         // which is now durable.
         let mut overlay = self.lock_overlay();
@@ -1289,37 +1414,24 @@ impl VolumeInner {
         }
         if !entries.is_empty() {
             let runs = runs_of(&entries);
-            let mut batch = Batch::new();
-            let mut deltas = HashMap::new();
-            if let Err(e) = self.build_commit(&runs, &entries, &mut batch, &mut deltas) {
+            let mut commit = MappingCommit::default();
+            if let Err(e) = self.build_commit(&runs, &entries, &mut commit) {
                 self.poison();
                 return Err(e);
             }
-            self.apply_live(&mut batch, &state.live, &deltas);
             // Every writer the entries name was made before its blocks entered
             // the overlay, so its record is among these (or already committed).
             let writers = std::mem::take(&mut *self.lock_pending_writers());
             for (number, record) in &writers {
-                batch.put(
+                commit.batch.put(
                     record::writer_key(self.internal_id, *number).to_vec(),
                     record.encode(),
                 );
             }
-            if let Err(e) = self.meta.commit(&batch) {
+            if let Err(e) = self.commit_mappings(&mut state, commit, CommitKind::Foreground) {
                 self.lock_pending_writers().extend(writers);
-                self.poison();
-                return Err(e.into());
+                return Err(e);
             }
-            apply_deltas(&mut state.live, &deltas);
-            self.note_dead_space(&state.live, &deltas);
-            let bytes: usize = batch
-                .ops()
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum();
-            self.metadata_bytes
-                .fetch_add(bytes as u64, Ordering::Relaxed);
-            self.commits.fetch_add(1, Ordering::Relaxed);
             let mut overlay = self.lock_overlay();
             overlay.map.retain(|_, &mut (_, g)| g > generation);
         }
@@ -1334,9 +1446,13 @@ impl VolumeInner {
         &self,
         runs: &[(u64, u64)],
         entries: &[(u64, Slot)],
-        batch: &mut Batch,
-        deltas: &mut HashMap<u32, i64>,
+        commit: &mut MappingCommit,
     ) -> Result<(), VolumeError> {
+        let MappingCommit {
+            batch,
+            deltas,
+            change,
+        } = commit;
         let in_runs = |lba: u64| {
             let i = runs.partition_point(|&(_, to)| to <= lba);
             i < runs.len() && runs[i].0 <= lba
@@ -1345,13 +1461,14 @@ impl VolumeInner {
         // outside the runs written back.
         let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
         for &(from, to) in runs {
-            self.scan_extents(from, to, &mut |extent| {
-                old.insert(extent.lba, extent);
+            self.visit_extents(from, to, &mut |extent| {
+                old.insert(extent.lba, extent.to_extent());
             })?;
         }
         let mut puts: Vec<Extent> = Vec::new();
         for extent in old.values() {
             batch.delete(record::extent_key(self.internal_id, extent.last()).to_vec());
+            change.removed.push(extent.last());
             *deltas.entry(extent.segment).or_default() -= extent.tags.len() as i64;
             let mut lba = extent.lba;
             while lba <= extent.last() {
@@ -1413,6 +1530,52 @@ impl VolumeInner {
                 extent.encode(),
             );
         }
+        change.added.extend(puts);
+        Ok(())
+    }
+
+    /// Commits `commit` (the caller holds the flush lock, and holds the overlay
+    /// entries it covers until this returns): the live counts go into the same
+    /// batch, and once it is durable the in-memory counts and the index follow.
+    /// A failed commit poisons the volume: what the store holds is unknown.
+    fn commit_mappings(
+        &self,
+        state: &mut FlushState,
+        commit: MappingCommit,
+        kind: CommitKind,
+    ) -> Result<(), VolumeError> {
+        let MappingCommit {
+            mut batch,
+            deltas,
+            change,
+        } = commit;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.apply_live(&mut batch, &state.live, &deltas);
+        if let Err(e) = self.meta.commit(&batch) {
+            self.poison();
+            return Err(e.into());
+        }
+        apply_deltas(&mut state.live, &deltas);
+        self.apply_to_index(&change);
+        let bytes: usize = batch
+            .ops()
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        match kind {
+            CommitKind::Foreground => {
+                self.note_dead_space(&state.live, &deltas);
+                self.metadata_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                self.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            CommitKind::Compaction => {
+                self.compaction_metadata_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 
@@ -1466,6 +1629,30 @@ fn apply_deltas(live: &mut HashMap<u32, u64>, deltas: &HashMap<u32, i64>) {
             live.insert(segment, now as u64);
         }
     }
+}
+
+/// A mapping commit being built: the batch, the live-count changes per
+/// segment it makes, and the index changes to apply once it is durable.
+#[derive(Default)]
+struct MappingCommit {
+    batch: Batch,
+    deltas: HashMap<u32, i64>,
+    change: MappingChange,
+}
+
+/// Extent records a commit removes (by last LBA) and adds, removals first.
+#[derive(Default)]
+struct MappingChange {
+    removed: Vec<u64>,
+    added: Vec<Extent>,
+}
+
+/// Who commits: foreground commits count as the volume's commits and may
+/// leave dead space to compact; compaction's own are counted apart.
+#[derive(Clone, Copy)]
+enum CommitKind {
+    Foreground,
+    Compaction,
 }
 
 /// The maximal runs of consecutive LBAs among sorted `entries`, as `from..to`.
@@ -1535,11 +1722,14 @@ fn check_extents(
     deks: &HashMap<u32, DataKey>,
     writers: &HashMap<u32, WriterRecord>,
     live: &HashMap<u32, u64>,
-) -> Result<HashSet<u32>, VolumeError> {
+    index_limit: usize,
+) -> Result<(HashSet<u32>, Option<ExtentIndex>), VolumeError> {
     let mut mapped: HashMap<u32, u64> = HashMap::new();
     let mut named: HashSet<u32> = HashSet::new();
     let mut bad: Option<String> = None;
     let mut next_lba = 0u64;
+    // Built on the way; given up once it outgrows what the budget could hold.
+    let mut index = Some(ExtentIndex::default());
     meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
         let extent = match Extent::decode(key, value) {
             Ok(extent) => extent,
@@ -1576,6 +1766,12 @@ fn check_extents(
         }
         named.insert(extent.writer);
         *mapped.entry(extent.segment).or_default() += extent.tags.len() as u64;
+        if let Some(built) = index.as_mut() {
+            built.insert(&extent);
+            if built.bytes() > index_limit {
+                index = None;
+            }
+        }
         true
     })?;
     if let Some(what) = bad {
@@ -1598,7 +1794,7 @@ fn check_extents(
             });
         }
     }
-    Ok(named)
+    Ok((named, index))
 }
 
 fn corrupt(e: record::Corrupt) -> VolumeError {
@@ -1670,6 +1866,123 @@ mod tests {
             }
             assert_eq!(got, want, "round {round}: {offset}+{len}");
         }
+    }
+
+    /// Reads agree with a model whether mappings come from the index or the
+    /// store, through index drops and reloads between writes, trims, flushes
+    /// and compactions.
+    #[test]
+    fn reads_agree_with_and_without_the_index() {
+        use rand::{Rng, SeedableRng};
+        const BLOCKS: u64 = 256;
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions::new()
+            .background_compaction(false)
+            .segment_bytes(32 * 512)
+            .overlay_blocks(64);
+        let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
+        let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
+        store.create_tenant(&tenant).unwrap();
+        let options = VolumeOptions {
+            block_size: crate::BlockSize::new(512).unwrap(),
+        };
+        store
+            .create_volume(&tenant, &name, BLOCKS * 512, options)
+            .unwrap();
+        let volume = store.open_volume(&tenant, &name).unwrap();
+        assert!(volume.inner.has_index());
+        let mut model = vec![0u8; (BLOCKS * 512) as usize];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..400u32 {
+            let lba = rng.random_range(0..BLOCKS);
+            let count = rng.random_range(1..=8u64).min(BLOCKS - lba);
+            let (at, len) = ((lba * 512) as usize, (count * 512) as usize);
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    let fill = (round % 251) as u8 + 1;
+                    volume.write_at(at as u64, &vec![fill; len]).unwrap();
+                    model[at..at + len].fill(fill);
+                }
+                6 => {
+                    volume.trim(at as u64, len as u64).unwrap();
+                    model[at..at + len].fill(0);
+                }
+                7 => volume.flush().unwrap(),
+                8 => {
+                    volume.compact_now().unwrap();
+                }
+                _ => {
+                    if volume.inner.has_index() {
+                        volume.inner.drop_index();
+                    } else {
+                        assert!(volume.inner.load_index().unwrap());
+                    }
+                }
+            }
+            let mut got = vec![0u8; model.len()];
+            volume.read_at(0, &mut got).unwrap();
+            assert!(got == model, "round {round}");
+        }
+        // A reloaded index holds exactly what the store holds.
+        volume.flush().unwrap();
+        volume.inner.drop_index();
+        assert!(volume.inner.load_index().unwrap());
+        let mut from_index = Vec::new();
+        volume
+            .inner
+            .visit_extents(0, BLOCKS, &mut |e| from_index.push(e.to_extent()))
+            .unwrap();
+        let mut from_store = Vec::new();
+        volume
+            .inner
+            .scan_store(0, BLOCKS, &mut |e| from_store.push(e))
+            .unwrap();
+        assert_eq!(from_index, from_store);
+        assert_eq!(
+            volume.inner.budget.used(),
+            volume.inner.index.read().unwrap().as_ref().unwrap().bytes()
+        );
+    }
+
+    /// With room for one index, the volume being read gets it and the idle one
+    /// gives it up.
+    #[test]
+    fn the_index_budget_moves_to_the_volume_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // 100 scattered blocks make 100 single-block extents per volume.
+        let one = 100 * super::index::ENTRY_BYTES;
+        let options = StoreOptions::new()
+            .background_compaction(false)
+            .index_memory(one + one / 2);
+        let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
+        let tenant = TenantId::new("acme").unwrap();
+        store.create_tenant(&tenant).unwrap();
+        let mut volumes = Vec::new();
+        for name in ["a", "b"] {
+            let name = VolumeId::new(name).unwrap();
+            store
+                .create_volume(&tenant, &name, 4 << 20, VolumeOptions::default())
+                .unwrap();
+            let volume = store.open_volume(&tenant, &name).unwrap();
+            for k in 0..100u64 {
+                volume.write_at(k * 2 * 4096, &[k as u8 + 1; 4096]).unwrap();
+            }
+            volume.flush().unwrap();
+            volumes.push(volume);
+        }
+        let (a, b) = (&volumes[0], &volumes[1]);
+        assert!(a.inner.has_index(), "the first volume's index fits");
+        assert!(!b.inner.has_index(), "the second one's does not");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut block = [0u8; 4096];
+        while !b.inner.has_index() {
+            assert!(std::time::Instant::now() < deadline, "b never got an index");
+            b.read_at(2 * 4096, &mut block).unwrap();
+            assert_eq!(block, [2u8; 4096]);
+        }
+        assert!(!a.inner.has_index(), "the idle volume gave its index up");
+        a.read_at(0, &mut block).unwrap();
+        assert_eq!(block, [1u8; 4096]);
     }
 
     #[test]

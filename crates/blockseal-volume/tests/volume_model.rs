@@ -83,6 +83,9 @@ struct Harness {
     /// first is the flushed content).
     candidates: Vec<Vec<Vec<u8>>>,
     poisoned: bool,
+    /// The store's extent index budget: ample, none, or so small that the
+    /// index is given up part way.
+    index_memory: usize,
 }
 
 impl Harness {
@@ -93,9 +96,10 @@ impl Harness {
             .compaction_threshold(0.9)
             .background_compaction(false)
             .segment_store(Arc::new(self.segments.clone()))
+            .index_memory(self.index_memory)
     }
 
-    fn new() -> Harness {
+    fn new(index_memory: usize) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let segments = FaultySegments::new();
         let mut h = Harness {
@@ -105,6 +109,7 @@ impl Harness {
             model: vec![0; SIZE],
             candidates: (0..SIZE / BS).map(|_| vec![vec![0; BS]]).collect(),
             poisoned: false,
+            index_memory,
         };
         h.store = Some(store_with_volume(h.dir.path(), SIZE as u64, h.options()));
         h
@@ -285,8 +290,11 @@ impl Harness {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn volume_matches_model_through_faults_and_crashes(ops in proptest::collection::vec(op(), 1..60)) {
-        let mut h = Harness::new();
+    fn volume_matches_model_through_faults_and_crashes(
+        ops in proptest::collection::vec(op(), 1..60),
+        index_memory in prop_oneof![Just(64usize << 20), Just(0usize), Just(1500usize)],
+    ) {
+        let mut h = Harness::new(index_memory);
         for op in ops {
             h.apply(op);
         }

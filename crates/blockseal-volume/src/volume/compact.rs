@@ -19,9 +19,9 @@
 //!    after this sweep no write into a sealed segment is in flight.
 //! 2. Flush. Every mapping into a sealed segment is now committed, the overlay
 //!    holds none (new writes go to the head), and the live counts are exact.
-//! 3. One scan of the volume's extent records finds the blocks still in each
-//!    candidate segment.
-//! 4. Per step of at most 256 blocks: read the ciphertext from the old segment
+//! 3. The extent index's segment sets give the blocks still in each candidate
+//!    segment (one walk of the volume's extent records when it has no index).
+//! 4. Per step of at most 8 MiB of blocks: read the ciphertext from the old segment
 //!    and write it as is into fresh space at the head (the associated data binds
 //!    tenant, volume, LBA and DEK version, not the location, so nonce and tag
 //!    stay valid), then sync the head segments written.
@@ -58,9 +58,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
 use std::sync::atomic::Ordering;
 
-use super::{Location, VolumeInner, apply_deltas, location};
+use super::index::ExtentView;
+use super::{CommitKind, Location, MappingCommit, VolumeInner, location};
 use crate::error::VolumeError;
-use crate::meta::Batch;
 use crate::record::{self, Extent};
 
 /// What one compaction did.
@@ -87,8 +87,9 @@ impl AddAssign for CompactionReport {
     }
 }
 
-/// Blocks copied, synced and committed per step.
-const STEP_BLOCKS: usize = 256;
+/// Bytes of blocks copied, synced and committed per step: one sync and one
+/// metadata commit per several MiB copied.
+const STEP_BYTES: u64 = 8 << 20;
 
 /// A sealed segment worth compacting or deleting.
 struct Candidate {
@@ -157,22 +158,15 @@ impl VolumeInner {
 
         // The blocks still in each candidate, in LBA order.
         let wanted: HashSet<u32> = candidates.iter().map(|c| c.index).collect();
-        let mut inside: HashMap<u32, Vec<(u64, Location)>> = HashMap::new();
-        self.scan_extents(0, u64::MAX, &mut |extent| {
-            if wanted.contains(&extent.segment) {
-                let blocks = inside.entry(extent.segment).or_default();
-                for k in 0..extent.tags.len() {
-                    blocks.push((extent.lba + k as u64, location(&extent, k)));
-                }
-            }
-        })?;
+        let mut inside = self.blocks_in(&wanted)?;
 
         let bs = self.block_size.len() as u64;
         let mut reclaimed = 0u64;
         let mut moved = 0u64;
         'segments: for candidate in candidates {
             let blocks = inside.remove(&candidate.index).unwrap_or_default();
-            for step in blocks.chunks(STEP_BLOCKS) {
+            let step_blocks = (STEP_BYTES / bs).max(1) as usize;
+            for step in blocks.chunks(step_blocks) {
                 match self.move_step(step) {
                     Ok(n) => moved += n,
                     Err(Ok(SourceUnreadable(error))) => {
@@ -205,6 +199,37 @@ impl VolumeInner {
         self.deleted_segments
             .fetch_add(report.segments_deleted, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The committed blocks lying in each of `segments`, in LBA order: from the
+    /// index's segment sets when the volume has an index, else by one walk of
+    /// the volume's extent records.
+    fn blocks_in(
+        &self,
+        segments: &HashSet<u32>,
+    ) -> Result<HashMap<u32, Vec<(u64, Location)>>, VolumeError> {
+        let mut inside: HashMap<u32, Vec<(u64, Location)>> = HashMap::new();
+        let mut add = |extent: ExtentView<'_>| {
+            let blocks = inside.entry(extent.segment).or_default();
+            for k in 0..extent.tags.len() {
+                blocks.push((extent.lba + k as u64, location(&extent, k)));
+            }
+        };
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(index) = index.as_ref() {
+                for &segment in segments {
+                    index.visit_segment(segment, &mut add);
+                }
+                return Ok(inside);
+            }
+        }
+        self.visit_extents(0, u64::MAX, &mut |extent| {
+            if segments.contains(&extent.segment) {
+                add(extent);
+            }
+        })?;
+        Ok(inside)
     }
 
     /// Takes and releases every block stripe: afterwards every write that had
@@ -347,19 +372,23 @@ impl VolumeInner {
         }
         let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
         for &(from, to) in &runs {
-            self.scan_extents(from, to, &mut |extent| {
-                old.insert(extent.lba, extent);
+            self.visit_extents(from, to, &mut |extent| {
+                old.insert(extent.lba, extent.to_extent());
             })?;
         }
-        let mut batch = Batch::new();
-        let mut deltas: HashMap<u32, i64> = HashMap::new();
+        let mut commit = MappingCommit::default();
+        let MappingCommit {
+            batch,
+            deltas,
+            change,
+        } = &mut commit;
         let mut moved = 0u64;
         for extent in old.values() {
             // The extent's blocks, each at its old place or its new one.
             let mut places: Vec<(u32, u32)> = Vec::with_capacity(extent.tags.len());
             let mut changed = false;
             for k in 0..extent.tags.len() {
-                let now = location(extent, k);
+                let now = location(&extent.into(), k);
                 match by_lba.get(&(extent.lba + k as u64)) {
                     Some(m) if m.from == now => {
                         places.push((m.to_segment, m.to_offset));
@@ -377,6 +406,7 @@ impl VolumeInner {
             // The old record goes first: a piece keyed by the same last LBA,
             // put later in the batch, wins.
             batch.delete(record::extent_key(self.internal_id, extent.last()).to_vec());
+            change.removed.push(extent.last());
             let mut start = 0;
             while start < places.len() {
                 let mut end = start + 1;
@@ -399,26 +429,11 @@ impl VolumeInner {
                     record::extent_key(self.internal_id, piece.last()).to_vec(),
                     piece.encode(),
                 );
+                change.added.push(piece);
                 start = end;
             }
         }
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        self.apply_live(&mut batch, &state.live, &deltas);
-        if let Err(e) = self.meta.commit(&batch) {
-            // What the store holds now is unknown: no more writes until reopened.
-            self.poison();
-            return Err(e.into());
-        }
-        apply_deltas(&mut state.live, &deltas);
-        let bytes: usize = batch
-            .ops()
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        self.compaction_metadata_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.commit_mappings(&mut state, commit, CommitKind::Compaction)?;
         Ok(moved)
     }
 
