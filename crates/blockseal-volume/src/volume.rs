@@ -9,11 +9,14 @@
 //! so a crash can never tear a block against its tag.
 //!
 //! Locks, in the only order they are taken: the compaction lock (one compaction
-//! of a volume at a time; see [`compact`]), then block stripes, then the flush
-//! lock, then the head / overlay / dirty-set locks (each held only for a few
-//! instructions, never across I/O except the head lock across a segment create).
-//! Sealing and segment writes run under stripe locks only. Reads take no lock
-//! but the overlay's, briefly.
+//! of a volume at a time; see [`compact`]), then the edge-block stripes of a
+//! write with partial blocks, then the install gate (shared by writes from
+//! allocation to install, exclusive for an instant in compaction), then the
+//! flush lock, then the head / overlay / dirty-set / index locks (each held
+//! only for a few instructions, never across I/O except the head lock across a
+//! segment create). Sealing and segment writes of whole blocks take no lock
+//! but the install gate's shared side. Reads take the overlay's and the
+//! index's briefly, and the segment-read gate's shared side.
 //!
 //! Space comes back by compaction (module [`compact`]): the live blocks of a
 //! mostly dead sealed segment are copied to the head and their mappings switched
@@ -47,8 +50,9 @@ use crate::seal::{BlockCipher, TAG_LEN, Tag};
 use crate::segment::{SegmentId, SegmentStore};
 use index::{ExtentIndex, ExtentView};
 
-/// Number of block lock stripes per volume (a power of two).
-const STRIPES: usize = 1024;
+/// Number of lock stripes per volume for the partial blocks at the edges of
+/// writes (a power of two).
+const STRIPES: usize = 64;
 
 /// Trims and zeroes covering at least this many whole blocks drop the mappings
 /// with one direct commit instead of one overlay entry per block.
@@ -195,7 +199,14 @@ pub(crate) struct VolumeInner {
     overlay: Mutex<Overlay>,
     dirty_segments: Mutex<BTreeSet<u32>>,
     flush: Mutex<FlushState>,
+    /// Held by a write across the read-modify-write of a partial block at its
+    /// edges (block `b` maps to stripe `b % STRIPES`): two writes to different
+    /// bytes of one block never lose either.
     stripes: Box<[Mutex<()>]>,
+    /// Held shared by every write from its allocation of segment space until
+    /// its mappings are in the overlay; compaction takes it exclusively for an
+    /// instant to wait for writes into segments it is about to judge.
+    installing: RwLock<()>,
     poisoned: AtomicBool,
     auth_failures: AtomicU64,
     commits: AtomicU64,
@@ -431,6 +442,7 @@ impl Volume {
                 dirty_segments: Mutex::new(BTreeSet::new()),
                 flush: Mutex::new(FlushState { durable: 0, live }),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                installing: RwLock::new(()),
                 poisoned: AtomicBool::new(false),
                 auth_failures: AtomicU64::new(0),
                 commits: AtomicU64::new(0),
@@ -743,15 +755,21 @@ impl VolumeInner {
         }
     }
 
-    /// Locks the stripes of blocks `first..=last`, in ascending stripe order.
-    fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
-        let count = last - first + 1;
-        let indexes: Vec<usize> = if count >= STRIPES as u64 {
-            (0..STRIPES).collect()
-        } else {
-            let set: BTreeSet<usize> = (first..=last).map(|b| b as usize % STRIPES).collect();
-            set.into_iter().collect()
-        };
+    /// Locks the stripes of the edge blocks a write reads, modifies and
+    /// rewrites: block `first` when `head`, block `last` when `tail` (in
+    /// ascending stripe order). Whole blocks need no lock: their install into
+    /// the overlay is atomic, and concurrent writes to the same whole block may
+    /// land in either order, as NBD allows for requests in flight together.
+    fn lock_edges(&self, first: u64, last: u64, head: bool, tail: bool) -> Vec<MutexGuard<'_, ()>> {
+        let mut indexes = Vec::with_capacity(2);
+        if head {
+            indexes.push(first as usize % STRIPES);
+        }
+        if tail {
+            indexes.push(last as usize % STRIPES);
+        }
+        indexes.sort_unstable();
+        indexes.dedup();
         indexes
             .into_iter()
             // The stripes guard no data of their own.
@@ -1082,7 +1100,7 @@ impl VolumeInner {
         let tail_partial = !(offset + len).is_multiple_of(bs64);
 
         let over_limit = {
-            let _locks = self.lock_blocks(first, last);
+            let _edges = self.lock_edges(first, last, head_partial, tail_partial);
             match data {
                 Some(data) if !head_partial && !tail_partial => {
                     // Whole blocks: one copy to seal in place, no zero-fill (the
@@ -1224,6 +1242,9 @@ impl VolumeInner {
     /// Seals whole blocks starting at `first` into fresh segment space and installs
     /// their mappings. Returns whether the overlay grew past its bound.
     fn seal_and_install(&self, first: u64, blocks: &mut [u8]) -> Result<bool, VolumeError> {
+        // From the allocation to the install (see `installing`). It guards no
+        // data: a panic elsewhere leaves it valid.
+        let _installing = self.installing.read().unwrap_or_else(|e| e.into_inner());
         let bs = self.block_size.len();
         let count = blocks.len() / bs;
         let mut locations = Vec::with_capacity(count);

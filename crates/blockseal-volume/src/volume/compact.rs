@@ -14,9 +14,9 @@
 //! # Steps and durability order
 //!
 //! 1. Under the volume's compaction lock (first in the lock order), note the
-//!    head's index, then take and release every block stripe in turn: a write
-//!    holds its stripes from allocation until its mapping is in the overlay, so
-//!    after this sweep no write into a sealed segment is in flight.
+//!    head's index, then take and release the install gate: a write holds
+//!    its shared side from allocation until its mapping is in the overlay, so
+//!    afterwards no write into a sealed segment is in flight.
 //! 2. Flush. Every mapping into a sealed segment is now committed, the overlay
 //!    holds none (new writes go to the head), and the live counts are exact.
 //! 3. The extent index's segment sets give the blocks still in each candidate
@@ -232,12 +232,10 @@ impl VolumeInner {
         Ok(inside)
     }
 
-    /// Takes and releases every block stripe: afterwards every write that had
+    /// Takes and releases the install gate: afterwards every write that had
     /// allocated space before the call has installed its mapping.
     fn write_barrier(&self) {
-        for stripe in self.stripes.iter() {
-            drop(stripe.lock().unwrap_or_else(|e| e.into_inner()));
-        }
+        drop(self.installing.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The sealed segments whose live fraction is below `threshold` (or that hold
