@@ -23,12 +23,13 @@
 //!
 //! It is rewritten in place (24 bytes, within one sector) and fdatasynced.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::meta::{BackendKind, Batch, MetaError, MetaStore};
 
@@ -77,18 +78,46 @@ pub(crate) fn metadata_sequence(meta: &dyn MetaStore) -> Result<Option<u64>, Met
 /// A metadata store whose every commit carries the next sequence number and
 /// advances the marker file once durable.
 ///
-/// Commits take the commit lock (sequence numbers in commit order); the marker
-/// is written under a lock of its own, after the commit lock is released, so the
-/// next commit goes on while one marker write covers every commit durable by then.
+/// Commits are grouped: a committer queues its batch, and whichever committer
+/// finds no commit running becomes the leader, takes every batch queued by then
+/// and commits them as ONE backend commit with one sequence number, while the
+/// others wait for its result (theirs too). Many volumes flushing at once so
+/// share one metadata commit and its syncs instead of queueing for one each. A
+/// batch is applied after the batches queued before it, as if committed alone
+/// in queue order; a failed group commit fails every batch in it.
+///
+/// The marker is written under a lock of its own, after the group's commit, so
+/// the next group commits meanwhile and one marker write covers every commit
+/// durable by then.
 pub(crate) struct Sequenced {
     inner: Arc<dyn MetaStore>,
-    /// The last sequence handed to a commit.
-    committing: Mutex<u64>,
+    group: Mutex<Group>,
+    /// Signalled when a group commit has finished.
+    finished: Condvar,
     /// The last sequence whose commit returned `Ok` (durable).
     durable: AtomicU64,
     marker: Mutex<MarkerFile>,
     path: PathBuf,
 }
+
+/// The queue of batches waiting for the next group commit.
+struct Group {
+    /// Batches of tickets `decided..next_ticket`, in ticket order.
+    queue: Vec<Batch>,
+    next_ticket: u64,
+    /// Every ticket below this has its result.
+    decided: u64,
+    /// A leader is committing.
+    running: bool,
+    /// The last sequence handed to a group commit.
+    sequence: u64,
+    /// Recent failed groups: `(first ticket, end ticket, error)`. Members read
+    /// their error here; a few suffice (members wake as soon as it is decided).
+    failures: VecDeque<(u64, u64, MetaError)>,
+}
+
+/// How many failed groups are remembered for their members.
+const FAILURES_KEPT: usize = 64;
 
 struct MarkerFile {
     file: File,
@@ -126,7 +155,15 @@ impl Sequenced {
         File::open(dir)?.sync_all()?;
         Ok(Sequenced {
             inner,
-            committing: Mutex::new(sequence),
+            group: Mutex::new(Group {
+                queue: Vec::new(),
+                next_ticket: 0,
+                decided: 0,
+                running: false,
+                sequence,
+                failures: VecDeque::new(),
+            }),
+            finished: Condvar::new(),
             durable: AtomicU64::new(sequence),
             marker: Mutex::new(MarkerFile {
                 file,
@@ -156,23 +193,7 @@ impl MetaStore for Sequenced {
         if batch.is_empty() {
             return Ok(());
         }
-        let sequence = {
-            // Commits are serialized by every backend anyway; holding the lock
-            // across one keeps sequence numbers in commit order.
-            let mut last = self.committing.lock().unwrap_or_else(|e| e.into_inner());
-            let sequence = *last + 1;
-            let mut sequenced = batch.clone();
-            sequenced.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
-            let committed = self.inner.commit(&sequenced);
-            // The copy may hold a tenant seed, like the caller's batch.
-            sequenced.wipe_values();
-            // A failed commit may still have become durable: its number is
-            // never handed out again.
-            *last = sequence;
-            committed?;
-            self.durable.fetch_max(sequence, Ordering::AcqRel);
-            sequence
-        };
+        let sequence = self.commit_grouped(batch)?;
         // The marker only ever records commits that returned Ok, and this one
         // returns only once the marker holds it (or a later one).
         let mut marker = self.marker.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,6 +223,105 @@ impl MetaStore for Sequenced {
     }
 }
 
+impl Sequenced {
+    fn lock_group(&self) -> MutexGuard<'_, Group> {
+        // Every critical section leaves the queue whole: a poisoned lock is valid.
+        self.group.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `batch` for the next group commit, leading it when no commit
+    /// runs, and returns the sequence number of the durable commit that held it.
+    fn commit_grouped(&self, batch: &Batch) -> Result<u64, MetaError> {
+        let mut group = self.lock_group();
+        let ticket = group.next_ticket;
+        group.next_ticket += 1;
+        group.queue.push(batch.clone());
+        loop {
+            if ticket < group.decided {
+                return match group
+                    .failures
+                    .iter()
+                    .find(|(first, end, _)| (*first..*end).contains(&ticket))
+                {
+                    Some((_, _, error)) => Err(echo(error)),
+                    // Succeeded, so `durable` is at least its group's number.
+                    None => Ok(self.durable.load(Ordering::Acquire)),
+                };
+            }
+            if group.running {
+                group = self.finished.wait(group).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Lead: commit everything queued, this batch included.
+            group.running = true;
+            let (first, end) = (group.decided, group.next_ticket);
+            let sequence = group.sequence + 1;
+            let mut batches = std::mem::take(&mut group.queue);
+            drop(group);
+            let mut merged = Batch::new();
+            for queued in &mut batches {
+                for (key, value) in queued.ops() {
+                    match value {
+                        Some(value) => merged.put(key.clone(), value.clone()),
+                        None => merged.delete(key.clone()),
+                    }
+                }
+                // The copies may hold a tenant seed, like the callers' batches.
+                queued.wipe_values();
+            }
+            merged.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
+            let committed = self.inner.commit(&merged);
+            merged.wipe_values();
+            group = self.lock_group();
+            // A failed commit may still have become durable: its number is
+            // never handed out again.
+            group.sequence = sequence;
+            group.decided = end;
+            group.running = false;
+            let result = match committed {
+                Ok(()) => {
+                    self.durable.fetch_max(sequence, Ordering::AcqRel);
+                    Ok(sequence)
+                }
+                Err(error) => {
+                    let mine = echo(&error);
+                    if group.failures.len() == FAILURES_KEPT {
+                        group.failures.pop_front();
+                    }
+                    group.failures.push_back((first, end, error));
+                    Err(mine)
+                }
+            };
+            self.finished.notify_all();
+            return result;
+        }
+    }
+}
+
+/// A copy of `error` for each member of a failed group commit (the backend's
+/// error is not `Clone`): same kind, the original's message chain as source.
+fn echo(error: &MetaError) -> MetaError {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    let source = Box::new(io::Error::other(text));
+    match error {
+        MetaError::Corrupt { backend, .. } => MetaError::Corrupt {
+            backend: *backend,
+            source,
+        },
+        MetaError::Backend { backend, .. } => MetaError::Backend {
+            backend: *backend,
+            source,
+        },
+        MetaError::Locked { path } => MetaError::Locked { path: path.clone() },
+    }
+}
+
 fn write_marker(file: &File, sequence: u64) -> io::Result<()> {
     let mut bytes = [0u8; MARKER_LEN];
     bytes[..8].copy_from_slice(MAGIC);
@@ -224,7 +344,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn concurrent_commits_number_in_order_and_the_marker_ends_at_the_last() {
+    fn concurrent_commits_all_land_and_the_marker_ends_at_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let inner: Arc<dyn MetaStore> =
             Arc::from(crate::meta::open(BackendKind::Redb, &dir.path().join("meta")).unwrap());
@@ -241,8 +361,89 @@ mod tests {
                 });
             }
         });
-        assert_eq!(metadata_sequence(inner.as_ref()).unwrap(), Some(200));
-        assert_eq!(read(dir.path()).unwrap(), Marker::At(200));
+        // Commits that queued together share one backend commit and number.
+        let sequence = metadata_sequence(inner.as_ref()).unwrap().unwrap();
+        assert!((1..=200).contains(&sequence), "{sequence}");
+        assert_eq!(read(dir.path()).unwrap(), Marker::At(sequence));
+        for t in 0..8u8 {
+            for k in 0..25u8 {
+                assert_eq!(inner.get(&[b'x', t, k]).unwrap(), Some(vec![k]));
+            }
+        }
+    }
+
+    /// A backend that refuses every commit holding the key `bad`.
+    struct Picky(Arc<dyn MetaStore>);
+
+    impl MetaStore for Picky {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+            self.0.get(key)
+        }
+
+        fn scan(
+            &self,
+            start: &[u8],
+            end: Option<&[u8]>,
+            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), MetaError> {
+            self.0.scan(start, end, visit)
+        }
+
+        fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
+            if batch.ops().iter().any(|(k, _)| k == b"bad") {
+                return Err(MetaError::Backend {
+                    backend: BackendKind::Redb,
+                    source: "refused".into(),
+                });
+            }
+            self.0.commit(batch)
+        }
+
+        fn backend(&self) -> BackendKind {
+            self.0.backend()
+        }
+    }
+
+    /// Whatever group a batch lands in, `Ok` means its writes are durable and
+    /// an error means none of them are.
+    #[test]
+    fn a_failed_group_fails_each_member_and_only_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn MetaStore> =
+            Arc::from(crate::meta::open(BackendKind::Redb, &dir.path().join("meta")).unwrap());
+        let store = Sequenced::new(dir.path(), Arc::new(Picky(inner.clone())), 0).unwrap();
+        let results: Vec<(Vec<u8>, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6u8)
+                .map(|t| {
+                    let store = &store;
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for k in 0..40u8 {
+                            let key = vec![b'y', t, k];
+                            let mut batch = Batch::new();
+                            batch.put(key.clone(), vec![1]);
+                            if t == 0 && k % 4 == 0 {
+                                batch.put(b"bad".to_vec(), vec![1]);
+                            }
+                            out.push((key, store.commit(&batch).is_ok()));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let mut failed = 0;
+        for (key, ok) in results {
+            assert_eq!(inner.get(&key).unwrap().is_some(), ok, "{key:?}");
+            failed += usize::from(!ok);
+        }
+        assert!(failed >= 10, "every batch holding `bad` fails");
+        let sequence = metadata_sequence(inner.as_ref()).unwrap().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marker::At(sequence));
     }
 
     #[test]
