@@ -239,6 +239,9 @@ pub(crate) struct VolumeInner {
     /// budget's last pass (which moves indexes to where reads are).
     store_lookups: AtomicU64,
     index_lookups: AtomicU64,
+    /// Reads and writes served since the volume opened (compaction's pacing
+    /// watches its rate).
+    requests: AtomicU64,
 }
 
 /// Everything [`Volume::open`] needs, assembled by the store.
@@ -461,6 +464,7 @@ impl Volume {
                 budget: index_budget,
                 store_lookups: AtomicU64::new(0),
                 index_lookups: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
             }),
         })
     }
@@ -534,6 +538,7 @@ impl Volume {
         if buf.is_empty() {
             return Ok(());
         }
+        i.requests.fetch_add(1, Ordering::Relaxed);
         i.read_range(offset, buf)
     }
 
@@ -941,6 +946,11 @@ impl VolumeInner {
         }
     }
 
+    /// Reads and writes served since the volume opened.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// Lookups that went to the store and to the index since the last call.
     pub(crate) fn take_lookup_counts(&self) -> (u64, u64) {
         (
@@ -1082,6 +1092,7 @@ impl VolumeInner {
     /// bytes at `offset`.
     fn write_range(&self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), VolumeError> {
         self.check_poisoned()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(VolumeError::NoSpace {
                 offset,

@@ -14,7 +14,13 @@ use common::volume::*;
 use rand::Rng;
 
 const BS: u64 = 4096;
-const BLOCKS: u64 = 16_384; // 64 MiB
+/// Volume size in blocks: 64 MiB, or `BLOCKSEAL_OVERHEAD_MIB` MiB.
+fn blocks() -> u64 {
+    std::env::var("BLOCKSEAL_OVERHEAD_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(16_384, |mib| mib * 256)
+}
 
 fn dir_size(path: &std::path::Path) -> u64 {
     let mut total = 0;
@@ -32,17 +38,18 @@ fn dir_size(path: &std::path::Path) -> u64 {
 
 fn measure(backend: BackendKind, random: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
+    let blocks = blocks();
     let (_store, volume) = store_with_volume(
         dir.path(),
-        BLOCKS * BS,
+        blocks * BS,
         StoreOptions::new().backend(backend),
     );
     let mut rng = rand::rng();
     let data = pattern(1, 32 * BS as usize);
     let mut written = 0u64;
-    for i in 0..BLOCKS {
+    for i in 0..blocks {
         if random {
-            let lba = rng.random_range(0..BLOCKS);
+            let lba = rng.random_range(0..blocks);
             volume.write_at(lba * BS, &data[..BS as usize]).unwrap();
             written += BS;
         } else if i % 32 == 0 {
