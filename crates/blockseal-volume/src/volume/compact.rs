@@ -59,7 +59,7 @@ use std::ops::AddAssign;
 use std::sync::atomic::Ordering;
 
 use super::index::ExtentView;
-use super::{CommitKind, Location, MappingCommit, VolumeInner, location};
+use super::{CommitKind, Location, MappingCommit, VolumeInner};
 use crate::error::VolumeError;
 use crate::record::{self, Extent};
 
@@ -212,7 +212,7 @@ impl VolumeInner {
         let mut add = |extent: ExtentView<'_>| {
             let blocks = inside.entry(extent.segment).or_default();
             for k in 0..extent.tags.len() {
-                blocks.push((extent.lba + k as u64, location(&extent, k)));
+                blocks.push((extent.lba + k as u64, extent.location(k)));
             }
         };
         {
@@ -386,7 +386,7 @@ impl VolumeInner {
             let mut places: Vec<(u32, u32)> = Vec::with_capacity(extent.tags.len());
             let mut changed = false;
             for k in 0..extent.tags.len() {
-                let now = location(&extent.into(), k);
+                let now = ExtentView::from(extent).location(k);
                 match by_lba.get(&(extent.lba + k as u64)) {
                     Some(m) if m.from == now => {
                         places.push((m.to_segment, m.to_offset));

@@ -24,6 +24,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::{Location, MappingChange, VolumeInner};
+use crate::error::VolumeError;
 use crate::record::Extent;
 use crate::seal::TAG_LEN;
 
@@ -39,7 +41,7 @@ enum Tags {
 }
 
 impl Tags {
-    fn as_slice(&self) -> &[[u8; TAG_LEN]] {
+    pub(super) fn as_slice(&self) -> &[[u8; TAG_LEN]] {
         match self {
             Tags::One(tag) => std::slice::from_ref(tag),
             Tags::Many(tags) => tags,
@@ -71,6 +73,18 @@ pub(crate) struct ExtentView<'a> {
 }
 
 impl ExtentView<'_> {
+    /// Where block `k` of the extent lives and how it was sealed.
+    pub(crate) fn location(&self, k: usize) -> Location {
+        Location {
+            segment: self.segment,
+            offset: self.offset + k as u32,
+            dek_version: self.dek_version,
+            writer: self.writer,
+            nonce: self.nonce + k as u64,
+            tag: self.tags[k],
+        }
+    }
+
     /// The LBA of the extent's last block.
     pub(crate) fn last(&self) -> u64 {
         self.lba + (self.tags.len() as u64 - 1)
@@ -251,6 +265,89 @@ impl IndexBudget {
     /// The limit.
     pub(crate) fn limit(&self) -> usize {
         self.limit
+    }
+}
+
+impl VolumeInner {
+    /// Applies a durable mapping commit to the index (the caller holds the flush
+    /// lock, and the overlay still holds the entries committed). An index that
+    /// outgrows the store's budget is given up: reads then use the store.
+    pub(super) fn apply_to_index(&self, change: &MappingChange) {
+        let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = guard.as_mut() else {
+            return;
+        };
+        let before = index.bytes();
+        for &last in &change.removed {
+            index.remove(last);
+        }
+        for extent in &change.added {
+            index.insert(extent);
+        }
+        let after = index.bytes();
+        if after <= before {
+            self.budget.release(before - after);
+        } else if !self.budget.charge(after - before) {
+            self.budget.release(after);
+            *guard = None;
+            tracing::debug!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                "extent index given up: the store's index budget is spent"
+            );
+        }
+    }
+
+    /// Whether the volume holds its mappings in memory.
+    pub(crate) fn has_index(&self) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Drops the index (its memory goes back to the budget). Returns the bytes
+    /// released.
+    pub(crate) fn drop_index(&self) -> usize {
+        let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let bytes = guard.take().map_or(0, |index| index.bytes());
+        self.budget.release(bytes);
+        bytes
+    }
+
+    /// Builds the index from the metadata store if it fits in the budget (under
+    /// the flush lock, so no commit changes the records meanwhile). Returns
+    /// whether the volume has an index afterwards.
+    pub(crate) fn load_index(&self) -> Result<bool, VolumeError> {
+        let _state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        if self.has_index() {
+            return Ok(true);
+        }
+        let limit = self.budget.limit().saturating_sub(self.budget.used());
+        let mut built = Some(ExtentIndex::default());
+        self.scan_store(0, u64::MAX, &mut |extent| {
+            if let Some(index) = built.as_mut() {
+                index.insert(&extent);
+                if index.bytes() > limit {
+                    built = None;
+                }
+            }
+        })?;
+        match built {
+            Some(index) if self.budget.try_charge(index.bytes()) => {
+                *self.index.write().unwrap_or_else(|e| e.into_inner()) = Some(index);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Lookups that went to the store and to the index since the last call.
+    pub(crate) fn take_lookup_counts(&self) -> (u64, u64) {
+        (
+            self.store_lookups.swap(0, Ordering::Relaxed),
+            self.index_lookups.swap(0, Ordering::Relaxed),
+        )
     }
 }
 

@@ -1,0 +1,242 @@
+//! The read path: a block's mapping from the overlay, else the index (or the
+//! metadata store), then its ciphertext from the segment, opened in place.
+//!
+//! This module must never return bytes of a block that failed authentication.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::index::ExtentView;
+use super::{Location, Slot, VolumeInner, corrupt};
+use crate::block::Lba;
+use crate::error::VolumeError;
+use crate::nonce::nonce_for;
+use crate::record::{self, Extent};
+use crate::seal::{BlockCipher, Tag};
+
+impl VolumeInner {
+    /// The current slot of each block `first..first + count` (`None`: never
+    /// written since the last trim, reads as zeros).
+    pub(super) fn lookup(&self, first: u64, count: u64) -> Result<Vec<Option<Slot>>, VolumeError> {
+        let mut slots = vec![None; count as usize];
+        let mut missing = false;
+        {
+            let overlay = self.lock_overlay();
+            let mut covered = 0u64;
+            for (&lba, &(slot, _)) in overlay.map.range(first..first + count) {
+                slots[(lba - first) as usize] = Some(slot);
+                covered += 1;
+            }
+            if covered < count {
+                missing = true;
+            }
+        }
+        if missing {
+            self.visit_extents(first, first + count, &mut |extent| {
+                let from = extent.lba.max(first);
+                let to = (extent.last() + 1).min(first + count);
+                for lba in from..to {
+                    let slot = &mut slots[(lba - first) as usize];
+                    if slot.is_none() {
+                        let k = (lba - extent.lba) as usize;
+                        *slot = Some(Slot::Mapped(extent.location(k)));
+                    }
+                }
+            })?;
+        }
+        // A Zero slot and a hole read alike.
+        Ok(slots
+            .into_iter()
+            .map(|s| match s {
+                Some(Slot::Zero) => None,
+                s => s,
+            })
+            .collect())
+    }
+
+    /// Visits the committed extents overlapping blocks `from..to`, in order:
+    /// from the index when the volume has one, else from the metadata store.
+    pub(super) fn visit_extents(
+        &self,
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(ExtentView<'_>),
+    ) -> Result<(), VolumeError> {
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(index) = index.as_ref() {
+                self.index_lookups.fetch_add(1, Ordering::Relaxed);
+                index.visit(from, to, visit);
+                return Ok(());
+            }
+        }
+        self.store_lookups.fetch_add(1, Ordering::Relaxed);
+        self.scan_store(from, to, &mut |extent| visit(ExtentView::from(&extent)))
+    }
+
+    /// Visits the extent records overlapping blocks `from..to` in the metadata
+    /// store, in order.
+    pub(super) fn scan_store(
+        &self,
+        from: u64,
+        to: u64,
+        visit: &mut dyn FnMut(Extent),
+    ) -> Result<(), VolumeError> {
+        let start = record::extent_key(self.internal_id, from);
+        let end = crate::meta::prefix_end(&record::extent_prefix(self.internal_id));
+        let mut bad = None;
+        self.meta.scan(
+            &start,
+            end.as_deref(),
+            &mut |key, value| match Extent::decode(key, value) {
+                Ok(extent) if extent.lba >= to => false,
+                Ok(extent) => {
+                    visit(extent);
+                    true
+                }
+                Err(e) => {
+                    bad = Some(e);
+                    false
+                }
+            },
+        )?;
+        match bad {
+            Some(e) => Err(corrupt(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The cipher that opens a block at `loc`, derived on first use; `None` when
+    /// the volume knows no such writer or the writer belongs to another DEK.
+    pub(super) fn cipher(&self, loc: &Location) -> Option<Arc<BlockCipher>> {
+        let writers = self.writers.read().unwrap_or_else(|e| e.into_inner());
+        let known = writers.get(&loc.writer);
+        if let Some(known) = known
+            && known.record.dek_version != loc.dek_version
+        {
+            return None;
+        }
+        if let Some(cipher) = known.and_then(|k| k.cipher.get()) {
+            return Some(cipher.clone());
+        }
+        let dek = self.deks.get(&loc.dek_version)?;
+        let cipher = match known {
+            Some(known) => known
+                .cipher
+                .get_or_init(|| {
+                    let key = dek.derive_writer_key(loc.writer, &known.record.salt);
+                    Arc::new(BlockCipher::new(&self.tenant, &self.name, &key))
+                })
+                .clone(),
+            // Blocks format v1 sealed under the DEK itself. Rare (legacy data
+            // only), so not cached.
+            None if loc.writer == 0 => Arc::new(BlockCipher::new(&self.tenant, &self.name, dek)),
+            None => return None,
+        };
+        Some(cipher)
+    }
+
+    pub(super) fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        // The lookup and the segment reads happen under the shared side, so a
+        // segment compaction deletes is never one this read still uses. It guards
+        // no data: a panic elsewhere leaves it valid.
+        let _no_deletion = self.segment_reads.read().unwrap_or_else(|e| e.into_inner());
+        self.read_range_once(offset, buf)
+    }
+
+    pub(super) fn read_range_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let first = offset / bs64;
+        let last = (offset + buf.len() as u64 - 1) / bs64;
+        let count = last - first + 1;
+        let slots = self.lookup(first, count)?;
+        if offset.is_multiple_of(bs64) && buf.len().is_multiple_of(bs) {
+            return self.open_blocks(first, &slots, buf);
+        }
+        let mut scratch = vec![0u8; count as usize * bs];
+        self.open_blocks(first, &slots, &mut scratch)?;
+        let skip = (offset - first * bs64) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&scratch[skip..skip + len]);
+        Ok(())
+    }
+
+    /// Fills `blocks` with the plaintext of the blocks from `first` on, as `slots`
+    /// map them.
+    pub(super) fn open_blocks(
+        &self,
+        first: u64,
+        slots: &[Option<Slot>],
+        blocks: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        let bs = self.block_size.len();
+        let bs64 = bs as u64;
+        let mut n = 0usize;
+        while n < slots.len() {
+            let Some(Slot::Mapped(loc)) = slots[n] else {
+                blocks[n * bs..(n + 1) * bs].fill(0);
+                n += 1;
+                continue;
+            };
+            // Read a run of blocks that sit next to each other in one segment.
+            let mut run = 1;
+            while n + run < slots.len() {
+                match slots[n + run] {
+                    Some(Slot::Mapped(next))
+                        if next.segment == loc.segment
+                            && next.offset == loc.offset + run as u32 =>
+                    {
+                        run += 1
+                    }
+                    _ => break,
+                }
+            }
+            let bytes = &mut blocks[n * bs..(n + run) * bs];
+            self.segments
+                .read_at(
+                    self.segment_id(loc.segment),
+                    u64::from(loc.offset) * bs64,
+                    bytes,
+                )
+                .map_err(VolumeError::Io)?;
+            for k in 0..run {
+                let Some(Slot::Mapped(l)) = slots[n + k] else {
+                    unreachable!("the run holds mapped slots only")
+                };
+                let lba = Lba(first + (n + k) as u64);
+                self.open_block(lba, &l, &mut bytes[k * bs..(k + 1) * bs])?;
+            }
+            n += run;
+        }
+        Ok(())
+    }
+
+    pub(super) fn open_block(
+        &self,
+        lba: Lba,
+        loc: &Location,
+        block: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        let opened = match self.cipher(loc) {
+            Some(cipher) => cipher
+                .open_in_place(lba, &nonce_for(loc.nonce), &Tag(loc.tag), block)
+                .is_ok(),
+            None => {
+                block.fill(0);
+                false
+            }
+        };
+        if opened {
+            return Ok(());
+        }
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            tenant = %self.tenant,
+            volume = %self.name,
+            lba = lba.0,
+            "block failed authentication"
+        );
+        Err(VolumeError::Authentication { lba })
+    }
+}
