@@ -545,6 +545,16 @@ impl Volume {
         i.read_range(offset, buf)
     }
 
+    /// Whether a write may block on I/O beyond its own now: the overlay of
+    /// uncommitted mappings is past twice its bound (the disk is not keeping
+    /// up), so the next write flushes before it returns. An async caller that
+    /// runs small writes on its event loop should run writes on a blocking
+    /// thread while this holds.
+    pub fn write_may_block(&self) -> bool {
+        let i = &self.inner;
+        i.lock_overlay().map.len() >= i.overlay_limit.saturating_mul(2)
+    }
+
     /// Writes `data` at byte `offset`. Durable after the next [`flush`](Self::flush).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         self.inner

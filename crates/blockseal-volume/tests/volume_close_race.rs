@@ -4,78 +4,21 @@
 //! the second one's.
 
 mod common {
+    pub mod gated_meta;
     pub mod volume;
 }
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use blockseal_volume::meta::{self, BackendKind, Batch, MetaError, MetaStore};
+use blockseal_volume::meta::{self, BackendKind};
 use blockseal_volume::{Store, StoreOptions, VolumeOptions};
+use common::gated_meta::GatedMeta;
 use common::volume::*;
 
 const BS: usize = 4096;
-
-/// A metadata store whose next commit, once armed, waits until released.
-struct GatedMeta {
-    inner: Box<dyn MetaStore>,
-    armed: AtomicBool,
-    /// (a commit is waiting, it may go on)
-    gate: Mutex<(bool, bool)>,
-    signal: Condvar,
-}
-
-impl GatedMeta {
-    fn arm(&self) {
-        *self.gate.lock().unwrap() = (false, false);
-        self.armed.store(true, Ordering::SeqCst);
-    }
-
-    fn wait_entered(&self) {
-        let mut gate = self.gate.lock().unwrap();
-        while !gate.0 {
-            gate = self.signal.wait(gate).unwrap();
-        }
-    }
-
-    fn release(&self) {
-        self.gate.lock().unwrap().1 = true;
-        self.signal.notify_all();
-    }
-}
-
-impl MetaStore for GatedMeta {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
-        self.inner.get(key)
-    }
-
-    fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), MetaError> {
-        self.inner.scan(start, end, visit)
-    }
-
-    fn commit(&self, batch: &Batch) -> Result<(), MetaError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let mut gate = self.gate.lock().unwrap();
-            gate.0 = true;
-            self.signal.notify_all();
-            while !gate.1 {
-                gate = self.signal.wait(gate).unwrap();
-            }
-        }
-        self.inner.commit(batch)
-    }
-
-    fn backend(&self) -> BackendKind {
-        self.inner.backend()
-    }
-}
 
 #[test]
 fn a_volume_reopened_while_closing_sees_every_write_and_keeps_its_own() {

@@ -3,6 +3,7 @@
 //! never waits for a 8 MiB write's sealing and segment I/O.
 
 mod common {
+    pub mod gated_meta;
     pub mod volume;
 }
 
@@ -11,7 +12,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use blockseal_volume::meta::{self, BackendKind};
 use blockseal_volume::{FileSegments, SegmentId, SegmentStore, StoreOptions};
+use common::gated_meta::GatedMeta;
 use common::volume::*;
 
 const BS: usize = 4096;
@@ -131,4 +134,35 @@ fn small_writes_and_reads_go_on_while_a_large_write_is_in_flight() {
     let mut partial = [0u8; 7];
     volume.read_at((50 << 20) + 100, &mut partial).unwrap();
     assert_eq!(&partial, b"partial");
+}
+
+/// While the store's flush thread cannot commit, the overlay grows; past twice
+/// its bound the volume says its next write will flush in the writer (so an
+/// async caller can run it off its event loop).
+#[test]
+fn a_backlogged_volume_says_its_writes_may_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let gated = Arc::new(GatedMeta::new(
+        meta::open(BackendKind::Redb, &dir.path().join("meta")).unwrap(),
+    ));
+    let options = StoreOptions::new()
+        .background_compaction(false)
+        .overlay_blocks(16)
+        .metadata_store(gated.clone());
+    let (_store, volume) = store_with_volume(&dir.path().join("store"), 4 << 20, options);
+    gated.arm();
+    let mut k = 0u64;
+    // The 17th write queues a background flush, whose commit then waits.
+    while !volume.write_may_block() {
+        assert!(k < 64, "the overlay never reached twice its bound");
+        volume.write_at(k * BS as u64, &pattern(k, BS)).unwrap();
+        if k == 16 {
+            gated.wait_entered();
+        }
+        k += 1;
+    }
+    assert_eq!(k, 32, "twice the bound of 16 blocks");
+    gated.release();
+    volume.flush().unwrap();
+    assert!(!volume.write_may_block());
 }
