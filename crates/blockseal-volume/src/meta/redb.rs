@@ -40,6 +40,12 @@ impl RedbStore {
     /// the last process using it stopped without closing it.
     pub(super) fn open(dir: &Path, options: &OpenOptions) -> Result<Self, MetaError> {
         let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            create_whole(dir, &path).map_err(|e| MetaError::Backend {
+                backend: BackendKind::Redb,
+                source: Box::new(e),
+            })?;
+        }
         let repaired = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let mut builder = Database::builder();
@@ -74,6 +80,26 @@ impl RedbStore {
         tx.commit().map_err(backend_error)?;
         Ok(Self { db })
     }
+}
+
+/// Makes a new, empty database (with its table) under a temporary name and
+/// renames it into place: a process killed while redb writes a new file's
+/// header would otherwise leave a `meta.redb` that never opens again.
+fn create_whole(dir: &Path, path: &Path) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{FILE_NAME}.new"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    {
+        let db = Database::create(&tmp).map_err(std::io::Error::other)?;
+        let tx = db.begin_write().map_err(std::io::Error::other)?;
+        tx.open_table(TABLE).map_err(std::io::Error::other)?;
+        tx.commit().map_err(std::io::Error::other)?;
+    }
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl MetaStore for RedbStore {
@@ -151,5 +177,31 @@ fn backend_error(error: impl Into<redb::Error>) -> MetaError {
             backend: BackendKind::Redb,
             source: Box::new(error),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process killed while making a new database leaves at most the
+    /// temporary file, which the next open discards.
+    #[test]
+    fn a_killed_create_leaves_nothing_that_breaks_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(format!("{FILE_NAME}.new")),
+            b"half a header",
+        )
+        .unwrap();
+        let store = RedbStore::open(dir.path(), &OpenOptions::new()).unwrap();
+        assert_eq!(store.get(b"k").unwrap(), None);
+        let mut batch = Batch::new();
+        batch.put(b"k".to_vec(), b"v".to_vec());
+        store.commit(&batch).unwrap();
+        drop(store);
+        assert!(!dir.path().join(format!("{FILE_NAME}.new")).exists());
+        let store = RedbStore::open(dir.path(), &OpenOptions::new()).unwrap();
+        assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
     }
 }
