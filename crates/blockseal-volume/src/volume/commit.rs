@@ -111,7 +111,6 @@ impl VolumeInner {
         }
         let mut puts: Vec<Extent> = Vec::new();
         for extent in old.values() {
-            batch.delete(record::extent_key(self.internal_id, extent.last()).to_vec());
             change.removed.push(extent.last());
             *deltas.entry(extent.segment).or_default() -= extent.tags.len() as i64;
             let mut lba = extent.lba;
@@ -166,13 +165,21 @@ impl VolumeInner {
         if let Some(e) = current.take() {
             puts.push(e);
         }
-        // Deletes went first: a put of the same key later in the batch wins.
-        for extent in &puts {
+        // One operation per key, in key order: a record rewritten under the
+        // same last LBA (an overwritten block, most often) is one put, not a
+        // delete and a put, and the backend walks its tree once, in order.
+        let mut ops: BTreeMap<u64, Option<usize>> =
+            change.removed.iter().map(|&last| (last, None)).collect();
+        for (n, extent) in puts.iter().enumerate() {
             *deltas.entry(extent.segment).or_default() += extent.tags.len() as i64;
-            batch.put(
-                record::extent_key(self.internal_id, extent.last()).to_vec(),
-                extent.encode(),
-            );
+            ops.insert(extent.last(), Some(n));
+        }
+        for (last, put) in ops {
+            let key = record::extent_key(self.internal_id, last).to_vec();
+            match put {
+                Some(n) => batch.put(key, puts[n].encode()),
+                None => batch.delete(key),
+            }
         }
         change.added.extend(puts);
         Ok(())
