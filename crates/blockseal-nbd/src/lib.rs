@@ -5,8 +5,9 @@
 //! plain TCP on loopback, and TCP with mandatory TLS. It knows volumes only
 //! through two synchronous traits: a [`Catalog`] lists and opens exports named
 //! `tenant/volume`, filtered by the client's [`Scope`], and an [`Export`] reads
-//! and writes one of them. The only other thing it takes from the volume crate
-//! is [`ErrorKind`], which [`errno`] maps to NBD error values in one place.
+//! and writes one of them. Their failures are [`ExportError`]s of an
+//! [`ErrorClass`], which [`errno`] maps to NBD error values in one place; the
+//! crate depends on no storage engine.
 //!
 //! # Example
 //! A RAM disk served on a Unix socket in a temporary directory:
@@ -140,6 +141,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod error;
 mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -150,7 +152,8 @@ mod server;
 mod tls;
 mod transmission;
 
-pub use export::{Catalog, ErrorKind, Export, ExportError, ExportInfo, Extent, Scope, errno};
+pub use error::{ErrorClass, ExportError, errno};
+pub use export::{Catalog, Export, ExportInfo, Extent, Scope};
 pub use proto::errno as nbd_errno;
 pub use server::{ServeError, Server, ServerConfig, ServerStats, Shutdown};
 pub use tls::{ClientIdentityError, TENANT_URI_PREFIX, TlsConfig, TlsConfigError, client_tenant};

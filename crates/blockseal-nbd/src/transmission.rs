@@ -79,7 +79,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Span, debug, error, warn};
 
-use crate::export::{ErrorKind, Export, ExportError, errno, kind_text};
+use crate::error::{ErrorClass, ExportError, chain, class_text, errno};
+use crate::export::Export;
 use crate::handshake::Session;
 use crate::limits::{Held, Reservation, Reserving};
 use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM};
@@ -228,8 +229,8 @@ impl Conn {
             error_reply(
                 self.structured,
                 job.handle,
-                errno(ErrorKind::ShuttingDown),
-                kind_text(ErrorKind::ShuttingDown),
+                errno(ErrorClass::ShuttingDown),
+                class_text(ErrorClass::ShuttingDown),
                 &mut reply,
             );
         } else {
@@ -1024,13 +1025,13 @@ fn allocated_zeroes(conn: &Conn, offset: u64, len: u64, fua: bool) -> Result<(),
         if at > offset && conn.is_closed() {
             // Nobody is left to answer.
             return Err(ExportError::new(
-                ErrorKind::ShuttingDown,
+                ErrorClass::ShuttingDown,
                 "write zeroes stopped: the connection closed",
             ));
         }
         if at > offset && conn.shared.shutdown.is_triggered() {
             return Err(ExportError::new(
-                ErrorKind::ShuttingDown,
+                ErrorClass::ShuttingDown,
                 "write zeroes stopped by shutdown",
             ));
         }
@@ -1249,30 +1250,32 @@ fn export_error_reply(
     out: &mut Vec<u8>,
 ) {
     let span = &conn.span;
-    match e.kind() {
-        ErrorKind::Authentication => {
+    // The message and every cause: the client sees none of it.
+    let detail = chain(e);
+    match e.class() {
+        ErrorClass::Authentication => {
             conn.shared.stats.authentication_failure();
-            warn!(parent: span, export = %conn.name, offset, len, detail = e.message(),
+            warn!(parent: span, export = %conn.name, offset, len, detail,
                 "block failed authentication");
         }
-        ErrorKind::Io | ErrorKind::Poisoned => {
-            error!(parent: span, export = %conn.name, offset, len, detail = e.message(),
+        ErrorClass::Io | ErrorClass::Poisoned => {
+            error!(parent: span, export = %conn.name, offset, len, detail,
                 "export I/O failed");
         }
-        ErrorKind::NoSpace => {
-            warn!(parent: span, export = %conn.name, offset, len, detail = e.message(),
+        ErrorClass::NoSpace => {
+            warn!(parent: span, export = %conn.name, offset, len, detail,
                 "export is out of space");
         }
         _ => {
-            debug!(parent: span, export = %conn.name, offset, len, kind = ?e.kind(),
-                detail = e.message(), "export refused request");
+            debug!(parent: span, export = %conn.name, offset, len, class = ?e.class(),
+                detail, "export refused request");
         }
     }
     error_reply(
         conn.structured,
         handle,
-        errno(e.kind()),
-        kind_text(e.kind()),
+        errno(e.class()),
+        class_text(e.class()),
         out,
     );
 }

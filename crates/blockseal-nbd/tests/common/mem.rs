@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use blockseal_nbd::{Catalog, ErrorKind, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
 
 pub const BLOCK: u64 = 4096;
 
@@ -100,7 +100,7 @@ impl MemExport {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(ExportError::new(ErrorKind::OutOfRange, "past the end")),
+            _ => Err(ExportError::new(ErrorClass::OutOfRange, "past the end")),
         }
     }
 
@@ -139,7 +139,7 @@ impl Export for MemExport {
         let t = self.tampered.load(Ordering::Relaxed);
         if t != u64::MAX && offset / BLOCK <= t && t < (offset + buf.len() as u64).div_ceil(BLOCK) {
             return Err(ExportError::new(
-                ErrorKind::Authentication,
+                ErrorClass::Authentication,
                 format!("block {t} failed authentication"),
             ));
         }
@@ -247,7 +247,7 @@ impl Export for EmptyExport {
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn flush(&self) -> Result<(), ExportError> {
@@ -255,11 +255,11 @@ impl Export for EmptyExport {
     }
 
     fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn block_status(&self, _offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
