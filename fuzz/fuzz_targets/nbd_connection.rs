@@ -30,8 +30,8 @@ use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "other/secret-volume";
-/// The server's default largest request payload (32 MiB).
-const MAX_PAYLOAD: usize = 32 << 20;
+/// The server's default largest request payload (64 MiB).
+const MAX_PAYLOAD: usize = 64 << 20;
 
 // Protocol numbers, restated from the spec so the target checks the wire.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

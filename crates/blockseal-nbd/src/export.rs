@@ -26,7 +26,7 @@ pub struct Extent {
 /// # Contract, for every method
 /// - The server has already validated the request: `offset + len <= size()`
 ///   (no overflow), `len > 0`, the export is writable for the writing methods, and
-///   a request is at most the server's maximum payload (32 MiB by default) for
+///   a request is at most the server's maximum payload (64 MiB by default) for
 ///   `read` and `write`. Methods need not re-check, but must not misbehave if a
 ///   caller outside this server passes something else: returning
 ///   [`ErrorClass::OutOfRange`](crate::ErrorClass::OutOfRange) or

@@ -93,13 +93,16 @@
 //! Transmission: `READ` (simple or structured replies, `OFFSET_HOLE` chunks for
 //! holes in reads of 64 KiB and more, `DF`), `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` (`NO_HOLE`, `FAST_ZERO`), `CACHE`, `BLOCK_STATUS`
-//! (`base:allocation`, `REQ_ONE`), `DISC`, and `FUA`.
+//! (`base:allocation`, `REQ_ONE`), `DISC`, and `FUA`. A read or write carries at
+//! most [`ServerConfig::max_request_payload`] (64 MiB by default, as nbdkit;
+//! advertised as the maximum payload in `NBD_INFO_BLOCK_SIZE`). A longer one
+//! gets `NBD_EINVAL`, a write's payload read and discarded first, so the
+//! connection goes on; a refused write of more than 256 MiB closes it.
 //!
 //! Not offered: extended headers (`NBD_OPT_EXTENDED_HEADERS` gets
 //! `NBD_REP_ERR_UNSUP`; requests and replies use the compact 28- and 16-byte
-//! headers, so one request carries at most 32 MiB), the oldstyle handshake, the
-//! default (empty) export name, `NBD_CMD_RESIZE`, and metadata contexts other than
-//! `base:allocation`.
+//! headers), the oldstyle handshake, the default (empty) export name,
+//! `NBD_CMD_RESIZE`, and metadata contexts other than `base:allocation`.
 //!
 //! # Requests and threads
 //! Each connection is one task. It reads whatever the client has sent, runs the

@@ -28,6 +28,8 @@ pub struct MemExport {
     pub fua_writes: AtomicU64,
     /// Writes that got past the gate.
     pub writes: AtomicU64,
+    /// Reads, failed or not.
+    pub reads: AtomicU64,
     /// Writes wait while the gate is closed; `waiting` counts them, and
     /// `most_waiting` is the most that ever waited at once.
     gate: Mutex<bool>,
@@ -49,6 +51,7 @@ impl MemExport {
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
@@ -135,6 +138,7 @@ impl Export for MemExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.check(offset, buf.len() as u64)?;
         let t = self.tampered.load(Ordering::Relaxed);
         if t != u64::MAX && offset / BLOCK <= t && t < (offset + buf.len() as u64).div_ceil(BLOCK) {
