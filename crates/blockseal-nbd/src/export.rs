@@ -147,8 +147,10 @@ pub struct ExportInfo {
 
 /// The exports a server offers, filtered by [`Scope`].
 ///
-/// Both methods may be called from async context and should not block for long
-/// (an in-memory map lookup, or opening an already-open volume).
+/// The server calls every method on a blocking thread, never on the runtime's
+/// threads, so they may block (store I/O: listing volumes, opening one and
+/// scanning its metadata), and run concurrently for several connections. A
+/// slow call holds up only the client that asked.
 pub trait Catalog: Send + Sync + 'static {
     /// The exports visible in `scope`.
     fn list(&self, scope: &Scope) -> Vec<ExportInfo>;

@@ -115,7 +115,10 @@
 //! Thread hand-offs cost more CPU than a 4 KiB request, so this keeps a 4 KiB
 //! request at a few microseconds of server CPU beyond the export call. For
 //! exports whose reads may wait on slow media, [`ServerConfig::inline_requests`]
-//! = false runs every request on blocking threads instead.
+//! = false runs every request on blocking threads instead. The handshake calls
+//! the [`Catalog`] (list, open, description) on blocking threads too, so a
+//! catalog may do store I/O and a slow open stalls only the client waiting
+//! for it.
 //!
 //! # Limits
 //! [`ServerConfig`] bounds what clients can make the server hold, whatever they

@@ -7,6 +7,11 @@
 //! log only. Every connection to one export shares one [`VolumeExport`] (and so
 //! one volume instance), which is what makes a flush on one connection cover
 //! writes on all of them.
+//!
+//! The catalog's methods do store I/O (listing tenants and volumes, opening a
+//! volume scans its metadata); the NBD server calls them on blocking threads
+//! only, and a volume opens without the catalog's lock, so a slow open holds up
+//! only the clients of that volume.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -258,17 +263,26 @@ impl Catalog for StoreCatalog {
         if !scope.permits(name) {
             return None;
         }
-        let mut open = self.lock_open();
-        if let Some(export) = open.get(name) {
+        if let Some(export) = self.lock_open().get(name) {
             return Some(export.clone());
         }
         let (tenant, volume) = name.split_once('/')?;
         let tenant = TenantId::new(tenant).ok()?;
         let volume = VolumeId::new(volume).ok()?;
+        // Not under the lock: opening scans the volume's metadata, which must
+        // hold up only the clients of this volume. The store hands concurrent
+        // openers of one volume its one shared instance, and the first of them
+        // to get here registers it; the others use that export and drop their
+        // handle (not the last, so nothing closes).
         match self.store.open_volume(&tenant, &volume) {
             Ok(opened) => {
-                let export = Arc::new(VolumeExport::new(opened, self.read_only.contains(name)));
-                open.insert(name.to_owned(), export.clone());
+                let export = self
+                    .lock_open()
+                    .entry(name.to_owned())
+                    .or_insert_with(|| {
+                        Arc::new(VolumeExport::new(opened, self.read_only.contains(name)))
+                    })
+                    .clone();
                 Some(export)
             }
             Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
@@ -352,6 +366,35 @@ mod tests {
         assert!(!a.read_only());
         assert!(catalog.open("acme/archive", &acme).unwrap().read_only());
         assert_eq!(catalog.flush_all().unwrap(), 2);
+    }
+
+    #[test]
+    fn concurrent_opens_of_one_export_share_one_instance() {
+        let (_dir, catalog) = catalog();
+        let start = std::sync::Barrier::new(4);
+        let exports: Vec<Arc<dyn Export>> = std::thread::scope(|s| {
+            let opening: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        catalog.open("acme/disk", &Scope::All).unwrap()
+                    })
+                })
+                .collect();
+            opening.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for export in &exports[1..] {
+            assert!(Arc::ptr_eq(&exports[0], export));
+        }
+        exports[0].write(0, b"one", false).unwrap();
+        let mut buf = [0u8; 3];
+        catalog
+            .open("acme/disk", &Scope::All)
+            .unwrap()
+            .read(0, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"one");
+        assert_eq!(catalog.flush_all().unwrap(), 1);
     }
 
     #[test]

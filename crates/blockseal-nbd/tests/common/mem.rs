@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
 
@@ -276,12 +277,63 @@ impl Export for EmptyExport {
     }
 }
 
+/// Holds catalog opens while closed, as a slow store would: opening a volume
+/// scans its metadata.
+#[derive(Default)]
+pub struct OpenGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    /// Opens waiting at the gate now.
+    waiting: usize,
+}
+
+impl OpenGate {
+    pub fn closed() -> Arc<OpenGate> {
+        let gate = OpenGate::default();
+        gate.state.lock().unwrap().closed = true;
+        Arc::new(gate)
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `n` opens wait at the gate; false if they did not within
+    /// 10 s.
+    pub fn wait_for_waiting(&self, n: usize) -> bool {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(10), |s| s.waiting < n)
+            .unwrap();
+        state.waiting >= n
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.waiting += 1;
+        self.changed.notify_all();
+        while state.closed {
+            state = self.changed.wait(state).unwrap();
+        }
+        state.waiting -= 1;
+    }
+}
+
 /// Exports by name, with descriptions; scope filtering as a real catalog does it.
 #[derive(Default)]
 pub struct MemCatalog {
     pub exports: BTreeMap<String, (Arc<MemExport>, String)>,
     /// Exports of other kinds, by name.
     pub others: BTreeMap<String, Arc<dyn Export>>,
+    /// Opens of these exports wait at their gate first.
+    pub open_gates: BTreeMap<String, Arc<OpenGate>>,
 }
 
 impl MemCatalog {
@@ -349,6 +401,9 @@ impl Catalog for MemCatalog {
     fn open(&self, name: &str, scope: &Scope) -> Option<Arc<dyn Export>> {
         if !scope.permits(name) {
             return None;
+        }
+        if let Some(gate) = self.open_gates.get(name) {
+            gate.pass();
         }
         self.exports
             .get(name)
