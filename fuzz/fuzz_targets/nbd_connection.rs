@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockseal_nbd::fuzzing::{Ending, Listener, MAX_OPTION_LEN, converse};
-use blockseal_nbd::{Catalog, ErrorKind, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "other/secret-volume";
-/// The server's default largest request payload (32 MiB).
-const MAX_PAYLOAD: usize = 32 << 20;
+/// The server's default largest request payload (64 MiB).
+const MAX_PAYLOAD: usize = 64 << 20;
 
 // Protocol numbers, restated from the spec so the target checks the wire.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -285,7 +285,7 @@ impl Export for Ram {
         let range = self.check(offset, len, false);
         if range.start % 8192 == 4096 {
             // Some exports fail; the server must answer with an error, not panic.
-            return Err(ExportError::new(ErrorKind::Io, "block status failed"));
+            return Err(ExportError::new(ErrorClass::Io, "block status failed"));
         }
         // One extent per 4 KiB block: a hole when it is all zeroes.
         let data = self.data.lock().unwrap();

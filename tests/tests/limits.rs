@@ -350,9 +350,9 @@ fn disk_usage(dir: &Path) -> u64 {
 
 /// Finding: a client that pipelines 32 MiB reads and never reads the replies
 /// pinned about 96 MiB per connection (32 connections: 3 GB). Now the replies
-/// waiting to be written count against the per-connection limit and a
-/// server-wide budget (256 MiB by default), and a well-behaved client is still
-/// served.
+/// waiting to be written count against the per-connection limit, the
+/// tenant's share (256 MiB by default) and a server-wide budget (512 MiB by
+/// default), and a well-behaved client is still served.
 #[test]
 fn slow_readers_cannot_exhaust_memory() {
     const BOUND_KIB: u64 = 512 * 1024;

@@ -35,6 +35,8 @@ fn size_flags_and_list() {
     assert_eq!(field(&info, "is_read_only"), "false");
     assert_eq!(field(&info, "block_size_minimum"), "1");
     assert_eq!(field(&info, "block_size_preferred"), "4096");
+    // The largest read or write, as nbdkit takes.
+    assert_eq!(field(&info, "block_size_maximum"), "67108864");
     assert!(field(&info, "description").contains("4096-byte blocks"));
 
     let socket = server.socket.as_ref().unwrap();

@@ -2,94 +2,13 @@
 //!
 //! The server knows a volume only as an [`Export`] handed out by a [`Catalog`].
 //! Both traits are synchronous: the volume layer has no tokio, and the server
-//! decides on which threads it calls them. This module owns the one mapping from
-//! a volume [`ErrorKind`] to an NBD error value ([`errno`]); nothing else in the
-//! crate may invent error numbers for export failures.
+//! decides on which threads it calls them. Their failures are
+//! [`ExportError`]s, whose class the `error` module maps to NBD error values.
 
 use std::fmt;
 use std::sync::Arc;
 
-pub use blockseal_volume::ErrorKind;
-
-use crate::proto::errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM, ESHUTDOWN};
-
-/// A failed export operation: a stable [`ErrorKind`] and a message for the log.
-///
-/// The message goes to the server log only; the client sees the NBD error value
-/// and a generic text for the kind. So the message may name a block or a file,
-/// but must never contain data or key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportError {
-    kind: ErrorKind,
-    message: String,
-}
-
-impl ExportError {
-    /// An error of `kind` with a log message.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ExportError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// What kind of failure this is; decides the NBD error value.
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
-    }
-
-    /// The message for the server log.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for ExportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}: {}", self.kind, self.message)
-    }
-}
-
-impl std::error::Error for ExportError {}
-
-impl From<ErrorKind> for ExportError {
-    fn from(kind: ErrorKind) -> Self {
-        ExportError::new(kind, kind_text(kind))
-    }
-}
-
-/// The NBD error value (spec "Error values") a client receives for an export error.
-///
-/// This is the only place an [`ErrorKind`] becomes a protocol error. A block that
-/// failed authentication is an `EIO`, like any unreadable block: the client learns
-/// nothing about which check failed (the server logs and counts it separately).
-pub fn errno(kind: ErrorKind) -> u32 {
-    match kind {
-        ErrorKind::Io | ErrorKind::Authentication | ErrorKind::Poisoned => EIO,
-        ErrorKind::OutOfRange | ErrorKind::InvalidInput => EINVAL,
-        ErrorKind::NoSpace => ENOSPC,
-        ErrorKind::ReadOnly => EPERM,
-        ErrorKind::NotSupported => ENOTSUP,
-        ErrorKind::ShuttingDown => ESHUTDOWN,
-        // A kind added later is at worst an I/O error until it gets its own arm.
-        _ => EIO,
-    }
-}
-
-/// The text a client sees next to an export error (structured replies only).
-pub(crate) fn kind_text(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Io | ErrorKind::Authentication => "input/output error",
-        ErrorKind::Poisoned => "input/output error: volume refuses writes until reopened",
-        ErrorKind::OutOfRange => "request reaches past the end of the export",
-        ErrorKind::InvalidInput => "invalid request",
-        ErrorKind::NoSpace => "no space left",
-        ErrorKind::ReadOnly => "export is read-only",
-        ErrorKind::NotSupported => "operation not supported",
-        ErrorKind::ShuttingDown => "server is shutting down",
-        _ => "input/output error",
-    }
-}
+use crate::error::ExportError;
 
 /// One run of bytes with the same allocation status (`base:allocation` context).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +26,11 @@ pub struct Extent {
 /// # Contract, for every method
 /// - The server has already validated the request: `offset + len <= size()`
 ///   (no overflow), `len > 0`, the export is writable for the writing methods, and
-///   a request is at most the server's maximum payload (32 MiB by default) for
+///   a request is at most the server's maximum payload (64 MiB by default) for
 ///   `read` and `write`. Methods need not re-check, but must not misbehave if a
 ///   caller outside this server passes something else: returning
-///   [`ErrorKind::OutOfRange`] or [`ErrorKind::InvalidInput`] is fine.
+///   [`ErrorClass::OutOfRange`](crate::ErrorClass::OutOfRange) or
+///   [`ErrorClass::InvalidInput`](crate::ErrorClass::InvalidInput) is fine.
 /// - Offsets and lengths are byte granular. Clients that negotiated block sizes
 ///   (`NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`) send multiples of
 ///   [`block_size`](Export::block_size); older clients may not, and the export must
@@ -124,7 +44,8 @@ pub struct Extent {
 ///   all of them. This is what lets the server advertise `NBD_FLAG_CAN_MULTI_CONN`.
 /// - `size`, `block_size` and `read_only` are read once when a client enters the
 ///   transmission phase and must not change while it stays connected.
-/// - Error messages go to the log: never data or key material in them.
+/// - Error messages and their sources go to the log: never data or key material
+///   in them.
 pub trait Export: Send + Sync + 'static {
     /// Size of the export in bytes; a multiple of [`block_size`](Export::block_size).
     fn size(&self) -> u64;
@@ -140,8 +61,8 @@ pub trait Export: Send + Sync + 'static {
     fn read_only(&self) -> bool;
 
     /// Fills `buf` with the bytes at `offset`. Unwritten and trimmed ranges read as
-    /// zeroes. A block that fails authentication is [`ErrorKind::Authentication`],
-    /// never garbage.
+    /// zeroes. A block that fails authentication is
+    /// [`ErrorClass::Authentication`](crate::ErrorClass::Authentication), never garbage.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
 
     /// Writes `data` at `offset`. With `fua`, the data is durable when this returns.
@@ -226,8 +147,10 @@ pub struct ExportInfo {
 
 /// The exports a server offers, filtered by [`Scope`].
 ///
-/// Both methods may be called from async context and should not block for long
-/// (an in-memory map lookup, or opening an already-open volume).
+/// The server calls every method on a blocking thread, never on the runtime's
+/// threads, so they may block (store I/O: listing volumes, opening one and
+/// scanning its metadata), and run concurrently for several connections. A
+/// slow call holds up only the client that asked.
 pub trait Catalog: Send + Sync + 'static {
     /// The exports visible in `scope`.
     fn list(&self, scope: &Scope) -> Vec<ExportInfo>;
@@ -251,19 +174,6 @@ pub trait Catalog: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn errno_mapping() {
-        assert_eq!(errno(ErrorKind::Io), EIO);
-        assert_eq!(errno(ErrorKind::Authentication), EIO);
-        assert_eq!(errno(ErrorKind::Poisoned), EIO);
-        assert_eq!(errno(ErrorKind::OutOfRange), EINVAL);
-        assert_eq!(errno(ErrorKind::InvalidInput), EINVAL);
-        assert_eq!(errno(ErrorKind::NoSpace), ENOSPC);
-        assert_eq!(errno(ErrorKind::ReadOnly), EPERM);
-        assert_eq!(errno(ErrorKind::NotSupported), ENOTSUP);
-        assert_eq!(errno(ErrorKind::ShuttingDown), ESHUTDOWN);
-    }
 
     #[test]
     fn scope_filters_by_tenant_prefix() {

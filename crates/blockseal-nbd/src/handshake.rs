@@ -7,6 +7,11 @@
 //! (the caller wraps the stream and calls [`Negotiation::negotiate`] again), or a
 //! close. It never reads past the final option, so the stream is positioned at
 //! the first request when it returns a session.
+//!
+//! Every call into the [`Catalog`](crate::Catalog) (list, open, description)
+//! runs on a blocking thread: a catalog may do store I/O (opening a volume
+//! scans its metadata), and a slow one must never stall the runtime's threads
+//! and with them every other connection.
 
 use std::sync::Arc;
 
@@ -230,7 +235,7 @@ impl Negotiation {
             warn!("export name is not a valid string; closing");
             return Ok(Outcome::Close);
         };
-        let Some(export) = self.open(name) else {
+        let Some(export) = self.open(name).await else {
             debug!(export = name, "unknown export; closing");
             return Ok(Outcome::Close);
         };
@@ -266,8 +271,13 @@ impl Negotiation {
             return reply(s, OPT_LIST, REP_ERR_INVALID, b"option takes no data").await;
         }
         let mut out = Vec::new();
-        if let Some(scope) = &self.scope {
-            for e in self.shared.catalog.list(scope) {
+        if let Some(scope) = self.scope.clone() {
+            let catalog = self.shared.catalog.clone();
+            let exports = blocking(move || catalog.list(&scope))
+                .await
+                .unwrap_or_default();
+            let scope = self.scope.as_ref().expect("the scope was known above");
+            for e in exports {
                 if !scope.permits(&e.name) || e.name.len() > MAX_STRING_LEN {
                     continue;
                 }
@@ -346,7 +356,7 @@ impl Negotiation {
             .await?;
             return Ok(None);
         };
-        let Some(export) = self.open(name) else {
+        let Some(export) = self.open(name).await else {
             // NBD_REP_ERR_UNKNOWN, whether the export does not exist or belongs to a
             // tenant this client may not see: the two are indistinguishable.
             reply(s, option, REP_ERR_UNKNOWN, b"export not found").await?;
@@ -401,9 +411,13 @@ impl Negotiation {
         if wants(INFO_DESCRIPTION) {
             let scope = self
                 .scope
-                .as_ref()
+                .clone()
                 .expect("open() succeeded, so the scope is known");
-            let description = self.shared.catalog.description(name, scope);
+            let catalog = self.shared.catalog.clone();
+            let export_name = name.to_owned();
+            let description = blocking(move || catalog.description(&export_name, &scope))
+                .await
+                .unwrap_or_default();
             let description = truncate(&description, MAX_STRING_LEN);
             let mut info = Vec::with_capacity(2 + description.len());
             info.put_u16(INFO_DESCRIPTION);
@@ -461,7 +475,7 @@ impl Negotiation {
             )
             .await;
         };
-        if self.open(name).is_none() {
+        if self.open(name).await.is_none() {
             return reply(s, option, REP_ERR_UNKNOWN, b"export not found").await;
         }
         let mut base_allocation = false;
@@ -502,12 +516,14 @@ impl Negotiation {
 
     /// Opens `name` if the scope may see it; the catalog filters too, but this
     /// check keeps a catalog bug from leaking another tenant's export.
-    fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
-        let scope = self.scope.as_ref()?;
+    async fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
+        let scope = self.scope.clone()?;
         if !scope.permits(name) {
             return None;
         }
-        self.shared.catalog.open(name, scope)
+        let catalog = self.shared.catalog.clone();
+        let name = name.to_owned();
+        blocking(move || catalog.open(&name, &scope)).await?
     }
 
     /// A slot under the connection caps for a client entering transmission with
@@ -589,6 +605,21 @@ impl Negotiation {
         // The maximum "MUST be ... an integer multiple of the minimum block size".
         let maximum = self.shared.config.max_request_payload / minimum * minimum;
         (minimum, preferred, maximum)
+    }
+}
+
+/// Runs `call` (a catalog call) on a blocking thread and waits for it without
+/// holding a runtime thread. A panic in it goes on in the connection's task, as
+/// if it had run there; `None` when the runtime shut down before it started.
+async fn blocking<T, F>(call: F) -> Option<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(call).await {
+        Ok(value) => Some(value),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }
 

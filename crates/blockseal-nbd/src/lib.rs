@@ -5,8 +5,9 @@
 //! plain TCP on loopback, and TCP with mandatory TLS. It knows volumes only
 //! through two synchronous traits: a [`Catalog`] lists and opens exports named
 //! `tenant/volume`, filtered by the client's [`Scope`], and an [`Export`] reads
-//! and writes one of them. The only other thing it takes from the volume crate
-//! is [`ErrorKind`], which [`errno`] maps to NBD error values in one place.
+//! and writes one of them. Their failures are [`ExportError`]s of an
+//! [`ErrorClass`], which [`errno`] maps to NBD error values in one place; the
+//! crate depends on no storage engine.
 //!
 //! # Example
 //! A RAM disk served on a Unix socket in a temporary directory:
@@ -92,13 +93,16 @@
 //! Transmission: `READ` (simple or structured replies, `OFFSET_HOLE` chunks for
 //! holes in reads of 64 KiB and more, `DF`), `WRITE`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` (`NO_HOLE`, `FAST_ZERO`), `CACHE`, `BLOCK_STATUS`
-//! (`base:allocation`, `REQ_ONE`), `DISC`, and `FUA`.
+//! (`base:allocation`, `REQ_ONE`), `DISC`, and `FUA`. A read or write carries at
+//! most [`ServerConfig::max_request_payload`] (64 MiB by default, as nbdkit;
+//! advertised as the maximum payload in `NBD_INFO_BLOCK_SIZE`). A longer one
+//! gets `NBD_EINVAL`, a write's payload read and discarded first, so the
+//! connection goes on; a refused write of more than 256 MiB closes it.
 //!
 //! Not offered: extended headers (`NBD_OPT_EXTENDED_HEADERS` gets
 //! `NBD_REP_ERR_UNSUP`; requests and replies use the compact 28- and 16-byte
-//! headers, so one request carries at most 32 MiB), the oldstyle handshake, the
-//! default (empty) export name, `NBD_CMD_RESIZE`, and metadata contexts other than
-//! `base:allocation`.
+//! headers), the oldstyle handshake, the default (empty) export name,
+//! `NBD_CMD_RESIZE`, and metadata contexts other than `base:allocation`.
 //!
 //! # Requests and threads
 //! Each connection is one task. It reads whatever the client has sent, runs the
@@ -111,7 +115,10 @@
 //! Thread hand-offs cost more CPU than a 4 KiB request, so this keeps a 4 KiB
 //! request at a few microseconds of server CPU beyond the export call. For
 //! exports whose reads may wait on slow media, [`ServerConfig::inline_requests`]
-//! = false runs every request on blocking threads instead.
+//! = false runs every request on blocking threads instead. The handshake calls
+//! the [`Catalog`] (list, open, description) on blocking threads too, so a
+//! catalog may do store I/O and a slow open stalls only the client waiting
+//! for it.
 //!
 //! # Limits
 //! [`ServerConfig`] bounds what clients can make the server hold, whatever they
@@ -140,6 +147,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod error;
 mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -150,7 +158,8 @@ mod server;
 mod tls;
 mod transmission;
 
-pub use export::{Catalog, ErrorKind, Export, ExportError, ExportInfo, Extent, Scope, errno};
+pub use error::{ErrorClass, ExportError, errno};
+pub use export::{Catalog, Export, ExportInfo, Extent, Scope};
 pub use proto::errno as nbd_errno;
 pub use server::{ServeError, Server, ServerConfig, ServerStats, Shutdown};
 pub use tls::{ClientIdentityError, TENANT_URI_PREFIX, TlsConfig, TlsConfigError, client_tenant};

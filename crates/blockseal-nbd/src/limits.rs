@@ -105,7 +105,7 @@ impl Limits {
         slot: Option<&ConnectionSlot>,
         bytes: u64,
     ) -> Result<Reservation, Reserving> {
-        // Every cost is at most 32 MiB (the largest payload, a piece of zeroes,
+        // Every cost is at most 64 MiB (the largest payload, a piece of zeroes,
         // or a block status), and the budget and each share are at least the
         // largest payload; a block status costing more than a tiny share takes
         // all of it and runs alone.

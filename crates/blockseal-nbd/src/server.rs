@@ -47,19 +47,20 @@ pub struct ServerConfig {
     /// Write payload and read data bytes one connection may hold in requests on
     /// blocking threads and in their replies until those are written to the
     /// socket; past it the server stops reading that connection. A request
-    /// larger than this runs alone. Default 64 MiB.
+    /// larger than this runs alone. Default 128 MiB: one largest request and
+    /// as much again of others.
     pub max_in_flight_bytes: usize,
     /// Write payload and read data bytes all connections together may hold in
     /// requests on blocking threads and in their replies until those are written
     /// to the socket. A request that does not fit waits (its connection stops
     /// reading) until earlier replies are written; it never fails for it. Raised
     /// to at least `max_request_payload`, so every request fits when the server
-    /// is otherwise idle. Default 256 MiB.
+    /// is otherwise idle. Default 512 MiB: eight largest requests.
     pub memory_budget: usize,
     /// The most of `memory_budget` the connections to one tenant's exports may
     /// hold together, so that one tenant's slow or hostile clients leave the
     /// rest to the others; its requests past it wait like those past the budget.
-    /// `None` (the default): half of `memory_budget`. Clamped to
+    /// `None` (the default): half of `memory_budget` (256 MiB). Clamped to
     /// `max_request_payload ..= memory_budget`; a server with one tenant may set
     /// it to `memory_budget`.
     pub memory_budget_per_tenant: Option<usize>,
@@ -87,8 +88,8 @@ pub struct ServerConfig {
     /// one largest request, plus up to 256 KiB of small replies) in full within
     /// this long, or its connection is closed and its budget comes back. The
     /// deadline covers the whole batch: a client that reads a few bytes now and
-    /// then does not extend it. Default 60 s (32 MiB replies then need about
-    /// 0.6 MB/s).
+    /// then does not extend it. Default 60 s (64 MiB replies then need about
+    /// 1.1 MB/s).
     pub reply_timeout: Duration,
     /// A client must send a write's whole payload within this long of the
     /// server taking in its header (and reserving memory for it), or its
@@ -113,8 +114,9 @@ pub struct ServerConfig {
     /// same time, and as many again for its flushes and FUA requests. Default 2.
     pub workers_per_connection: usize,
     /// Largest read or write one request may carry; advertised as the maximum
-    /// block size. Default (and the spec's interoperability ceiling) 32 MiB;
-    /// clamped to 64 KiB ..= 32 MiB.
+    /// payload in `NBD_INFO_BLOCK_SIZE`. Default 64 MiB, as nbdkit takes, twice
+    /// the spec's interoperability ceiling of 32 MiB, for clients that do not
+    /// split requests by the advertised maximum; clamped to 64 KiB ..= 64 MiB.
     pub max_request_payload: u32,
     /// Serve plain TCP (no TLS) on a non-loopback address. Such clients see every
     /// tenant's exports, so this is off by default and only for trusted networks.
@@ -127,8 +129,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_in_flight_requests: 64,
-            max_in_flight_bytes: 64 * 1024 * 1024,
-            memory_budget: 256 * 1024 * 1024,
+            max_in_flight_bytes: 2 * MAX_PAYLOAD as usize,
+            memory_budget: 8 * MAX_PAYLOAD as usize,
             memory_budget_per_tenant: None,
             max_connections: 256,
             max_connections_per_tenant: 64,
@@ -157,9 +159,12 @@ impl ServerConfig {
     }
 }
 
-/// 2^25: "any length less than 2^25 (33,554,432) bytes SHOULD NOT be considered a
-/// denial of service attack" (spec "Block size constraints").
-const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// 2^26, the largest request nbdkit takes. The spec asks clients to stay within
+/// 2^25 (33,554,432) bytes unless the server advertises more, and servers not
+/// to treat anything up to 2^25 as a denial of service attack ("Size
+/// constraints"); some clients ignore the advertised maximum and send more (the
+/// reference nbd-tester-client's huge integrity test: 42 MB).
+const MAX_PAYLOAD: u32 = 64 * 1024 * 1024;
 
 /// The largest memory budget (tokio's semaphore counts at most 2^61 permits).
 const MAX_BUDGET: usize = 1 << 60;

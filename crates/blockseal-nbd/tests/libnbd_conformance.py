@@ -60,7 +60,7 @@ def option_haggling(sock):
     check(h.get_canonical_export_name() == "acme/disk", "INFO: NBD_INFO_NAME")
     check(h.get_export_description() == "acme main disk", "INFO: NBD_INFO_DESCRIPTION")
     check(h.get_block_size(nbd.SIZE_PREFERRED) == 4096, "INFO: preferred block size")
-    check(h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB, "INFO: maximum block size 32 MiB")
+    check(h.get_block_size(nbd.SIZE_MAXIMUM) == 64 * MiB, "INFO: maximum block size 64 MiB")
     for name in ["flush", "fua", "trim", "zero", "fast_zero", "multi_conn", "df", "cache"]:
         check(getattr(h, "can_" + name)(), f"INFO: can_{name}")
     check(not h.is_read_only(), "INFO: writable")
@@ -183,8 +183,8 @@ def transmission(sock):
                  "read with a flag not valid for reads")
     expect_error(lambda: h.pwrite(b"x" * 512, 0, nbd.CMD_FLAG_DF), "EINVAL",
                  "write with a flag not valid for writes")
-    expect_error(lambda: h.pwrite(b"\xee" * (32 * MiB + 4096), 0), "EINVAL",
-                 "write larger than the maximum block size")
+    # A write over the maximum payload (64 MiB) is more than libnbd sends at
+    # all; raw_protocol.rs checks the server's answer to one.
     check(h.pread(4096, 1 * MiB) == b"\x01" * 4096, "the stream is in sync after refusals")
     check(h.pread(0, 0) == b"", "zero-length read succeeds")
     h.pwrite(b"", 0)

@@ -1,7 +1,8 @@
 //! Server-wide limits with a raw client: the connection caps (in total and per
 //! tenant) refuse `NBD_OPT_GO` with `NBD_REP_ERR_POLICY` and free their slot
 //! when a connection closes; the handshake cap closes new connections at once;
-//! block status describes a bounded range.
+//! block status describes a bounded range; an export slow to open holds up
+//! only its own clients.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blockseal_nbd::ServerConfig;
-use common::mem::{EmptyExport, MemCatalog};
+use common::mem::{EmptyExport, MemCatalog, MemExport, OpenGate};
 use common::*;
 
 const FIXED_NO_ZEROES: u32 = 3;
@@ -515,4 +516,57 @@ fn reads_on_the_connection_task_never_ask_for_block_status() {
     let (_, kind, handle, payload) = raw.chunk();
     assert_eq!((kind, handle, payload.len()), (2, 2, 12));
     assert_eq!(empty.status_calls.load(Ordering::SeqCst), 1);
+}
+
+/// Opening an export may take a while (the binary's catalog opens a volume,
+/// which scans its metadata). The server asks the catalog on blocking threads,
+/// so more slow opens than the runtime has threads (the test server has two)
+/// leave other connections free to list, enter transmission and do I/O.
+#[test]
+fn a_slow_export_open_holds_up_only_its_own_clients() {
+    const SLOW: u64 = 3;
+    let mut catalog = MemCatalog::standard();
+    let gate = OpenGate::closed();
+    catalog.add("acme/slow", MemExport::new(1 << 20, false), "slow to open");
+    catalog.open_gates.insert("acme/slow".into(), gate.clone());
+    let server = TestServer::start_with(catalog, ServerConfig::default(), None);
+    let slow: Vec<_> = (0..SLOW)
+        .map(|handle| {
+            let socket = server.socket.clone();
+            std::thread::spawn(move || {
+                let mut raw = Raw::connect(&socket);
+                raw.handshake(FIXED_NO_ZEROES);
+                raw.go("acme/slow");
+                raw.request(0, CMD_READ, handle, 0, 512);
+                assert_eq!(raw.simple_reply(), (0, handle));
+                raw.read_n(512)
+            })
+        })
+        .collect();
+    assert!(
+        gate.wait_for_waiting(SLOW as usize),
+        "the slow opens did not all reach the catalog: the server stalled"
+    );
+
+    // Every slow open is still waiting: another client lists the exports,
+    // enters transmission on an export that opens at once, writes and reads.
+    let mut raw = connected(&server);
+    raw.option(OPT_LIST, b"");
+    let mut listed = 0;
+    while raw.option_reply().1 == REP_SERVER {
+        listed += 1;
+    }
+    assert_eq!(listed, 5);
+    raw.go("acme/disk");
+    raw.request(0, CMD_WRITE, 1, 8192, 4096);
+    raw.send(&[0x3c; 4096]);
+    assert_eq!(raw.simple_reply(), (0, 1));
+    raw.request(0, CMD_READ, 2, 8192, 4096);
+    assert_eq!(raw.simple_reply(), (0, 2));
+    assert_eq!(raw.read_n(4096), vec![0x3c; 4096]);
+
+    gate.open();
+    for client in slow {
+        assert_eq!(client.join().unwrap(), vec![0; 512]);
+    }
 }

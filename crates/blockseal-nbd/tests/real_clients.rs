@@ -49,7 +49,7 @@ fn nbdinfo_reports_size_flags_and_block_sizes() {
     // Minimum 1: exports handle partial blocks, so unaligned clients work.
     assert_eq!(field(&json, "block_size_minimum"), "1");
     assert_eq!(field(&json, "block_size_preferred"), "4096");
-    assert_eq!(field(&json, "block_size_maximum"), "33554432");
+    assert_eq!(field(&json, "block_size_maximum"), "67108864");
     assert_eq!(field(&json, "description"), "\"acme main disk\"");
 
     let json = nbdinfo_json(&server, "acme/ro");

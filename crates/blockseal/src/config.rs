@@ -139,7 +139,7 @@ pub(crate) struct Limits {
     /// Payload bytes one connection may have in flight (replies not yet
     /// written included).
     pub(crate) max_in_flight_bytes: Option<Size>,
-    /// Largest single read or write (64K to 32M).
+    /// Largest single read or write (64K to 64M).
     pub(crate) max_request_bytes: Option<Size>,
     /// Payload bytes all connections together may have in flight (replies not
     /// yet written included); at least `max_request_bytes`.
@@ -324,9 +324,9 @@ impl Config {
             bail!("limits.max_in_flight_bytes: must be at least 1");
         }
         if let Some(Size(n)) = self.limits.max_request_bytes
-            && !(64 << 10..=32 << 20).contains(&n)
+            && !(64 << 10..=64 << 20).contains(&n)
         {
-            bail!("limits.max_request_bytes: {n} is outside 64K..=32M");
+            bail!("limits.max_request_bytes: {n} is outside 64K..=64M");
         }
         self.check_server_limits()?;
         for name in &self.read_only {
@@ -441,6 +441,12 @@ mod tests {
         assert_eq!(server.memory_budget, defaults.memory_budget);
         assert_eq!(server.max_handshakes, defaults.max_handshakes);
         assert_eq!(server.shutdown_timeout, defaults.shutdown_timeout);
+        // One largest request, as nbdkit takes, fits every budget with room
+        // for other requests.
+        assert_eq!(server.max_request_payload, 64 << 20);
+        assert_eq!(server.max_in_flight_bytes, 128 << 20);
+        assert_eq!(server.memory_budget, 512 << 20);
+        assert_eq!(server.memory_budget_per_tenant, None);
     }
 
     #[test]
@@ -547,11 +553,15 @@ mod tests {
                 "limits.memory_budget",
             ),
             (
+                format!("{MINIMAL}[limits]\nmax_request_bytes = \"65M\""),
+                "limits.max_request_bytes",
+            ),
+            (
                 format!("{MINIMAL}[limits]\nmemory_budget = \"1M\"\nmax_request_bytes = \"2M\""),
                 "limits.memory_budget",
             ),
             (
-                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"512M\""),
+                format!("{MINIMAL}[limits]\nmemory_budget_per_tenant = \"1G\""),
                 "limits.memory_budget_per_tenant",
             ),
             (

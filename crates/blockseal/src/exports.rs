@@ -1,17 +1,24 @@
 //! The glue between the store and the NBD server: a [`Volume`] as an NBD
 //! [`Export`], and a [`Store`] as the server's [`Catalog`].
 //!
-//! Volume errors become export errors with their `kind()` and message, nothing
-//! more: the NBD errno mapping stays in `blockseal_nbd::errno`. Every connection
-//! to one export shares one [`VolumeExport`] (and so one volume instance), which
-//! is what makes a flush on one connection cover writes on all of them.
+//! This module owns the one mapping from a volume error's `kind()` to the NBD
+//! crate's [`ErrorClass`] ([`class_of`]), which decides the NBD error value a
+//! client receives; the volume error itself rides along as the source, for the
+//! log only. Every connection to one export shares one [`VolumeExport`] (and so
+//! one volume instance), which is what makes a flush on one connection cover
+//! writes on all of them.
+//!
+//! The catalog's methods do store I/O (listing tenants and volumes, opening a
+//! volume scans its metadata); the NBD server calls them on blocking threads
+//! only, and a volume opens without the catalog's lock, so a slow open holds up
+//! only the clients of that volume.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use blockseal_keys::{TenantId, VolumeId};
-use blockseal_nbd::{Catalog, Export, ExportError, ExportInfo, Extent, Scope};
-use blockseal_volume::{Store, Volume, VolumeError};
+use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_volume::{ErrorKind, Store, Volume, VolumeError};
 
 use crate::size::Size;
 
@@ -40,11 +47,31 @@ impl VolumeExport {
     }
 }
 
-/// The log message carries the whole cause chain ("segment I/O failed: No space
-/// left on device"), which the client never sees; volume errors hold no data or
-/// key material.
-fn export_error(err: VolumeError) -> ExportError {
-    ExportError::new(err.kind(), chain(&err))
+/// The NBD class of a volume error: which NBD error value the client receives
+/// for it (`blockseal_nbd::errno`). A block that failed authentication is an
+/// `EIO` like any unreadable block; the server logs and counts it separately.
+pub(crate) fn class_of(kind: ErrorKind) -> ErrorClass {
+    match kind {
+        ErrorKind::Io => ErrorClass::Io,
+        ErrorKind::Authentication => ErrorClass::Authentication,
+        ErrorKind::Poisoned => ErrorClass::Poisoned,
+        ErrorKind::OutOfRange => ErrorClass::OutOfRange,
+        ErrorKind::InvalidInput => ErrorClass::InvalidInput,
+        ErrorKind::NoSpace => ErrorClass::NoSpace,
+        ErrorKind::ReadOnly => ErrorClass::ReadOnly,
+        ErrorKind::NotSupported => ErrorClass::NotSupported,
+        ErrorKind::ShuttingDown => ErrorClass::ShuttingDown,
+        // A kind added later is at worst an I/O error until it gets its own arm.
+        _ => ErrorClass::Io,
+    }
+}
+
+/// Turns the volume error of the operation `what` into an export error. The
+/// server logs its message with the whole cause chain ("write failed: segment
+/// I/O failed: No space left on device"), which the client never sees; volume
+/// errors hold no data or key material.
+fn failed(what: &'static str) -> impl FnOnce(VolumeError) -> ExportError {
+    move |err| ExportError::new(class_of(err.kind()), format!("{what} failed")).with_source(err)
 }
 
 /// An error and its causes on one line, `a: b: c`, for log lines.
@@ -73,7 +100,7 @@ impl Export for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
-        self.volume.read_at(offset, buf).map_err(export_error)
+        self.volume.read_at(offset, buf).map_err(failed("read"))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
@@ -82,15 +109,15 @@ impl Export for VolumeExport {
         } else {
             self.volume.write_at(offset, data)
         }
-        .map_err(export_error)
+        .map_err(failed("write"))
     }
 
     fn flush(&self) -> Result<(), ExportError> {
-        self.volume.flush().map_err(export_error)
+        self.volume.flush().map_err(failed("flush"))
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        self.volume.trim(offset, len).map_err(export_error)?;
+        self.volume.trim(offset, len).map_err(failed("trim"))?;
         self.flush_if(fua)
     }
 
@@ -110,13 +137,13 @@ impl Export for VolumeExport {
                 let n = (end - at).min(ZERO_CHUNK);
                 self.volume
                     .write_at(at, &zeroes[..n as usize])
-                    .map_err(export_error)?;
+                    .map_err(failed("write zeroes"))?;
                 at += n;
             }
         } else {
             self.volume
                 .write_zeroes(offset, len)
-                .map_err(export_error)?;
+                .map_err(failed("write zeroes"))?;
         }
         self.flush_if(fua)
     }
@@ -125,7 +152,7 @@ impl Export for VolumeExport {
         let runs = self
             .volume
             .block_status(offset, len)
-            .map_err(export_error)?;
+            .map_err(failed("block status"))?;
         Ok(runs
             .into_iter()
             .filter(|run| run.len > 0)
@@ -236,17 +263,26 @@ impl Catalog for StoreCatalog {
         if !scope.permits(name) {
             return None;
         }
-        let mut open = self.lock_open();
-        if let Some(export) = open.get(name) {
+        if let Some(export) = self.lock_open().get(name) {
             return Some(export.clone());
         }
         let (tenant, volume) = name.split_once('/')?;
         let tenant = TenantId::new(tenant).ok()?;
         let volume = VolumeId::new(volume).ok()?;
+        // Not under the lock: opening scans the volume's metadata, which must
+        // hold up only the clients of this volume. The store hands concurrent
+        // openers of one volume its one shared instance, and the first of them
+        // to get here registers it; the others use that export and drop their
+        // handle (not the last, so nothing closes).
         match self.store.open_volume(&tenant, &volume) {
             Ok(opened) => {
-                let export = Arc::new(VolumeExport::new(opened, self.read_only.contains(name)));
-                open.insert(name.to_owned(), export.clone());
+                let export = self
+                    .lock_open()
+                    .entry(name.to_owned())
+                    .or_insert_with(|| {
+                        Arc::new(VolumeExport::new(opened, self.read_only.contains(name)))
+                    })
+                    .clone();
                 Some(export)
             }
             Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
@@ -333,6 +369,35 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_opens_of_one_export_share_one_instance() {
+        let (_dir, catalog) = catalog();
+        let start = std::sync::Barrier::new(4);
+        let exports: Vec<Arc<dyn Export>> = std::thread::scope(|s| {
+            let opening: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        catalog.open("acme/disk", &Scope::All).unwrap()
+                    })
+                })
+                .collect();
+            opening.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for export in &exports[1..] {
+            assert!(Arc::ptr_eq(&exports[0], export));
+        }
+        exports[0].write(0, b"one", false).unwrap();
+        let mut buf = [0u8; 3];
+        catalog
+            .open("acme/disk", &Scope::All)
+            .unwrap()
+            .read(0, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"one");
+        assert_eq!(catalog.flush_all().unwrap(), 1);
+    }
+
+    #[test]
     fn block_status_and_zeroes() {
         let (_dir, catalog) = catalog();
         let disk = catalog.open("acme/disk", &Scope::All).unwrap();
@@ -360,21 +425,47 @@ mod tests {
         assert!(disk.block_status(0, 4096).unwrap()[0].hole);
     }
 
+    /// The NBD error value each volume error kind reaches a client as.
     #[test]
-    fn volume_errors_keep_their_kind() {
+    fn volume_error_kinds_map_to_their_nbd_error_values() {
+        use blockseal_nbd::errno;
+        use blockseal_nbd::nbd_errno::{EINVAL, EIO, ENOSPC, ENOTSUP, EPERM, ESHUTDOWN};
+        for (kind, class, value) in [
+            (ErrorKind::Io, ErrorClass::Io, EIO),
+            (ErrorKind::Authentication, ErrorClass::Authentication, EIO),
+            (ErrorKind::Poisoned, ErrorClass::Poisoned, EIO),
+            (ErrorKind::OutOfRange, ErrorClass::OutOfRange, EINVAL),
+            (ErrorKind::InvalidInput, ErrorClass::InvalidInput, EINVAL),
+            (ErrorKind::NoSpace, ErrorClass::NoSpace, ENOSPC),
+            (ErrorKind::ReadOnly, ErrorClass::ReadOnly, EPERM),
+            (ErrorKind::NotSupported, ErrorClass::NotSupported, ENOTSUP),
+            (ErrorKind::ShuttingDown, ErrorClass::ShuttingDown, ESHUTDOWN),
+        ] {
+            assert_eq!(class_of(kind), class, "{kind:?}");
+            assert_eq!(errno(class_of(kind)), value, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn volume_errors_keep_their_class() {
         let (_dir, catalog) = catalog();
         let disk = catalog.open("acme/disk", &Scope::All).unwrap();
         let mut buf = [0u8; 4096];
         let err = disk.read(1 << 20, &mut buf).unwrap_err();
-        assert_eq!(err.kind(), blockseal_nbd::ErrorKind::OutOfRange);
-        assert!(err.message().contains("past the end"), "{}", err.message());
+        assert_eq!(err.class(), ErrorClass::OutOfRange);
+        let source = std::error::Error::source(&err).expect("the volume error is the source");
+        assert!(source.to_string().contains("past the end"), "{source}");
     }
 
     #[test]
-    fn export_errors_log_the_whole_cause_chain() {
+    fn export_errors_carry_the_whole_cause_chain() {
         let io = std::io::Error::other("disk on fire");
-        let err = export_error(VolumeError::Io(io));
-        assert_eq!(err.kind(), blockseal_nbd::ErrorKind::Io);
-        assert_eq!(err.message(), "segment I/O failed: disk on fire");
+        let err = failed("write")(VolumeError::Io(io));
+        assert_eq!(err.class(), ErrorClass::Io);
+        assert_eq!(err.message(), "write failed");
+        assert_eq!(
+            chain(&err),
+            "write failed: segment I/O failed: disk on fire"
+        );
     }
 }

@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
-use blockseal_nbd::{Catalog, ErrorKind, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
 
 pub const BLOCK: u64 = 4096;
 
@@ -28,6 +29,8 @@ pub struct MemExport {
     pub fua_writes: AtomicU64,
     /// Writes that got past the gate.
     pub writes: AtomicU64,
+    /// Reads, failed or not.
+    pub reads: AtomicU64,
     /// Writes wait while the gate is closed; `waiting` counts them, and
     /// `most_waiting` is the most that ever waited at once.
     gate: Mutex<bool>,
@@ -49,6 +52,7 @@ impl MemExport {
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
@@ -100,7 +104,7 @@ impl MemExport {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(ExportError::new(ErrorKind::OutOfRange, "past the end")),
+            _ => Err(ExportError::new(ErrorClass::OutOfRange, "past the end")),
         }
     }
 
@@ -135,11 +139,12 @@ impl Export for MemExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.check(offset, buf.len() as u64)?;
         let t = self.tampered.load(Ordering::Relaxed);
         if t != u64::MAX && offset / BLOCK <= t && t < (offset + buf.len() as u64).div_ceil(BLOCK) {
             return Err(ExportError::new(
-                ErrorKind::Authentication,
+                ErrorClass::Authentication,
                 format!("block {t} failed authentication"),
             ));
         }
@@ -247,7 +252,7 @@ impl Export for EmptyExport {
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn flush(&self) -> Result<(), ExportError> {
@@ -255,11 +260,11 @@ impl Export for EmptyExport {
     }
 
     fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), ExportError> {
-        Err(ErrorKind::ReadOnly.into())
+        Err(ErrorClass::ReadOnly.into())
     }
 
     fn block_status(&self, _offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
@@ -272,12 +277,63 @@ impl Export for EmptyExport {
     }
 }
 
+/// Holds catalog opens while closed, as a slow store would: opening a volume
+/// scans its metadata.
+#[derive(Default)]
+pub struct OpenGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    /// Opens waiting at the gate now.
+    waiting: usize,
+}
+
+impl OpenGate {
+    pub fn closed() -> Arc<OpenGate> {
+        let gate = OpenGate::default();
+        gate.state.lock().unwrap().closed = true;
+        Arc::new(gate)
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `n` opens wait at the gate; false if they did not within
+    /// 10 s.
+    pub fn wait_for_waiting(&self, n: usize) -> bool {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(10), |s| s.waiting < n)
+            .unwrap();
+        state.waiting >= n
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.waiting += 1;
+        self.changed.notify_all();
+        while state.closed {
+            state = self.changed.wait(state).unwrap();
+        }
+        state.waiting -= 1;
+    }
+}
+
 /// Exports by name, with descriptions; scope filtering as a real catalog does it.
 #[derive(Default)]
 pub struct MemCatalog {
     pub exports: BTreeMap<String, (Arc<MemExport>, String)>,
     /// Exports of other kinds, by name.
     pub others: BTreeMap<String, Arc<dyn Export>>,
+    /// Opens of these exports wait at their gate first.
+    pub open_gates: BTreeMap<String, Arc<OpenGate>>,
 }
 
 impl MemCatalog {
@@ -345,6 +401,9 @@ impl Catalog for MemCatalog {
     fn open(&self, name: &str, scope: &Scope) -> Option<Arc<dyn Export>> {
         if !scope.permits(name) {
             return None;
+        }
+        if let Some(gate) = self.open_gates.get(name) {
+            gate.pass();
         }
         self.exports
             .get(name)

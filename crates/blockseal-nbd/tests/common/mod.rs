@@ -157,6 +157,19 @@ pub fn have_python_nbd() -> bool {
     found
 }
 
+/// Panics unless `/usr/bin/python3` can `import nbd`: for tests that have no
+/// meaning without a real client.
+pub fn require_python_nbd() {
+    let found = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "python3-libnbd (import nbd with /usr/bin/python3) is required by this test"
+    );
+}
+
 fn skip(reason: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("required test tool missing in CI: {reason}");
@@ -194,6 +207,7 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
@@ -211,6 +225,7 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const SIMPLE_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
+pub const REPLY_TYPE_ERROR: u16 = 0x8001;
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
