@@ -95,6 +95,13 @@ pub trait Export: Send + Sync + 'static {
     /// [`block_size`](Export::block_size) except at the end of the export.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
 
+    /// Whether a write, trim or write-zeroes may block now on I/O beyond its
+    /// own (the export has a backlog to commit first). The server then runs it
+    /// on a blocking thread even when it is small. Default: `false`.
+    fn write_may_block(&self) -> bool {
+        false
+    }
+
     /// Hints that the client will soon read the range. Default: nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         let _ = (offset, len);

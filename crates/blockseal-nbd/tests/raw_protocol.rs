@@ -513,6 +513,29 @@ fn meta_context_for_another_export_does_not_carry_over() {
     assert_eq!(&payload[..4], &EINVAL.to_be_bytes());
 }
 
+/// A small write the export says may block runs off the connection's task:
+/// a read sent after it is answered while the write waits.
+#[test]
+fn a_write_that_may_block_does_not_hold_up_the_connection() {
+    let server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    disk.may_block.store(true, Ordering::SeqCst);
+    disk.close_gate();
+    let mut raw = server.raw();
+    go(&mut raw, "acme/disk");
+    raw.request(0, CMD_WRITE, 1, 0, 4096);
+    raw.send(&[5; 4096]);
+    wait_until("the write to reach the export", || {
+        disk.waiting.load(Ordering::SeqCst) == 1
+    });
+    raw.request(0, CMD_READ, 2, 8192, 4096);
+    assert_eq!(raw.simple_reply(), (0, 2), "the read is answered first");
+    assert_eq!(raw.read_n(4096), vec![0; 4096]);
+    disk.open_gate();
+    assert_eq!(raw.simple_reply(), (0, 1));
+    assert_eq!(disk.peek(0, 4), vec![5; 4]);
+}
+
 #[test]
 fn disconnect_finishes_in_flight_requests_first() {
     let server = TestServer::start();

@@ -1,7 +1,7 @@
 //! The small, stable classification of volume errors.
 //!
 //! Protocol layers map an [`ErrorKind`] to their own status codes in exactly one
-//! place (for NBD: `blockseal_nbd`'s errno mapping), so a new error variant never
+//! place (for NBD: `class_of` in the `blockseal` binary's `exports.rs`), so a new error variant never
 //! needs more than a `kind()` arm.
 
 /// What kind of failure a volume operation met.

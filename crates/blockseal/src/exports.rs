@@ -148,6 +148,10 @@ impl Export for VolumeExport {
         self.flush_if(fua)
     }
 
+    fn write_may_block(&self) -> bool {
+        self.volume.write_may_block()
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let runs = self
             .volume

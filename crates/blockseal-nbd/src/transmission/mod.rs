@@ -249,11 +249,17 @@ where
             } else {
                 0
             };
-            // Block status reads the metadata store: never on the runtime's threads.
+            // Block status reads the metadata store: never on the runtime's
+            // threads; nor does a write the export says may block (one that
+            // would commit a backlog of mappings before returning).
             let offload = !inline
                 || matches!(op, Op::Flush | Op::BlockStatus { .. })
                 || op.fua()
-                || op.weight(payload) > inline_max;
+                || op.weight(payload) > inline_max
+                || (matches!(
+                    op,
+                    Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }
+                ) && session.export.write_may_block());
             if let Op::Read {
                 len, df, sparse, ..
             } = &mut op

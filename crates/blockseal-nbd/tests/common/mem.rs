@@ -7,7 +7,7 @@
 //! keep requests in flight.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ pub struct MemExport {
     gate_cv: Condvar,
     pub waiting: AtomicUsize,
     pub most_waiting: AtomicUsize,
+    /// What `write_may_block` answers.
+    pub may_block: AtomicBool,
 }
 
 impl MemExport {
@@ -57,6 +59,7 @@ impl MemExport {
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
             most_waiting: AtomicUsize::new(0),
+            may_block: AtomicBool::new(false),
         })
     }
 
@@ -136,6 +139,10 @@ impl Export for MemExport {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn write_may_block(&self) -> bool {
+        self.may_block.load(Ordering::SeqCst)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
