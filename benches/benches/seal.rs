@@ -63,7 +63,7 @@ fn seal(c: &mut Criterion) {
             black_box(
                 f.raw
                     .seal_in_place_separate_tag(
-                        aead::Nonce::assume_unique_for_key(n.0),
+                        aead::Nonce::assume_unique_for_key(*n.as_bytes()),
                         Aad::empty(),
                         black_box(&mut buf),
                     )
@@ -85,7 +85,7 @@ fn open(c: &mut Criterion) {
     let raw_tag = f
         .raw
         .seal_in_place_separate_tag(
-            aead::Nonce::assume_unique_for_key(n.0),
+            aead::Nonce::assume_unique_for_key(*n.as_bytes()),
             Aad::empty(),
             &mut raw_sealed,
         )
@@ -112,7 +112,7 @@ fn open(c: &mut Criterion) {
             |buf| {
                 f.raw
                     .open_in_place_separate_tag(
-                        aead::Nonce::assume_unique_for_key(n.0),
+                        aead::Nonce::assume_unique_for_key(*n.as_bytes()),
                         Aad::empty(),
                         aead::Tag::from(raw_tag),
                         buf,

@@ -40,7 +40,11 @@ fn open_as_given(bytes: &[u8]) -> Option<()> {
     let (lba, rest) = take::<8>(bytes)?;
     let (nonce, rest) = take::<12>(rest)?;
     let (tag, ciphertext) = take::<16>(rest)?;
-    let (lba, nonce, tag) = (Lba(u64::from_be_bytes(lba)), Nonce(nonce), Tag(tag));
+    let (lba, nonce, tag) = (
+        Lba(u64::from_be_bytes(lba)),
+        Nonce::from_bytes(nonce),
+        Tag(tag),
+    );
     let mut block = ciphertext.to_vec();
     match CIPHER.open_in_place(lba, &nonce, &tag, &mut block) {
         Ok(()) => {
@@ -58,13 +62,13 @@ fn open_as_given(bytes: &[u8]) -> Option<()> {
 
 fn seal_then_tamper(bytes: &[u8]) -> Option<()> {
     let (lba, rest) = take::<8>(bytes)?;
-    let (nonce, rest) = take::<12>(rest)?;
+    let (mut nonce, rest) = take::<12>(rest)?;
     let (selector, plaintext) = take::<4>(rest)?;
-    let (mut lba, mut nonce) = (Lba(u64::from_be_bytes(lba)), Nonce(nonce));
+    let mut lba = Lba(u64::from_be_bytes(lba));
     let selector = u32::from_be_bytes(selector) as usize;
 
     let mut block = plaintext.to_vec();
-    let mut tag = CIPHER.seal_in_place(lba, &nonce, &mut block);
+    let mut tag = CIPHER.seal_in_place(lba, &Nonce::from_bytes(nonce), &mut block);
 
     // Bytes that may be flipped: ciphertext, tag, nonce, LBA; one more slot means "none".
     let fields = block.len() + 16 + 12 + 8;
@@ -76,14 +80,14 @@ fn seal_then_tamper(bytes: &[u8]) -> Option<()> {
     } else if at < block.len() + 16 {
         tag.0[at - block.len()] ^= bit;
     } else if at < block.len() + 28 {
-        nonce.0[at - block.len() - 16] ^= bit;
+        nonce[at - block.len() - 16] ^= bit;
     } else if tampered {
         let mut b = lba.0.to_be_bytes();
         b[at - block.len() - 28] ^= bit;
         lba = Lba(u64::from_be_bytes(b));
     }
 
-    let opened = CIPHER.open_in_place(lba, &nonce, &tag, &mut block);
+    let opened = CIPHER.open_in_place(lba, &Nonce::from_bytes(nonce), &tag, &mut block);
     if tampered {
         assert!(opened.is_err(), "a tampered block opened");
         assert!(block.iter().all(|&b| b == 0), "unauthenticated bytes left");

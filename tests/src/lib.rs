@@ -1,11 +1,8 @@
 //! The end-to-end harness: runs the real `blockseal serve` binary on a temporary
 //! data directory and socket, waits on its readiness line (never a sleep), and
-//! stops it on drop; plus checks for the client tools and small helpers the
-//! suites share.
-//!
-//! A missing tool skips a test with a printed reason, except when the `CI`
-//! environment variable is set: there it fails the test, so that CI never passes
-//! by skipping.
+//! stops it on drop; plus small helpers the suites share. Peer tools (which
+//! fail a test when missing, never skip it), the test PKI and the raw protocol
+//! client come from `blockseal-test-support`.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use blockseal_test_support::run_ok;
 use rand::RngCore;
 
 /// The `blockseal` binary built beside the test executable
@@ -56,6 +54,8 @@ pub struct ServerProcess {
     /// Kept open so that the server's stdout never turns into a broken pipe.
     _stdout: Option<BufReader<ChildStdout>>,
     args: Vec<OsString>,
+    /// `BLOCKSEAL_LOG` for the server.
+    log_filter: String,
     log: PathBuf,
     /// The server's Unix socket, from its readiness line.
     pub socket: Option<PathBuf>,
@@ -71,6 +71,12 @@ impl ServerProcess {
     /// The embedded default on a fresh temporary directory: export `demo/disk`
     /// of `demo_size` (e.g. `"64M"`), on `<tmp>/nbd.sock`.
     pub fn demo(demo_size: &str) -> ServerProcess {
+        ServerProcess::demo_with_log(demo_size, &default_log_filter())
+    }
+
+    /// [`ServerProcess::demo`] with `BLOCKSEAL_LOG` set to `filter`, for tests
+    /// that wait on what the server logs.
+    pub fn demo_with_log(demo_size: &str, filter: &str) -> ServerProcess {
         let tmp = tempfile::tempdir().expect("cannot create a temporary directory");
         let dir = tmp.path().to_path_buf();
         let args: Vec<OsString> = vec![
@@ -82,20 +88,32 @@ impl ServerProcess {
             "--demo-size".into(),
             demo_size.into(),
         ];
-        ServerProcess::start_in(dir, Some(tmp), args)
+        ServerProcess::start_in(dir, Some(tmp), args, filter.to_owned())
     }
 
     /// `blockseal serve --config CONFIG`; the log goes to `dir`.
     pub fn with_config(dir: &Path, config: &Path) -> ServerProcess {
-        let args = vec!["serve".into(), "--config".into(), config.into()];
-        ServerProcess::start_in(dir.to_path_buf(), None, args)
+        ServerProcess::with_config_and_log(dir, config, &default_log_filter())
     }
 
-    fn start_in(dir: PathBuf, tmp: Option<tempfile::TempDir>, args: Vec<OsString>) -> Self {
+    /// [`ServerProcess::with_config`] with `BLOCKSEAL_LOG` set to `filter`,
+    /// for tests that wait on what the server logs.
+    pub fn with_config_and_log(dir: &Path, config: &Path, filter: &str) -> ServerProcess {
+        let args = vec!["serve".into(), "--config".into(), config.into()];
+        ServerProcess::start_in(dir.to_path_buf(), None, args, filter.to_owned())
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        args: Vec<OsString>,
+        log_filter: String,
+    ) -> Self {
         let mut server = ServerProcess {
             child: None,
             _stdout: None,
             args,
+            log_filter,
             log: dir.join("server.log"),
             socket: None,
             tcp: None,
@@ -130,6 +148,16 @@ impl ServerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the server has logged `message` `times` times in all.
+    #[track_caller]
+    pub fn wait_for_log(&self, message: &str, times: usize, limit: Duration) {
+        blockseal_test_support::wait_until(
+            &format!("the server to log {message:?} {times} time(s)"),
+            limit,
+            || self.log().matches(message).count() >= times,
+        );
+    }
+
     /// Stops the server with SIGTERM and waits; it must exit 0.
     pub fn stop(&mut self) {
         let status = self.signal_and_wait("TERM");
@@ -159,10 +187,7 @@ impl ServerProcess {
             .expect("cannot open the server log");
         let mut child = Command::new(binary())
             .args(&self.args)
-            .env(
-                "BLOCKSEAL_LOG",
-                std::env::var("BLOCKSEAL_LOG").unwrap_or("info".into()),
-            )
+            .env("BLOCKSEAL_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -232,83 +257,15 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The server's log filter: the test's own `BLOCKSEAL_LOG`, or `info`.
+fn default_log_filter() -> String {
+    std::env::var("BLOCKSEAL_LOG").unwrap_or_else(|_| "info".into())
+}
+
 fn send_signal(child: &Child, signal: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status();
-}
-
-/// Whether `tool` is on PATH; if not, skips (prints why) or, under CI, panics.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool} >/dev/null"))
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        skip(&format!(
-            "{tool} is not installed (scripts/install-deps.sh installs it)"
-        ));
-    }
-    found
-}
-
-/// Whether every tool in `tools` is on PATH (see [`have`]).
-pub fn have_all(tools: &[&str]) -> bool {
-    tools.iter().all(|tool| have(tool))
-}
-
-/// Skips the calling test with `reason`, or fails it under CI.
-pub fn skip(reason: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("required for this test, missing in CI: {reason}");
-    }
-    eprintln!("SKIPPED: {reason}");
-}
-
-/// The Python that has libnbd's bindings (python3-libnbd installs them for the
-/// system interpreter, which a `python3` earlier on PATH may not be).
-pub const PYTHON: &str = "/usr/bin/python3";
-
-/// Whether `/usr/bin/python3` can `import nbd` (see [`have`]).
-pub fn have_python_nbd() -> bool {
-    let found = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        skip("python3-libnbd (import nbd with /usr/bin/python3) is not available");
-    }
-    found
-}
-
-/// `nbdsh`, run as `/usr/bin/python3 -m nbd` so that it finds the bindings.
-pub fn nbdsh() -> Command {
-    let mut cmd = Command::new(PYTHON);
-    cmd.args(["-m", "nbd"]);
-    cmd
-}
-
-/// Runs a command, returning its output; panics with stdout and stderr when it fails.
-#[track_caller]
-pub fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command to completion.
-#[track_caller]
-pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Writes `len` random bytes to a new file at `path`.
@@ -342,152 +299,4 @@ pub fn read_file(path: &Path) -> Vec<u8> {
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     bytes
-}
-
-/// Test PKI made with the `openssl` CLI: a CA, a server certificate for
-/// 127.0.0.1 and localhost, and client certificate directories in libnbd's
-/// layout (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
-pub struct Pki {
-    /// Where every file lives.
-    pub dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A new CA and server certificate.
-    pub fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("cannot create a temporary directory");
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=blockseal test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        let pki = Pki { dir };
-        pki.issue(
-            "server",
-            "/CN=localhost",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        );
-        pki
-    }
-
-    /// The server certificate, its key and the CA, as the config file names them.
-    pub fn server_files(&self) -> (PathBuf, PathBuf, PathBuf) {
-        let d = self.dir.path();
-        (
-            d.join("server-cert.pem"),
-            d.join("server-key.pem"),
-            d.join("ca-cert.pem"),
-        )
-    }
-
-    /// A directory for libnbd's `tls-certificates=` with a client certificate
-    /// naming `tenant` (URI SAN `blockseal:tenant:<tenant>`), or with no client
-    /// certificate at all when `tenant` is `None`.
-    pub fn client_dir(&self, name: &str, tenant: Option<&str>) -> PathBuf {
-        let d = self.dir.path();
-        let out = d.join(format!("client-{name}"));
-        std::fs::create_dir_all(&out).expect("cannot create the client directory");
-        std::fs::copy(d.join("ca-cert.pem"), out.join("ca-cert.pem")).expect("copy CA");
-        if let Some(tenant) = tenant {
-            self.issue(
-                name,
-                &format!("/CN={name}"),
-                &format!(
-                    "extendedKeyUsage=clientAuth\nsubjectAltName=URI:blockseal:tenant:{tenant}\n"
-                ),
-            );
-            std::fs::copy(
-                d.join(format!("{name}-cert.pem")),
-                out.join("client-cert.pem"),
-            )
-            .expect("copy client certificate");
-            std::fs::copy(
-                d.join(format!("{name}-key.pem")),
-                out.join("client-key.pem"),
-            )
-            .expect("copy client key");
-        }
-        out
-    }
-
-    fn issue(&self, name: &str, subject: &str, extensions: &str) {
-        let d = self.dir.path();
-        std::fs::write(
-            d.join(format!("{name}.ext")),
-            format!("basicConstraints=CA:FALSE\n{extensions}"),
-        )
-        .expect("cannot write the extensions file");
-        let (key, csr, cert, ext) = (
-            format!("{name}-key.pem"),
-            format!("{name}.csr"),
-            format!("{name}-cert.pem"),
-            format!("{name}.ext"),
-        );
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                subject,
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &cert,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
-
-impl Default for Pki {
-    fn default() -> Self {
-        Pki::new()
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    run_ok(Command::new("openssl").current_dir(dir).args(args));
 }

@@ -1,13 +1,12 @@
 //! Restart after `kill -9`: what was flushed before the crash reads back.
 
-use blockseal_tests::{ServerProcess, have, run_ok};
+use blockseal_test_support::{require, run_ok};
+use blockseal_tests::ServerProcess;
 use std::process::Command;
 
 #[test]
 fn flushed_writes_survive_kill_9() {
-    if !have("qemu-io") {
-        return;
-    }
+    require("qemu-io");
     let mut server = ServerProcess::demo("16M");
     let uri = server.uri("demo/disk");
     run_ok(Command::new("qemu-io").args([

@@ -6,10 +6,11 @@
 //! The store lives on a tmpfs mounted for the test, so it needs root (as CI
 //! has); a missing python3-libnbd fails it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use blockseal_tests::{PYTHON, ServerProcess, blockseal_ok, have_python_nbd};
+use blockseal_test_support::{path_str as p, python, temp_dir};
+use blockseal_tests::{ServerProcess, blockseal_ok};
 
 struct Tmpfs {
     path: PathBuf,
@@ -18,7 +19,7 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(mib: u64) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = temp_dir();
         let path = dir.path().join("mnt");
         std::fs::create_dir(&path).unwrap();
         let status = Command::new("mount")
@@ -46,17 +47,12 @@ impl Drop for Tmpfs {
     }
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 #[test]
 fn a_full_disk_is_enospc_on_the_wire_and_recovers_without_a_restart() {
-    assert!(have_python_nbd(), "python3-libnbd is required");
     let fs = Tmpfs::mount(40);
     let filler = fs.path.join("filler");
     std::fs::write(&filler, vec![0x5a; 16 << 20]).unwrap();
-    let conf_dir = tempfile::tempdir().unwrap();
+    let conf_dir = temp_dir();
     let d = conf_dir.path();
     blockseal_ok(&["key", "init", "--out", p(&d.join("master.key"))]);
     let config = d.join("blockseal.toml");
@@ -85,11 +81,11 @@ fn a_full_disk_is_enospc_on_the_wire_and_recovers_without_a_restart() {
 
     // Write 1 MiB chunks until the server says ENOSPC, flush, check what was
     // acknowledged; then wait for the test to free space (it deletes the filler
-    // and touches a file), write and flush again, and check everything.
-    let go = d.join("space-freed");
+    // and says so on the client's standard input), write and flush again, and
+    // check everything.
     let script = format!(
         r#"
-import errno, os, time, nbd
+import errno, sys, nbd
 h = nbd.NBD()
 h.connect_uri({uri:?})
 chunk = lambda k: bytes([k % 251 + 1]) * (1 << 20)
@@ -107,28 +103,28 @@ h.flush()
 for i in range(k):
     assert h.pread(1 << 20, i << 20) == chunk(i), i
 print("FULL", k, flush=True)
-while not os.path.exists({go:?}):
-    time.sleep(0.01)
+assert sys.stdin.readline() == "space freed\n"
 for i in range(k, k + 8):
     h.pwrite(chunk(i), i << 20)
 h.flush()
 for i in range(k + 8):
     assert h.pread(1 << 20, i << 20) == chunk(i), i
 print("RECOVERED", k + 8)
-"#,
-        go = p(&go),
+"#
     );
-    let mut child = Command::new(PYTHON)
-        .args(["-c", &script])
+    let mut child = python(&script)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert!(line.starts_with("FULL"), "client said {line:?}");
     std::fs::remove_file(&filler).unwrap();
-    std::fs::write(&go, b"").unwrap();
+    std::io::Write::write_all(&mut stdin, b"space freed\n").unwrap();
+    drop(stdin);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     let status = child.wait().unwrap();

@@ -3,13 +3,12 @@
 
 use std::process::Command;
 
-use blockseal_tests::{ServerProcess, have, run_ok};
+use blockseal_test_support::{require, run_ok};
+use blockseal_tests::ServerProcess;
 
 #[test]
 fn random_read_write_with_verification() {
-    if !have("fio") {
-        return;
-    }
+    require("fio");
     let server = ServerProcess::demo("64M");
     let uri = server.uri("demo/disk");
     // Run in the server's temporary directory: fio leaves verify state files in

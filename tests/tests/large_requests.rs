@@ -5,7 +5,8 @@
 
 use std::process::Command;
 
-use blockseal_tests::{PYTHON, ServerProcess, run_ok};
+use blockseal_test_support::{PYTHON, require_python_nbd, run_ok};
+use blockseal_tests::ServerProcess;
 
 /// Writes (`write`) or checks (`check`) 42,000,000 pseudo-random bytes at a
 /// byte offset that is not block aligned, in one request each, with libnbd's
@@ -29,17 +30,6 @@ assert h.pread(N, OFFSET) == data, "read back differs"
 h.shutdown()
 print(mode, "ok")
 "#;
-
-fn require_python_nbd() {
-    let found = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "python3-libnbd is required (scripts/install-deps.sh installs it)"
-    );
-}
 
 #[test]
 fn a_42_mb_write_and_read_in_one_request_each_survive_a_restart() {

@@ -7,164 +7,73 @@
 //! the server under a small open file limit. A missing tool fails these tests:
 //! they guard limits that must hold everywhere.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blockseal_tests::{PYTHON, ServerProcess, blockseal_ok, run, run_ok};
+use blockseal_test_support::wire::*;
+use blockseal_test_support::{
+    PYTHON, Raw, path_str as p, require, require_python_nbd, run, run_ok, temp_dir, wait_until,
+};
+use blockseal_tests::{ServerProcess, blockseal_ok};
 
 const MIB: u64 = 1 << 20;
 
-// Protocol numbers, restated so that the tests check the wire.
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_FLUSH: u16 = 3;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_BLOCK_STATUS: u16 = 7;
-const FLAG_NO_HOLE: u16 = 1 << 1;
-const FLAG_REQ_ONE: u16 = 1 << 3;
-const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-const REPLY_FLAG_DONE: u16 = 1;
-
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
-
-/// A blocking, byte-level NBD client that can misbehave on purpose.
+/// A raw protocol client that can misbehave on purpose, with the handshake
+/// and the requests these tests make.
 struct Client {
-    s: Box<dyn Stream>,
+    raw: Raw,
     /// `base:allocation`'s context id, once selected.
     context: Option<u32>,
 }
 
+impl Deref for Client {
+    type Target = Raw;
+
+    fn deref(&self) -> &Raw {
+        &self.raw
+    }
+}
+
+impl DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Raw {
+        &mut self.raw
+    }
+}
+
 impl Client {
     fn unix(path: &Path) -> Client {
-        let s = UnixStream::connect(path).expect("cannot connect to the server's socket");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Client {
-            s: Box::new(s),
+            raw: Raw::connect_with_timeout(path, Duration::from_secs(20)),
             context: None,
         }
-    }
-
-    fn read_n(&mut self, n: usize) -> Vec<u8> {
-        let mut b = vec![0; n];
-        self.s.read_exact(&mut b).expect("the server closed early");
-        b
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_be_bytes(self.read_n(2).try_into().unwrap())
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes(self.read_n(4).try_into().unwrap())
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_be_bytes(self.read_n(8).try_into().unwrap())
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("the server closed early");
-    }
-
-    /// Reads the greeting, and nothing more: the client is then stuck before
-    /// its flags.
-    fn greeting(&mut self) {
-        assert_eq!(self.u64(), NBDMAGIC);
-        assert_eq!(self.u64(), IHAVEOPT);
-        self.u16();
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut b = Vec::new();
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.send(&b);
-    }
-
-    fn option_reply(&mut self) -> (u32, Vec<u8>) {
-        assert_eq!(self.u64(), OPT_REPLY_MAGIC);
-        let _option = self.u32();
-        let kind = self.u32();
-        let len = self.u32() as usize;
-        (kind, self.read_n(len))
     }
 
     /// The whole handshake into transmission on `export`; with `structured`,
     /// structured replies and `base:allocation` too.
     fn enter(&mut self, export: &str, structured: bool) {
-        self.greeting();
-        // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES.
-        self.send(&3u32.to_be_bytes());
+        self.handshake(C_FIXED_NEWSTYLE | C_NO_ZEROES);
         if structured {
             self.option(OPT_STRUCTURED_REPLY, b"");
-            assert_eq!(self.option_reply().0, REP_ACK);
-            let mut data = Vec::new();
-            data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-            data.extend_from_slice(export.as_bytes());
-            data.extend_from_slice(&1u32.to_be_bytes());
-            let query = b"base:allocation";
-            data.extend_from_slice(&(query.len() as u32).to_be_bytes());
-            data.extend_from_slice(query);
-            self.option(OPT_SET_META_CONTEXT, &data);
+            assert_eq!(self.option_reply().1, REP_ACK);
+            self.option(
+                OPT_SET_META_CONTEXT,
+                &meta_payload(export, &["base:allocation"]),
+            );
             loop {
                 match self.option_reply() {
-                    (REP_META_CONTEXT, data) => {
+                    (_, REP_META_CONTEXT, data) => {
                         self.context = Some(u32::from_be_bytes(data[..4].try_into().unwrap()));
                     }
-                    (REP_ACK, _) => break,
-                    (other, _) => panic!("SET_META_CONTEXT failed: {other:#x}"),
+                    (_, REP_ACK, _) => break,
+                    (_, other, _) => panic!("SET_META_CONTEXT failed: {other:#x}"),
                 }
             }
         }
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        self.option(OPT_GO, &data);
-        loop {
-            match self.option_reply() {
-                (REP_INFO, _) => {}
-                (REP_ACK, _) => return,
-                (other, _) => panic!("GO failed: {other:#x}"),
-            }
-        }
-    }
-
-    fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32) {
-        let mut b = Vec::with_capacity(28);
-        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&handle.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        self.send(&b);
-    }
-
-    /// A simple reply's error and handle.
-    fn simple_reply(&mut self) -> (u32, u64) {
-        assert_eq!(self.u32(), SIMPLE_MAGIC);
-        let error = self.u32();
-        (error, self.u64())
+        self.go(export);
     }
 
     /// Reads `len` bytes at `offset` (simple replies).
@@ -191,12 +100,8 @@ impl Client {
     /// Block status (structured replies): the descriptors (length, flags).
     fn block_status(&mut self, flags: u16, offset: u64, len: u32) -> Vec<(u32, u32)> {
         self.request(flags, CMD_BLOCK_STATUS, 9, offset, len);
-        assert_eq!(self.u32(), STRUCTURED_MAGIC);
-        let chunk_flags = self.u16();
-        let kind = self.u16();
-        assert_eq!(self.u64(), 9);
-        let payload = self.u32() as usize;
-        let data = self.read_n(payload);
+        let (chunk_flags, kind, handle, data) = self.chunk();
+        assert_eq!(handle, 9);
         assert_eq!(
             kind, REPLY_TYPE_BLOCK_STATUS,
             "block status failed: {data:?}"
@@ -226,40 +131,24 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// Fails the test unless `tool` is on PATH: these limits must be checked
-/// everywhere, so a missing peer is an error, not a skip.
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool} >/dev/null"))
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "{tool} is required (scripts/install-deps.sh installs it)"
-    );
-}
+/// The server's log filter for tests that wait on what the NBD server logs per
+/// request.
+const NBD_DEBUG: &str = "info,blockseal_nbd=debug";
 
-fn require_python_nbd() {
-    let found = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "python3-libnbd is required (scripts/install-deps.sh installs it)"
-    );
-}
+/// What the server logs when a client's allocated zeroes stop because the
+/// client left.
+const ZEROES_STOPPED: &str = "write zeroes stopped: the connection closed";
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+/// What the server logs when it reads the end of file behind a client's
+/// disconnect request: it has then taken in, and looked at, every request the
+/// client sent.
+const DISCONNECT_READ: &str = "client closed its side after a disconnect request";
 
 /// A store in a temporary directory with export `acme/disk` of `size` and
 /// `block_size`, and a config file with a Unix socket, TCP on loopback and
 /// `limits` (TOML lines of the `[limits]` table).
 fn configured(size: &str, block_size: &str, limits: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp_dir();
     let d = dir.path();
     blockseal_ok(&["key", "init", "--out", p(&d.join("master.key"))]);
     let config = d.join("blockseal.toml");
@@ -356,27 +245,42 @@ fn disk_usage(dir: &Path) -> u64 {
 #[test]
 fn slow_readers_cannot_exhaust_memory() {
     const BOUND_KIB: u64 = 512 * 1024;
-    let server = ServerProcess::demo("256M");
+    const READ: u32 = 32 << 20;
+    let server = ServerProcess::demo_with_log("256M", NBD_DEBUG);
     let pid = server.pid();
     let socket = server.socket.clone().unwrap();
     let before = status_kib(pid, "VmRSS");
     // Simple replies: every read's reply carries all its bytes, holes or not.
+    // Each attacker then disconnects without reading, which the server notes
+    // once it has looked at all four reads.
     let mut attackers = Vec::new();
     for _ in 0..32 {
         let mut c = Client::unix(&socket);
         c.enter("demo/disk", false);
         for k in 0..4u64 {
-            c.request(0, CMD_READ, k, (k % 8) * 32 * MIB, 32 << 20);
+            c.request(0, CMD_READ, k, (k % 8) * 32 * MIB, READ);
         }
+        c.disconnect_and_close_write();
         attackers.push(c);
     }
+    // Every read has been taken in: those the budget admits run and hold it,
+    // the others wait for it (today's server ran all of them and reached 3 GB).
+    server.wait_for_log(DISCONNECT_READ, 32, Duration::from_secs(30));
+    let log = server.log();
+    let admitted = log
+        .lines()
+        .filter(|l| l.contains("request handle=") && l.contains(&format!("len={READ}")))
+        .count() as u64;
+    eprintln!("slow readers: {admitted} of 128 reads of 32 MiB admitted");
+    assert!(
+        (1..=4).contains(&admitted),
+        "{admitted} reads of 32 MiB admitted: the tenant's share (128 MiB) holds at most 4"
+    );
+    // A well-behaved client is answered meanwhile.
     let mut good = Client::unix(&socket);
     good.enter("demo/disk", false);
-    // Watch the attack for a few seconds (today's server reached 3 GB in about
-    // one), checking that the well-behaved client's reads are answered.
-    let window = Instant::now();
     let mut slowest = Duration::ZERO;
-    while window.elapsed() < Duration::from_secs(4) {
+    for _ in 0..20 {
         let rss = status_kib(pid, "VmRSS");
         assert!(
             rss < BOUND_KIB,
@@ -389,7 +293,6 @@ fn slow_readers_cannot_exhaust_memory() {
             slowest < Duration::from_secs(2),
             "a 4 KiB read took {slowest:?} under the attack"
         );
-        std::thread::sleep(Duration::from_millis(50));
     }
     let peak = status_kib(pid, "VmHWM");
     eprintln!(
@@ -613,11 +516,9 @@ fn allocated_zeroes_run_in_pieces() {
     let data = dir.path().join("data");
     let base = disk_usage(&data);
     c.request(FLAG_NO_HOLE, CMD_WRITE_ZEROES, 4, 1 << 30, u32::MAX - 4095);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_usage(&data) < base + 64 * MIB {
-        assert!(Instant::now() < deadline, "the zeroes never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the zeroes to start", Duration::from_secs(20), || {
+        disk_usage(&data) >= base + 64 * MIB
+    });
     let signalled = Instant::now();
     server.stop();
     let took = signalled.elapsed();
@@ -630,25 +531,6 @@ fn allocated_zeroes_run_in_pieces() {
     assert!(written < 2 << 30, "{written} bytes of zeroes written");
 }
 
-/// `disk_usage(dir)` once it has stopped changing for half a second; fails
-/// when it is still changing after `limit`.
-fn settled_usage(dir: &Path, limit: Duration) -> u64 {
-    let deadline = Instant::now() + limit;
-    let mut last = disk_usage(dir);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = disk_usage(dir);
-        if now == last {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the data directory still grows after {limit:?}"
-        );
-        last = now;
-    }
-}
-
 /// Requests a client had queued used to run on after it left (and after the
 /// shutdown deadline), flushes and FUA requests each took a blocking thread of
 /// their own, and the final flush at SIGTERM queued behind them. Now a client
@@ -657,7 +539,7 @@ fn settled_usage(dir: &Path, limit: Duration) -> u64 {
 #[test]
 fn the_work_of_a_client_that_left_stops() {
     let (dir, config) = configured("8G", "4096", "shutdown_timeout_secs = 2");
-    let mut server = ServerProcess::with_config(dir.path(), &config);
+    let mut server = ServerProcess::with_config_and_log(dir.path(), &config, NBD_DEBUG);
     let socket = server.socket.clone().unwrap();
     let data = dir.path().join("data");
     let base = disk_usage(&data);
@@ -671,13 +553,14 @@ fn the_work_of_a_client_that_left_stops() {
             gone.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_usage(&data) < base + 64 * MIB {
-        assert!(Instant::now() < deadline, "the zeroes never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the zeroes to start", Duration::from_secs(20), || {
+        disk_usage(&data) >= base + 64 * MIB
+    });
     drop(gone);
-    let written = settled_usage(&data, Duration::from_secs(30)) - base;
+    // The zeroes under way stop at their next piece, and say so; the work
+    // still queued is dropped unstarted.
+    server.wait_for_log(ZEROES_STOPPED, 1, Duration::from_secs(30));
+    let written = disk_usage(&data) - base;
     eprintln!("a client that left: {written} bytes of its 4 GiB of zeroes written");
     assert!(
         written < 1 << 30,
@@ -695,11 +578,9 @@ fn the_work_of_a_client_that_left_stops() {
             staying.request(0, CMD_FLUSH, 100 + k * 8 + f, 0, 0);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while disk_usage(&data) < base + 64 * MIB {
-        assert!(Instant::now() < deadline, "the zeroes never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the zeroes to start", Duration::from_secs(20), || {
+        disk_usage(&data) >= base + 64 * MIB
+    });
     let signalled = Instant::now();
     server.stop();
     let took = signalled.elapsed();

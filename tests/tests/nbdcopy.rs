@@ -3,13 +3,12 @@
 
 use std::process::Command;
 
-use blockseal_tests::{ServerProcess, have_all, random_file, run_ok, sha256};
+use blockseal_test_support::{require_all, run_ok};
+use blockseal_tests::{ServerProcess, random_file, sha256};
 
 #[test]
 fn copy_in_and_out_with_four_connections() {
-    if !have_all(&["nbdcopy", "sha256sum"]) {
-        return;
-    }
+    require_all(&["nbdcopy", "sha256sum"]);
     let server = ServerProcess::demo("64M");
     let uri = server.uri("demo/disk");
     let input = server.dir.join("in.raw");

@@ -7,9 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use blockseal_tests::{ServerProcess, have_all, random_file, run, run_ok, sha256, skip};
+use blockseal_test_support::{require_all, run, run_ok, wait_until};
+use blockseal_tests::{ServerProcess, random_file, sha256};
 
 /// `nbdfuse MOUNTPOINT/disk URI`, unmounted on drop.
 struct Fuse {
@@ -35,17 +36,12 @@ impl Fuse {
             child,
         };
         // nbdfuse writes its pid file once the mount serves requests.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !pidfile.exists() {
+        wait_until("nbdfuse to mount", Duration::from_secs(30), || {
             if let Some(status) = fuse.child.try_wait().unwrap() {
                 panic!("nbdfuse exited with {status} before mounting");
             }
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse did not mount within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            pidfile.exists()
+        });
         fuse
     }
 
@@ -86,30 +82,26 @@ impl Drop for Mount {
     }
 }
 
-fn can_mount() -> bool {
-    if !have_all(&[
+/// Fails the test unless it can mount: the tools, root and `/dev/fuse`.
+fn require_mounting() {
+    require_all(&[
         "nbdfuse",
         "fusermount3",
         "mkfs.ext4",
         "e2fsck",
         "mount",
         "sha256sum",
-    ]) {
-        return false;
-    }
+    ]);
     let root = run(Command::new("id").arg("-u")).stdout == b"0\n";
-    if !root || !Path::new("/dev/fuse").exists() {
-        skip("mounting needs root and /dev/fuse");
-        return false;
-    }
-    true
+    assert!(
+        root && Path::new("/dev/fuse").exists(),
+        "this test mounts a file system: it needs root and /dev/fuse"
+    );
 }
 
 #[test]
 fn ext4_survives_a_restart() {
-    if !can_mount() {
-        return;
-    }
+    require_mounting();
     let mut server = ServerProcess::demo("128M");
     let uri = server.uri("demo/disk");
     let fuse_dir = server.dir.join("fuse");

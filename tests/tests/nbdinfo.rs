@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-use blockseal_tests::{ServerProcess, have_all, have_python_nbd, nbdsh, run_ok};
+use blockseal_test_support::{nbdsh, require, require_python_nbd, run_ok};
+use blockseal_tests::ServerProcess;
 
 /// The value of `key:` in nbdinfo's text output.
 fn field<'a>(info: &'a str, key: &str) -> &'a str {
@@ -15,9 +16,7 @@ fn field<'a>(info: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn size_flags_and_list() {
-    if !have_all(&["nbdinfo"]) {
-        return;
-    }
+    require("nbdinfo");
     let server = ServerProcess::demo("64M");
     let uri = server.uri("demo/disk");
     let info = run_ok(Command::new("nbdinfo").arg(&uri));
@@ -52,9 +51,8 @@ fn size_flags_and_list() {
 
 #[test]
 fn map_follows_writes_and_trims() {
-    if !have_all(&["nbdinfo"]) || !have_python_nbd() {
-        return;
-    }
+    require("nbdinfo");
+    require_python_nbd();
     let server = ServerProcess::demo("16M");
     let uri = server.uri("demo/disk");
     // 1 MiB of data at 1 MiB and at 4 MiB, then the second half of the first

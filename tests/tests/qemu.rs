@@ -4,7 +4,8 @@
 
 use std::process::Command;
 
-use blockseal_tests::{ServerProcess, have_all, random_file, read_file, run_ok};
+use blockseal_test_support::{require, run_ok};
+use blockseal_tests::{ServerProcess, random_file, read_file};
 
 /// Runs qemu-io with `commands` on `uri`; fails on any failed command or
 /// pattern mismatch (qemu-io itself exits 0 on those).
@@ -26,9 +27,7 @@ fn qemu_io(uri: &str, commands: &[&str]) -> String {
 
 #[test]
 fn qemu_io_commands() {
-    if !have_all(&["qemu-io"]) {
-        return;
-    }
+    require("qemu-io");
     let server = ServerProcess::demo("16M");
     let uri = server.uri("demo/disk");
     qemu_io(
@@ -74,9 +73,7 @@ fn qemu_io_commands() {
 
 #[test]
 fn qemu_img_convert_compare_and_map() {
-    if !have_all(&["qemu-img"]) {
-        return;
-    }
+    require("qemu-img");
     let server = ServerProcess::demo("8M");
     let uri = server.uri("demo/disk");
     let input = server.dir.join("in.raw");

@@ -5,26 +5,22 @@
 use std::path::Path;
 use std::process::Command;
 
-use blockseal_tests::{
-    Pki, ServerProcess, blockseal_ok, have_all, have_python_nbd, nbdsh, run, run_ok,
+use blockseal_test_support::{
+    Pki, nbdsh, path_str as p, require, require_python_nbd, run, run_ok, temp_dir,
 };
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use blockseal_tests::{ServerProcess, blockseal_ok};
 
 #[test]
 fn tenants_see_only_their_exports() {
-    if !have_all(&["openssl", "nbdinfo"]) || !have_python_nbd() {
-        return;
-    }
+    require("nbdinfo");
+    require_python_nbd();
     let pki = Pki::new();
-    let alpha = pki.client_dir("alpha", Some("alpha"));
-    let bravo = pki.client_dir("bravo", Some("bravo"));
-    let anonymous = pki.client_dir("anonymous", None);
+    let alpha = pki.tenant_client("alpha", "alpha");
+    let bravo = pki.tenant_client("bravo", "bravo");
+    let anonymous = pki.ca_only("anonymous");
     let (cert, key, ca) = pki.server_files();
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp_dir();
     let d = dir.path();
     blockseal_ok(&["key", "init", "--out", p(&d.join("master.key"))]);
     let config = d.join("blockseal.toml");

@@ -21,9 +21,7 @@ fn script() -> &'static Path {
 
 #[test]
 fn libnbd_conformance_on_a_unix_socket() {
-    if !have_python_nbd() {
-        return;
-    }
+    require_python_nbd();
     let server = TestServer::start();
     let out = run_ok(
         Command::new(PYTHON)
@@ -37,23 +35,15 @@ fn libnbd_conformance_on_a_unix_socket() {
 
 #[test]
 fn libnbd_over_tls_sees_only_its_tenant() {
-    if !have_python_nbd() || !have("openssl") {
-        return;
-    }
+    require_python_nbd();
     let pki = Pki::new();
     let acme = pki.client("acme", Some("URI:blockseal:tenant:acme"));
     let no_tenant = pki.client("nobody", Some("URI:https://example.org/nobody"));
-    let ca_only = pki.dir.path().join("ca-only");
-    std::fs::create_dir_all(&ca_only).unwrap();
-    std::fs::copy(
-        pki.dir.path().join("ca-cert.pem"),
-        ca_only.join("ca-cert.pem"),
-    )
-    .unwrap();
+    let ca_only = pki.ca_only("ca-only");
     let server = TestServer::start_with(
         MemCatalog::standard(),
         ServerConfig::default(),
-        Some(pki.tls_config()),
+        Some(tls_config(&pki)),
     );
     let port = server.tcp.unwrap().port().to_string();
     let out = run_ok(

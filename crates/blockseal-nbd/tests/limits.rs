@@ -16,25 +16,12 @@ use common::*;
 const FIXED_NO_ZEROES: u32 = 3;
 const REQ_ONE: u16 = 1 << 3;
 
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Sends simple reads of `(handle, offset, len)` in one write, so that the
 /// server takes them all in before its first reply can block it.
 fn pipelined_reads(raw: &mut Raw, reads: impl IntoIterator<Item = (u64, u64, u32)>) {
     let mut b = Vec::new();
     for (handle, offset, len) in reads {
-        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&CMD_READ.to_be_bytes());
-        b.extend_from_slice(&handle.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&request_header(0, CMD_READ, handle, offset, len));
     }
     raw.send(&b);
 }
@@ -79,7 +66,7 @@ fn connection_caps_refuse_go_until_a_slot_frees() {
 
     // A closed connection gives its slot back.
     drop(a1);
-    wait_until("a free slot", || {
+    wait_until("a free slot", WAIT, || {
         let mut c = connected(&server);
         try_go(&mut c, "acme/disk") == REP_ACK
     });
@@ -122,10 +109,10 @@ fn the_oldest_handshake_is_closed_to_make_room_once_old_enough() {
     // Once the first has waited the eviction age, a new connection takes its
     // slot (until then new ones may be closed at once).
     let mut third = None;
-    wait_until("a new connection to be greeted", || {
+    wait_until("a new connection to be greeted", WAIT, || {
         let mut raw = server.raw();
         let mut magic = [0u8; 8];
-        if std::io::Read::read_exact(&mut raw.s, &mut magic).is_ok() {
+        if std::io::Read::read_exact(&mut raw.stream, &mut magic).is_ok() {
             third = Some(raw);
         }
         third.is_some()
@@ -187,7 +174,7 @@ fn transmitting_on(server: &TestServer, export: &str) -> (Raw, std::os::unix::ne
     let s = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let handle = s.try_clone().unwrap();
-    let mut raw = Raw { s: Box::new(s) };
+    let mut raw = Raw::over(s);
     raw.handshake(FIXED_NO_ZEROES);
     assert_eq!(try_go(&mut raw, export), REP_ACK);
     (raw, handle)
@@ -211,27 +198,33 @@ fn budget_is_held_until_replies_are_written_and_others_wait() {
     let (mut slow, _) = transmitting(&server);
     pipelined_reads(&mut slow, (0..8).map(|k| (k, k << 20, 1 << 20)));
     // Held: too little is left for another 1 MiB request.
-    wait_until("the budget to be held", || {
+    wait_until("the budget to be held", WAIT, || {
         stats().memory_budget_available < 1 << 20
     });
     // Another client's large read waits for the budget (it does not fail)...
     let (mut other, socket) = transmitting(&server);
     other.request(0, CMD_READ, 100, 0, 1 << 20);
-    socket
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    // The server has looked at the read once it reads the end of file behind
+    // a disconnect request, and it writes the replies it has before it reads
+    // on: nothing has come back.
+    other.disconnect_and_close_write();
+    server.wait_for_log(DISCONNECT_READ, 1);
+    socket.set_nonblocking(true).unwrap();
     let mut byte = [0u8; 1];
-    let waiting = std::io::Read::read(&mut other.s, &mut byte);
-    assert!(waiting.is_err(), "answered while the budget was held");
+    let waiting = std::io::Read::read(&mut other.stream, &mut byte);
+    assert!(
+        waiting
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "answered while the budget was held: {waiting:?}"
+    );
+    socket.set_nonblocking(false).unwrap();
     // ...while small requests of other connections are answered at once (on
     // its own connection a request waits behind the one that waits).
     let (mut third, _) = transmitting(&server);
     third.request(0, CMD_READ, 101, 0, 4096);
     assert_eq!(third.simple_reply(), (0, 101));
     third.read_n(4096);
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     // Once the slow client reads its replies, the budget comes back and the
     // waiting read is answered.
     for _ in 0..8 {
@@ -241,7 +234,8 @@ fn budget_is_held_until_replies_are_written_and_others_wait() {
     }
     assert_eq!(other.simple_reply(), (0, 100));
     other.read_n(1 << 20);
-    wait_until("the whole budget back", || {
+    assert!(other.closed());
+    wait_until("the whole budget back", WAIT, || {
         stats().memory_budget_available == 4 << 20
     });
 }
@@ -253,10 +247,10 @@ fn a_client_that_reads_no_reply_is_dropped_after_the_reply_timeout() {
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let (mut slow, _) = transmitting(&server);
     pipelined_reads(&mut slow, (0..8).map(|k| (k, k << 20, 1 << 20)));
-    wait_until("the budget to be held", || {
+    wait_until("the budget to be held", WAIT, || {
         server.server.stats().memory_budget_available < 1 << 20
     });
-    wait_until("the slow client dropped and the budget back", || {
+    wait_until("the slow client dropped and the budget back", WAIT, || {
         let stats = server.server.stats();
         stats.connections_active == 0 && stats.memory_budget_available == 4 << 20
     });
@@ -280,7 +274,7 @@ fn writes_whose_payload_never_arrives_are_dropped_and_give_the_budget_back() {
             raw
         })
         .collect();
-    wait_until("the budget to be reserved", || {
+    wait_until("the budget to be reserved", WAIT, || {
         stats().memory_budget_available < 1 << 20
     });
     // A well-behaved large read waits behind them, and is answered once the
@@ -292,7 +286,7 @@ fn writes_whose_payload_never_arrives_are_dropped_and_give_the_budget_back() {
     for (k, writer) in writers.iter_mut().enumerate() {
         assert!(writer.closed(), "writer {k} was not disconnected");
     }
-    wait_until("the whole budget back", || {
+    wait_until("the whole budget back", WAIT, || {
         let stats = stats();
         stats.connections_active == 1 && stats.memory_budget_available == 4 << 20
     });
@@ -311,7 +305,7 @@ fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let (mut slow, _) = transmitting(&server);
     pipelined_reads(&mut slow, (0..2).map(|k| (k, k << 22, 4 << 20)));
-    wait_until("the budget to be held", || {
+    wait_until("the budget to be held", WAIT, || {
         server.server.stats().memory_budget_available == 0
     });
     // 16 KiB every 50 ms (320 KiB/s) is steady progress, but a 4 MiB reply
@@ -321,7 +315,7 @@ fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline
     let mut piece = vec![0u8; 16 << 10];
     let started = Instant::now();
     loop {
-        match std::io::Read::read(&mut slow.s, &mut piece) {
+        match std::io::Read::read(&mut slow.stream, &mut piece) {
             Ok(0) | Err(_) => break,
             Ok(n) => received += n,
         }
@@ -335,7 +329,7 @@ fn a_client_that_reads_its_replies_a_little_at_a_time_is_dropped_at_the_deadline
         received < total,
         "the client received all {received} bytes at 320 KiB/s"
     );
-    wait_until("the slow client dropped and the budget back", || {
+    wait_until("the slow client dropped and the budget back", WAIT, || {
         let stats = server.server.stats();
         stats.connections_active == 0 && stats.memory_budget_available == 8 << 20
     });
@@ -356,7 +350,7 @@ fn one_tenant_holds_at_most_its_share_of_the_budget() {
             raw
         })
         .collect();
-    wait_until("acme's share to be held", || {
+    wait_until("acme's share to be held", WAIT, || {
         stats().memory_budget_available == 2 << 20
     });
     // Another tenant's large reads are answered meanwhile.
@@ -368,7 +362,7 @@ fn one_tenant_holds_at_most_its_share_of_the_budget() {
         assert_eq!(other.simple_reply().0, 0);
         other.read_n(1 << 20);
     }
-    wait_until("globex's reads to give their budget back", || {
+    wait_until("globex's reads to give their budget back", WAIT, || {
         stats().memory_budget_available == 2 << 20
     });
     // acme's clients get every reply once they read them (both at once: which
@@ -383,7 +377,7 @@ fn one_tenant_holds_at_most_its_share_of_the_budget() {
             });
         }
     });
-    wait_until("the whole budget back", || {
+    wait_until("the whole budget back", WAIT, || {
         stats().memory_budget_available == 4 << 20
     });
 }
@@ -407,18 +401,19 @@ fn a_client_that_leaves_takes_its_queued_work_with_it() {
         raw.send(&[2; 4096]);
         raw.request(0, CMD_FLUSH, 200 + k, 0, 0);
     }
-    wait_until("four writes at the export", || {
+    wait_until("four writes at the export", WAIT, || {
         disk.waiting.load(Ordering::SeqCst) >= 4
     });
     // Gone without NBD_CMD_DISC: the connection ends at once, though four of
     // its requests are still running.
     drop(raw);
-    wait_until("the connection to end", || {
+    wait_until("the connection to end", WAIT, || {
         server.server.stats().connections_active == 0
     });
     disk.open_gate();
     wait_until(
         "the running writes to finish and the budget to come back",
+        WAIT,
         || server.server.stats().memory_budget_available == full,
     );
     assert_eq!(
@@ -449,7 +444,7 @@ fn requests_not_started_before_a_shutdown_are_answered_eshutdown() {
     raw.request(0, CMD_READ, 99, 0, 4096);
     assert_eq!(raw.simple_reply(), (0, 99));
     raw.read_n(4096);
-    wait_until("two writes at the export", || {
+    wait_until("two writes at the export", WAIT, || {
         disk.waiting.load(Ordering::SeqCst) == 2
     });
     server.server.shutdown_handle().trigger();
@@ -485,7 +480,7 @@ fn a_small_block_status_costs_little_of_the_budget() {
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let (mut slow, _) = transmitting(&server);
     pipelined_reads(&mut slow, (0..4).map(|k| (k, k << 20, 1 << 20)));
-    wait_until("four reads to hold the budget", || {
+    wait_until("four reads to hold the budget", WAIT, || {
         server.server.stats().memory_budget_available == 64 << 10
     });
     // A block status of a few blocks fits in what is left (it is costed by

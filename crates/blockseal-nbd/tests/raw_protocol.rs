@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use blockseal_nbd::ServerConfig;
 use common::mem::MemCatalog;
@@ -13,14 +12,6 @@ use common::*;
 
 const FIXED: u32 = 1;
 const NO_ZEROES: u32 = 2;
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Enters transmission on `name` with `NBD_OPT_GO`; returns (size, flags).
 fn go(raw: &mut Raw, name: &str) -> (u64, u16) {
@@ -525,7 +516,7 @@ fn a_write_that_may_block_does_not_hold_up_the_connection() {
     go(&mut raw, "acme/disk");
     raw.request(0, CMD_WRITE, 1, 0, 4096);
     raw.send(&[5; 4096]);
-    wait_until("the write to reach the export", || {
+    wait_until("the write to reach the export", WAIT, || {
         disk.waiting.load(Ordering::SeqCst) == 1
     });
     raw.request(0, CMD_READ, 2, 8192, 4096);
@@ -543,13 +534,17 @@ fn disconnect_finishes_in_flight_requests_first() {
     disk.close_gate();
     let mut raw = server.raw();
     go(&mut raw, "acme/disk");
-    raw.request(0, CMD_WRITE, 1, 0, 4096);
+    // FUA: the write runs off the connection's task, which goes on reading.
+    raw.request(FLAG_FUA, CMD_WRITE, 1, 0, 4096);
     raw.send(&[3; 4096]);
-    wait_until("the write to reach the export", || {
+    wait_until("the write to reach the export", WAIT, || {
         disk.waiting.load(Ordering::SeqCst) == 1
     });
+    // The server takes in the disconnect request while the write still waits
+    // at the export.
     raw.request(0, CMD_DISC, 2, 0, 0);
-    std::thread::sleep(Duration::from_millis(50));
+    server.wait_for_log("client requested disconnect", 1);
+    assert_eq!(disk.writes.load(Ordering::SeqCst), 0);
     disk.open_gate();
     assert_eq!(raw.simple_reply(), (0, 1));
     assert!(raw.closed());
@@ -565,7 +560,7 @@ fn shutdown_lets_in_flight_requests_reply_then_closes() {
     go(&mut raw, "acme/disk");
     raw.request(1, CMD_WRITE, 1, 4096, 4096);
     raw.send(&[4; 4096]);
-    wait_until("the write to reach the export", || {
+    wait_until("the write to reach the export", WAIT, || {
         disk.waiting.load(Ordering::SeqCst) == 1
     });
     // A connection still haggling options is closed by the shutdown too.
@@ -573,8 +568,10 @@ fn shutdown_lets_in_flight_requests_reply_then_closes() {
     idle.handshake(FIXED | NO_ZEROES);
 
     server.server.shutdown_handle().trigger();
-    std::thread::sleep(Duration::from_millis(100));
     assert!(idle.closed(), "handshaking connection closes at shutdown");
+    // The connection in transmission has seen the shutdown while its write
+    // still waits at the export.
+    server.wait_for_log("server shutting down", 1);
     disk.open_gate();
     // The in-flight write completes and replies (never ESHUTDOWN), then close.
     assert_eq!(raw.simple_reply(), (0, 1));
@@ -594,41 +591,13 @@ fn shutdown_lets_in_flight_requests_reply_then_closes() {
 fn in_flight_limit_applies_backpressure_not_errors() {
     // FUA writes run on blocking threads in the default mode; with inline
     // requests off, every write does.
-    for (inline, flags) in [(true, 1u16), (false, 0)] {
+    for (inline, flags) in [(true, FLAG_FUA), (false, 0)] {
         let mut config = ServerConfig::default();
         config.max_in_flight_requests = 2;
         config.inline_requests = inline;
-        let server = TestServer::start_with(MemCatalog::standard(), config, None);
-        let disk = server.catalog.get("acme/disk");
-        disk.close_gate();
-        let mut raw = server.raw();
-        go(&mut raw, "acme/disk");
-        for handle in 0..6u64 {
-            raw.request(flags, CMD_WRITE, handle, handle * 4096, 4096);
-            raw.send(&[handle as u8 + 1; 4096]);
-        }
-        wait_until("two writes in the export", || {
-            disk.waiting.load(Ordering::SeqCst) == 2
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(
-            disk.waiting.load(Ordering::SeqCst),
-            2,
-            "only two requests in flight (inline {inline})"
-        );
-        disk.open_gate();
-        let mut handles: Vec<u64> = (0..6)
-            .map(|_| {
-                let (error, handle) = raw.simple_reply();
-                assert_eq!(error, 0);
-                handle
-            })
-            .collect();
-        handles.sort();
-        assert_eq!(handles, [0, 1, 2, 3, 4, 5]);
-        for handle in 0..6u64 {
-            assert_eq!(disk.peek(handle * 4096, 1), vec![handle as u8 + 1]);
-        }
+        let held = held_back(config.clone(), flags, 6, 4096);
+        assert_eq!(held, 2, "only two requests in flight (inline {inline})");
+        all_complete(config, flags, 6, 4096, 2);
     }
 }
 
@@ -637,38 +606,65 @@ fn byte_limit_applies_backpressure_not_errors() {
     let mut config = ServerConfig::default();
     config.max_in_flight_bytes = 8192;
     config.inline_requests = false;
+    let held = held_back(config.clone(), 0, 4, 65536);
+    assert_eq!(held, 1, "a request larger than the budget takes all of it");
+    all_complete(config, 0, 4, 65536, 1);
+}
+
+/// Sends `count` writes of `len` bytes with `flags` while the export holds
+/// every write at its gate, and returns how many the server let through to
+/// the export by the time it has looked at them all.
+///
+/// The writes are followed by a disconnect request and the end of the
+/// client's side: the server notes that end of file only after it has looked
+/// at every request before it. (What the server does with the held-back
+/// writes afterwards, once the gate opens, is [`all_complete`]'s part.)
+fn held_back(config: ServerConfig, flags: u16, count: u64, len: usize) -> usize {
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let disk = server.catalog.get("acme/disk");
     disk.close_gate();
     let mut raw = server.raw();
     go(&mut raw, "acme/disk");
-    for handle in 0..4u64 {
-        raw.request(0, CMD_WRITE, handle, handle * 65536, 65536);
-        raw.send(&[9; 65536]);
+    for handle in 0..count {
+        raw.request(flags, CMD_WRITE, handle, handle * len as u64, len as u32);
+        raw.send(&vec![handle as u8 + 1; len]);
     }
-    wait_until("one write in the export", || {
-        disk.waiting.load(Ordering::SeqCst) == 1
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        disk.waiting.load(Ordering::SeqCst),
-        1,
-        "a request larger than the budget takes all of it"
-    );
+    raw.disconnect_and_close_write();
+    server.wait_for_log(DISCONNECT_READ, 1);
+    let held = disk.waiting.load(Ordering::SeqCst);
+    assert_eq!(disk.writes.load(Ordering::SeqCst), 0);
     disk.open_gate();
-    for _ in 0..4 {
-        assert_eq!(raw.simple_reply().0, 0);
-    }
+    held
 }
 
-fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    p.extend_from_slice(name.as_bytes());
-    p.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        p.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        p.extend_from_slice(q.as_bytes());
+/// Sends `count` writes of `len` bytes with `flags` while the export holds
+/// every write at its gate; once `held` have reached it, opens the gate: every
+/// write succeeds and lands.
+fn all_complete(config: ServerConfig, flags: u16, count: u64, len: usize, held: usize) {
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let disk = server.catalog.get("acme/disk");
+    disk.close_gate();
+    let mut raw = server.raw();
+    go(&mut raw, "acme/disk");
+    for handle in 0..count {
+        raw.request(flags, CMD_WRITE, handle, handle * len as u64, len as u32);
+        raw.send(&vec![handle as u8 + 1; len]);
     }
-    p
+    wait_until("writes at the export", WAIT, || {
+        disk.waiting.load(Ordering::SeqCst) == held
+    });
+    disk.open_gate();
+    let mut handles: Vec<u64> = (0..count)
+        .map(|_| {
+            let (error, handle) = raw.simple_reply();
+            assert_eq!(error, 0);
+            handle
+        })
+        .collect();
+    handles.sort();
+    assert_eq!(handles, (0..count).collect::<Vec<_>>());
+    for handle in 0..count {
+        assert_eq!(disk.peek(handle * len as u64, 1), vec![handle as u8 + 1]);
+    }
+    assert_eq!(disk.most_waiting.load(Ordering::SeqCst), held);
 }

@@ -26,9 +26,7 @@ fn field(json: &str, name: &str) -> String {
 
 #[test]
 fn nbdinfo_reports_size_flags_and_block_sizes() {
-    if !have("nbdinfo") {
-        return;
-    }
+    require("nbdinfo");
     let server = TestServer::start();
     let json = nbdinfo_json(&server, "acme/disk");
     assert_eq!(field(&json, "export-size"), "67108864");
@@ -66,9 +64,7 @@ fn nbdinfo_reports_size_flags_and_block_sizes() {
 
 #[test]
 fn nbdinfo_list_shows_every_tenant_on_the_unix_socket() {
-    if !have("nbdinfo") {
-        return;
-    }
+    require("nbdinfo");
     let server = TestServer::start();
     let uri = format!("nbd+unix://?socket={}", server.socket.display());
     let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &uri]));
@@ -82,9 +78,7 @@ fn nbdinfo_list_shows_every_tenant_on_the_unix_socket() {
 
 #[test]
 fn qemu_io_patterns_zeroes_discard_flush_and_aio() {
-    if !have("qemu-io") || !have("qemu-img") || !have("nbdinfo") {
-        return;
-    }
+    require_all(&["qemu-io", "qemu-img", "nbdinfo"]);
     let server = TestServer::start();
     let uri = server.uri("acme/disk");
     let out = run_ok(Command::new("qemu-io").args([
@@ -168,9 +162,7 @@ fn qemu_io_patterns_zeroes_discard_flush_and_aio() {
 
 #[test]
 fn qemu_io_sees_eperm_on_read_only_and_eio_on_a_tampered_block() {
-    if !have("qemu-io") {
-        return;
-    }
+    require("qemu-io");
     let server = TestServer::start();
     run_ok(Command::new("qemu-io").args([
         "-r",
@@ -205,9 +197,7 @@ fn qemu_io_sees_eperm_on_read_only_and_eio_on_a_tampered_block() {
 
 #[test]
 fn qemu_img_convert_round_trips_a_sparse_image() {
-    if !have("qemu-img") {
-        return;
-    }
+    require("qemu-img");
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");

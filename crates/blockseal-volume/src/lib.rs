@@ -19,6 +19,30 @@
 //! the live blocks of mostly dead segments forward and deletes segments nothing
 //! references ([`StoreOptions::compaction_threshold`], [`Volume::compact_now`]).
 //!
+//! # What is public, and what is not
+//!
+//! A caller reads and writes plaintext through a [`Volume`]; it never seals or
+//! opens a block itself, and it cannot choose a nonce. The block cipher, its
+//! nonces and tags stay inside the crate, because a nonce used twice under one
+//! key gives away the XOR of the two plaintexts and lets anyone forge tags under
+//! that key: every nonce comes
+//! from a writer's counter under a writer key of its own ([`nonce`]), and no
+//! public function takes one. Nor is there a public way to open a sealed block
+//! outside a volume: nobody outside the crate holds the key and the nonce of a
+//! block without the volume that wrote it, so [`Volume::read_at`] is the read
+//! path. What stays public besides [`Store`] and [`Volume`]: [`block`] (block
+//! sizes and LBAs), [`meta`] (the metadata-store trait and backends, for their
+//! conformance tests and for new backends), [`segment`] (the segment-store trait
+//! and the file backend, for new places to keep segments; it sees only sealed
+//! data) and [`nonce`]'s limits (how much one writer key seals, which
+//! [`StoreOptions`] lets a caller lower), none of which can make a nonce.
+//!
+//! The `testing` cargo feature adds what this workspace's tests, benches and
+//! fuzz targets need and a store must never use: `seal` (the cipher, sealing
+//! under any nonce, `Nonce::from_bytes`), `nonce::nonce_for`, the
+//! fault-injecting `FaultySegments` and the `fuzzing` entry points. Only
+//! `dev-dependencies` and the fuzz crate enable it.
+//!
 //! ```
 //! use blockseal_keys::{MasterKey, TenantId, VolumeId};
 //! use blockseal_volume::{Store, StoreOptions, VolumeOptions};
@@ -48,21 +72,30 @@ pub mod block;
 mod compactor;
 mod error;
 mod flusher;
-#[doc(hidden)]
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 mod marker;
 pub mod meta;
 pub mod nonce;
 mod record;
+#[cfg(feature = "testing")]
 pub mod seal;
+// Without `testing` nothing outside the crate reaches the cipher: its items are
+// public for that feature's sake only.
+#[cfg(not(feature = "testing"))]
+#[allow(unreachable_pub)]
+mod seal;
 pub mod segment;
 mod store;
 mod volume;
 
 pub use block::{BlockSize, Lba};
 pub use error::{CreateError, ErrorKind, OpenError, QueryError, VolumeError};
+#[cfg(feature = "testing")]
 pub use seal::{AuthError, BlockCipher, Nonce, Tag};
-pub use segment::{FaultOp, FaultySegments, FileSegments, SegmentId, SegmentStore};
+#[cfg(feature = "testing")]
+pub use segment::{FaultOp, FaultySegments};
+pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
     FORMAT_VERSION, MAX_VOLUME_BYTES, RecoveryReport, Store, StoreOptions, TenantInfo, TenantState,
     VolumeInfo, VolumeOptions,

@@ -14,7 +14,9 @@
 //! sits on the write path for it.
 //!
 //! This module must never hand out a nonce layout that could collide with one
-//! already written: the four leading bytes stay [`NONCE_PREFIX`].
+//! already written: the four leading bytes stay [`NONCE_PREFIX`]. Nor is it a
+//! way for a caller to make a nonce: `nonce_for` is crate-private, public only
+//! with the `testing` feature; what stays public is the layout and the limits.
 //!
 //! # Nonce layout (format v1 and v2)
 //!
@@ -53,7 +55,21 @@ pub fn default_limit(block_size: BlockSize) -> u64 {
 }
 
 /// The nonce for a counter: [`NONCE_PREFIX`] then the counter, big-endian.
+///
+/// Only with the `testing` feature: a caller that picks counters can repeat a
+/// nonce.
+#[cfg(feature = "testing")]
 pub fn nonce_for(counter: u64) -> Nonce {
+    counter_nonce(counter)
+}
+
+/// The nonce for a counter: [`NONCE_PREFIX`] then the counter, big-endian.
+#[cfg(not(feature = "testing"))]
+pub(crate) fn nonce_for(counter: u64) -> Nonce {
+    counter_nonce(counter)
+}
+
+fn counter_nonce(counter: u64) -> Nonce {
     let mut n = [0u8; NONCE_LEN];
     n[..4].copy_from_slice(&NONCE_PREFIX);
     n[4..].copy_from_slice(&counter.to_be_bytes());

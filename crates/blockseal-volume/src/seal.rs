@@ -13,6 +13,11 @@
 //! (see [`crate::nonce`]); this module trusts the caller never to repeat a nonce
 //! under one key.
 //!
+//! So the caller is the crate alone: this module is private, and with it every
+//! way to seal under a chosen nonce or to build a [`Nonce`] from chosen bytes.
+//! The `testing` feature makes it public for this workspace's tests, benches
+//! and fuzz targets.
+//!
 //! # Associated data (format v1)
 //!
 //! `docs/FORMAT.md` ("Sealed block") holds the same tables and a test vector.
@@ -48,7 +53,6 @@ use blockseal_keys::{DataKey, KeyVersion, TenantId, VolumeId};
 use ring::aead::{self, AES_256_GCM, Aad, LessSafeKey, UnboundKey};
 use ring::digest;
 
-use crate::ErrorKind;
 use crate::block::Lba;
 
 /// Length of a block nonce, in bytes.
@@ -65,9 +69,10 @@ const BINDING_LEN: usize = 16;
 
 /// A block's 96-bit AES-GCM nonce. Public data, stored in the block's metadata record.
 ///
-/// It must never repeat under one key (see [`crate::nonce`]).
+/// It must never repeat under one key (see [`crate::nonce`]), so only the crate
+/// makes one, from a writer's counter.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Nonce(pub [u8; NONCE_LEN]);
+pub struct Nonce(pub(crate) [u8; NONCE_LEN]);
 
 /// A block's 128-bit AES-GCM authentication tag. Public data, stored in the block's metadata record.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,9 +100,10 @@ pub struct AuthError {
 }
 
 impl AuthError {
-    /// Always [`ErrorKind::Authentication`].
-    pub fn kind(&self) -> ErrorKind {
-        ErrorKind::Authentication
+    /// Always [`ErrorKind::Authentication`](crate::ErrorKind::Authentication).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Authentication
     }
 }
 
@@ -120,6 +126,7 @@ impl BlockCipher {
     }
 
     /// The version of the data key this cipher seals with.
+    #[cfg(feature = "testing")]
     pub fn dek_version(&self) -> KeyVersion {
         self.dek_version
     }
@@ -186,6 +193,21 @@ impl BlockCipher {
     }
 }
 
+#[cfg(feature = "testing")]
+impl Nonce {
+    /// A nonce of any bytes, for tests, benches and fuzz targets: sealing twice
+    /// under one nonce and key gives away the XOR of the plaintexts and lets
+    /// anyone forge tags under that key.
+    pub fn from_bytes(bytes: [u8; NONCE_LEN]) -> Nonce {
+        Nonce(bytes)
+    }
+
+    /// The nonce's bytes.
+    pub fn as_bytes(&self) -> &[u8; NONCE_LEN] {
+        &self.0
+    }
+}
+
 impl fmt::Debug for BlockCipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockCipher")
@@ -236,6 +258,7 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
     use proptest::prelude::*;
     use zeroize::Zeroizing;
 

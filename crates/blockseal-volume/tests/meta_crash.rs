@@ -17,7 +17,11 @@
 //! The directory is kept between kills, so state and recovery work accumulate.
 //!
 //! The number of kills per backend comes from `BLOCKSEAL_CRASH_KILLS` (default 25);
-//! `BLOCKSEAL_CRASH_SEED` fixes the random kill points. The heavy run:
+//! `BLOCKSEAL_CRASH_SEED` fixes the random kill points (the workload itself is
+//! deterministic). Without it the seed is random; it is printed at the start,
+//! in the summary and in every failure message, so a failing run can be
+//! replayed (where a kill lands still depends on timing). The heavy run, which
+//! `scripts/crash-heavy.sh` makes too:
 //!
 //! ```text
 //! BLOCKSEAL_CRASH_KILLS=250 cargo test --release -p blockseal-volume --test meta_crash -- --nocapture
@@ -240,6 +244,35 @@ fn run_parent(kind: BackendKind) {
     let backend = backend_name(kind);
     let kills: u32 = env_or("BLOCKSEAL_CRASH_KILLS", 25);
     let seed: u64 = env_or("BLOCKSEAL_CRASH_SEED", rand::random());
+    let replay = format!("seed {seed}; replay with BLOCKSEAL_CRASH_SEED={seed}");
+    println!("crash test {backend}: {kills} kills, {replay}");
+    let summary = match catch_unwind(AssertUnwindSafe(|| kill_and_check(kind, kills, seed))) {
+        Ok(summary) => summary,
+        Err(panic) => panic!(
+            "crash test {backend} failed: {} ({replay})",
+            panic_text(&panic)
+        ),
+    };
+    let report = summary.report(backend, seed);
+    println!("{report}");
+    // One line in a fixed form, for scripts/crash-heavy.sh: a lost acked batch
+    // is a lost flushed write (a commit is durable when it returns).
+    println!(
+        "crash summary: test=meta_crash backend={backend} seed={seed} kills={} \
+         lost_flushed_writes={} torn={} reopen_failures={} child_errors={}",
+        summary.kills,
+        summary.lost_acked.len(),
+        summary.torn.len(),
+        summary.reopen_failures.len(),
+        summary.child_errors.len(),
+    );
+    assert_eq!(summary.failures(), 0, "{report}\n({replay})");
+}
+
+/// Kills `kills` children at moments drawn from `seed`, checking the store
+/// after each; stops at the first failed check.
+fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
+    let backend = backend_name(kind);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
@@ -357,9 +390,7 @@ fn run_parent(kind: BackendKind) {
         }
     }
     summary.batches_verified = floor;
-    let report = summary.report(backend, seed);
-    println!("{report}");
-    assert_eq!(summary.failures(), 0, "{report}");
+    summary
 }
 
 enum Problem {
