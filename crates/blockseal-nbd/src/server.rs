@@ -602,8 +602,8 @@ fn unix_connection(
             negotiation.negotiate(&mut stream).await
         })
         .await;
-        let session = finish_handshake(&shared, outcome);
         drop(slot);
+        let session = finish_handshake(&shared, outcome);
         match session {
             Some(session) => {
                 let (r, w) = stream.into_split();
@@ -694,8 +694,10 @@ fn tcp_connection(
             outcome
         })
         .await;
-        let session = finish_handshake(&shared, outcome);
+        // The slot is free before the outcome is logged, so a log reader never
+        // sees a finished handshake that still holds one.
         drop(handshake);
+        let session = finish_handshake(&shared, outcome);
         match (slot, session) {
             (Some(Upgraded::Plain(tcp)), Some(session)) => {
                 let (r, w) = tcp.into_split();

@@ -91,6 +91,8 @@ fn handshake_cap_closes_new_connections_at_once() {
     // A handshake that completes frees its slot.
     second.send(&FIXED_NO_ZEROES.to_be_bytes());
     assert_eq!(try_go(&mut second, "acme/disk"), REP_ACK);
+    // Logged once its slot is free.
+    server.wait_for_log("export attached", 1);
     let mut fourth = server.raw();
     fourth.handshake(FIXED_NO_ZEROES);
     assert_eq!(try_go(&mut fourth, "acme/disk"), REP_ACK);

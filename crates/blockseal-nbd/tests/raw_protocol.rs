@@ -611,6 +611,41 @@ fn byte_limit_applies_backpressure_not_errors() {
     all_complete(config, 0, 4, 65536, 1);
 }
 
+/// Writes held back by the byte limit, then a disconnect request and the end
+/// of the client's side: every write before the disconnect still runs and is
+/// answered, then the server closes.
+#[test]
+fn writes_held_back_before_a_disconnect_and_half_close_all_run() {
+    let mut config = ServerConfig::default();
+    config.max_in_flight_bytes = 8192;
+    config.inline_requests = false;
+    let server = TestServer::start_with(MemCatalog::standard(), config, None);
+    let disk = server.catalog.get("acme/disk");
+    disk.close_gate();
+    let mut raw = server.raw();
+    go(&mut raw, "acme/disk");
+    for handle in 0..4u64 {
+        raw.request(0, CMD_WRITE, handle, handle * 65536, 65536);
+        raw.send(&vec![handle as u8 + 1; 65536]);
+    }
+    raw.disconnect_and_close_write();
+    server.wait_for_log(DISCONNECT_READ, 1);
+    disk.open_gate();
+    let mut handles: Vec<u64> = (0..4)
+        .map(|_| raw.simple_reply())
+        .map(|(error, handle)| {
+            assert_eq!(error, 0);
+            handle
+        })
+        .collect();
+    handles.sort_unstable();
+    assert_eq!(handles, vec![0, 1, 2, 3]);
+    assert!(raw.closed());
+    for handle in 0..4u64 {
+        assert_eq!(disk.peek(handle * 65536, 4), vec![handle as u8 + 1; 4]);
+    }
+}
+
 /// Sends `count` writes of `len` bytes with `flags` while the export holds
 /// every write at its gate, and returns how many the server let through to
 /// the export by the time it has looked at them all.

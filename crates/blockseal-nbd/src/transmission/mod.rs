@@ -170,6 +170,8 @@ where
     // what the write reserved by sending its header alone (or trickling).
     let mut payload_deadline: Option<Instant> = None;
     let mut eof = false;
+    // The input left at the last round after end of file (see the loop's end).
+    let mut input_at_eof_round = usize::MAX;
     let mut stop = Stop::No;
 
     'conn: loop {
@@ -363,9 +365,19 @@ where
         if stop != Stop::Now && !out.buf.is_empty() && !out.flush(&conn).await {
             stop = Stop::Now;
         }
-        if stop == Stop::Now
-            || ((stop == Stop::Drain || eof) && in_flight == 0 && acquiring.is_none())
-        {
+        let drained = in_flight == 0 && acquiring.is_none();
+        if stop == Stop::Now || (stop == Stop::Drain && drained) {
+            break 'conn;
+        }
+        if eof && drained {
+            // The client closed its side after a disconnect request: the
+            // requests before it (held back by a limit until now) still run,
+            // as long as each round takes some of them in; a request whose
+            // payload never came ends the connection.
+            if input.len() >= REQUEST_HEADER_LEN && input.len() != input_at_eof_round {
+                input_at_eof_round = input.len();
+                continue;
+            }
             break 'conn;
         }
         if blocked && (out.held_bytes < held_before || reserved.is_some()) {
