@@ -46,6 +46,10 @@ pub(crate) struct Config {
     /// metadata commits (default 64M): writes past it fail with ENOSPC.
     #[serde(default)]
     pub(crate) space_reserve: Option<Size>,
+    /// Memory the open volumes' extent indexes hold together (default 512M);
+    /// volumes past it read their mappings from the metadata store.
+    #[serde(default)]
+    pub(crate) index_memory: Option<Size>,
 }
 
 /// `metadata_backend`.
@@ -457,6 +461,7 @@ mod tests {
             metadata_backend = "sled"
             read_only = ["acme/archive"]
             space_reserve = "16M"
+            index_memory = "1G"
             [master_key]
             file = "/etc/blockseal/master.key"
             passphrase_env = "BLOCKSEAL_PASSPHRASE"
@@ -487,6 +492,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.metadata_backend, Backend::Sled);
         assert_eq!(config.space_reserve, Some(Size(16 << 20)));
+        assert_eq!(config.index_memory, Some(Size(1 << 30)));
         assert_eq!(config.unix.as_ref().unwrap().mode, FileMode(0o600));
         assert!(
             config

@@ -26,6 +26,8 @@ pub(crate) struct StoreLocation {
     pub(crate) backend: BackendKind,
     /// Free space kept for metadata commits (`space_reserve`).
     pub(crate) space_reserve: Option<u64>,
+    /// Memory of the extent indexes (`index_memory`).
+    pub(crate) index_memory: Option<u64>,
 }
 
 /// Whether opening may create a store in a directory that holds none.
@@ -53,6 +55,7 @@ impl StoreLocation {
             passphrase: args.passphrase.clone(),
             backend: BackendKind::Redb,
             space_reserve: None,
+            index_memory: None,
         })
     }
 
@@ -72,6 +75,7 @@ impl StoreLocation {
             },
             backend: config.metadata_backend.into(),
             space_reserve: config.space_reserve.map(|s| s.0),
+            index_memory: config.index_memory.map(|s| s.0),
         }
     }
 
@@ -105,11 +109,14 @@ impl StoreLocation {
     }
 
     fn options(&self) -> StoreOptions {
-        let options = StoreOptions::new().backend(self.backend);
-        match self.space_reserve {
-            Some(bytes) => options.space_reserve(bytes),
-            None => options,
+        let mut options = StoreOptions::new().backend(self.backend);
+        if let Some(bytes) = self.space_reserve {
+            options = options.space_reserve(bytes);
         }
+        if let Some(bytes) = self.index_memory {
+            options = options.index_memory(usize::try_from(bytes).unwrap_or(usize::MAX));
+        }
+        options
     }
 
     pub(crate) fn has_store(&self) -> bool {

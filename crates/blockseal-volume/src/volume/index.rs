@@ -11,7 +11,7 @@
 //! # Memory
 //!
 //! An entry costs [`ENTRY_BYTES`] plus 16 bytes per block beyond the first
-//! (the tags): a volume written in scattered 4 KiB blocks holds about 24 MiB of
+//! (the tags): a volume written in scattered 4 KiB blocks holds about 28 MiB of
 //! index per GiB written, one written sequentially about 4.1 MiB per GiB. A
 //! store-wide [`IndexBudget`] bounds the sum over open volumes. A volume whose
 //! index does not fit goes without one and reads its mappings from the store,

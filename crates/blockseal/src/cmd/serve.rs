@@ -105,6 +105,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         passphrase: args.passphrase.clone(),
         backend: BackendKind::Redb,
         space_reserve: None,
+        index_memory: None,
     };
     let key_file = &location.key_file;
     if key_file.symlink_metadata().is_err() {
