@@ -9,6 +9,10 @@
 #                 state and the system call it is blocked in
 #                 (/proc/PID/task/*/syscall), as the average number of threads
 #                 in each
+#   uprobes.txt   5 s of uprobes on source lines of the volume flush path:
+#                 time in the segment syncs, building the batch, waiting for
+#                 the store-wide commit lock, the commit under it, waiting for
+#                 the marker lock (the probes are removed afterwards)
 #   syncs.txt     5 s of `perf trace` of fsync-like calls and pwrite64 with the
 #                 file each one touches and how long it took, per file kind
 #                 (segment, redb, sled, COMMITS marker), with the largest number
@@ -31,14 +35,16 @@
 #                 slower meanwhile: use it for ratios, not rates)
 #
 # A step whose tool is missing is skipped; one that fails leaves a note.
-# PROFILE_STEPS (default "threads syncs syscalls perf sched stacks strace")
+# PROFILE_STEPS (default "threads uprobes syncs syscalls perf sched stacks strace")
 # picks steps; each one disturbs the server a little more than the one before.
 set -euo pipefail
 
 pid=${1:?usage: flush-load-profile.sh SERVER_PID OUT_DIR [DELAY_SECONDS]}
 out=${2:?usage: flush-load-profile.sh SERVER_PID OUT_DIR [DELAY_SECONDS]}
 delay=${3:-0}
-steps=" ${PROFILE_STEPS:-threads syncs syscalls perf sched stacks strace} "
+# Stopped by a signal, still run the EXIT trap (it deletes uprobes).
+trap 'exit 143' TERM INT
+steps=" ${PROFILE_STEPS:-threads uprobes syncs syscalls perf sched stacks strace} "
 want() { [[ $steps == *" $1 "* ]]; }
 PY=/usr/bin/python3
 mkdir -p "$out"
@@ -94,6 +100,105 @@ print(f"{'threads':>8}  {'name':<24} {'state':<5} in")
 for (comm, state, what), n in counts.most_common():
     print(f"{n / max(samples, 1):8.2f}  {comm:<24} {state:<5} {what}")
 PY
+
+# --------------------------------------------------------------- uprobes --
+# Where a volume flush spends its time, from uprobes on source lines of the
+# flush path (found by their statements, so they follow edits of the code):
+# the segment syncs, building the metadata batch, waiting for the store's
+# commit lock, the commit under it, and waiting for the marker lock.
+if want uprobes && command -v perf >/dev/null 2>&1; then
+	exe=$(readlink "/proc/$pid/exe")
+	src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/crates/blockseal-volume/src"
+	probes=$($PY - "$src" <<'PY'
+import sys
+src = sys.argv[1]
+def find(path, after, text, offset=0):
+    lines = open(f"{src}/{path}").read().split("\n")
+    # The function or impl the statement must follow: a line that starts
+    # with it (so `pub fn flush` does not stand in for `fn flush`).
+    start = next((i for i, l in enumerate(lines) if l.strip().startswith(after)), None)
+    if start is None:
+        return None
+    for i in range(start, len(lines)):
+        if text in lines[i]:
+            return f"crates/blockseal-volume/src/{path}:{i + 1 + offset}"
+    return None
+specs = [
+    ("f_start", "volume.rs", "fn flush(&self) -> Result<(), VolumeError>", "let mut state = self.flush.lock()"),
+    ("f_synced", "volume.rs", "fn flush(&self) -> Result<(), VolumeError>", "if !entries.is_empty() {"),
+    ("f_built", "volume.rs", "fn flush(&self) -> Result<(), VolumeError>", "let writers = std::mem::take(&mut *self.lock_pending_writers());"),
+    ("c_enter", "marker.rs", "impl MetaStore for Sequenced", "let mut last = self.committing.lock()"),
+    ("c_locked", "marker.rs", "impl MetaStore for Sequenced", "let sequence = *last + 1;"),
+    ("c_done", "marker.rs", "impl MetaStore for Sequenced", "*last = sequence;"),
+    ("m_enter", "marker.rs", "impl MetaStore for Sequenced", "let mut marker = self.marker.lock()"),
+    ("m_locked", "marker.rs", "impl MetaStore for Sequenced", "if marker.written >= sequence {"),
+]
+for name, path, after, text in specs:
+    where = find(path, after, text)
+    if where:
+        print(f"{name}={where}")
+PY
+)
+	added=0
+	# The probes are the system's until deleted: delete them whatever happens.
+	trap 'perf probe -q -d "probe_blockseal:*" >/dev/null 2>&1 || true' EXIT
+	for spec in $probes; do
+		perf probe -q -x "$exe" -a "$spec" >/dev/null 2>&1 && added=$((added + 1))
+	done
+	if ((added >= 6)); then
+		timeout -s INT 10 perf record -e 'probe_blockseal:*' -p "$pid" -o "$out/uprobes.data" \
+			-- sleep 5 >"$out/uprobes-record.log" 2>&1 || true
+		perf script -i "$out/uprobes.data" -F tid,time,event 2>/dev/null | $PY -c '
+import collections, re, sys
+events = collections.defaultdict(list)
+for line in sys.stdin:
+    m = re.match(r"\s*(\d+)\s+([\d.]+):\s+probe_blockseal:(\w+)", line)
+    if m:
+        events[m.group(1)].append((float(m.group(2)) * 1000, m.group(3)))
+order = ["f_start", "f_synced", "f_built", "c_enter", "c_locked", "c_done", "m_enter", "m_locked"]
+flushes = []
+for tid, evs in events.items():
+    rec = None
+    last = (None, 0.0)
+    for t, name in sorted(evs):
+        # A probe on a line the compiler spread over several addresses fires
+        # at each of them: the first hit counts.
+        if name == last[0] and t - last[1] < 0.2:
+            continue
+        last = (name, t)
+        if name == "f_start":
+            rec = {"f_start": t}
+            flushes.append(rec)
+        elif rec is not None and name not in rec:
+            rec[name] = t
+phases = [
+    ("segment fdatasync(s) and the flush lock", "f_start", "f_synced"),
+    ("building the batch (old mappings looked up)", "f_synced", "f_built"),
+    ("to the commit lock", "f_built", "c_enter"),
+    ("waiting for the store-wide commit lock", "c_enter", "c_locked"),
+    ("redb commit under the lock", "c_locked", "c_done"),
+    ("to the marker lock", "c_done", "m_enter"),
+    ("waiting for the marker lock", "m_enter", "m_locked"),
+]
+whole = [f for f in flushes if all(k in f for k in order)]
+span = (max(t for evs in events.values() for t, _ in evs) - min(t for evs in events.values() for t, _ in evs)) if events else 0
+print(f"{len(whole)} volume flushes seen whole in {span / 1000:.1f} s (uprobes on the flush path)")
+if whole:
+    print("%-46s %8s %7s %7s %7s %8s %6s" % ("phase", "mean ms", "p50", "p90", "p99", "max", "share"))
+    total = sum(f["m_locked"] - f["f_start"] for f in whole)
+    for name, a, b in phases:
+        v = sorted(f[b] - f[a] for f in whole)
+        q = lambda x: v[min(len(v) - 1, int(x * len(v)))]
+        print(f"{name:<46} {sum(v) / len(v):>8.2f} {q(.5):>7.2f} {q(.9):>7.2f} {q(.99):>7.2f} {v[-1]:>8.2f} {100 * sum(v) / total:>5.0f}%")
+    holds = sorted(f["c_done"] - f["c_locked"] for f in whole)
+    print(f"commit lock held {100 * sum(holds) / span:.0f} % of the time (by these flushes)")
+' >"$out/uprobes.txt" 2>&1 || true
+		rm -f "$out/uprobes.data"
+	else
+		echo "could not place the probes (perf probe needs the binary's line tables)" >"$out/uprobes.txt"
+	fi
+	perf probe -q -d 'probe_blockseal:*' >/dev/null 2>&1 || true
+fi
 
 # ------------------------------------------------------------ perf trace --
 fd_map() {

@@ -19,7 +19,7 @@
 #   scripts/flush-load.sh                      # 600 x 80 KiB/s, 30 s, redb
 #   scripts/flush-load.sh --rate 8k --duration 120
 #   scripts/flush-load.sh --backend sled --volumes 300
-#   scripts/flush-load.sh --profile --duration 60   # plus syscall/thread/CPU evidence
+#   scripts/flush-load.sh --profile --duration 90   # plus syscall/thread/CPU evidence
 #   scripts/flush-load.sh --smoke              # 20 volumes, 5 s: no I/O errors
 #
 # Options (environment variable in brackets, default after it):
@@ -33,10 +33,12 @@
 #                                         (default: one flush interval, W / IOPS)
 #   --results DIR     [RESULTS_DIR /tmp/blockseal-flush-load/<timestamp>]
 #   --profile         [PROFILE 0]         while the jobs run, also record server
-#                     thread states, `strace -c`, a per-file trace of fsync-like
-#                     calls, a perf CPU profile and gdb stacks (these slow the
-#                     server: the latencies of such a run are not a measurement;
-#                     PROFILE_STEPS picks steps, see scripts/flush-load-profile.sh)
+#                     thread states, uprobes on the flush path, a per-file
+#                     trace of fsync-like calls, system call counts, a perf
+#                     CPU profile, CPU contention, gdb stacks and `strace -c`
+#                     (these slow the server: the latencies of such a run are
+#                     not a measurement; PROFILE_STEPS picks steps, see
+#                     scripts/flush-load-profile.sh)
 #   --smoke           20 volumes, 5 s, a flush every 10 writes; fails unless
 #                     every job ran without an I/O error, every fio fsync reached
 #                     the server as an NBD FLUSH and the server stopped cleanly
@@ -149,12 +151,13 @@ RESULTS_DIR="$(cd "$RESULTS_DIR" && pwd)"
 work="$(mktemp -d /tmp/blockseal-flush-load.XXXXXX)"
 server_pid=
 sampler_pid=
+profile_pid=
 cleanup() {
 	local rc=$?
-	for pid in $sampler_pid $server_pid; do
+	for pid in $profile_pid $sampler_pid $server_pid; do
 		kill "$pid" 2>/dev/null || true
 	done
-	for pid in $sampler_pid $server_pid; do
+	for pid in $profile_pid $sampler_pid $server_pid; do
 		wait "$pid" 2>/dev/null || true
 	done
 	if [[ $KEEP_WORKDIR == 1 ]]; then
@@ -296,6 +299,7 @@ threads_end=$(awk '/^Threads/ {print $2}' "/proc/$server_pid/status")
 read -r load_end _ </proc/loadavg
 if ((PROFILE)); then
 	wait "$profile_pid" || echo "flush-load: the profile step failed" >&2
+	profile_pid=
 fi
 # fio writes a line per connection before the JSON document.
 sed -n '/^{/,$p' "$RESULTS_DIR/fio.out" >"$RESULTS_DIR/fio.json"
