@@ -35,6 +35,9 @@ use crate::open::{IfMissing, StoreLocation};
 use crate::passphrase::Confirm;
 use crate::size::Size;
 
+/// How long the runtime's threads get, at exit, to drop what their tasks held.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The demo export of the embedded default.
 const DEMO_TENANT: &str = "demo";
 const DEMO_VOLUME: &str = "disk";
@@ -292,8 +295,10 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         info!(volumes = flushed, "connections closed and volumes flushed");
         anyhow::Ok(())
     });
-    // Nothing may still hold a volume or the store when the store is closed.
-    runtime.shutdown_background();
+    // Nothing may still hold a volume or the store when the store is closed:
+    // the runtime's threads drop what their tasks held before this returns
+    // (bounded: a blocking call stuck in the kernel cannot hold the exit).
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     catalog.close_all();
     drop(server);
     drop(catalog);
