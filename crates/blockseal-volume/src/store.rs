@@ -94,8 +94,8 @@ impl StoreOptions {
     /// besides the checks flushes trigger.
     pub const DEFAULT_COMPACTION_INTERVAL: Duration = Duration::from_secs(10);
     /// Default memory all open volumes' extent indexes may hold together:
-    /// 512 MiB, the mappings of about 18 GiB written in scattered 4 KiB blocks
-    /// or 125 GiB written sequentially.
+    /// 512 MiB, the mappings of about 13 GiB written in scattered 4 KiB blocks
+    /// or 120 GiB written sequentially.
     pub const DEFAULT_INDEX_MEMORY: usize = 512 << 20;
 
     /// Defaults: redb metadata, 64 MiB segments in files under the store directory.
