@@ -126,7 +126,7 @@ pub fn is_storage_full(error: &io::Error) -> bool {
 /// disk and flushed data stays safe.
 pub struct FileSegments {
     root: PathBuf,
-    open: Mutex<HashMap<SegmentId, Arc<File>>>,
+    open: Mutex<OpenFiles>,
     /// Volumes whose directory is known to be durable in `root`.
     synced_volumes: Mutex<HashSet<u32>>,
     reserve: u64,
@@ -137,6 +137,81 @@ pub struct FileSegments {
     refill: Mutex<()>,
 }
 
+/// Segment files kept open, with what each has written since its last sync.
+///
+/// At most `limit` are kept open (when more are needed, the least recently
+/// used ones with nothing unsynced are closed, with an eighth of the limit to
+/// spare): a host with thousands of volumes would otherwise hold a descriptor
+/// per segment it ever touched. A file with writes not yet synced stays open
+/// until they are, so a writeback error is always reported to the descriptor
+/// that wrote (a descriptor opened after an error may not see it).
+struct OpenFiles {
+    files: HashMap<SegmentId, OpenFile>,
+    limit: usize,
+    /// Bumped by every use: the least recently used file has the lowest.
+    clock: u64,
+}
+
+struct OpenFile {
+    file: Arc<File>,
+    /// Writes through this descriptor, and how many of them the last
+    /// successful sync covered.
+    writes: u64,
+    synced: u64,
+    used: u64,
+}
+
+impl OpenFiles {
+    fn new(limit: usize) -> OpenFiles {
+        OpenFiles {
+            files: HashMap::new(),
+            limit: limit.max(1),
+            clock: 0,
+        }
+    }
+
+    /// The open file of `id`, counted as used (and as written when `write`).
+    fn get(&mut self, id: SegmentId, write: bool) -> Option<Arc<File>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let open = self.files.get_mut(&id)?;
+        open.used = clock;
+        if write {
+            open.writes += 1;
+        }
+        Some(open.file.clone())
+    }
+
+    /// Keeps `file` open for `id`, closing idle files first when at the limit.
+    fn insert(&mut self, id: SegmentId, file: Arc<File>, write: bool) {
+        if self.files.len() >= self.limit {
+            let mut idle: Vec<(u64, SegmentId)> = self
+                .files
+                .iter()
+                .filter(|(_, f)| f.writes == f.synced)
+                .map(|(&id, f)| (f.used, id))
+                .collect();
+            idle.sort_unstable();
+            // Back under the limit, with an eighth of it to spare so that the
+            // next misses do not each walk the map.
+            let excess = self.files.len() + 1 - self.limit;
+            for (_, id) in idle.into_iter().take(excess + self.limit / 8) {
+                self.files.remove(&id);
+            }
+        }
+        self.clock += 1;
+        self.files.insert(
+            id,
+            OpenFile {
+                file,
+                writes: u64::from(write),
+                synced: 0,
+                used: self.clock,
+            },
+        );
+    }
+}
+
 /// Free space looked up once covers at most this many bytes of writes: other
 /// writers on the same file system can eat at most this much into the reserve
 /// unseen. A look is one `statvfs`, so this costs one call per 4 MiB written.
@@ -145,6 +220,10 @@ const SPACE_GRANT: u64 = 4 << 20;
 impl FileSegments {
     /// The default free-space reserve: 64 MiB.
     pub const DEFAULT_RESERVE: u64 = 64 << 20;
+
+    /// The default number of segment files kept open at once (more stay open
+    /// while they have writes not yet synced).
+    pub const DEFAULT_OPEN_FILES: usize = 1024;
 
     /// Keeps segments under `root` (created 0700 if missing, and made durable in
     /// its parent), with the default reserve.
@@ -169,7 +248,7 @@ impl FileSegments {
         }
         Ok(FileSegments {
             root,
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenFiles::new(Self::DEFAULT_OPEN_FILES)),
             synced_volumes: Mutex::new(HashSet::new()),
             reserve,
             budget: AtomicU64::new(0),
@@ -194,28 +273,42 @@ impl FileSegments {
         self.volume_dir(id.volume).join(id.index.to_string())
     }
 
-    fn handles(&self) -> MutexGuard<'_, HashMap<SegmentId, Arc<File>>> {
+    /// Keeps at most `limit` segment files open (besides those with writes
+    /// not yet synced); the default is [`FileSegments::DEFAULT_OPEN_FILES`].
+    pub fn open_files_limit(self, limit: usize) -> FileSegments {
+        self.handles().limit = limit.max(1);
+        self
+    }
+
+    fn handles(&self) -> MutexGuard<'_, OpenFiles> {
         // A panic while holding this map cannot leave it inconsistent (inserts and
         // removes are single calls), so a poisoned lock is still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn file(&self, id: SegmentId) -> io::Result<Arc<File>> {
+    fn file(&self, id: SegmentId, write: bool) -> io::Result<Arc<File>> {
         let mut handles = self.handles();
-        if let Some(file) = handles.get(&id) {
-            return Ok(file.clone());
+        if let Some(file) = handles.get(id, write) {
+            return Ok(file);
         }
         // Opened under the map's lock, so a concurrent delete cannot slip between
         // the open and the insert and leave a handle (and the space of the
-        // unlinked file) cached. Misses are rare: once per segment and process.
+        // unlinked file) cached. Misses are rare: once per segment and process,
+        // or after the file was closed for being idle.
         let file = Arc::new(
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(self.path(id))?,
         );
-        handles.insert(id, file.clone());
+        handles.insert(id, file.clone(), write);
         Ok(file)
+    }
+
+    /// Open segment files now (for tests of the limit).
+    #[cfg(test)]
+    fn open_files(&self) -> usize {
+        self.handles().files.len()
     }
 }
 
@@ -247,28 +340,44 @@ impl SegmentStore for FileSegments {
             .mode(0o600)
             .open(self.path(id))?;
         sync_dir(&dir)?;
-        self.handles().insert(id, Arc::new(file));
+        self.handles().insert(id, Arc::new(file), false);
         Ok(())
     }
 
     fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.file(id)?.write_all_at(data, offset)
+        self.file(id, true)?.write_all_at(data, offset)
     }
 
     fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file(id)?.read_exact_at(buf, offset)
+        self.file(id, false)?.read_exact_at(buf, offset)
     }
 
     fn sync(&self, id: SegmentId) -> io::Result<()> {
+        // The writes this sync covers: those made before it starts.
+        let (file, writes) = {
+            let mut handles = self.handles();
+            let file = match handles.get(id, false) {
+                Some(file) => file,
+                None => {
+                    drop(handles);
+                    return self.file(id, false)?.sync_data();
+                }
+            };
+            (file, handles.files.get(&id).map_or(0, |f| f.writes))
+        };
         // fdatasync: the file's length is metadata it needs, and sync_data includes
         // the size change of an append on Linux.
-        self.file(id)?.sync_data()
+        file.sync_data()?;
+        if let Some(open) = self.handles().files.get_mut(&id) {
+            open.synced = open.synced.max(writes);
+        }
+        Ok(())
     }
 
     fn delete(&self, id: SegmentId) -> io::Result<()> {
         let removed = {
             let mut handles = self.handles();
-            handles.remove(&id);
+            handles.files.remove(&id);
             fs::remove_file(self.path(id))
         };
         match removed {
@@ -298,7 +407,7 @@ impl SegmentStore for FileSegments {
     }
 
     fn size(&self, id: SegmentId) -> io::Result<u64> {
-        Ok(self.file(id)?.metadata()?.len())
+        Ok(self.file(id, false)?.metadata()?.len())
     }
 
     fn check_space(&self, bytes: u64) -> io::Result<()> {
@@ -371,6 +480,39 @@ mod tests {
 
     fn id(index: u32) -> SegmentId {
         SegmentId { volume: 7, index }
+    }
+
+    /// Idle files are closed past the limit and reopened when used again;
+    /// files with writes not yet synced stay open whatever the limit.
+    #[test]
+    fn open_files_stay_under_the_limit_except_unsynced_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = FileSegments::new(dir.path()).unwrap().open_files_limit(4);
+        for i in 0..12 {
+            segs.create(id(i)).unwrap();
+            segs.write_at(id(i), 0, &[i as u8; 512]).unwrap();
+            segs.sync(id(i)).unwrap();
+        }
+        assert!(segs.open_files() <= 4, "{} open", segs.open_files());
+        for i in 0..12 {
+            let mut buf = [0u8; 512];
+            segs.read_at(id(i), 0, &mut buf).unwrap();
+            assert_eq!(buf, [i as u8; 512]);
+        }
+        assert!(segs.open_files() <= 4, "{} open", segs.open_files());
+        // Unsynced writes pin their files, past the limit.
+        for i in 0..8 {
+            segs.write_at(id(i), 512, &[0xEE; 512]).unwrap();
+        }
+        assert_eq!(segs.open_files(), 8);
+        for i in 0..8 {
+            segs.sync(id(i)).unwrap();
+        }
+        segs.create(id(100)).unwrap();
+        assert!(segs.open_files() < 8, "{} open", segs.open_files());
+        let mut buf = [0u8; 512];
+        segs.read_at(id(7), 512, &mut buf).unwrap();
+        assert_eq!(buf, [0xEE; 512]);
     }
 
     #[test]

@@ -318,19 +318,33 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
 /// server would then meet EMFILE (and refuse connections, or fail to create a
 /// segment) before its own limits apply.
 fn check_descriptor_limit(config: &ServerConfig) {
-    use rustix::process::{Resource, getrlimit};
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // The soft limit is raised to the hard one, as daemons do: Debian's
+    // default soft limit (1024) is below what the default caps need.
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(%error, "could not raise the open file limit to its maximum");
+        }
+    }
     let Some(soft) = getrlimit(Resource::Nofile).current else {
         return;
     };
-    // A socket per connection the caps admit, plus the store's files (metadata,
-    // lock, open segments) and the runtime's own.
-    let needed = (config.max_connections + config.max_handshakes) as u64 + 128;
+    // A socket per connection the caps admit, the segment files the store
+    // keeps open, plus its other files (metadata, lock) and the runtime's own.
+    let segments = blockseal_volume::FileSegments::DEFAULT_OPEN_FILES as u64;
+    let needed = (config.max_connections + config.max_handshakes) as u64 + segments + 128;
     if soft < needed {
         warn!(
             open_file_limit = soft,
             needed,
             "the open file limit is below limits.max_connections + limits.max_handshakes \
-             + 128: raise it (LimitNOFILE= in the systemd unit) or lower those limits"
+             + {segments} open segment files + 128: raise it (LimitNOFILE= in the systemd \
+             unit) or lower those limits"
         );
     }
 }
