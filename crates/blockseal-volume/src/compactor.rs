@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use blockseal_keys::{TenantId, VolumeId};
 
+use crate::error::error_chain;
 use crate::volume::{CompactionReport, Volume, VolumeInner};
 
 /// The store's registry of open volumes, shared with the compaction thread.
@@ -152,19 +153,6 @@ pub(crate) fn open_volumes(open: &OpenVolumes) -> Vec<Arc<VolumeInner>> {
         .values()
         .filter_map(Weak::upgrade)
         .collect()
-}
-
-/// An error and its causes on one line (`segment I/O failed: No space left on
-/// device`): `Display` of a volume error is its own message only.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {

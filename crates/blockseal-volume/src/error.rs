@@ -369,3 +369,16 @@ impl VolumeError {
         }
     }
 }
+
+/// An error and its causes on one line (`segment I/O failed: No space left on
+/// device`), for log lines: `Display` of most errors is their own message only.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}

@@ -301,14 +301,7 @@ impl Sequenced {
 /// A copy of `error` for each member of a failed group commit (the backend's
 /// error is not `Clone`): same kind, the original's message chain as source.
 fn echo(error: &MetaError) -> MetaError {
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    let source = Box::new(io::Error::other(text));
+    let source = Box::new(io::Error::other(crate::error::error_chain(error)));
     match error {
         MetaError::Corrupt { backend, .. } => MetaError::Corrupt {
             backend: *backend,

@@ -792,14 +792,13 @@ mod tests {
     use crate::meta::{self, Batch, MetaStore};
     use crate::{Store, StoreOptions, VolumeError, VolumeOptions, record};
 
-    /// Block status walked run by run agrees with a block-by-block lookup,
-    /// over committed extents, uncommitted writes and trims, and both together.
-    #[test]
-    fn block_status_runs_match_a_per_block_lookup() {
-        use super::{BlockStatus, Slot};
-        use rand::{Rng, SeedableRng};
+    /// A new store (in a temporary directory) with one volume `acme/v` of
+    /// `blocks` blocks of 512 bytes, open.
+    fn volume_of_512_byte_blocks(
+        options: StoreOptions,
+        blocks: u64,
+    ) -> (tempfile::TempDir, Store, super::Volume) {
         let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions::new().background_compaction(false);
         let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
         let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
         store.create_tenant(&tenant).unwrap();
@@ -807,9 +806,20 @@ mod tests {
             block_size: crate::BlockSize::new(512).unwrap(),
         };
         store
-            .create_volume(&tenant, &name, 512 * 512, options)
+            .create_volume(&tenant, &name, blocks * 512, options)
             .unwrap();
         let volume = store.open_volume(&tenant, &name).unwrap();
+        (dir, store, volume)
+    }
+
+    /// Block status walked run by run agrees with a block-by-block lookup,
+    /// over committed extents, uncommitted writes and trims, and both together.
+    #[test]
+    fn block_status_runs_match_a_per_block_lookup() {
+        use super::{BlockStatus, Slot};
+        use rand::{Rng, SeedableRng};
+        let (_dir, _store, volume) =
+            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), 512);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for round in 0..300 {
             let lba = rng.random_range(0..512u64);
@@ -857,21 +867,11 @@ mod tests {
     fn reads_agree_with_and_without_the_index() {
         use rand::{Rng, SeedableRng};
         const BLOCKS: u64 = 256;
-        let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions::new()
             .background_compaction(false)
             .segment_bytes(32 * 512)
             .overlay_blocks(64);
-        let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
-        let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
-        store.create_tenant(&tenant).unwrap();
-        let options = VolumeOptions {
-            block_size: crate::BlockSize::new(512).unwrap(),
-        };
-        store
-            .create_volume(&tenant, &name, BLOCKS * 512, options)
-            .unwrap();
-        let volume = store.open_volume(&tenant, &name).unwrap();
+        let (_dir, _store, volume) = volume_of_512_byte_blocks(options, BLOCKS);
         assert!(volume.inner.has_index());
         let mut model = vec![0u8; (BLOCKS * 512) as usize];
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);

@@ -213,14 +213,7 @@ where
                 }
                 Verdict::Done | Verdict::Refuse(..) => {
                     input.advance(REQUEST_HEADER_LEN);
-                    debug!(
-                        handle = req.handle,
-                        command = command_name(req.kind),
-                        flags = req.flags,
-                        offset = req.offset,
-                        len = req.len,
-                        "request"
-                    );
+                    log_request(&req);
                     let reply_to = if req.kind == CMD_WRITE && req.len > 0 {
                         if req.len > MAX_DRAINED_WRITE {
                             warn!(
@@ -304,14 +297,7 @@ where
             }
             payload_deadline = None;
             input.advance(REQUEST_HEADER_LEN);
-            debug!(
-                handle = req.handle,
-                command = command_name(req.kind),
-                flags = req.flags,
-                offset = req.offset,
-                len = req.len,
-                "request"
-            );
+            log_request(&req);
             let op = match op {
                 Op::Write { offset, fua, .. } => {
                     let data = input.split_to(payload).freeze();
@@ -496,4 +482,17 @@ impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.close();
     }
+}
+
+/// One debug line per request taken in (filtered out at the call site unless
+/// debug is on for this module).
+fn log_request(req: &Request) {
+    debug!(
+        handle = req.handle,
+        command = command_name(req.kind),
+        flags = req.flags,
+        offset = req.offset,
+        len = req.len,
+        "request"
+    );
 }

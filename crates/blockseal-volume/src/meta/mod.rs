@@ -33,6 +33,8 @@ use std::fs::{File, TryLockError};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::error::error_chain;
+
 mod redb;
 mod sled;
 
@@ -377,17 +379,6 @@ fn catch_panic<T>(kind: BackendKind, call: impl FnOnce() -> T) -> Result<T, Meta
             source: format!("the backend failed on damaged data: {message}").into(),
         }
     })
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// The name of the lock file inside a store directory.
