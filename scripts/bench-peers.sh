@@ -22,6 +22,7 @@
 #                     logged per request at info)
 #   BLOCKSEAL_SERVE_ARGS  extra arguments for `blockseal serve`
 #   NO_BUILD=1        use the binary already built
+#   BLOCKSEAL_BIN     use this binary (no build)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,10 +37,15 @@ peers="$(cd "$(dirname "$peers")" && pwd)/$(basename "$peers")"
 target="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$target"
 target="$(cd "$target" && pwd)"
-if [[ "${NO_BUILD:-0}" != 1 ]]; then
-	(cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p blockseal)
+if [[ -n "${BLOCKSEAL_BIN:-}" ]]; then
+	# A binary built elsewhere (the test suite's smoke passes its debug build).
+	bin="$BLOCKSEAL_BIN"
+else
+	if [[ "${NO_BUILD:-0}" != 1 ]]; then
+		(cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p blockseal)
+	fi
+	bin="$target/release/blockseal"
 fi
-bin="$target/release/blockseal"
 [[ -x "$bin" ]] || {
 	echo "bench-peers: $bin is missing (build it or unset NO_BUILD)" >&2
 	exit 1

@@ -43,6 +43,7 @@
 #                     every job ran without an I/O error, every fio fsync reached
 #                     the server as an NBD FLUSH and the server stopped cleanly
 #   --no-build        [NO_BUILD 0]        use the binary already built
+#                     [BLOCKSEAL_BIN]     use this binary instead of building one
 #   --keep            [KEEP_WORKDIR 0]    keep the store and socket directory
 #
 # Results: RESULTS_DIR/summary.md (the table also printed at the end),
@@ -139,10 +140,15 @@ fi
 target="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$target"
 target="$(cd "$target" && pwd)"
-if [[ $NO_BUILD != 1 ]]; then
-	(cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p blockseal)
+if [[ -n ${BLOCKSEAL_BIN:-} ]]; then
+	# A binary built elsewhere (the test suite passes its own debug build).
+	bin="$BLOCKSEAL_BIN"
+else
+	if [[ $NO_BUILD != 1 ]]; then
+		(cd "$root" && CARGO_TARGET_DIR="$target" cargo build --release --locked -p blockseal)
+	fi
+	bin="$target/release/blockseal"
 fi
-bin="$target/release/blockseal"
 [[ -x $bin ]] || die "$bin is missing (build it or drop --no-build)"
 
 RESULTS_DIR=${RESULTS_DIR:-/tmp/blockseal-flush-load/$(date -u +%Y%m%dT%H%M%SZ)}
