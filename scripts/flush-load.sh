@@ -177,32 +177,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------ the store --
-cat >"$work/blockseal.toml" <<EOF
-data_dir = "store"
-metadata_backend = "$BACKEND"
-
-[master_key]
-file = "master.key"
-
-[unix]
-path = "nbd.sock"
-
-[limits]
-# Every volume's client connects at once and stays connected.
-max_connections = $((VOLUMES + 16))
-max_connections_per_tenant = $((VOLUMES + 16))
-max_handshakes = $((VOLUMES + 16))
-EOF
 cfg="$work/blockseal.toml"
 sock="$work/nbd.sock"
-"$bin" key init --out "$work/master.key" >/dev/null
-"$bin" tenant create pbx --config "$cfg" >/dev/null
-t0=$(date +%s.%N)
-for ((i = 0; i < VOLUMES; i++)); do
-	printf -v name 'v%04d' "$i"
-	"$bin" volume create "pbx/$name" --size "$VOLUME_SIZE" --config "$cfg" >/dev/null
-done
-create_secs=$($PY -c "print(round($(date +%s.%N) - $t0, 1))")
+# shellcheck source=scripts/lib/pbx-store.sh
+. "$root/scripts/lib/pbx-store.sh"
+create_secs=$(make_pbx_store "$bin" "$work" "$BACKEND" "$VOLUMES" "$VOLUME_SIZE" $((VOLUMES + 16)))
 echo "flush-load: created $VOLUMES volumes of $VOLUME_SIZE ($BACKEND) in ${create_secs}s"
 
 # ------------------------------------------------------------ the server --

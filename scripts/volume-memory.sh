@@ -123,30 +123,10 @@ trap 'exit 130' INT TERM
 # ------------------------------------------------------------ the store --
 cfg="$work/blockseal.toml"
 sock="$work/nbd.sock"
-cat >"$cfg" <<EOF
-data_dir = "store"
-metadata_backend = "$BACKEND"
-
-[master_key]
-file = "master.key"
-
-[unix]
-path = "nbd.sock"
-
-[limits]
-# The connected phase holds one connection per volume.
-max_connections = $((VOLUMES + 16))
-max_connections_per_tenant = $((VOLUMES + 16))
-max_handshakes = 64
-EOF
-"$bin" key init --out "$work/master.key" >/dev/null
-"$bin" tenant create pbx --config "$cfg" >/dev/null
-t0=$(date +%s.%N)
-for ((i = 0; i < VOLUMES; i++)); do
-	printf -v name 'v%04d' "$i"
-	"$bin" volume create "pbx/$name" --size "$VOLUME_SIZE" --config "$cfg" >/dev/null
-done
-echo "volume-memory: created $VOLUMES volumes of $VOLUME_SIZE ($BACKEND) in $($PY -c "print(round($(date +%s.%N) - $t0))") s"
+# shellcheck source=scripts/lib/pbx-store.sh
+. "$root/scripts/lib/pbx-store.sh"
+create_secs=$(make_pbx_store "$bin" "$work" "$BACKEND" "$VOLUMES" "$VOLUME_SIZE" 64)
+echo "volume-memory: created $VOLUMES volumes of $VOLUME_SIZE ($BACKEND) in ${create_secs} s"
 
 # ------------------------------------------------------------ the server --
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
