@@ -12,8 +12,8 @@
 //!
 //! Once a second it also moves the store's extent index budget to where reads
 //! are (see `volume/index.rs`): volumes without an index whose reads went to the
-//! metadata store get one, loaded here, after the indexes of volumes nobody
-//! read since the last pass were dropped to make room.
+//! metadata store get one, loaded here, after the indexes of volumes that
+//! served no request since the last pass were dropped to make room.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
@@ -129,7 +129,7 @@ fn run(queue: &FlushQueue, open: &OpenVolumes, budget: &IndexBudget) {
 }
 
 /// Gives an index to the volumes whose reads went to the metadata store since
-/// the last pass, busiest first, dropping the indexes no read used meanwhile
+/// the last pass, busiest first, dropping the indexes of volumes that served no request meanwhile
 /// when that makes room.
 fn rebalance(open: &OpenVolumes, budget: &IndexBudget) {
     if budget.limit() == 0 {
@@ -138,9 +138,9 @@ fn rebalance(open: &OpenVolumes, budget: &IndexBudget) {
     let mut idle = Vec::new();
     let mut hungry = Vec::new();
     for volume in open_volumes(open) {
-        let (store, index) = volume.take_lookup_counts();
+        let (store, requests) = volume.take_pass_counts();
         if volume.has_index() {
-            if index == 0 {
+            if requests == 0 {
                 idle.push(volume);
             }
         } else if store > 0 {

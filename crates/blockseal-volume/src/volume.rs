@@ -241,7 +241,8 @@ pub(crate) struct VolumeInner {
     /// Lookups that went to the metadata store / to the index since the
     /// budget's last pass (which moves indexes to where reads are).
     store_lookups: AtomicU64,
-    index_lookups: AtomicU64,
+    /// `requests` when the budget's last pass looked.
+    requests_at_pass: AtomicU64,
     /// Reads and writes served since the volume opened (compaction's pacing
     /// watches its rate).
     requests: AtomicU64,
@@ -466,7 +467,7 @@ impl Volume {
                 index: RwLock::new(index),
                 budget: index_budget,
                 store_lookups: AtomicU64::new(0),
-                index_lookups: AtomicU64::new(0),
+                requests_at_pass: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
             }),
         })

@@ -223,7 +223,7 @@ fn view(last: u64, entry: &Entry) -> ExtentView<'_> {
 /// past the budget drops it. The store's background thread moves the budget to
 /// where reads are: a volume without an index whose reads went to the store
 /// since the last pass gets one (loaded under its flush lock) when it fits,
-/// after the indexes of volumes no read used since the last pass were dropped
+/// after the indexes of volumes that served no request since the last pass were dropped
 /// to make room.
 #[derive(Debug)]
 pub(crate) struct IndexBudget {
@@ -344,11 +344,13 @@ impl VolumeInner {
         }
     }
 
-    /// Lookups that went to the store and to the index since the last call.
-    pub(crate) fn take_lookup_counts(&self) -> (u64, u64) {
+    /// Since the budget's last pass: the lookups that went to the metadata
+    /// store, and the requests the volume served.
+    pub(crate) fn take_pass_counts(&self) -> (u64, u64) {
+        let requests = self.requests.load(Ordering::Relaxed);
         (
             self.store_lookups.swap(0, Ordering::Relaxed),
-            self.index_lookups.swap(0, Ordering::Relaxed),
+            requests - self.requests_at_pass.swap(requests, Ordering::Relaxed),
         )
     }
 }

@@ -65,7 +65,6 @@ impl VolumeInner {
         {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
             if let Some(index) = index.as_ref() {
-                self.index_lookups.fetch_add(1, Ordering::Relaxed);
                 index.visit(from, to, visit);
                 return Ok(());
             }
