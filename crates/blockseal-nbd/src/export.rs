@@ -102,6 +102,16 @@ pub trait Export: Send + Sync + 'static {
         false
     }
 
+    /// A switch the export's owner triggers to close every connection to this
+    /// export (it is being deleted, or its tenant shredded). Each connection
+    /// then drains as at a server shutdown: requests not started yet are
+    /// answered `ESHUTDOWN`, running ones finish and reply, and the server
+    /// closes the connection. Read once when a client enters the transmission
+    /// phase. Default: `None`, never revoked.
+    fn revoked(&self) -> Option<crate::Shutdown> {
+        None
+    }
+
     /// Hints that the client will soon read the range. Default: nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         let _ = (offset, len);

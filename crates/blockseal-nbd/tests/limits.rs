@@ -474,6 +474,50 @@ fn requests_not_started_before_a_shutdown_are_answered_eshutdown() {
 }
 
 #[test]
+fn a_revoked_export_drains_and_closes_its_connections_only() {
+    let mut server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    let (mut other, _) = transmitting_on(&server, "globex/disk");
+    disk.close_gate();
+    let (mut raw, _) = transmitting(&server);
+    for k in 0..6u64 {
+        raw.request(0, CMD_WRITE, k, k * WRITE as u64, WRITE as u32);
+        raw.send(&[k as u8 + 1; WRITE]);
+    }
+    raw.request(0, CMD_READ, 99, 0, 4096);
+    assert_eq!(raw.simple_reply(), (0, 99));
+    raw.read_n(4096);
+    wait_until("two writes at the export", WAIT, || {
+        disk.waiting.load(Ordering::SeqCst) == 2
+    });
+    // The export's owner revokes it (it is being deleted): exactly as at a
+    // shutdown, the running writes finish, the queued ones are not run, and
+    // the connection closes.
+    disk.revoke.trigger();
+    disk.open_gate();
+    let mut replies: Vec<(u32, u64)> = (0..6).map(|_| raw.simple_reply()).collect();
+    replies.sort_by_key(|r| r.1);
+    assert_eq!(
+        replies,
+        [
+            (0, 0),
+            (0, 1),
+            (ESHUTDOWN, 2),
+            (ESHUTDOWN, 3),
+            (ESHUTDOWN, 4),
+            (ESHUTDOWN, 5)
+        ]
+    );
+    assert!(raw.closed());
+    assert_eq!(disk.writes.load(Ordering::SeqCst), 2);
+    // Another export's connection is untouched.
+    other.request(0, CMD_READ, 7, 0, 4096);
+    assert_eq!(other.simple_reply(), (0, 7));
+    other.read_n(4096);
+    server.stop();
+}
+
+#[test]
 fn a_small_block_status_costs_little_of_the_budget() {
     // A budget of four 1 MiB reads and 64 KiB.
     let mut config = small_budget();

@@ -83,7 +83,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{Span, debug, warn};
+use tracing::{Span, debug, info, warn};
 
 use crate::handshake::Session;
 use crate::limits::{Held, Reservation, Reserving};
@@ -144,6 +144,15 @@ where
     let _closing = CloseOnDrop(conn.clone());
     let shutdown = shared.shutdown.clone();
     let mut shutdown = std::pin::pin!(shutdown.triggered());
+    // The export's own switch: it is going away, so this connection drains
+    // exactly as at a server shutdown.
+    let revoked = conn.revoked.clone();
+    let mut revoked = std::pin::pin!(async move {
+        match revoked {
+            Some(switch) => switch.triggered().await,
+            None => std::future::pending().await,
+        }
+    });
 
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Replies {
@@ -389,6 +398,10 @@ where
             biased;
             _ = &mut shutdown, if stop == Stop::No => {
                 debug!("server shutting down");
+                stop = Stop::Drain;
+            }
+            _ = &mut revoked, if stop == Stop::No => {
+                info!("export revoked by its owner; closing the connection");
                 stop = Stop::Drain;
             }
             done = done_rx.recv(), if in_flight > 0 => {

@@ -50,6 +50,8 @@ pub(super) struct Conn {
     /// more (no reply is owed to a client that is gone), and `NO_HOLE` write
     /// zeroes stop at the next piece.
     closed: AtomicBool,
+    /// The export's revocation switch ([`Export::revoked`]), read once.
+    pub(super) revoked: Option<crate::Shutdown>,
 }
 
 /// Index in [`Conn::lanes`] of requests that read or write data.
@@ -103,7 +105,15 @@ impl Conn {
             done,
             lanes: Default::default(),
             closed: AtomicBool::new(false),
+            revoked: session.export.revoked(),
         }
+    }
+
+    /// Whether requests not started yet are answered `ESHUTDOWN` rather than
+    /// run: the server is shutting down or the export was revoked.
+    pub(super) fn stopping(&self) -> bool {
+        self.shared.shutdown.is_triggered()
+            || self.revoked.as_ref().is_some_and(|r| r.is_triggered())
     }
 
     /// Hands a request to a blocking thread: it joins its lane's queue, drained
@@ -161,7 +171,7 @@ impl Conn {
             return;
         }
         let mut reply = self.buffer();
-        if self.shared.shutdown.is_triggered() {
+        if self.stopping() {
             // Not started before the shutdown: answered at once rather than
             // run, so the connection drains within the shutdown deadline.
             debug!(parent: &self.span, handle = job.handle, "request not started before shutdown");
@@ -280,7 +290,7 @@ fn allocated_zeroes(conn: &Conn, offset: u64, len: u64, fua: bool) -> Result<(),
                 "write zeroes stopped: the connection closed",
             ));
         }
-        if at > offset && conn.shared.shutdown.is_triggered() {
+        if at > offset && conn.stopping() {
             return Err(ExportError::new(
                 ErrorClass::ShuttingDown,
                 "write zeroes stopped by shutdown",

@@ -39,6 +39,8 @@ pub struct MemExport {
     pub most_waiting: AtomicUsize,
     /// What `write_may_block` answers.
     pub may_block: AtomicBool,
+    /// The export's revocation switch.
+    pub revoke: blockseal_nbd::Shutdown,
 }
 
 impl MemExport {
@@ -60,6 +62,7 @@ impl MemExport {
             waiting: AtomicUsize::new(0),
             most_waiting: AtomicUsize::new(0),
             may_block: AtomicBool::new(false),
+            revoke: blockseal_nbd::Shutdown::new(),
         })
     }
 
@@ -135,6 +138,10 @@ impl Export for MemExport {
 
     fn block_size(&self) -> u32 {
         BLOCK as u32
+    }
+
+    fn revoked(&self) -> Option<blockseal_nbd::Shutdown> {
+        Some(self.revoke.clone())
     }
 
     fn read_only(&self) -> bool {
