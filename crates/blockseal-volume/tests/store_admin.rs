@@ -1062,3 +1062,34 @@ fn admin_errors_say_what_and_hold_no_key_material() {
     assert_eq!(err.kind(), AdminErrorKind::Internal);
     let _: MasterKey = master(3);
 }
+
+/// How long `rotate_master` takes for 5000 tenants with one volume each (the
+/// sizing the product is built for). Run with
+/// `cargo test --release -p blockseal-volume --test store_admin -- --ignored --nocapture`;
+/// `benches/benches/admin.rs` measures the same with criterion.
+#[test]
+#[ignore = "a measurement: builds 5000 tenants"]
+fn measure_rotate_master_for_5000_tenants() {
+    let root = if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    for backend in BACKENDS {
+        let dir = root.path().join(format!("{backend:?}"));
+        let store = Store::create(&dir, master(1), options(backend)).unwrap();
+        for n in 0..5000 {
+            let t = tenant(&format!("t{n}"));
+            store.create_tenant(&t).unwrap();
+            store
+                .create_volume(&t, &volume_id("vm"), 1 << 20, VolumeOptions::default())
+                .unwrap();
+        }
+        store.audit_append(&entry(1)).unwrap();
+        let started = std::time::Instant::now();
+        let rotation = store.rotate_master(master(2)).unwrap();
+        let took = started.elapsed();
+        assert_eq!((rotation.tenants, rotation.volumes), (5000, 5000));
+        println!("{backend:?}: rotate_master of 5000 tenants x 1 volume took {took:?}");
+    }
+}
