@@ -8,6 +8,9 @@
 //!   [`TenantSeed`]: destroying it crypto-shreds the tenant.
 //! - A random [`DataKey`] per volume and DEK version, stored only as a
 //!   [`WrappedKey`] sealed with AES-256-GCM under the tenant KEK.
+//! - An [`AuditKey`] per store that chains its audit log (HMAC-SHA256), stored
+//!   only wrapped under an [`AuditKek`] derived from the master key
+//!   ([`MasterKey::audit_kek`]).
 //!
 //! Every secret type zeroizes on drop and has a `Debug` that shows ids and versions
 //! only; key bytes are reached through `expose_secret` methods, so searching for that
@@ -49,6 +52,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod audit;
 mod data_key;
 mod envelope;
 mod hkdf;
@@ -58,6 +62,10 @@ mod locked;
 mod master;
 mod tenant;
 
+pub use audit::{
+    AUDIT_MAC_LEN, AuditKek, AuditKey, AuditKeyUnwrapError, WRAPPED_AUDIT_KEY_FORMAT,
+    WRAPPED_AUDIT_KEY_LEN,
+};
 pub use data_key::{DataKey, KEY_LEN, RandomError, WRITER_SALT_LEN};
 pub use envelope::{
     UnwrapError, WRAPPED_KEY_FORMAT, WRAPPED_KEY_LEN, WrappedKey, WrappedKeyDecodeError,
@@ -113,6 +121,11 @@ mod secret_debug_tests {
         check("TenantSeed", &TenantSeed::from_bytes(bytes()));
         let kek = TenantKek::new(TenantId::new("acme").unwrap(), KeyVersion(2), bytes());
         check("TenantKek", &kek);
+        check(
+            "AuditKek",
+            &master.audit_kek(&DeploymentSalt::from_bytes([0xA5; 32])),
+        );
+        check("AuditKey", &AuditKey::generate().unwrap());
         let passphrase = "\u{a5}".repeat(32);
         let p = Passphrase::new(passphrase.clone());
         assert!(!format!("{p:?}{p:#?}").contains(&passphrase));

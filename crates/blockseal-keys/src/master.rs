@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use zeroize::{ZeroizeOnDrop, Zeroizing};
 
+use crate::audit::{AUDIT_KEK_LABEL, AuditKek};
 use crate::data_key::fill_random;
 use crate::hkdf::{Info, constant_time_eq, hkdf_sha256};
 use crate::key_file::Protection;
@@ -249,6 +250,23 @@ impl MasterKey {
             key.expose_mut(),
         );
         TenantKek::from_key_bytes(tenant.clone(), version, key)
+    }
+
+    /// Derives the key that wraps a store's audit key.
+    ///
+    /// `KEK = HKDF-SHA256(ikm = master, salt = deployment salt, info)`, where
+    /// `info` is the length-prefixed label `blockseal/v1/audit-kek`: a label no
+    /// tenant KEK derivation uses, so the two never collide.
+    pub fn audit_kek(&self, salt: &DeploymentSalt) -> AuditKek {
+        let info = Info::new(AUDIT_KEK_LABEL);
+        let mut key = KeyBytes::zeroed();
+        hkdf_sha256(
+            salt.as_bytes(),
+            self.expose_secret(),
+            info.as_bytes(),
+            key.expose_mut(),
+        );
+        AuditKek::from_key_bytes(key)
     }
 
     /// The raw key bytes. Every use of master key material goes through here.

@@ -370,6 +370,172 @@ impl VolumeError {
     }
 }
 
+/// How an admin layer should report an [`AdminError`]: the HTTP API maps these
+/// to status codes in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AdminErrorKind {
+    /// The tenant or volume does not exist (HTTP 404).
+    NotFound,
+    /// The operation conflicts with the store's state: a volume is open, a
+    /// tenant still has volumes, data is mapped past a new end, the key is
+    /// already the current one (HTTP 409).
+    Conflict,
+    /// The request itself is invalid: a size, an audit entry (HTTP 400).
+    InvalidInput,
+    /// The store failed: metadata, segment I/O, corrupt records, the random
+    /// number generator, a key that does not unwrap (HTTP 500).
+    Internal,
+}
+
+/// A store administration operation ([`Store::delete_volume`],
+/// [`Store::resize_volume`], [`Store::shred_tenant`], [`Store::rotate_master`],
+/// the audit log, ...) failed. Messages name tenants, volumes, sizes and key
+/// ids, never key material.
+///
+/// [`Store::delete_volume`]: crate::Store::delete_volume
+/// [`Store::resize_volume`]: crate::Store::resize_volume
+/// [`Store::shred_tenant`]: crate::Store::shred_tenant
+/// [`Store::rotate_master`]: crate::Store::rotate_master
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The tenant does not exist.
+    #[error("no tenant {tenant}")]
+    NoSuchTenant {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// The volume does not exist.
+    #[error("no volume {tenant}/{volume}")]
+    NoSuchVolume {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// The volume is open (served or used by an embedder): close it and retry.
+    #[error("volume {tenant}/{volume} is open; close its connections and retry")]
+    VolumeInUse {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// The tenant still has volumes.
+    #[error("tenant {tenant} still has {volumes} volume(s); delete them or shred the tenant")]
+    TenantHasVolumes {
+        /// The tenant.
+        tenant: TenantId,
+        /// How many volumes it has.
+        volumes: usize,
+    },
+    /// A shrink would cut off mapped data, and discarding the tail was not asked for.
+    #[error(
+        "volume {tenant}/{volume} holds data at byte {first_mapped_byte}, past the new \
+         size {new_size}; trim it first or ask for the tail to be discarded"
+    )]
+    MappedPastEnd {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+        /// The refused size, in bytes.
+        new_size: u64,
+        /// The first byte of the first mapped block at or past `new_size`.
+        first_mapped_byte: u64,
+    },
+    /// The size is zero or not a multiple of the block size.
+    #[error("volume size {size} is not a positive multiple of the block size ({block_size} bytes)")]
+    InvalidSize {
+        /// The refused size, in bytes.
+        size: u64,
+        /// The volume's block size, in bytes.
+        block_size: u32,
+    },
+    /// The size is larger than the largest volume.
+    #[error("volume size {size} is larger than the largest volume ({max} bytes)")]
+    TooLarge {
+        /// The requested size.
+        size: u64,
+        /// [`MAX_VOLUME_BYTES`](crate::MAX_VOLUME_BYTES).
+        max: u64,
+    },
+    /// The new master key is the current one (same key id).
+    #[error("the new master key {key} is the store's current master key")]
+    SameMasterKey {
+        /// The key id both share.
+        key: blockseal_keys::KeyId,
+    },
+    /// An audit entry is larger than an audit record may be.
+    #[error("audit entry of {bytes} bytes is larger than the limit ({max} bytes)")]
+    AuditEntryTooLarge {
+        /// The entry's fields, in bytes.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A metadata record could not be decoded or is inconsistent.
+    #[error("store metadata is corrupt: {what}")]
+    Corrupt {
+        /// Which record, and what is wrong with it.
+        what: String,
+    },
+    /// A data key of the volume could not be unwrapped: wrong key material or
+    /// a tampered record. Nothing was changed.
+    #[error("the data key of {tenant}/{volume} could not be unwrapped")]
+    KeyUnwrap {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// The audit key could not be unwrapped with the master key: the record
+    /// was tampered with or replaced.
+    #[error("the audit key could not be unwrapped")]
+    AuditKeyUnwrap,
+    /// The metadata store failed.
+    #[error("metadata store failed")]
+    Meta(#[from] MetaError),
+    /// Removing segment data failed.
+    #[error("segment storage failed")]
+    Io(#[source] io::Error),
+    /// The open volume failed while being resized (a flush or a trim).
+    #[error("the open volume failed")]
+    Volume(#[source] VolumeError),
+    /// The system random number generator failed.
+    #[error(transparent)]
+    Random(#[from] blockseal_keys::RandomError),
+}
+
+impl AdminError {
+    /// The error's classification, for a protocol layer.
+    pub fn kind(&self) -> AdminErrorKind {
+        match self {
+            AdminError::NoSuchTenant { .. } | AdminError::NoSuchVolume { .. } => {
+                AdminErrorKind::NotFound
+            }
+            AdminError::VolumeInUse { .. }
+            | AdminError::TenantHasVolumes { .. }
+            | AdminError::MappedPastEnd { .. }
+            | AdminError::SameMasterKey { .. } => AdminErrorKind::Conflict,
+            AdminError::InvalidSize { .. }
+            | AdminError::TooLarge { .. }
+            | AdminError::AuditEntryTooLarge { .. } => AdminErrorKind::InvalidInput,
+            _ => AdminErrorKind::Internal,
+        }
+    }
+}
+
+impl From<QueryError> for AdminError {
+    fn from(e: QueryError) -> AdminError {
+        match e {
+            QueryError::Meta(e) => AdminError::Meta(e),
+            QueryError::Corrupt { what } => AdminError::Corrupt { what },
+        }
+    }
+}
+
 /// An error and its causes on one line (`segment I/O failed: No space left on
 /// device`), for log lines: `Display` of most errors is their own message only.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {

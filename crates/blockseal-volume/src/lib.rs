@@ -90,14 +90,17 @@ mod store;
 mod volume;
 
 pub use block::{BlockSize, Lba};
-pub use error::{CreateError, ErrorKind, OpenError, QueryError, VolumeError};
+pub use error::{
+    AdminError, AdminErrorKind, CreateError, ErrorKind, OpenError, QueryError, VolumeError,
+};
 #[cfg(feature = "testing")]
 pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 #[cfg(feature = "testing")]
 pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
-    FORMAT_VERSION, MAX_VOLUME_BYTES, RecoveryReport, Store, StoreOptions, TenantInfo, TenantState,
-    VolumeInfo, VolumeOptions,
+    AuditEntry, AuditRecord, AuditVerification, FORMAT_VERSION, MAX_AUDIT_ENTRY_BYTES,
+    MAX_VOLUME_BYTES, MasterRotation, RecoveryReport, ShredReport, Store, StoreOptions, TenantInfo,
+    TenantState, VolumeInfo, VolumeOptions, VolumeUsage,
 };
 pub use volume::{BlockStatus, CompactionReport, Volume, VolumeStats};

@@ -412,6 +412,210 @@ impl Extent {
     }
 }
 
+/// Prefix of tombstones: a deleted volume whose segments and mapping records
+/// are still being removed.
+pub(crate) const TOMBSTONE_PREFIX: &[u8] = b"D";
+
+/// Key of a tombstone: `D`, internal volume id.
+pub(crate) fn tombstone_key(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'D';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// The internal volume id a [`tombstone_key`] names; anything but 5 bytes is
+/// corrupt.
+pub(crate) fn tombstone_key_volume(key: &[u8]) -> Result<u32, Corrupt> {
+    match key {
+        [b'D', a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => Err(Corrupt(format!(
+            "tombstone key: expected 5 bytes, found {}",
+            key.len()
+        ))),
+    }
+}
+
+/// A tombstone: the volume record is gone; what it owned is being removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TombstoneRecord {
+    /// When the volume was deleted, seconds since the Unix epoch.
+    pub(crate) deleted: u64,
+}
+
+impl TombstoneRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.deleted.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<TombstoneRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "tombstone")?;
+        let record = TombstoneRecord { deleted: r.u64()? };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
+/// The audit log's head: the next sequence number and the last record's MAC.
+pub(crate) const AUDIT_HEAD_KEY: &[u8] = b"a";
+/// The audit key, wrapped under the audit KEK.
+pub(crate) const AUDIT_KEY_KEY: &[u8] = b"k";
+/// Prefix of audit records.
+pub(crate) const AUDIT_PREFIX: &[u8] = b"A";
+
+/// Key of an audit record: `A`, sequence number (u64).
+pub(crate) fn audit_key(seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'A';
+    key[1..9].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// The sequence number an [`audit_key`] names; anything but 9 bytes is corrupt.
+pub(crate) fn audit_key_seq(key: &[u8]) -> Result<u64, Corrupt> {
+    match key {
+        [b'A', rest @ ..] if rest.len() == 8 => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(rest);
+            Ok(u64::from_be_bytes(seq))
+        }
+        _ => Err(Corrupt(format!(
+            "audit key: expected 9 bytes, found {}",
+            key.len()
+        ))),
+    }
+}
+
+/// Length of an audit MAC.
+pub(crate) const AUDIT_MAC_LEN: usize = 32;
+
+/// The audit log's head record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AuditHeadRecord {
+    /// The sequence number the next record takes (the first is 1).
+    pub(crate) next_seq: u64,
+    /// The MAC of record `next_seq - 1` (zeros before the first).
+    pub(crate) last_mac: [u8; AUDIT_MAC_LEN],
+    /// MAC of the head itself (see [`audit_head_message`]).
+    pub(crate) mac: [u8; AUDIT_MAC_LEN],
+}
+
+impl AuditHeadRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(73);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.next_seq.to_be_bytes());
+        out.extend_from_slice(&self.last_mac);
+        out.extend_from_slice(&self.mac);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<AuditHeadRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "audit head")?;
+        let record = AuditHeadRecord {
+            next_seq: r.u64()?,
+            last_mac: r.array()?,
+            mac: r.array()?,
+        };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
+/// What the head's MAC covers: `0x02`, next sequence number, last MAC.
+pub(crate) fn audit_head_message(next_seq: u64, last_mac: &[u8; AUDIT_MAC_LEN]) -> [u8; 41] {
+    let mut out = [0u8; 41];
+    out[0] = 2;
+    out[1..9].copy_from_slice(&next_seq.to_be_bytes());
+    out[9..41].copy_from_slice(last_mac);
+    out
+}
+
+/// The wrapped audit key record.
+pub(crate) struct AuditKeyRecord {
+    pub(crate) created: u64,
+    pub(crate) wrapped: Vec<u8>,
+}
+
+impl AuditKeyRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + self.wrapped.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out.extend_from_slice(&self.wrapped);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<AuditKeyRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "audit key")?;
+        let created = r.u64()?;
+        let wrapped = r.bytes(blockseal_keys::WRAPPED_AUDIT_KEY_LEN)?.to_vec();
+        r.finish()?;
+        Ok(AuditKeyRecord { created, wrapped })
+    }
+}
+
+/// One audit record as stored (the sequence number is in its key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AuditEntryRecord {
+    pub(crate) time: u64,
+    pub(crate) mac: [u8; AUDIT_MAC_LEN],
+    /// actor, action, target, result, detail.
+    pub(crate) fields: [String; 5],
+}
+
+impl AuditEntryRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let fields: usize = self.fields.iter().map(|f| 4 + f.len()).sum();
+        let mut out = Vec::with_capacity(41 + fields);
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.time.to_be_bytes());
+        out.extend_from_slice(&self.mac);
+        encode_fields(&self.fields, &mut out);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<AuditEntryRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "audit")?;
+        let time = r.u64()?;
+        let mac = r.array()?;
+        let mut field = || -> Result<String, Corrupt> {
+            let len = r.u32()? as usize;
+            let bytes = r.bytes(len)?;
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| Corrupt("audit record: a field is not UTF-8".into()))
+        };
+        let fields = [field()?, field()?, field()?, field()?, field()?];
+        r.finish()?;
+        Ok(AuditEntryRecord { time, mac, fields })
+    }
+
+    /// What this record's MAC covers: `0x01`, the previous record's MAC (zeros
+    /// for the first), sequence number, time, the fields (each length
+    /// prefixed).
+    pub(crate) fn message(&self, seq: u64, previous: &[u8; AUDIT_MAC_LEN]) -> Vec<u8> {
+        let fields: usize = self.fields.iter().map(|f| 4 + f.len()).sum();
+        let mut out = Vec::with_capacity(49 + fields);
+        out.push(1);
+        out.extend_from_slice(previous);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&self.time.to_be_bytes());
+        encode_fields(&self.fields, &mut out);
+        out
+    }
+}
+
+fn encode_fields(fields: &[String; 5], out: &mut Vec<u8>) {
+    for field in fields {
+        // Callers bound the fields' total length far below 4 GiB.
+        out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+}
+
 /// Encodes a u64 counter value (live-block counts, nonce marks, next ids).
 pub(crate) fn encode_u64(value: u64) -> [u8; 8] {
     value.to_be_bytes()
@@ -588,6 +792,57 @@ mod tests {
         assert!(writer_key_number(&writer_key(3, 77)[..8]).is_err());
         assert!(writer_key(3, u32::MAX) < writer_key(4, 0));
         assert!(writer_key(3, 0).starts_with(&writer_prefix(3)));
+    }
+
+    #[test]
+    fn admin_records_round_trip_and_odd_keys_are_corrupt() {
+        let t = TombstoneRecord { deleted: 77 };
+        assert_eq!(TombstoneRecord::decode(&t.encode()).unwrap(), t);
+        assert!(TombstoneRecord::decode(&t.encode()[..8]).is_err());
+        assert_eq!(
+            tombstone_key_volume(&tombstone_key(0x0102_0304)).unwrap(),
+            0x0102_0304
+        );
+        assert!(tombstone_key_volume(&tombstone_key(1)[..4]).is_err());
+        let head = AuditHeadRecord {
+            next_seq: 5,
+            last_mac: [1; 32],
+            mac: [2; 32],
+        };
+        assert_eq!(head.encode().len(), 73);
+        assert_eq!(AuditHeadRecord::decode(&head.encode()).unwrap(), head);
+        let entry = AuditEntryRecord {
+            time: 9,
+            mac: [3; 32],
+            fields: [
+                "a".into(),
+                "bb".into(),
+                String::new(),
+                "r".into(),
+                "é".into(),
+            ],
+        };
+        assert_eq!(AuditEntryRecord::decode(&entry.encode()).unwrap(), entry);
+        assert!(AuditEntryRecord::decode(&entry.encode()[1..]).is_err());
+        assert_eq!(
+            audit_key_seq(&audit_key(u64::MAX - 1)).unwrap(),
+            u64::MAX - 1
+        );
+        assert!(audit_key_seq(&audit_key(1)[..8]).is_err());
+        assert!(audit_key(1) < audit_key(2) && audit_key(255) < audit_key(256));
+        // Moving a field boundary changes the message.
+        let moved = AuditEntryRecord {
+            fields: [
+                "ab".into(),
+                "b".into(),
+                String::new(),
+                "r".into(),
+                "é".into(),
+            ],
+            ..entry.clone()
+        };
+        assert_ne!(entry.message(1, &[0; 32]), moved.message(1, &[0; 32]));
+        assert_ne!(entry.message(1, &[0; 32]), entry.message(2, &[0; 32]));
     }
 
     #[test]

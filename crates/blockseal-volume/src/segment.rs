@@ -81,6 +81,13 @@ pub trait SegmentStore: Send + Sync + 'static {
             "segment sizes are unknown to this store",
         ))
     }
+    /// Forgets a deleted volume once every one of its segments was deleted
+    /// (the file backend removes the volume's directory, with anything left in
+    /// it, durably). Missing is not an error; the default does nothing.
+    fn delete_volume(&self, volume: u32) -> io::Result<()> {
+        let _ = volume;
+        Ok(())
+    }
     /// Whether `bytes` more may be written while keeping the store's reserve
     /// free for metadata commits: an error of kind
     /// [`io::ErrorKind::StorageFull`] when not. Nothing is reserved; the default
@@ -385,6 +392,20 @@ impl SegmentStore for FileSegments {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn delete_volume(&self, volume: u32) -> io::Result<()> {
+        self.handles().files.retain(|id, _| id.volume != volume);
+        match fs::remove_dir_all(self.volume_dir(volume)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.synced_volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&volume);
+        sync_dir(&self.root)
     }
 
     fn list(&self, volume: u32) -> io::Result<Vec<u32>> {

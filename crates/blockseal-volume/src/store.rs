@@ -24,12 +24,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockseal_keys::{
-    CheckValue, DataKey, DeploymentSalt, KeyId, KeyVersion, MasterKey, TenantId, TenantKek,
-    TenantSeed, VolumeId, WrappedKey,
+    AuditKey, CheckValue, DataKey, DeploymentSalt, KeyId, KeyVersion, MasterKey, TenantId,
+    TenantKek, TenantSeed, VolumeId, WrappedKey,
 };
 use zeroize::Zeroizing;
 
@@ -45,6 +45,11 @@ use crate::volume::IndexBudget;
 use crate::volume::{Closed, CompactionReport, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
+pub use admin::{MasterRotation, ShredReport, VolumeUsage};
+pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
+
+mod admin;
+mod audit;
 
 /// The store format this build writes and the newest it reads. Version 2 added
 /// writer keys (extent records of version 2, writer records, the commit marker);
@@ -306,7 +311,11 @@ pub struct Store {
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
-    master: MasterKey,
+    /// The master key. Held shared by whoever reads a tenant record and a
+    /// volume record to unwrap keys (so the two match), exclusively by a
+    /// commit that rewraps keys and by the swap after a master key rotation:
+    /// a reader never sees records of one key generation with the other.
+    master: RwLock<MasterKey>,
     salt: DeploymentSalt,
     options: StoreOptions,
     /// Open volumes, so a second open shares the first instance (and so the
@@ -318,8 +327,11 @@ pub struct Store {
     /// Per volume being opened, a gate opened when that open has finished (and
     /// registered the instance, or failed).
     opening: Mutex<HashMap<(TenantId, VolumeId), Arc<Closed>>>,
-    /// Serializes tenant and volume creation (read-check-write of records).
+    /// Serializes tenant and volume creation and every admin operation
+    /// (read-check-write of records). Taken before `audit` and `master`.
     admin: Mutex<()>,
+    /// Serializes audit appends; holds the audit key once it was unwrapped.
+    audit: Mutex<Option<AuditKey>>,
     // Dropped last: the lock outlives every other handle on the directory.
     _lock: File,
 }
@@ -329,7 +341,7 @@ impl fmt::Debug for Store {
         f.debug_struct("Store")
             .field("dir", &self.dir)
             .field("backend", &self.meta.backend())
-            .field("master_key", &self.master.id())
+            .field("master_key", &self.read_master().id())
             .finish_non_exhaustive()
     }
 }
@@ -508,6 +520,9 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
         let segments = open_segments(&dir, &options)?;
+        // Volumes deleted before a crash or a failure: their records are gone,
+        // what they owned goes now, before anything is served.
+        admin::finish_tombstones(meta.as_ref(), segments.as_ref())?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         let index_budget = Arc::new(IndexBudget::new(options.index_memory));
         Ok(Store {
@@ -517,13 +532,14 @@ impl Store {
             dir,
             meta,
             segments,
-            master,
+            master: RwLock::new(master),
             salt,
             options,
             open,
             closing: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
+            audit: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -647,7 +663,7 @@ impl Store {
         };
         let next_id = internal_id + 1;
         let internal_id = u32::try_from(internal_id).map_err(|_| CreateError::Exhausted)?;
-        let kek = self.kek(tenant, &tenant_record);
+        let kek = self.kek(&self.read_master(), tenant, &tenant_record);
         let dek = DataKey::generate(KeyVersion::FIRST)?;
         let wrapped = kek.wrap(volume, &dek)?;
         let created = now();
@@ -706,11 +722,21 @@ impl Store {
     /// Opens a volume. While a handle is open, opening it again returns the same
     /// shared instance.
     pub fn open_volume(&self, tenant: &TenantId, volume: &VolumeId) -> Result<Volume, VolumeError> {
+        match self.claim(tenant, volume) {
+            Claim::Open(volume) => Ok(volume),
+            Claim::Closed(opening) => self.open_claimed(tenant, volume, opening),
+        }
+    }
+
+    /// The open instance of a volume, or else the right to open it: while the
+    /// returned [`Opening`] lives, every other open of the volume waits. Waits
+    /// first for an open in progress or a closing instance of it.
+    fn claim(&self, tenant: &TenantId, volume: &VolumeId) -> Claim<'_> {
         let handle = (tenant.clone(), volume.clone());
-        let _opening = loop {
+        loop {
             let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(inner) = open.get(&handle).and_then(Weak::upgrade) {
-                return Ok(Volume::from_inner(inner));
+                return Claim::Open(Volume::from_inner(inner));
             }
             // Another thread may be opening it (reading every mapping record
             // takes a while, so that happens outside the registry lock), or
@@ -735,14 +761,26 @@ impl Store {
                 None => {
                     let gate = Arc::new(Closed::default());
                     self.lock_opening().insert(handle.clone(), gate.clone());
-                    break Opening {
+                    return Claim::Closed(Opening {
                         store: self,
-                        handle: handle.clone(),
+                        handle,
                         gate,
-                    };
+                    });
                 }
             }
-        };
+        }
+    }
+
+    /// Opens a volume this thread holds the claim to (see [`Store::claim`]).
+    fn open_claimed(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        opening: Opening<'_>,
+    ) -> Result<Volume, VolumeError> {
+        let handle = opening.handle.clone();
+        // Records and key of one generation (see `master`).
+        let master = self.read_master();
         let tenant_record = self
             .tenant_record(tenant)
             .map_err(query_to_volume)?
@@ -761,7 +799,8 @@ impl Store {
         let block_size = BlockSize::new(record.block_size).map_err(|e| VolumeError::Corrupt {
             what: format!("volume record: {e}"),
         })?;
-        let kek = self.kek(tenant, &tenant_record);
+        let kek = self.kek(&master, tenant, &tenant_record);
+        drop(master);
         let unwrap_failed = || VolumeError::KeyUnwrap {
             tenant: tenant.clone(),
             volume: volume.clone(),
@@ -805,6 +844,7 @@ impl Store {
         if let Some(compactor) = &self.compactor {
             compactor.wakeup().notify();
         }
+        drop(opening);
         tracing::info!(tenant = %tenant, volume = %volume, "volume opened");
         Ok(opened)
     }
@@ -835,10 +875,15 @@ impl Store {
         }
     }
 
-    fn kek(&self, tenant: &TenantId, record: &TenantRecord) -> TenantKek {
+    fn read_master(&self) -> RwLockReadGuard<'_, MasterKey> {
+        // Nothing panics while holding it for write but a failed commit's
+        // caller, which leaves the old key in place: still a valid key.
+        self.master.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kek(&self, master: &MasterKey, tenant: &TenantId, record: &TenantRecord) -> TenantKek {
         let seed = TenantSeed::from_bytes(seed_copy(&record.seed));
-        self.master
-            .tenant_kek(&self.salt, tenant, &seed, KeyVersion(record.kek_version))
+        master.tenant_kek(&self.salt, tenant, &seed, KeyVersion(record.kek_version))
     }
 }
 
@@ -848,6 +893,14 @@ fn seed_copy(seed: &[u8; blockseal_keys::SEED_LEN]) -> Zeroizing<[u8; blockseal_
     let mut copy = Zeroizing::new([0u8; blockseal_keys::SEED_LEN]);
     copy.copy_from_slice(seed);
     copy
+}
+
+/// What [`Store::claim`] found.
+enum Claim<'a> {
+    /// The volume is open: a handle to its instance.
+    Open(Volume),
+    /// The volume is closed, and stays so while this lives.
+    Closed(Opening<'a>),
 }
 
 /// One thread's claim to open a volume: whatever the open's outcome, dropping it

@@ -181,7 +181,10 @@ pub(crate) struct VolumeInner {
     tenant: TenantId,
     name: VolumeId,
     internal_id: u32,
-    size: u64,
+    /// Size in bytes. Changed by [`Store::resize_volume`](crate::Store::resize_volume)
+    /// while the volume is open: every bounds check loads it, and a write
+    /// loads it again under the install gate (see [`VolumeInner::shrink`]).
+    size: AtomicU64,
     block_size: BlockSize,
     segment_blocks: u32,
     overlay_limit: usize,
@@ -413,7 +416,7 @@ impl Volume {
                 tenant,
                 name,
                 internal_id,
-                size,
+                size: AtomicU64::new(size),
                 block_size,
                 segment_blocks: segment_blocks as u32,
                 overlay_limit: overlay_limit.max(1),
@@ -481,6 +484,10 @@ impl Volume {
         Volume { inner }
     }
 
+    pub(crate) fn inner(&self) -> &VolumeInner {
+        &self.inner
+    }
+
     /// The tenant owning the volume.
     pub fn tenant(&self) -> &TenantId {
         &self.inner.tenant
@@ -493,7 +500,7 @@ impl Volume {
 
     /// The volume's size, in bytes.
     pub fn len(&self) -> u64 {
-        self.inner.size
+        self.inner.size()
     }
 
     /// Always `false`: a volume holds at least one block.
@@ -532,12 +539,9 @@ impl Volume {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let i = &self.inner;
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > i.size) {
-            return Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: i.size,
-            });
+        let size = i.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
         }
         if buf.is_empty() {
             return Ok(());
@@ -591,12 +595,9 @@ impl Volume {
     /// fall on block boundaries except at the ends of the range.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockStatus>, VolumeError> {
         let i = &self.inner;
-        if offset.checked_add(len).is_none_or(|end| end > i.size) {
-            return Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: i.size,
-            });
+        let size = i.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
         }
         let mut out: Vec<BlockStatus> = Vec::new();
         if len == 0 {
@@ -680,7 +681,7 @@ impl fmt::Debug for Volume {
         f.debug_struct("Volume")
             .field("tenant", &self.inner.tenant)
             .field("volume", &self.inner.name)
-            .field("size", &self.inner.size)
+            .field("size", &self.inner.size())
             .field("block_size", &self.inner.block_size.get())
             .finish_non_exhaustive()
     }
@@ -777,6 +778,81 @@ impl VolumeInner {
     /// Reads and writes served since the volume opened.
     pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The volume's current size, in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Raises the size to `new_size` (the caller committed it first; blocks
+    /// past the old end hold no mapping, so they read as zeros).
+    pub(crate) fn grow(&self, new_size: u64) {
+        self.size.fetch_max(new_size, Ordering::AcqRel);
+    }
+
+    /// Lowers the size to `new_size` (a multiple of the block size), for a
+    /// shrink the caller commits afterwards. Writes past the new end are
+    /// refused from now on; then the mappings past it are looked at, after a
+    /// flush so that the metadata holds them all. When one exists it is trimmed
+    /// durably if `discard_tail`, else the old size comes back and the result is
+    /// `Ok(Err(first mapped byte))`.
+    ///
+    /// Why no write can slip past: a write loads the size again under the
+    /// install gate's shared side before it installs a mapping, and this takes
+    /// the gate's exclusive side (after lowering the size) for an instant, so
+    /// every install that could have seen the old size has finished before
+    /// the check below.
+    pub(crate) fn shrink(
+        &self,
+        new_size: u64,
+        discard_tail: bool,
+    ) -> Result<Result<(), u64>, VolumeError> {
+        let old = self.size.swap(new_size, Ordering::AcqRel);
+        let restore = |inner: &VolumeInner| {
+            inner.size.store(old, Ordering::Release);
+        };
+        drop(self.installing.write().unwrap_or_else(|e| e.into_inner()));
+        let bs = self.block_size.len() as u64;
+        let (new_blocks, old_blocks) = (new_size / bs, old.div_ceil(bs));
+        let first = match self
+            .flush()
+            .and_then(|()| self.first_mapped(new_blocks, old_blocks))
+        {
+            Ok(first) => first,
+            Err(e) => {
+                restore(self);
+                return Err(e);
+            }
+        };
+        let Some(first) = first else {
+            return Ok(Ok(()));
+        };
+        if !discard_tail {
+            restore(self);
+            return Ok(Err(first * bs));
+        }
+        if let Err(e) = self.trim_direct(new_blocks, old_blocks) {
+            restore(self);
+            return Err(e);
+        }
+        Ok(Ok(()))
+    }
+
+    /// Puts back the size `shrink` lowered, when committing the new size failed
+    /// (a trimmed tail stays trimmed).
+    pub(crate) fn undo_shrink(&self, old_size: u64) {
+        self.size.store(old_size, Ordering::Release);
+    }
+
+    /// The first committed mapped block in `from..to`, if any.
+    fn first_mapped(&self, from: u64, to: u64) -> Result<Option<u64>, VolumeError> {
+        let mut first: Option<u64> = None;
+        self.visit_extents(from, to, &mut |extent| {
+            let lba = extent.lba.max(from);
+            first = Some(first.map_or(lba, |f| f.min(lba)));
+        })?;
+        Ok(first)
     }
 }
 

@@ -19,6 +19,8 @@ pub enum FaultOp {
     Read,
     /// [`SegmentStore::create`].
     Create,
+    /// [`SegmentStore::delete`].
+    Delete,
 }
 
 /// An in-memory segment store for tests that tracks which bytes are durable, fails
@@ -180,9 +182,7 @@ impl SegmentStore for FaultySegments {
 
     fn delete(&self, id: SegmentId) -> io::Result<()> {
         let mut state = self.state();
-        if state.crashed {
-            return Err(io::Error::other("simulated crash: the machine is down"));
-        }
+        Self::check(&mut state, FaultOp::Delete)?;
         state.segments.remove(&id);
         Ok(())
     }

@@ -56,12 +56,9 @@ impl VolumeInner {
     ) -> Result<(), VolumeError> {
         self.check_poisoned()?;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(VolumeError::NoSpace {
-                offset,
-                len,
-                size: self.size,
-            });
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::NoSpace { offset, len, size });
         }
         if len == 0 {
             return Ok(());
@@ -212,6 +209,17 @@ impl VolumeInner {
         let _installing = self.installing.read().unwrap_or_else(|e| e.into_inner());
         let bs = self.block_size.len();
         let count = blocks.len() / bs;
+        // Again under the gate: a shrink may have lowered the size since the
+        // caller's check (see `VolumeInner::shrink`).
+        let size = self.size();
+        let end = (first + count as u64).saturating_mul(bs as u64);
+        if end > size {
+            return Err(VolumeError::NoSpace {
+                offset: first * bs as u64,
+                len: blocks.len() as u64,
+                size,
+            });
+        }
         let mut locations = Vec::with_capacity(count);
         let mut done = 0usize;
         while done < count {
