@@ -61,6 +61,8 @@ pub struct ServerProcess {
     pub socket: Option<PathBuf>,
     /// The server's TCP address, from its readiness line.
     pub tcp: Option<SocketAddr>,
+    /// The admin API's TCP address, from its readiness line.
+    pub admin_tcp: Option<SocketAddr>,
     /// The temporary directory holding data, socket and log (unless the caller
     /// gave its own).
     pub dir: PathBuf,
@@ -117,6 +119,7 @@ impl ServerProcess {
             log: dir.join("server.log"),
             socket: None,
             tcp: None,
+            admin_tcp: None,
             dir,
             _tmp: tmp,
         };
@@ -213,6 +216,8 @@ impl ServerProcess {
                         self.socket = Some(PathBuf::from(path));
                     } else if let Some(addr) = field.strip_prefix("tcp=") {
                         self.tcp = Some(addr.parse().expect("tcp= holds IP:PORT"));
+                    } else if let Some(addr) = field.strip_prefix("admin_tcp=") {
+                        self.admin_tcp = Some(addr.parse().expect("admin_tcp= holds IP:PORT"));
                     }
                 }
                 break;

@@ -162,4 +162,7 @@ pub use error::{ErrorClass, ExportError, errno};
 pub use export::{Catalog, Export, ExportInfo, Extent, Scope};
 pub use proto::errno as nbd_errno;
 pub use server::{ServeError, Server, ServerConfig, ServerStats, Shutdown};
-pub use tls::{ClientIdentityError, TENANT_URI_PREFIX, TlsConfig, TlsConfigError, client_tenant};
+pub use tls::{
+    ADMIN_URI_PREFIX, ClientIdentityError, TENANT_URI_PREFIX, TlsConfig, TlsConfigError,
+    client_admin, client_tenant,
+};

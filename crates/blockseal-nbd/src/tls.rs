@@ -16,6 +16,13 @@
 //! and we need one field; 100 bounds-checked lines with no new dependency are
 //! easier to audit than a general X.509 parser.
 //!
+//! # Which certificates are admin certificates
+//! The admin API (served by the `blockseal` binary, not by this crate) accepts
+//! a certificate naming an administrator in a URI SAN `blockseal:admin:<name>`
+//! ([`client_admin`]). A certificate that names a tenant is never an admin
+//! certificate, even if it names an administrator too: the two roles are kept
+//! apart so that a tenant's key cannot manage the store.
+//!
 //! This module never logs key material, and the private key is dropped into
 //! rustls as soon as the configuration is built.
 
@@ -30,6 +37,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The URI prefix of the subject alternative name that names a tenant.
 pub const TENANT_URI_PREFIX: &str = "blockseal:tenant:";
+
+/// The URI prefix of the subject alternative name that names an administrator.
+pub const ADMIN_URI_PREFIX: &str = "blockseal:admin:";
 
 /// TLS settings for a TCP listener: server certificate and key, and the CA that
 /// signs client certificates. A client must present a certificate.
@@ -157,6 +167,12 @@ pub enum ClientIdentityError {
     /// The named tenant is not a valid tenant name.
     #[error("client certificate names an invalid tenant {0:?}")]
     InvalidName(String),
+    /// The certificate names no administrator.
+    #[error("client certificate names no administrator (URI SAN {ADMIN_URI_PREFIX}<name>)")]
+    NoAdmin,
+    /// The certificate names a tenant, so it is no admin certificate.
+    #[error("client certificate names a tenant; tenant certificates have no admin access")]
+    TenantCertificate,
 }
 
 /// The tenant a (verified) client certificate names, by the rule in the module docs.
@@ -177,6 +193,59 @@ pub fn client_tenant(certificate_der: &[u8]) -> Result<String, ClientIdentityErr
         return Err(ClientIdentityError::InvalidName(text));
     }
     Ok(text)
+}
+
+/// The administrator a (verified) client certificate names, by the rule in the
+/// module docs: exactly one `blockseal:admin:<name>` URI SAN (`<name>` follows
+/// the tenant name rule), and no tenant URI.
+pub fn client_admin(certificate_der: &[u8]) -> Result<String, ClientIdentityError> {
+    let uris = uri_sans(certificate_der).ok_or(ClientIdentityError::Malformed)?;
+    if uris
+        .iter()
+        .any(|uri| uri.starts_with(TENANT_URI_PREFIX.as_bytes()))
+    {
+        return Err(ClientIdentityError::TenantCertificate);
+    }
+    let mut admin: Option<&[u8]> = None;
+    for uri in uris {
+        let Some(name) = uri.strip_prefix(ADMIN_URI_PREFIX.as_bytes()) else {
+            continue;
+        };
+        match admin {
+            Some(seen) if seen != name => return Err(ClientIdentityError::Ambiguous),
+            _ => admin = Some(name),
+        }
+    }
+    let name = admin.ok_or(ClientIdentityError::NoAdmin)?;
+    let text = String::from_utf8_lossy(name).into_owned();
+    if !valid_tenant_name(name) {
+        return Err(ClientIdentityError::InvalidName(text));
+    }
+    Ok(text)
+}
+
+impl TlsConfig {
+    /// Runs the server side of a TLS handshake on `stream` (client certificate
+    /// required and verified) and returns the stream with the client's leaf
+    /// certificate, for services other than NBD that share this configuration
+    /// (the admin API).
+    pub async fn accept<IO>(
+        &self,
+        stream: IO,
+    ) -> std::io::Result<(tokio_rustls::server::TlsStream<IO>, CertificateDer<'static>)>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let stream = self.acceptor.accept(stream).await?;
+        let leaf = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| cert.clone().into_owned())
+            .ok_or_else(|| std::io::Error::other("the client presented no certificate"))?;
+        Ok((stream, leaf))
+    }
 }
 
 /// The tenant name rule of `blockseal-keys` (`TenantId`), restated because this
@@ -365,6 +434,42 @@ mod tests {
             Err(ClientIdentityError::Malformed)
         );
         assert_eq!(client_tenant(&[]), Err(ClientIdentityError::Malformed));
+    }
+
+    #[test]
+    fn admin_certificates_name_one_admin_and_no_tenant() {
+        let der = cert_with_sans(&["https://x", "blockseal:admin:alice"], false);
+        assert_eq!(client_admin(&der).unwrap(), "alice");
+        // A tenant certificate is never an admin one, whatever else it names.
+        for uris in [
+            &["blockseal:tenant:acme"][..],
+            &["blockseal:admin:alice", "blockseal:tenant:acme"][..],
+        ] {
+            assert_eq!(
+                client_admin(&cert_with_sans(uris, false)),
+                Err(ClientIdentityError::TenantCertificate)
+            );
+        }
+        assert_eq!(
+            client_admin(&cert_with_sans(&["https://x"], false)),
+            Err(ClientIdentityError::NoAdmin)
+        );
+        assert_eq!(
+            client_admin(&cert_with_sans(
+                &["blockseal:admin:alice", "blockseal:admin:bob"],
+                false
+            )),
+            Err(ClientIdentityError::Ambiguous)
+        );
+        assert!(matches!(
+            client_admin(&cert_with_sans(&["blockseal:admin:Alice"], false)),
+            Err(ClientIdentityError::InvalidName(_))
+        ));
+        // And an admin certificate names no tenant for NBD.
+        assert_eq!(
+            client_tenant(&cert_with_sans(&["blockseal:admin:alice"], false)),
+            Err(ClientIdentityError::NoTenant)
+        );
     }
 
     proptest! {

@@ -11,7 +11,13 @@ use crate::size::Size;
 
 /// Per-tenant encrypted block storage: NBD server and administration.
 #[derive(Debug, Parser)]
-#[command(name = "blockseal", version, about, propagate_version = true)]
+#[command(
+    name = "blockseal",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -23,18 +29,85 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run the NBD server (in the foreground until SIGTERM or SIGINT).
     Serve(ServeArgs),
-    /// Create and list tenants (opens the store directly; no server may run).
+    /// Show the store: its directory, backend, master key id and counts.
+    Status(StatusArgs),
+    /// Create, list, show, delete and shred tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
-    /// Create and list volumes (opens the store directly; no server may run).
+    /// Create, list, show, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Create and inspect master key files.
+    /// Master key files, and key rotation.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The audit log of admin actions: show it, or verify its chain.
+    Audit(AuditArgs),
     /// Store maintenance (opens the store directly; no server may run).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print a shell completion script (e.g. `blockseal completions bash >
+    /// /etc/bash_completion.d/blockseal`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How an admin command prints its result.
+#[derive(Debug, Args)]
+pub(crate) struct OutputArgs {
+    /// Print JSON (the admin API's reply) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Arguments of `blockseal status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+/// Arguments of `blockseal audit`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct AuditArgs {
+    /// `verify`, or nothing to show the log.
+    #[command(subcommand)]
+    pub(crate) command: Option<AuditCommand>,
+    /// Only entries with this sequence number or later.
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub(crate) since_seq: u64,
+    /// Only entries from this time on: Unix seconds, or a duration back from
+    /// now such as 30m, 12h or 7d.
+    #[arg(long, value_name = "WHEN")]
+    pub(crate) since: Option<String>,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+/// `blockseal audit ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the audit log's chain: an edited, removed or reordered entry is
+    /// reported with its sequence number (exit code 1).
+    Verify {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 /// `blockseal store ...`
@@ -83,6 +156,19 @@ pub(crate) struct ServeArgs {
     pub(crate) passphrase: PassphraseArgs,
 }
 
+/// The exit codes, shown by `blockseal --help`.
+const EXIT_CODES: &str = "\
+Admin commands (status, tenant, volume, key rotate-*, audit) talk to the running
+server through DIR/admin.sock, and open the store directly when no server runs.
+
+Exit codes:
+  0  success
+  1  failure (I/O, a damaged store, a broken audit chain, the server failed)
+  2  bad usage or a bad argument
+  3  no such tenant or volume
+  4  conflict: exists already, in use, still holds volumes or data
+  5  refused: the caller may not use the admin API";
+
 /// Which store an admin command opens, and with which master key.
 #[derive(Debug, Args)]
 pub(crate) struct StoreArgs {
@@ -110,7 +196,8 @@ pub(crate) const DEFAULT_DATA_DIR: &str = "blockseal-data";
 /// `blockseal tenant ...`
 #[derive(Debug, Subcommand)]
 pub(crate) enum TenantCommand {
-    /// Create a tenant with a fresh key (creates the store if the directory holds none).
+    /// Create a tenant with a fresh key (creates the store if the directory
+    /// holds none and no server runs).
     Create {
         /// Tenant name: 1 to 63 of a-z 0-9 . _ -, starting with a letter or digit.
         #[arg(value_name = "NAME")]
@@ -118,12 +205,60 @@ pub(crate) enum TenantCommand {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// List tenants.
     List {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Show one tenant.
+    Show {
+        /// The tenant.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a tenant that has no volumes (delete them first, or shred it).
+    Delete {
+        /// The tenant.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Crypto-shred a tenant: destroy its keys, close its connections, remove
+    /// its volumes and their segment files. Irreversible: every byte the tenant
+    /// ever stored becomes unreadable, in the store and in every copy of its
+    /// segment files (see SECURITY.md for what it cannot reach).
+    Shred {
+        /// The tenant.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Confirms that the tenant's data is to be destroyed for good.
+        #[arg(long, required = true)]
+        yes_i_understand: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -144,6 +279,9 @@ pub(crate) enum VolumeCommand {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// List volumes, of one tenant or of all.
     List {
@@ -153,6 +291,57 @@ pub(crate) enum VolumeCommand {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Show one volume, with the space it uses.
+    Show {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Change a volume's size, online. Growing always works (clients connected
+    /// already see the new size when they reconnect); shrinking is refused
+    /// while data lies past the new end, unless --discard-tail.
+    Resize {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// The new size: bytes, or a number with K, M, G or T.
+        #[arg(long, value_name = "SIZE")]
+        size: Size,
+        /// When shrinking, discard the data past the new end.
+        #[arg(long)]
+        discard_tail: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a volume and its data. Refused while clients are connected,
+    /// unless --force, which closes their connections first.
+    Delete {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// Close the volume's connections first.
+        #[arg(long)]
+        force: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -165,6 +354,41 @@ pub(crate) enum KeyCommand {
     Inspect(KeyInspectArgs),
     /// Open a key file as the server would: checks its mode and the passphrase.
     Check(KeyCheckArgs),
+    /// Rewrap every tenant's data keys under a new master key, atomically and
+    /// online (no data is rewritten, no volume detached). Create the new key
+    /// with `blockseal key init` first; afterwards the old key opens nothing,
+    /// and the server must be pointed at the new key file before it restarts.
+    RotateMaster {
+        /// The new master key's file.
+        #[arg(long, value_name = "FILE")]
+        new_key: PathBuf,
+        /// Read the new key file's passphrase from the environment variable VAR.
+        #[arg(long, value_name = "VAR")]
+        new_key_passphrase_env: Option<String>,
+        /// Ask for the new key file's passphrase on the terminal.
+        #[arg(long)]
+        new_key_passphrase_prompt: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Give a tenant a new key-encryption key (new version, new seed) and
+    /// rewrap its data keys under it; no data is rewritten. The old KEK
+    /// version unwraps nothing afterwards.
+    RotateTenant {
+        /// The tenant.
+        #[arg(value_name = "TENANT")]
+        tenant: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 /// Arguments of `blockseal key init`.

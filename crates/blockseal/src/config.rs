@@ -50,6 +50,20 @@ pub(crate) struct Config {
     /// volumes past it read their mappings from the metadata store.
     #[serde(default)]
     pub(crate) index_memory: Option<Size>,
+    /// The admin API on TCP, with TLS and admin client certificates (the admin
+    /// Unix socket `DATA_DIR/admin.sock` is always served).
+    pub(crate) admin_tcp: Option<AdminTcpConfig>,
+}
+
+/// `[admin_tcp]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminTcpConfig {
+    /// `IP:PORT`; port 0 picks a free port (reported on the readiness line).
+    pub(crate) address: SocketAddr,
+    /// TLS: mandatory, and clients must present a certificate naming an
+    /// administrator (URI SAN `blockseal:admin:<name>`).
+    pub(crate) tls: TlsFiles,
 }
 
 /// `metadata_backend`.
@@ -285,7 +299,9 @@ impl Config {
         if let Some(unix) = &mut self.unix {
             fix(&mut unix.path);
         }
-        if let Some(tls) = self.tcp.as_mut().and_then(|t| t.tls.as_mut()) {
+        let tcp_tls = self.tcp.as_mut().and_then(|t| t.tls.as_mut());
+        let admin_tls = self.admin_tcp.as_mut().map(|a| &mut a.tls);
+        for tls in tcp_tls.into_iter().chain(admin_tls) {
             fix(&mut tls.cert);
             fix(&mut tls.key);
             fix(&mut tls.client_ca);

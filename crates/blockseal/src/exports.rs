@@ -14,10 +14,13 @@
 //! only the clients of that volume.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use blockseal_keys::{TenantId, VolumeId};
-use blockseal_nbd::{Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope};
+use blockseal_nbd::{
+    Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope, Shutdown,
+};
 use blockseal_volume::{ErrorKind, Store, Volume, VolumeError};
 
 use crate::size::Size;
@@ -25,16 +28,27 @@ use crate::size::Size;
 /// Largest zero buffer written at once for write-zeroes that must stay allocated.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-/// One open volume served over NBD.
+/// One open volume served over NBD: one handle per connection, all sharing the
+/// volume instance of their [`Served`] entry.
 pub(crate) struct VolumeExport {
     volume: Volume,
     read_only: bool,
+    /// Closes the connections of this export (it is being deleted).
+    revoked: Shutdown,
+    /// Counts the handles of the export while they live.
+    _handle: Arc<()>,
 }
 
 impl VolumeExport {
-    /// Serves `volume`, refusing writes when `read_only`.
+    /// Serves `volume`, refusing writes when `read_only`; never revoked.
+    #[cfg(test)]
     pub(crate) fn new(volume: Volume, read_only: bool) -> VolumeExport {
-        VolumeExport { volume, read_only }
+        VolumeExport {
+            volume,
+            read_only,
+            revoked: Shutdown::new(),
+            _handle: Arc::new(()),
+        }
     }
 
     /// The served volume.
@@ -75,7 +89,7 @@ fn failed(what: &'static str) -> impl FnOnce(VolumeError) -> ExportError {
 }
 
 /// An error and its causes on one line, `a: b: c`, for log lines.
-fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut cause = err.source();
     while let Some(e) = cause {
@@ -152,6 +166,10 @@ impl Export for VolumeExport {
         self.volume.write_may_block()
     }
 
+    fn revoked(&self) -> Option<Shutdown> {
+        Some(self.revoked.clone())
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
         let runs = self
             .volume
@@ -169,13 +187,75 @@ impl Export for VolumeExport {
     }
 }
 
+/// An export in service: the volume instance its connections share, the
+/// switch that closes them, and the count of their handles.
+struct Served {
+    volume: Volume,
+    read_only: bool,
+    revoked: Shutdown,
+    handles: Arc<()>,
+}
+
+impl Served {
+    /// A handle for one more connection.
+    fn handle(&self) -> Arc<VolumeExport> {
+        Arc::new(VolumeExport {
+            volume: self.volume.clone(),
+            read_only: self.read_only,
+            revoked: self.revoked.clone(),
+            _handle: self.handles.clone(),
+        })
+    }
+
+    /// Handles alive (connections, and requests finishing on one that left).
+    fn connections(&self) -> usize {
+        Arc::strong_count(&self.handles) - 1
+    }
+}
+
+/// The catalog's state: exports in service, and names taken out of service
+/// while an admin operation deletes them.
+#[derive(Default)]
+struct Registry {
+    open: HashMap<String, Served>,
+    retired: BTreeSet<String>,
+}
+
 /// Every volume of a store, as exports named `tenant/volume`.
 pub(crate) struct StoreCatalog {
     store: Arc<Store>,
     read_only: BTreeSet<String>,
     /// Exports opened so far, kept open until shutdown so that all connections
     /// share one instance and shutdown can flush them all.
-    open: Mutex<HashMap<String, Arc<VolumeExport>>>,
+    registry: Mutex<Registry>,
+}
+
+/// Why exports could not be taken out of service.
+#[derive(Debug)]
+pub(crate) enum RetireError {
+    /// Clients are connected and `force` was not given.
+    InUse { export: String, connections: usize },
+    /// Another admin operation is closing the export already.
+    Busy { export: String },
+    /// Connections did not close within the deadline.
+    Stuck { export: String, connections: usize },
+}
+
+/// Names out of service until this drops (see [`StoreCatalog::retire`]).
+pub(crate) struct Retired<'a> {
+    catalog: &'a StoreCatalog,
+    names: Vec<String>,
+    /// Connections that were closed.
+    pub(crate) connections_closed: usize,
+}
+
+impl Drop for Retired<'_> {
+    fn drop(&mut self) {
+        let mut registry = self.catalog.lock_registry();
+        for name in &self.names {
+            registry.retired.remove(name);
+        }
+    }
 }
 
 impl StoreCatalog {
@@ -184,22 +264,23 @@ impl StoreCatalog {
         StoreCatalog {
             store,
             read_only,
-            open: Mutex::new(HashMap::new()),
+            registry: Mutex::new(Registry::default()),
         }
     }
 
     /// Flushes every export opened so far; returns how many, or the first error
     /// after trying them all.
     pub(crate) fn flush_all(&self) -> Result<usize, VolumeError> {
-        let open: Vec<(String, Arc<VolumeExport>)> = self
-            .lock_open()
+        let open: Vec<(String, Volume)> = self
+            .lock_registry()
+            .open
             .iter()
-            .map(|(name, export)| (name.clone(), export.clone()))
+            .map(|(name, served)| (name.clone(), served.volume.clone()))
             .collect();
         let mut first_error = None;
-        for (name, export) in &open {
-            if let Err(e) = export.volume().flush() {
-                tracing::error!(export = %name, error = %chain(&e), "flush at shutdown failed");
+        for (name, volume) in &open {
+            if let Err(e) = volume.flush() {
+                tracing::error!(export = %name, error = %error_chain(&e), "flush at shutdown failed");
                 first_error.get_or_insert(e);
             }
         }
@@ -211,11 +292,83 @@ impl StoreCatalog {
 
     /// Drops the open exports (after [`flush_all`](Self::flush_all)).
     pub(crate) fn close_all(&self) {
-        self.lock_open().clear();
+        self.lock_registry().open.clear();
     }
 
-    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<VolumeExport>>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes the exports `names` out of service so that an admin operation can
+    /// delete them: no new connection opens them until the returned guard
+    /// drops, and the connections they have are closed (they drain as at a
+    /// shutdown) and waited for, at most `deadline`. Without `force`, an export
+    /// with connections is refused and nothing changes.
+    pub(crate) fn retire(
+        &self,
+        names: Vec<String>,
+        force: bool,
+        deadline: Duration,
+    ) -> Result<Retired<'_>, RetireError> {
+        let mut waiting: Vec<(String, Weak<()>)> = Vec::new();
+        let mut closed = 0;
+        {
+            let mut registry = self.lock_registry();
+            if let Some(busy) = names.iter().find(|n| registry.retired.contains(*n)) {
+                return Err(RetireError::Busy {
+                    export: busy.clone(),
+                });
+            }
+            if !force {
+                for name in &names {
+                    if let Some(served) = registry.open.get(name)
+                        && served.connections() > 0
+                    {
+                        return Err(RetireError::InUse {
+                            export: name.clone(),
+                            connections: served.connections(),
+                        });
+                    }
+                }
+            }
+            for name in &names {
+                registry.retired.insert(name.clone());
+                if let Some(served) = registry.open.remove(name) {
+                    closed += served.connections();
+                    served.revoked.trigger();
+                    waiting.push((name.clone(), Arc::downgrade(&served.handles)));
+                }
+            }
+        }
+        let retired = Retired {
+            catalog: self,
+            names,
+            connections_closed: closed,
+        };
+        // Connections notice the switch at once; what they still run finishes
+        // first. Polled: the handles have no owner to notify anyone when they
+        // go, and the wait is short.
+        let until = Instant::now() + deadline;
+        for (name, handles) in waiting {
+            while handles.strong_count() > 0 {
+                if Instant::now() >= until {
+                    return Err(RetireError::Stuck {
+                        export: name,
+                        connections: handles.strong_count(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(retired)
+    }
+
+    /// Connections (live handles) of the export `name`.
+    pub(crate) fn connections(&self, name: &str) -> usize {
+        self.lock_registry()
+            .open
+            .get(name)
+            .map_or(0, Served::connections)
+    }
+
+    fn lock_registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn tenants(&self, scope: &Scope) -> Vec<TenantId> {
@@ -223,7 +376,7 @@ impl StoreCatalog {
             Scope::All => match self.store.tenants() {
                 Ok(tenants) => tenants.into_iter().map(|t| t.id).collect(),
                 Err(e) => {
-                    tracing::error!(error = %chain(&e), "cannot list tenants");
+                    tracing::error!(error = %error_chain(&e), "cannot list tenants");
                     Vec::new()
                 }
             },
@@ -239,7 +392,7 @@ impl Catalog for StoreCatalog {
             let volumes = match self.store.volumes(&tenant) {
                 Ok(volumes) => volumes,
                 Err(e) => {
-                    tracing::error!(tenant = %tenant, error = %chain(&e), "cannot list volumes");
+                    tracing::error!(tenant = %tenant, error = %error_chain(&e), "cannot list volumes");
                     continue;
                 }
             };
@@ -267,8 +420,14 @@ impl Catalog for StoreCatalog {
         if !scope.permits(name) {
             return None;
         }
-        if let Some(export) = self.lock_open().get(name) {
-            return Some(export.clone());
+        {
+            let registry = self.lock_registry();
+            if registry.retired.contains(name) {
+                return None;
+            }
+            if let Some(served) = registry.open.get(name) {
+                return Some(served.handle());
+            }
         }
         let (tenant, volume) = name.split_once('/')?;
         let tenant = TenantId::new(tenant).ok()?;
@@ -280,18 +439,27 @@ impl Catalog for StoreCatalog {
         // handle (not the last, so nothing closes).
         match self.store.open_volume(&tenant, &volume) {
             Ok(opened) => {
-                let export = self
-                    .lock_open()
+                let mut registry = self.lock_registry();
+                // Taken out of service while it was opening: the admin
+                // operation that retired it waits for this handle to go.
+                if registry.retired.contains(name) {
+                    return None;
+                }
+                let handle = registry
+                    .open
                     .entry(name.to_owned())
-                    .or_insert_with(|| {
-                        Arc::new(VolumeExport::new(opened, self.read_only.contains(name)))
+                    .or_insert_with(|| Served {
+                        volume: opened,
+                        read_only: self.read_only.contains(name),
+                        revoked: Shutdown::new(),
+                        handles: Arc::new(()),
                     })
-                    .clone();
-                Some(export)
+                    .handle();
+                Some(handle)
             }
             Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
             Err(e) => {
-                tracing::error!(export = %name, error = %chain(&e), "cannot open volume");
+                tracing::error!(export = %name, error = %error_chain(&e), "cannot open volume");
                 None
             }
         }
@@ -468,7 +636,7 @@ mod tests {
         assert_eq!(err.class(), ErrorClass::Io);
         assert_eq!(err.message(), "write failed");
         assert_eq!(
-            chain(&err),
+            error_chain(&err),
             "write failed: segment I/O failed: disk on fire"
         );
     }

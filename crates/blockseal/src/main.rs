@@ -4,6 +4,7 @@
 //! and reports errors; each subcommand lives in its own module under `cmd`.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod cli;
 mod cmd;
 mod config;
@@ -40,7 +41,11 @@ fn main() -> ExitCode {
         Err(err) => {
             // `{:#}` prints the whole cause chain on one line, without a backtrace.
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // An admin API error picks its documented exit code.
+            match err.downcast_ref::<admin::api::ApiError>() {
+                Some(api) => ExitCode::from(api.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -163,8 +163,16 @@ fn explain_open_error(err: OpenError, dir: &Path) -> anyhow::Error {
     match err {
         OpenError::Locked { .. } => anyhow::anyhow!(
             "the store {} is in use: a running `blockseal serve` (or another blockseal \
-             command) holds its lock; stop the server first, admin commands open the store \
-             directly",
+             command) holds its lock, and nothing answers on its admin socket {}; admin \
+             commands go through that socket when a server runs, so wait for the other \
+             command to finish, or check the server's log",
+            dir.display(),
+            crate::admin::socket_path(dir).display()
+        ),
+        e @ OpenError::WrongMasterKey(_) => anyhow::anyhow!(
+            "cannot open the store {}: {e}\n\nIf its master key was rotated \
+             (`blockseal key rotate-master`), use the new key file: point \
+             master_key.file (or --master-key) at it, or put it in place of the old one",
             dir.display()
         ),
         e @ (OpenError::MetadataRolledBack { .. }

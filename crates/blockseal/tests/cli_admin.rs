@@ -1,5 +1,6 @@
-//! `blockseal tenant ...` and `blockseal volume ...` run as real processes:
-//! output, exit codes and refusals, with `--data-dir` and with `--config`.
+//! `blockseal tenant ...` and `blockseal volume ...` run as real processes on a
+//! store no server runs: output, exit codes and refusals, with `--data-dir` and
+//! with `--config`. (`tests/tests/admin.rs` runs them against a server too.)
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -144,15 +145,18 @@ fn refusals_are_readable() {
         "holds no blockseal store",
     );
     ok(&["tenant", "create", "acme", "--data-dir", d]);
-    fails(
+    fails_with(
+        4,
         &["tenant", "create", "acme", "--data-dir", d],
         "tenant acme already exists",
     );
-    fails(
+    fails_with(
+        2,
         &["tenant", "create", "Acme", "--data-dir", d],
         "tenant name \"Acme\"",
     );
-    fails(
+    fails_with(
+        3,
         &[
             "volume",
             "create",
@@ -168,7 +172,8 @@ fn refusals_are_readable() {
         &["volume", "create", "acme", "--size", "1M", "--data-dir", d],
         "TENANT/VOLUME",
     );
-    fails(
+    fails_with(
+        2,
         &[
             "volume",
             "create",
@@ -193,7 +198,8 @@ fn refusals_are_readable() {
         ],
         "1.5G",
     );
-    fails(
+    fails_with(
+        2,
         &[
             "volume",
             "create",
@@ -205,7 +211,8 @@ fn refusals_are_readable() {
         ],
         "not a positive multiple of the block size",
     );
-    fails(
+    fails_with(
+        2,
         &[
             "volume",
             "create",
@@ -228,7 +235,8 @@ fn refusals_are_readable() {
         "--data-dir",
         d,
     ]);
-    fails(
+    fails_with(
+        4,
         &[
             "volume",
             "create",
@@ -240,7 +248,8 @@ fn refusals_are_readable() {
         ],
         "volume acme/disk already exists",
     );
-    fails(
+    fails_with(
+        3,
         &["volume", "list", "nobody", "--data-dir", d],
         "no tenant nobody",
     );
@@ -350,13 +359,23 @@ impl Drop for Server {
 }
 
 #[test]
-fn a_running_server_holds_the_store() {
+fn a_running_server_answers_admin_commands_and_holds_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let d = p(&data);
     let mut server = Server::start(&["--data-dir", d, "--demo-size", "1M"]);
+    // Admin commands go through the server's admin socket.
+    let out = ok(&["volume", "list", "--data-dir", d]);
+    assert!(out.contains("demo/disk"), "{out}");
+    // Maintenance that needs the store itself is refused while it serves.
     fails(
-        &["tenant", "list", "--data-dir", d],
+        &[
+            "store",
+            "accept-metadata-loss",
+            "--yes-i-understand",
+            "--data-dir",
+            d,
+        ],
         "a running `blockseal serve`",
     );
     assert!(server.stop().success());
@@ -364,6 +383,7 @@ fn a_running_server_holds_the_store() {
     let out = ok(&["volume", "list", "--data-dir", d]);
     assert!(out.contains("demo/disk"), "{out}");
     assert!(!data.join("nbd.sock").exists());
+    assert!(!data.join("admin.sock").exists());
 }
 
 #[test]

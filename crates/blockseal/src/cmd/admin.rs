@@ -1,43 +1,72 @@
-//! `blockseal tenant ...` and `blockseal volume ...`: administration on the store
-//! opened directly (the store lock makes sure no server runs meanwhile).
+//! `blockseal status|tenant|volume|audit` and `blockseal key rotate-*`: admin
+//! operations through the running server's admin socket, or on the store opened
+//! directly when no server runs (`admin::execute`), printed as tables or, with
+//! `--json`, as the API's JSON reply.
+
+use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, bail};
-use blockseal_keys::TenantId;
-use blockseal_volume::{BlockSize, VolumeOptions};
+use zeroize::Zeroizing;
 
-use crate::cli::{StoreArgs, StoreCommand, TenantCommand, VolumeCommand};
+use crate::admin::api::{
+    AuditVerifyView, AuditView, Op, Reply, TenantView, VolumeView,
+};
+use crate::admin::{self, Mode};
+use crate::cli::{
+    AuditArgs, AuditCommand, OutputArgs, StatusArgs, StoreArgs, StoreCommand, TenantCommand,
+    VolumeCommand,
+};
 use crate::config::parse_export_name;
 use crate::open::{IfMissing, StoreLocation};
+use crate::passphrase::{Confirm, PassphraseArgs};
 use crate::size::Size;
-use crate::time::rfc3339_utc;
+
+/// Runs `blockseal status`.
+pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
+    run(&args.store, Op::Status, IfMissing::Fail, &args.output)
+}
 
 /// Runs a `blockseal tenant` subcommand.
 pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
     match command {
-        TenantCommand::Create { name, store } => {
-            // The name error names the tenant already ("tenant name \"X\" is invalid").
-            let tenant = TenantId::new(&name)?;
-            let store = open(&store, IfMissing::Create)?;
-            let info = store.create_tenant(&tenant)?;
-            println!(
-                "created tenant {} (KEK version {})",
-                info.id, info.kek_version
-            );
-            Ok(())
+        TenantCommand::Create {
+            name,
+            store,
+            output,
+        } => run(
+            &store,
+            Op::CreateTenant { tenant: name },
+            IfMissing::Create,
+            &output,
+        ),
+        TenantCommand::List { store, output } => {
+            run(&store, Op::ListTenants, IfMissing::Fail, &output)
         }
-        TenantCommand::List { store } => {
-            let store = open(&store, IfMissing::Fail)?;
-            let tenants = store.tenants()?;
-            println!("{:<24} {:>4}  CREATED", "TENANT", "KEK");
-            for t in tenants {
-                println!(
-                    "{:<24} {:>4}  {}",
-                    t.id.as_str(),
-                    t.kek_version.to_string(),
-                    rfc3339_utc(t.created)
-                );
+        TenantCommand::Show {
+            name,
+            store,
+            output,
+        } => run(&store, Op::ShowTenant { tenant: name }, IfMissing::Fail, &output),
+        TenantCommand::Delete {
+            name,
+            store,
+            output,
+        } => run(
+            &store,
+            Op::DeleteTenant { tenant: name },
+            IfMissing::Fail,
+            &output,
+        ),
+        TenantCommand::Shred {
+            name,
+            yes_i_understand,
+            store,
+            output,
+        } => {
+            if !yes_i_understand {
+                bail!("shredding needs --yes-i-understand");
             }
-            Ok(())
+            run(&store, Op::ShredTenant { tenant: name }, IfMissing::Fail, &output)
         }
     }
 }
@@ -50,72 +79,415 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
             size,
             block_size,
             store,
+            output,
         } => {
-            let (tenant, volume) = parse_export_name(&name)?;
-            let block_size = u32::try_from(block_size.0)
-                .ok()
-                .and_then(|n| BlockSize::new(n).ok())
-                .with_context(|| {
-                    format!(
-                        "block size {block_size} is not a power of two from {} to {}",
-                        BlockSize::MIN_BYTES,
-                        BlockSize::MAX_BYTES
-                    )
-                })?;
-            let bs = u64::from(block_size.get());
-            if size.0 == 0 || !size.0.is_multiple_of(bs) {
+            let (tenant, volume) = split(&name)?;
+            let block_size = u32::try_from(block_size.0).unwrap_or(u32::MAX);
+            let op = Op::CreateVolume {
+                tenant,
+                volume,
+                size: size.0,
+                block_size,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+        VolumeCommand::List {
+            tenant,
+            store,
+            output,
+        } => run(&store, Op::ListVolumes { tenant }, IfMissing::Fail, &output),
+        VolumeCommand::Show {
+            name,
+            store,
+            output,
+        } => {
+            let (tenant, volume) = split(&name)?;
+            run(&store, Op::ShowVolume { tenant, volume }, IfMissing::Fail, &output)
+        }
+        VolumeCommand::Resize {
+            name,
+            size,
+            discard_tail,
+            store,
+            output,
+        } => {
+            let (tenant, volume) = split(&name)?;
+            let op = Op::ResizeVolume {
+                tenant,
+                volume,
+                size: size.0,
+                discard_tail,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+        VolumeCommand::Delete {
+            name,
+            force,
+            store,
+            output,
+        } => {
+            let (tenant, volume) = split(&name)?;
+            let op = Op::DeleteVolume {
+                tenant,
+                volume,
+                force,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+    }
+}
+
+/// Runs `blockseal audit [verify]`.
+pub(crate) fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(AuditCommand::Verify { store, output }) => {
+            let reply = run_quiet(&store, Op::VerifyAudit, IfMissing::Fail, &output)?;
+            if let Reply::AuditVerified(v) = reply
+                && v.first_bad.is_some()
+            {
+                // The report is printed; the exit code says it failed.
                 bail!(
-                    "volume size {} is not a positive multiple of the block size ({bs} bytes)",
-                    size.0
+                    "the audit log's chain is broken at entry {}",
+                    v.first_bad.unwrap_or_default()
                 );
             }
-            let store = open(&store, IfMissing::Fail)?;
-            if store.tenant(&tenant)?.is_none() {
-                bail!("no tenant {tenant}; create it with `blockseal tenant create {tenant}`");
-            }
-            let info =
-                store.create_volume(&tenant, &volume, size.0, VolumeOptions { block_size })?;
-            println!(
-                "created volume {}/{}: {} ({} bytes), {}-byte blocks",
-                info.tenant,
-                info.id,
-                Size(info.size),
-                info.size,
-                info.block_size.get()
-            );
             Ok(())
         }
-        VolumeCommand::List { tenant, store } => {
-            let tenant = tenant.map(|t| TenantId::new(&t)).transpose()?;
-            let store = open(&store, IfMissing::Fail)?;
-            let tenants = match tenant {
-                Some(t) => {
-                    if store.tenant(&t)?.is_none() {
-                        bail!("no tenant {t}");
-                    }
-                    vec![t]
-                }
-                None => store.tenants()?.into_iter().map(|t| t.id).collect(),
+        None => {
+            let since_time = args.since.as_deref().map(parse_since).transpose()?;
+            let op = Op::Audit {
+                since_seq: args.since_seq,
+                since_time,
             };
-            println!(
-                "{:<40} {:>8} {:>14} {:>6}  CREATED",
-                "VOLUME", "SIZE", "BYTES", "BLOCK"
-            );
-            for tenant in &tenants {
-                for v in store.volumes(tenant)? {
-                    let name = format!("{}/{}", v.tenant, v.id);
-                    println!(
-                        "{:<40} {:>8} {:>14} {:>6}  {}",
-                        name,
-                        Size(v.size).to_string(),
-                        v.size,
-                        v.block_size.get(),
-                        rfc3339_utc(v.created)
+            run(&args.store, op, IfMissing::Fail, &args.output)
+        }
+    }
+}
+
+/// Runs `blockseal key rotate-master`.
+pub(crate) fn rotate_master(
+    new_key: &std::path::Path,
+    passphrase_env: Option<String>,
+    passphrase_prompt: bool,
+    store: &StoreArgs,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    // The server resolves the path from its own directory: send it absolute.
+    let key_file = std::path::absolute(new_key)
+        .with_context(|| format!("cannot resolve {}", new_key.display()))?;
+    if key_file.symlink_metadata().is_err() {
+        bail!(
+            "no key file at {}; create the new master key with `blockseal key init --out {}`",
+            key_file.display(),
+            key_file.display()
+        );
+    }
+    let source = PassphraseArgs {
+        passphrase_env,
+        passphrase_fd: None,
+        passphrase_prompt,
+    };
+    let passphrase = source
+        .read(&key_file.display().to_string(), Confirm::Once)?
+        .map(|p| Zeroizing::new(p.expose_secret().to_owned()));
+    let op = Op::RotateMaster {
+        key_file: key_file.display().to_string(),
+        passphrase,
+    };
+    run(store, op, IfMissing::Fail, output)
+}
+
+/// Runs `blockseal key rotate-tenant`.
+pub(crate) fn rotate_tenant(
+    tenant: String,
+    store: &StoreArgs,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    run(store, Op::RotateTenantKey { tenant }, IfMissing::Fail, output)
+}
+
+/// Runs `op` and prints its reply.
+fn run(store: &StoreArgs, op: Op, if_missing: IfMissing, output: &OutputArgs) -> anyhow::Result<()> {
+    run_quiet(store, op, if_missing, output).map(|_| ())
+}
+
+/// Runs `op`, prints its reply and returns it.
+fn run_quiet(
+    store: &StoreArgs,
+    op: Op,
+    if_missing: IfMissing,
+    output: &OutputArgs,
+) -> anyhow::Result<Reply> {
+    let location = StoreLocation::from_args(store)?;
+    let (reply, mode) = admin::execute(&location, &op, if_missing)?;
+    let mut out = std::io::stdout().lock();
+    if output.json {
+        out.write_all(&reply.to_json())?;
+        writeln!(out)?;
+    } else {
+        let style = Style::for_stdout();
+        write!(out, "{}", render(&op, &reply, mode, &location, style))?;
+    }
+    out.flush()?;
+    Ok(reply)
+}
+
+fn split(name: &str) -> anyhow::Result<(String, String)> {
+    let (tenant, volume) = parse_export_name(name)?;
+    Ok((tenant.to_string(), volume.to_string()))
+}
+
+/// `--since`: Unix seconds, or a duration back from now (`30m`, `12h`, `7d`).
+fn parse_since(text: &str) -> anyhow::Result<u64> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(seconds);
+    }
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let amount: u64 = digits.parse().ok().with_context(|| {
+        format!("--since {text:?}: expected Unix seconds or a duration such as 30m, 12h, 7d")
+    })?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("--since {text:?}: the unit must be s, m, h or d"),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(now.saturating_sub(amount.saturating_mul(scale)))
+}
+
+/// Whether to colour: only on a terminal, and never with `NO_COLOR` set.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Style {
+    colour: bool,
+}
+
+impl Style {
+    fn for_stdout() -> Style {
+        Style {
+            colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    /// Plain text, for tests.
+    #[cfg(test)]
+    pub(crate) fn plain() -> Style {
+        Style { colour: false }
+    }
+
+    fn bold(self, text: &str) -> String {
+        self.paint("1", text)
+    }
+
+    fn good(self, text: &str) -> String {
+        self.paint("32", text)
+    }
+
+    fn bad(self, text: &str) -> String {
+        self.paint("31;1", text)
+    }
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+/// The human-readable form of a reply.
+pub(crate) fn render(
+    op: &Op,
+    reply: &Reply,
+    mode: Mode,
+    location: &StoreLocation,
+    style: Style,
+) -> String {
+    let mut out = String::new();
+    match reply {
+        Reply::Status(s) => {
+            out += &format!("{} {}\n", style.bold("store"), s.store);
+            out += &format!("mode          {}\n", s.mode);
+            out += &format!("version       {}\n", s.version);
+            out += &format!("backend       {}\n", s.backend);
+            out += &format!("master key    {}\n", s.master_key_id);
+            out += &format!("tenants       {}\n", s.tenants);
+            out += &format!("volumes       {}\n", s.volumes);
+        }
+        Reply::Tenants(tenants) => out += &tenant_table(tenants, style),
+        Reply::Tenant(t) => {
+            match op {
+                Op::CreateTenant { .. } => {
+                    out += &format!("created tenant {} (KEK version {})\n", t.name, t.kek_version);
+                }
+                Op::RotateTenantKey { .. } => {
+                    out += &format!(
+                        "tenant {} now uses KEK version {}; its data keys are rewrapped, no data \
+                         was rewritten\n",
+                        t.name, t.kek_version
                     );
                 }
+                _ => out += &tenant_table(std::slice::from_ref(t), style),
             }
-            Ok(())
         }
+        Reply::Volumes(volumes) => out += &volume_table(volumes, style),
+        Reply::Volume(v) => match op {
+            Op::CreateVolume { .. } => {
+                out += &format!(
+                    "created volume {}/{}: {} ({} bytes), {}-byte blocks\n",
+                    v.tenant,
+                    v.name,
+                    Size(v.size),
+                    v.size,
+                    v.block_size
+                );
+            }
+            Op::ResizeVolume { .. } => {
+                out += &format!(
+                    "volume {}/{} is now {} ({} bytes)\n",
+                    v.tenant,
+                    v.name,
+                    Size(v.size),
+                    v.size
+                );
+            }
+            _ => out += &volume_details(v, style),
+        },
+        Reply::Deleted(d) => {
+            out += &format!("deleted {}", d.deleted);
+            if d.connections_closed > 0 {
+                out += &format!(" (closed {} connection(s))", d.connections_closed);
+            }
+            out += "\n";
+        }
+        Reply::Shredded(s) => {
+            out += &format!(
+                "shredded tenant {}: keys destroyed, {} volume(s) and {} segment file(s) \
+                 removed ({} freed), {} connection(s) closed\n",
+                s.tenant,
+                s.volumes,
+                s.segments_deleted,
+                Size(s.bytes_freed),
+                s.connections_closed
+            );
+        }
+        Reply::MasterRotated(r) => {
+            out += &format!(
+                "master key rotated from {} to {}: {} wrapped key(s) of {} volume(s) and {} \
+                 tenant(s) rewrapped in {} ms\n",
+                r.old_key_id, r.new_key_id, r.wrapped_keys, r.volumes, r.tenants, r.elapsed_ms
+            );
+            out += &format!(
+                "the store now opens only with key {}; the old key opens nothing.\n",
+                r.new_key_id
+            );
+            if mode == Mode::Online {
+                out += "Point the server's master_key.file at the new key file before it \
+                        restarts.\n";
+            } else {
+                out += &format!(
+                    "Use the new key file from now on (e.g. replace {} with it).\n",
+                    location.key_file.display()
+                );
+            }
+        }
+        Reply::Audit(entries) => out += &audit_table(entries, style),
+        Reply::AuditVerified(v) => out += &audit_verdict(v, style),
+    }
+    out
+}
+
+fn tenant_table(tenants: &[TenantView], style: Style) -> String {
+    let mut out = style.bold(&format!(
+        "{:<24} {:>4} {:>8}  {:<7} CREATED",
+        "TENANT", "KEK", "VOLUMES", "STATE"
+    ));
+    out.push('\n');
+    for t in tenants {
+        out += &format!(
+            "{:<24} {:>4} {:>8}  {:<7} {}\n",
+            t.name, t.kek_version, t.volumes, t.state, t.created
+        );
+    }
+    out
+}
+
+fn volume_table(volumes: &[VolumeView], style: Style) -> String {
+    let mut out = style.bold(&format!(
+        "{:<40} {:>8} {:>14} {:>6} {:>9}  CREATED",
+        "VOLUME", "SIZE", "BYTES", "BLOCK", "USED"
+    ));
+    out.push('\n');
+    for v in volumes {
+        out += &format!(
+            "{:<40} {:>8} {:>14} {:>6} {:>9}  {}\n",
+            format!("{}/{}", v.tenant, v.name),
+            Size(v.size).to_string(),
+            v.size,
+            v.block_size,
+            Size(v.mapped_bytes).to_string(),
+            v.created
+        );
+    }
+    out
+}
+
+fn volume_details(v: &VolumeView, style: Style) -> String {
+    let versions: Vec<String> = v.dek_versions.iter().map(u32::to_string).collect();
+    let mut out = format!("{} {}/{}\n", style.bold("volume"), v.tenant, v.name);
+    out += &format!("size          {} ({} bytes)\n", Size(v.size), v.size);
+    out += &format!("block size    {}\n", v.block_size);
+    out += &format!("data in use   {} ({} bytes)\n", Size(v.mapped_bytes), v.mapped_bytes);
+    out += &format!("on disk       {} ({} bytes)\n", Size(v.segment_bytes), v.segment_bytes);
+    out += &format!("data key      version {} (held: {})\n", v.active_dek, versions.join(", "));
+    out += &format!("created       {}\n", v.created);
+    out += &format!("updated       {}\n", v.updated);
+    out
+}
+
+fn audit_table(entries: &[AuditView], style: Style) -> String {
+    let mut out = style.bold(&format!(
+        "{:>6}  {:<20}  {:<14} {:<18} {:<28} RESULT",
+        "SEQ", "TIME", "ACTOR", "ACTION", "TARGET"
+    ));
+    out.push('\n');
+    for e in entries {
+        let result = if e.result == "ok" {
+            style.good(&e.result)
+        } else if e.result.starts_with("error") || e.result.starts_with("denied") {
+            style.bad(&e.result)
+        } else {
+            e.result.clone()
+        };
+        out += &format!(
+            "{:>6}  {:<20}  {:<14} {:<18} {:<28} {}",
+            e.seq, e.time, e.actor, e.action, e.target, result
+        );
+        if !e.detail.is_empty() {
+            out += &format!(" ({})", e.detail);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn audit_verdict(v: &AuditVerifyView, style: Style) -> String {
+    match (v.first_bad, &v.problem) {
+        (None, _) => format!(
+            "{}: {} entries, chain intact\n",
+            style.good("audit log verified"),
+            v.entries
+        ),
+        (Some(seq), problem) => format!(
+            "{}: {} entries checked; entry {seq}: {}\n",
+            style.bad("audit log TAMPERED"),
+            v.entries,
+            problem.as_deref().unwrap_or("does not match its chain")
+        ),
     }
 }
 
@@ -146,8 +518,4 @@ pub(crate) fn store(command: StoreCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn open(args: &StoreArgs, if_missing: IfMissing) -> anyhow::Result<blockseal_volume::Store> {
-    StoreLocation::from_args(args)?.open(if_missing)
 }

@@ -16,6 +16,24 @@ pub(crate) fn run(command: KeyCommand) -> anyhow::Result<()> {
         KeyCommand::Init(args) => init(&args),
         KeyCommand::Inspect(args) => inspect(&args),
         KeyCommand::Check(args) => check(&args),
+        KeyCommand::RotateMaster {
+            new_key,
+            new_key_passphrase_env,
+            new_key_passphrase_prompt,
+            store,
+            output,
+        } => super::admin::rotate_master(
+            &new_key,
+            new_key_passphrase_env,
+            new_key_passphrase_prompt,
+            &store,
+            &output,
+        ),
+        KeyCommand::RotateTenant {
+            tenant,
+            store,
+            output,
+        } => super::admin::rotate_tenant(tenant, &store, &output),
     }
 }
 

@@ -13,9 +13,17 @@ use crate::cli::{Cli, Command};
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Status(args) => admin::status(args),
         Command::Tenant(command) => admin::tenant(command),
         Command::Volume(command) => admin::volume(command),
         Command::Key(command) => key::run(command),
+        Command::Audit(args) => admin::audit(args),
         Command::Store(command) => admin::store(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "blockseal", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }

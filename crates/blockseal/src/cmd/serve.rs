@@ -28,6 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::cli::{DEFAULT_DATA_DIR, ServeArgs};
 use crate::config::{Config, FileMode};
 use crate::exports::StoreCatalog;
@@ -58,6 +59,8 @@ struct Plan {
     server: ServerConfig,
     unix: Option<(PathBuf, FileMode)>,
     tcp: Option<(SocketAddr, Option<TlsConfig>)>,
+    /// The admin API on TCP with TLS.
+    admin_tcp: Option<(SocketAddr, TlsConfig)>,
     /// Connect lines printed before the readiness line (embedded default).
     hints: Vec<String>,
 }
@@ -77,6 +80,15 @@ fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
             Some((tcp.address, tls))
         }
     };
+    let admin_tcp = match &config.admin_tcp {
+        None => None,
+        Some(admin) => {
+            let files = &admin.tls;
+            let tls = TlsConfig::from_pem_files(&files.cert, &files.key, &files.client_ca)
+                .with_context(|| format!("config file {}: admin_tcp.tls", path.display()))?;
+            Some((admin.address, tls))
+        }
+    };
     let location = StoreLocation::from_config(&config, &args.passphrase);
     let store = location.open(IfMissing::Create)?;
     Ok(Plan {
@@ -85,6 +97,7 @@ fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
         server: config.server_config(),
         unix: config.unix.as_ref().map(|u| (u.path.clone(), u.mode)),
         tcp,
+        admin_tcp,
         hints: Vec::new(),
     })
 }
@@ -159,6 +172,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         server: ServerConfig::default(),
         unix: Some((socket, FileMode::DEFAULT)),
         tcp: None,
+        admin_tcp: None,
         hints,
     })
 }
@@ -197,12 +211,25 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         server: server_config,
         unix,
         tcp,
+        admin_tcp,
         hints,
     } = plan;
     check_descriptor_limit(&server_config);
     let store = Arc::new(store);
     let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
     let server = Server::new(catalog.clone(), server_config);
+    let admin_service = Arc::new(admin::service::Service::online(store.clone(), catalog.clone()));
+    let admin_path = admin::socket_path(store.dir());
+    // Owner only: the peer check in the admin server comes on top of this.
+    let admin_listener = bind_unix(&admin_path, FileMode(0o600))?;
+    let admin_tcp = admin_tcp
+        .map(|(address, tls)| -> anyhow::Result<_> {
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on TCP {address} (admin_tcp)"))?;
+            listener.set_nonblocking(true)?;
+            Ok((listener.local_addr()?, listener, tls))
+        })
+        .transpose()?;
 
     // Bound before the runtime starts, so every bind error is reported first.
     let unix = unix
@@ -233,7 +260,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         if let Some((path, listener)) = unix {
             let listener = tokio::net::UnixListener::from_std(listener)?;
             let server = server.clone();
-            listeners.spawn(async move { server.serve_unix(listener).await });
+            listeners.spawn(async move { server.serve_unix(listener).await.map_err(anyhow::Error::new) });
             ready.push_str(&format!(" unix={}", path.display()));
             info!(socket = %path.display(), "listening on a Unix socket");
         }
@@ -241,9 +268,39 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let server = server.clone();
             let with_tls = tls.is_some();
-            listeners.spawn(async move { server.serve_tcp(listener, tls).await });
+            listeners.spawn(async move {
+                server
+                    .serve_tcp(listener, tls)
+                    .await
+                    .map_err(anyhow::Error::new)
+            });
             ready.push_str(&format!(" tcp={bound}"));
             info!(address = %bound, tls = with_tls, "listening on TCP");
+        }
+        {
+            let listener = tokio::net::UnixListener::from_std(admin_listener)?;
+            let service = admin_service.clone();
+            let shutdown = server.shutdown_handle();
+            let policy = admin::server::Policy::owner_and_root();
+            listeners.spawn(async move {
+                admin::server::serve_unix(listener, service, policy, shutdown)
+                    .await
+                    .context("the admin API's listener failed")
+            });
+            ready.push_str(&format!(" admin={}", admin_path.display()));
+            info!(socket = %admin_path.display(), "admin API listening on a Unix socket");
+        }
+        if let Some((bound, listener, tls)) = admin_tcp {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let service = admin_service.clone();
+            let shutdown = server.shutdown_handle();
+            listeners.spawn(async move {
+                admin::server::serve_tls(listener, tls, service, shutdown)
+                    .await
+                    .context("the admin API's TCP listener failed")
+            });
+            ready.push_str(&format!(" admin_tcp={bound}"));
+            info!(address = %bound, "admin API listening on TCP with TLS");
         }
         {
             let mut out = std::io::stdout().lock();
@@ -259,7 +316,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             _ = int.recv() => Ok("SIGINT"),
             Some(done) = listeners.join_next() => Err(match done {
                 Ok(Ok(())) => anyhow::anyhow!("a listener stopped unexpectedly"),
-                Ok(Err(e)) => anyhow::Error::new(e),
+                Ok(Err(e)) => e,
                 Err(e) => anyhow::Error::new(e).context("a listener failed"),
             }),
         };
@@ -300,11 +357,13 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     // (bounded: a blocking call stuck in the kernel cannot hold the exit).
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     catalog.close_all();
+    drop(admin_service);
     drop(server);
     drop(catalog);
     if let Some(path) = &socket_path {
         let _ = fs::remove_file(path);
     }
+    let _ = fs::remove_file(&admin_path);
     served?;
     match Arc::try_unwrap(store) {
         Ok(store) => drop(store),
