@@ -549,6 +549,12 @@ impl Store {
         &self.dir
     }
 
+    /// The id of the master key the store opens with now (it changes with
+    /// [`Store::rotate_master`]).
+    pub fn master_key_id(&self) -> KeyId {
+        self.read_master().id()
+    }
+
     /// The metadata backend in use.
     pub fn backend(&self) -> BackendKind {
         self.meta.backend()

@@ -40,22 +40,6 @@ pub(crate) struct VolumeExport {
 }
 
 impl VolumeExport {
-    /// Serves `volume`, refusing writes when `read_only`; never revoked.
-    #[cfg(test)]
-    pub(crate) fn new(volume: Volume, read_only: bool) -> VolumeExport {
-        VolumeExport {
-            volume,
-            read_only,
-            revoked: Shutdown::new(),
-            _handle: Arc::new(()),
-        }
-    }
-
-    /// The served volume.
-    pub(crate) fn volume(&self) -> &Volume {
-        &self.volume
-    }
-
     fn flush_if(&self, fua: bool) -> Result<(), ExportError> {
         if fua { self.flush() } else { Ok(()) }
     }
@@ -359,14 +343,6 @@ impl StoreCatalog {
         Ok(retired)
     }
 
-    /// Connections (live handles) of the export `name`.
-    pub(crate) fn connections(&self, name: &str) -> usize {
-        self.lock_registry()
-            .open
-            .get(name)
-            .map_or(0, Served::connections)
-    }
-
     fn lock_registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -555,10 +531,16 @@ mod tests {
                 .collect();
             opening.into_iter().map(|t| t.join().unwrap()).collect()
         });
-        for export in &exports[1..] {
-            assert!(Arc::ptr_eq(&exports[0], export));
+        // One served entry, one handle per opener, all on one volume instance.
+        {
+            let registry = catalog.lock_registry();
+            assert_eq!(registry.open.len(), 1);
+            assert_eq!(registry.open["acme/disk"].connections(), 4);
         }
         exports[0].write(0, b"one", false).unwrap();
+        let mut seen = [0u8; 3];
+        exports[3].read(0, &mut seen).unwrap();
+        assert_eq!(&seen, b"one");
         let mut buf = [0u8; 3];
         catalog
             .open("acme/disk", &Scope::All)
@@ -567,6 +549,46 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"one");
         assert_eq!(catalog.flush_all().unwrap(), 1);
+    }
+
+    #[test]
+    fn retiring_an_export_refuses_or_revokes_its_connections() {
+        let (_dir, catalog) = catalog();
+        let handle = catalog.open("acme/disk", &Scope::All).unwrap();
+        let revoked = handle.revoked().unwrap();
+        let deadline = Duration::from_secs(5);
+        // Without force, a connected export is refused and nothing changes.
+        match catalog.retire(vec!["acme/disk".into()], false, deadline) {
+            Err(RetireError::InUse { connections, .. }) => assert_eq!(connections, 1),
+            other => panic!("expected InUse, got {:?}", other.map(|_| ())),
+        }
+        assert!(!revoked.is_triggered());
+        assert!(catalog.open("acme/disk", &Scope::All).is_some());
+        // With force, the connection is revoked and waited for: it goes once
+        // the handle drops (as a connection task ends after the revocation).
+        let dropper = std::thread::spawn({
+            let revoked = revoked.clone();
+            move || {
+                while !revoked.is_triggered() {
+                    std::thread::yield_now();
+                }
+                drop(handle);
+            }
+        });
+        let retired = catalog
+            .retire(vec!["acme/disk".into()], true, deadline)
+            .unwrap();
+        dropper.join().unwrap();
+        assert_eq!(retired.connections_closed, 1);
+        // While retired, nobody opens it; a second retirement is refused.
+        assert!(catalog.open("acme/disk", &Scope::All).is_none());
+        assert!(matches!(
+            catalog.retire(vec!["acme/disk".into()], true, deadline),
+            Err(RetireError::Busy { .. })
+        ));
+        assert!(catalog.open("globex/disk", &Scope::All).is_some());
+        drop(retired);
+        assert!(catalog.open("acme/disk", &Scope::All).is_some());
     }
 
     #[test]

@@ -8,9 +8,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
-use crate::admin::api::{
-    AuditVerifyView, AuditView, Op, Reply, TenantView, VolumeView,
-};
+use crate::admin::api::{ApiError, AuditVerifyView, AuditView, Op, Reply, TenantView, VolumeView};
 use crate::admin::{self, Mode};
 use crate::cli::{
     AuditArgs, AuditCommand, OutputArgs, StatusArgs, StoreArgs, StoreCommand, TenantCommand,
@@ -46,7 +44,12 @@ pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             name,
             store,
             output,
-        } => run(&store, Op::ShowTenant { tenant: name }, IfMissing::Fail, &output),
+        } => run(
+            &store,
+            Op::ShowTenant { tenant: name },
+            IfMissing::Fail,
+            &output,
+        ),
         TenantCommand::Delete {
             name,
             store,
@@ -66,7 +69,12 @@ pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             if !yes_i_understand {
                 bail!("shredding needs --yes-i-understand");
             }
-            run(&store, Op::ShredTenant { tenant: name }, IfMissing::Fail, &output)
+            run(
+                &store,
+                Op::ShredTenant { tenant: name },
+                IfMissing::Fail,
+                &output,
+            )
         }
     }
 }
@@ -102,7 +110,12 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
             output,
         } => {
             let (tenant, volume) = split(&name)?;
-            run(&store, Op::ShowVolume { tenant, volume }, IfMissing::Fail, &output)
+            run(
+                &store,
+                Op::ShowVolume { tenant, volume },
+                IfMissing::Fail,
+                &output,
+            )
         }
         VolumeCommand::Resize {
             name,
@@ -203,11 +216,21 @@ pub(crate) fn rotate_tenant(
     store: &StoreArgs,
     output: &OutputArgs,
 ) -> anyhow::Result<()> {
-    run(store, Op::RotateTenantKey { tenant }, IfMissing::Fail, output)
+    run(
+        store,
+        Op::RotateTenantKey { tenant },
+        IfMissing::Fail,
+        output,
+    )
 }
 
 /// Runs `op` and prints its reply.
-fn run(store: &StoreArgs, op: Op, if_missing: IfMissing, output: &OutputArgs) -> anyhow::Result<()> {
+fn run(
+    store: &StoreArgs,
+    op: Op,
+    if_missing: IfMissing,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
     run_quiet(store, op, if_missing, output).map(|_| ())
 }
 
@@ -232,8 +255,15 @@ fn run_quiet(
     Ok(reply)
 }
 
+/// `TENANT/VOLUME`; a malformed name is a usage error (exit code 2).
 fn split(name: &str) -> anyhow::Result<(String, String)> {
-    let (tenant, volume) = parse_export_name(name)?;
+    let (tenant, volume) = parse_export_name(name).map_err(|e| {
+        ApiError::new(
+            hyper::StatusCode::BAD_REQUEST,
+            "invalid_name",
+            format!("{e:#}"),
+        )
+    })?;
     Ok((tenant.to_string(), volume.to_string()))
 }
 
@@ -270,12 +300,6 @@ impl Style {
         Style {
             colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         }
-    }
-
-    /// Plain text, for tests.
-    #[cfg(test)]
-    pub(crate) fn plain() -> Style {
-        Style { colour: false }
     }
 
     fn bold(self, text: &str) -> String {
@@ -319,21 +343,22 @@ pub(crate) fn render(
             out += &format!("volumes       {}\n", s.volumes);
         }
         Reply::Tenants(tenants) => out += &tenant_table(tenants, style),
-        Reply::Tenant(t) => {
-            match op {
-                Op::CreateTenant { .. } => {
-                    out += &format!("created tenant {} (KEK version {})\n", t.name, t.kek_version);
-                }
-                Op::RotateTenantKey { .. } => {
-                    out += &format!(
-                        "tenant {} now uses KEK version {}; its data keys are rewrapped, no data \
-                         was rewritten\n",
-                        t.name, t.kek_version
-                    );
-                }
-                _ => out += &tenant_table(std::slice::from_ref(t), style),
+        Reply::Tenant(t) => match op {
+            Op::CreateTenant { .. } => {
+                out += &format!(
+                    "created tenant {} (KEK version {})\n",
+                    t.name, t.kek_version
+                );
             }
-        }
+            Op::RotateTenantKey { .. } => {
+                out += &format!(
+                    "tenant {} now uses KEK version {}; its data keys are rewrapped, no data \
+                         was rewritten\n",
+                    t.name, t.kek_version
+                );
+            }
+            _ => out += &tenant_table(std::slice::from_ref(t), style),
+        },
         Reply::Volumes(volumes) => out += &volume_table(volumes, style),
         Reply::Volume(v) => match op {
             Op::CreateVolume { .. } => {
@@ -441,9 +466,21 @@ fn volume_details(v: &VolumeView, style: Style) -> String {
     let mut out = format!("{} {}/{}\n", style.bold("volume"), v.tenant, v.name);
     out += &format!("size          {} ({} bytes)\n", Size(v.size), v.size);
     out += &format!("block size    {}\n", v.block_size);
-    out += &format!("data in use   {} ({} bytes)\n", Size(v.mapped_bytes), v.mapped_bytes);
-    out += &format!("on disk       {} ({} bytes)\n", Size(v.segment_bytes), v.segment_bytes);
-    out += &format!("data key      version {} (held: {})\n", v.active_dek, versions.join(", "));
+    out += &format!(
+        "data in use   {} ({} bytes)\n",
+        Size(v.mapped_bytes),
+        v.mapped_bytes
+    );
+    out += &format!(
+        "on disk       {} ({} bytes)\n",
+        Size(v.segment_bytes),
+        v.segment_bytes
+    );
+    out += &format!(
+        "data key      version {} (held: {})\n",
+        v.active_dek,
+        versions.join(", ")
+    );
     out += &format!("created       {}\n", v.created);
     out += &format!("updated       {}\n", v.updated);
     out

@@ -218,7 +218,10 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     let store = Arc::new(store);
     let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
     let server = Server::new(catalog.clone(), server_config);
-    let admin_service = Arc::new(admin::service::Service::online(store.clone(), catalog.clone()));
+    let admin_service = Arc::new(admin::service::Service::online(
+        store.clone(),
+        catalog.clone(),
+    ));
     let admin_path = admin::socket_path(store.dir());
     // Owner only: the peer check in the admin server comes on top of this.
     let admin_listener = bind_unix(&admin_path, FileMode(0o600))?;
@@ -260,7 +263,12 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         if let Some((path, listener)) = unix {
             let listener = tokio::net::UnixListener::from_std(listener)?;
             let server = server.clone();
-            listeners.spawn(async move { server.serve_unix(listener).await.map_err(anyhow::Error::new) });
+            listeners.spawn(async move {
+                server
+                    .serve_unix(listener)
+                    .await
+                    .map_err(anyhow::Error::new)
+            });
             ready.push_str(&format!(" unix={}", path.display()));
             info!(socket = %path.display(), "listening on a Unix socket");
         }

@@ -1,0 +1,1014 @@
+//! The admin API's vocabulary: every operation ([`Op`]), its HTTP form (method,
+//! versioned path, JSON body) in both directions, the replies, and the JSON error.
+//!
+//! The server parses a request into an [`Op`] with [`Op::parse`]; the CLI turns an
+//! [`Op`] into a request with [`Op::to_request`]. A unit test checks that the two
+//! agree for every operation, so the reference in `docs/ADMIN-API.md`, the server
+//! and the client cannot drift apart silently.
+//!
+//! Bodies are decoded with unknown fields refused: a client cannot set what the
+//! API does not name (no mass assignment). Nothing here ever holds key material
+//! except [`Op::RotateMaster`]'s passphrase for the new key file, which is
+//! zeroized on drop and never serialized in a reply, a log line or the audit log.
+
+use std::fmt;
+
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// The API version every path starts with.
+pub(crate) const VERSION_PREFIX: &str = "/v1";
+
+/// Largest request body the server reads.
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// One admin operation, with its arguments already validated as names and sizes.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// `GET /v1/status`
+    Status,
+    /// `GET /v1/tenants`
+    ListTenants,
+    /// `GET /v1/tenants/{tenant}`
+    ShowTenant { tenant: String },
+    /// `POST /v1/tenants` `{"name": ...}`
+    CreateTenant { tenant: String },
+    /// `DELETE /v1/tenants/{tenant}` (only a tenant without volumes)
+    DeleteTenant { tenant: String },
+    /// `POST /v1/tenants/{tenant}/shred` `{"confirm": "<tenant>"}`
+    ShredTenant { tenant: String },
+    /// `POST /v1/tenants/{tenant}/rotate-key`
+    RotateTenantKey { tenant: String },
+    /// `GET /v1/volumes` or `GET /v1/tenants/{tenant}/volumes`
+    ListVolumes { tenant: Option<String> },
+    /// `GET /v1/tenants/{tenant}/volumes/{volume}`
+    ShowVolume { tenant: String, volume: String },
+    /// `POST /v1/tenants/{tenant}/volumes` `{"name", "size", "block_size"?}`
+    CreateVolume {
+        tenant: String,
+        volume: String,
+        size: u64,
+        block_size: u32,
+    },
+    /// `PATCH /v1/tenants/{tenant}/volumes/{volume}` `{"size", "discard_tail"?}`
+    ResizeVolume {
+        tenant: String,
+        volume: String,
+        size: u64,
+        discard_tail: bool,
+    },
+    /// `DELETE /v1/tenants/{tenant}/volumes/{volume}[?force=true]`
+    DeleteVolume {
+        tenant: String,
+        volume: String,
+        force: bool,
+    },
+    /// `POST /v1/master-key/rotate` `{"key_file", "passphrase"?}`
+    RotateMaster {
+        key_file: String,
+        passphrase: Option<Zeroizing<String>>,
+    },
+    /// `GET /v1/audit[?since_seq=N][&since_time=UNIX]`
+    Audit {
+        since_seq: u64,
+        since_time: Option<u64>,
+    },
+    /// `GET /v1/audit/verify`
+    VerifyAudit,
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Everything but the passphrase, which shows only as present or not.
+        match self {
+            Op::RotateMaster {
+                key_file,
+                passphrase,
+            } => f
+                .debug_struct("RotateMaster")
+                .field("key_file", key_file)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            other => write!(f, "{}({})", other.action(), other.target()),
+        }
+    }
+}
+
+/// The request an [`Op`] travels as.
+#[derive(Debug)]
+pub(crate) struct HttpRequest {
+    pub(crate) method: Method,
+    /// Path and query.
+    pub(crate) path: String,
+    /// The JSON body, if the operation has one. Holds the passphrase of
+    /// [`Op::RotateMaster`], so it is zeroized on drop.
+    pub(crate) body: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl Op {
+    /// Whether the operation changes anything (and so goes to the audit log).
+    pub(crate) fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Op::Status
+                | Op::ListTenants
+                | Op::ShowTenant { .. }
+                | Op::ListVolumes { .. }
+                | Op::ShowVolume { .. }
+                | Op::Audit { .. }
+                | Op::VerifyAudit
+        )
+    }
+
+    /// A stable name of the operation, for the audit log.
+    pub(crate) fn action(&self) -> &'static str {
+        match self {
+            Op::Status => "status",
+            Op::ListTenants => "tenant.list",
+            Op::ShowTenant { .. } => "tenant.show",
+            Op::CreateTenant { .. } => "tenant.create",
+            Op::DeleteTenant { .. } => "tenant.delete",
+            Op::ShredTenant { .. } => "tenant.shred",
+            Op::RotateTenantKey { .. } => "key.rotate-tenant",
+            Op::ListVolumes { .. } => "volume.list",
+            Op::ShowVolume { .. } => "volume.show",
+            Op::CreateVolume { .. } => "volume.create",
+            Op::ResizeVolume { .. } => "volume.resize",
+            Op::DeleteVolume { .. } => "volume.delete",
+            Op::RotateMaster { .. } => "key.rotate-master",
+            Op::Audit { .. } => "audit.list",
+            Op::VerifyAudit => "audit.verify",
+        }
+    }
+
+    /// What the operation acts on, for the audit log: a tenant, `tenant/volume`,
+    /// the key file, or `-`.
+    pub(crate) fn target(&self) -> String {
+        match self {
+            Op::ShowTenant { tenant }
+            | Op::CreateTenant { tenant }
+            | Op::DeleteTenant { tenant }
+            | Op::ShredTenant { tenant }
+            | Op::RotateTenantKey { tenant } => tenant.clone(),
+            Op::ListVolumes {
+                tenant: Some(tenant),
+            } => tenant.clone(),
+            Op::ShowVolume { tenant, volume }
+            | Op::CreateVolume { tenant, volume, .. }
+            | Op::ResizeVolume { tenant, volume, .. }
+            | Op::DeleteVolume { tenant, volume, .. } => format!("{tenant}/{volume}"),
+            Op::RotateMaster { key_file, .. } => key_file.clone(),
+            _ => "-".to_owned(),
+        }
+    }
+
+    /// The operation's arguments beyond its target, for the audit log.
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            Op::CreateVolume {
+                size, block_size, ..
+            } => format!("size={size} block_size={block_size}"),
+            Op::ResizeVolume {
+                size, discard_tail, ..
+            } => format!("size={size} discard_tail={discard_tail}"),
+            Op::DeleteVolume { force, .. } => format!("force={force}"),
+            _ => String::new(),
+        }
+    }
+
+    /// The HTTP request that carries this operation.
+    pub(crate) fn to_request(&self) -> HttpRequest {
+        let json = |value: serde_json::Value| Some(Zeroizing::new(value.to_string().into_bytes()));
+        let (method, path, body) = match self {
+            Op::Status => (Method::GET, "/status".to_owned(), None),
+            Op::ListTenants => (Method::GET, "/tenants".to_owned(), None),
+            Op::ShowTenant { tenant } => (Method::GET, format!("/tenants/{tenant}"), None),
+            Op::CreateTenant { tenant } => (
+                Method::POST,
+                "/tenants".to_owned(),
+                json(serde_json::json!({ "name": tenant })),
+            ),
+            Op::DeleteTenant { tenant } => (Method::DELETE, format!("/tenants/{tenant}"), None),
+            Op::ShredTenant { tenant } => (
+                Method::POST,
+                format!("/tenants/{tenant}/shred"),
+                json(serde_json::json!({ "confirm": tenant })),
+            ),
+            Op::RotateTenantKey { tenant } => {
+                (Method::POST, format!("/tenants/{tenant}/rotate-key"), None)
+            }
+            Op::ListVolumes { tenant: None } => (Method::GET, "/volumes".to_owned(), None),
+            Op::ListVolumes {
+                tenant: Some(tenant),
+            } => (Method::GET, format!("/tenants/{tenant}/volumes"), None),
+            Op::ShowVolume { tenant, volume } => (
+                Method::GET,
+                format!("/tenants/{tenant}/volumes/{volume}"),
+                None,
+            ),
+            Op::CreateVolume {
+                tenant,
+                volume,
+                size,
+                block_size,
+            } => (
+                Method::POST,
+                format!("/tenants/{tenant}/volumes"),
+                json(serde_json::json!({
+                    "name": volume, "size": size, "block_size": block_size
+                })),
+            ),
+            Op::ResizeVolume {
+                tenant,
+                volume,
+                size,
+                discard_tail,
+            } => (
+                Method::PATCH,
+                format!("/tenants/{tenant}/volumes/{volume}"),
+                json(serde_json::json!({ "size": size, "discard_tail": discard_tail })),
+            ),
+            Op::DeleteVolume {
+                tenant,
+                volume,
+                force,
+            } => (
+                Method::DELETE,
+                if *force {
+                    format!("/tenants/{tenant}/volumes/{volume}?force=true")
+                } else {
+                    format!("/tenants/{tenant}/volumes/{volume}")
+                },
+                None,
+            ),
+            Op::RotateMaster {
+                key_file,
+                passphrase,
+            } => {
+                let mut body = serde_json::json!({ "key_file": key_file });
+                if let Some(p) = passphrase {
+                    body["passphrase"] = serde_json::Value::String(p.to_string());
+                }
+                let bytes = Zeroizing::new(body.to_string().into_bytes());
+                zeroize_json(body);
+                (Method::POST, "/master-key/rotate".to_owned(), Some(bytes))
+            }
+            Op::Audit {
+                since_seq,
+                since_time,
+            } => {
+                let mut path = format!("/audit?since_seq={since_seq}");
+                if let Some(t) = since_time {
+                    path.push_str(&format!("&since_time={t}"));
+                }
+                (Method::GET, path, None)
+            }
+            Op::VerifyAudit => (Method::GET, "/audit/verify".to_owned(), None),
+        };
+        HttpRequest {
+            method,
+            path: format!("{VERSION_PREFIX}{path}"),
+            body,
+        }
+    }
+
+    /// The operation a request asks for. `path` holds no query; `query` is the
+    /// part after `?`, if any.
+    pub(crate) fn parse(
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<Op, ApiError> {
+        let Some(rest) = path.strip_prefix(VERSION_PREFIX) else {
+            return Err(ApiError::not_found_path(path));
+        };
+        let segments: Vec<&str> = rest.split('/').skip(1).collect();
+        if rest.is_empty() || segments.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::not_found_path(path));
+        }
+        let query = Query::parse(query)?;
+        let name = |s: &str| s.to_owned();
+        let op = match (method, segments.as_slice()) {
+            (&Method::GET, ["status"]) => Op::Status,
+            (&Method::GET, ["tenants"]) => Op::ListTenants,
+            (&Method::POST, ["tenants"]) => {
+                let body: CreateTenantBody = decode(body)?;
+                Op::CreateTenant { tenant: body.name }
+            }
+            (&Method::GET, ["tenants", t]) => Op::ShowTenant { tenant: name(t) },
+            (&Method::DELETE, ["tenants", t]) => Op::DeleteTenant { tenant: name(t) },
+            (&Method::POST, ["tenants", t, "shred"]) => {
+                let body: ShredBody = decode(body)?;
+                if body.confirm != *t {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "confirmation_mismatch",
+                        format!(
+                            "shredding destroys tenant {t}'s keys for good: the body must be \
+                             {{\"confirm\": \"{t}\"}}"
+                        ),
+                    ));
+                }
+                Op::ShredTenant { tenant: name(t) }
+            }
+            (&Method::POST, ["tenants", t, "rotate-key"]) => {
+                no_body(body)?;
+                Op::RotateTenantKey { tenant: name(t) }
+            }
+            (&Method::GET, ["volumes"]) => Op::ListVolumes { tenant: None },
+            (&Method::GET, ["tenants", t, "volumes"]) => Op::ListVolumes {
+                tenant: Some(name(t)),
+            },
+            (&Method::POST, ["tenants", t, "volumes"]) => {
+                let body: CreateVolumeBody = decode(body)?;
+                Op::CreateVolume {
+                    tenant: name(t),
+                    volume: body.name,
+                    size: body.size,
+                    block_size: body.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+                }
+            }
+            (&Method::GET, ["tenants", t, "volumes", v]) => Op::ShowVolume {
+                tenant: name(t),
+                volume: name(v),
+            },
+            (&Method::PATCH, ["tenants", t, "volumes", v]) => {
+                let body: ResizeBody = decode(body)?;
+                Op::ResizeVolume {
+                    tenant: name(t),
+                    volume: name(v),
+                    size: body.size,
+                    discard_tail: body.discard_tail,
+                }
+            }
+            (&Method::DELETE, ["tenants", t, "volumes", v]) => Op::DeleteVolume {
+                tenant: name(t),
+                volume: name(v),
+                force: query.flag("force")?,
+            },
+            (&Method::POST, ["master-key", "rotate"]) => {
+                let body: RotateMasterBody = decode(body)?;
+                Op::RotateMaster {
+                    key_file: body.key_file,
+                    passphrase: body.passphrase.map(Zeroizing::new),
+                }
+            }
+            (&Method::GET, ["audit"]) => Op::Audit {
+                since_seq: query.number("since_seq")?.unwrap_or(0),
+                since_time: query.number("since_time")?,
+            },
+            (&Method::GET, ["audit", "verify"]) => Op::VerifyAudit,
+            (_, segments) if is_known_path(segments) => {
+                return Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                ));
+            }
+            _ => return Err(ApiError::not_found_path(path)),
+        };
+        query.check_all_used(path)?;
+        Ok(op)
+    }
+}
+
+/// The block size of a volume created without one.
+pub(crate) const DEFAULT_BLOCK_SIZE: u32 = 4096;
+
+fn is_known_path(segments: &[&str]) -> bool {
+    matches!(
+        segments,
+        ["status"]
+            | ["tenants"]
+            | ["tenants", _]
+            | ["tenants", _, "shred"]
+            | ["tenants", _, "rotate-key"]
+            | ["volumes"]
+            | ["tenants", _, "volumes"]
+            | ["tenants", _, "volumes", _]
+            | ["master-key", "rotate"]
+            | ["audit"]
+            | ["audit", "verify"]
+    )
+}
+
+/// Overwrites the strings of a JSON value before it is dropped.
+fn zeroize_json(value: serde_json::Value) {
+    use zeroize::Zeroize;
+    if let serde_json::Value::Object(map) = value {
+        for (_, v) in map {
+            if let serde_json::Value::String(mut s) = v {
+                s.zeroize();
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenantBody {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShredBody {
+    confirm: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolumeBody {
+    name: String,
+    size: u64,
+    #[serde(default)]
+    block_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeBody {
+    size: u64,
+    #[serde(default)]
+    discard_tail: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateMasterBody {
+    key_file: String,
+    #[serde(default)]
+    passphrase: Option<String>,
+}
+
+/// Decodes a JSON body; the error names what is wrong (serde's message says
+/// which field is unknown, missing or of the wrong type, and where).
+fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_body",
+            "this request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_field"
+        } else {
+            "invalid_json"
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {e}"))
+    })
+}
+
+fn no_body(body: &[u8]) -> Result<(), ApiError> {
+    let blank = body.iter().all(u8::is_ascii_whitespace);
+    // `{}` is accepted as no arguments; anything else is a field we do not know.
+    if blank || serde_json::from_slice::<EmptyBody>(body).is_ok() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "this request takes no body (or `{}`)",
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// A parsed query string: `key=value` pairs, each key at most once, every key
+/// used by the route (an unknown parameter is an error, not ignored).
+struct Query {
+    pairs: Vec<(String, String)>,
+    used: std::cell::RefCell<Vec<String>>,
+}
+
+impl Query {
+    fn parse(query: Option<&str>) -> Result<Query, ApiError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            if pairs.iter().any(|(k, _)| k == key) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    format!("query parameter {key:?} is given twice"),
+                ));
+            }
+            pairs.push((key.to_owned(), value.to_owned()));
+        }
+        Ok(Query {
+            pairs,
+            used: Default::default(),
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.used.borrow_mut().push(key.to_owned());
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("query parameter {key} must be true or false, not {other:?}"),
+            )),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        self.get(key)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("query parameter {key} must be a whole number, not {v:?}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    fn check_all_used(&self, path: &str) -> Result<(), ApiError> {
+        let used = self.used.borrow();
+        match self.pairs.iter().find(|(k, _)| !used.contains(k)) {
+            Some((key, _)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("{path} takes no query parameter {key:?}"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An API error: an HTTP status, a stable machine-readable code and a message
+/// for people. Messages name what was wrong and never hold key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+/// The JSON form of an error: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: ErrorFields,
+}
+
+/// The fields of [`ErrorBody`].
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ErrorFields {
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn not_found_path(path: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_path",
+            format!(
+                "no API path {path} (paths start with {VERSION_PREFIX}/; see docs/ADMIN-API.md)"
+            ),
+        )
+    }
+
+    /// 500 for a failure that is not the caller's fault; the message says what
+    /// failed, without secrets (store errors hold none).
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// The JSON body of this error.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&ErrorBody {
+            error: ErrorFields {
+                code: self.code.clone(),
+                message: self.message.clone(),
+            },
+        })
+        .expect("an error body always serializes")
+    }
+
+    /// The CLI's exit code for this error (documented in `blockseal --help`).
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self.status {
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => exit::USAGE,
+            StatusCode::NOT_FOUND => exit::NOT_FOUND,
+            StatusCode::CONFLICT => exit::CONFLICT,
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => exit::DENIED,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Exit codes of the CLI.
+pub(crate) mod exit {
+    /// Something failed (I/O, a damaged store, the server is unreachable).
+    pub(crate) const FAILURE: u8 = 1;
+    /// A bad argument or request (clap's own usage errors use 2 as well).
+    pub(crate) const USAGE: u8 = 2;
+    /// The tenant or volume does not exist.
+    pub(crate) const NOT_FOUND: u8 = 3;
+    /// It exists already, is in use, or still holds data.
+    pub(crate) const CONFLICT: u8 = 4;
+    /// The caller may not do this (admin socket peer or certificate refused).
+    pub(crate) const DENIED: u8 = 5;
+}
+
+/// A tenant as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TenantView {
+    pub(crate) name: String,
+    pub(crate) kek_version: u32,
+    pub(crate) state: String,
+    pub(crate) created: String,
+    pub(crate) volumes: usize,
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VolumeView {
+    pub(crate) tenant: String,
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) block_size: u32,
+    pub(crate) active_dek: u32,
+    pub(crate) dek_versions: Vec<u32>,
+    pub(crate) created: String,
+    pub(crate) updated: String,
+    /// Bytes of the volume that hold data (mapped blocks).
+    pub(crate) mapped_bytes: u64,
+    /// Bytes its segment files take on disk.
+    pub(crate) segment_bytes: u64,
+}
+
+/// The store as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatusView {
+    pub(crate) version: String,
+    pub(crate) store: String,
+    pub(crate) backend: String,
+    pub(crate) master_key_id: String,
+    pub(crate) tenants: usize,
+    pub(crate) volumes: usize,
+    /// `online` (a running server answered) or `offline` (store opened directly).
+    pub(crate) mode: String,
+}
+
+/// What a master key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MasterRotationView {
+    pub(crate) old_key_id: String,
+    pub(crate) new_key_id: String,
+    pub(crate) tenants: usize,
+    pub(crate) volumes: usize,
+    pub(crate) wrapped_keys: usize,
+    pub(crate) elapsed_ms: u64,
+}
+
+/// What shredding a tenant did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ShredView {
+    pub(crate) tenant: String,
+    pub(crate) volumes: usize,
+    pub(crate) connections_closed: usize,
+    pub(crate) segments_deleted: u64,
+    pub(crate) bytes_freed: u64,
+}
+
+/// What was deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeletedView {
+    pub(crate) deleted: String,
+    pub(crate) connections_closed: usize,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditView {
+    pub(crate) seq: u64,
+    pub(crate) time: String,
+    pub(crate) actor: String,
+    pub(crate) action: String,
+    pub(crate) target: String,
+    pub(crate) result: String,
+    pub(crate) detail: String,
+}
+
+/// The outcome of checking the audit log's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditVerifyView {
+    pub(crate) entries: u64,
+    pub(crate) intact: bool,
+    pub(crate) first_bad: Option<u64>,
+    pub(crate) problem: Option<String>,
+}
+
+/// The reply of one operation; its JSON is the variant's content alone (the
+/// operation says which variant to expect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Status(StatusView),
+    Tenants(Vec<TenantView>),
+    Tenant(TenantView),
+    Volumes(Vec<VolumeView>),
+    Volume(VolumeView),
+    Deleted(DeletedView),
+    Shredded(ShredView),
+    MasterRotated(MasterRotationView),
+    Audit(Vec<AuditView>),
+    AuditVerified(AuditVerifyView),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantList {
+    tenants: Vec<TenantView>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeList {
+    volumes: Vec<VolumeView>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditList {
+    entries: Vec<AuditView>,
+}
+
+impl Reply {
+    /// The JSON body of this reply.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        let value = match self {
+            Reply::Status(v) => serde_json::to_vec_pretty(v),
+            Reply::Tenants(v) => serde_json::to_vec_pretty(&TenantList { tenants: v.clone() }),
+            Reply::Tenant(v) => serde_json::to_vec_pretty(v),
+            Reply::Volumes(v) => serde_json::to_vec_pretty(&VolumeList { volumes: v.clone() }),
+            Reply::Volume(v) => serde_json::to_vec_pretty(v),
+            Reply::Deleted(v) => serde_json::to_vec_pretty(v),
+            Reply::Shredded(v) => serde_json::to_vec_pretty(v),
+            Reply::MasterRotated(v) => serde_json::to_vec_pretty(v),
+            Reply::Audit(v) => serde_json::to_vec_pretty(&AuditList { entries: v.clone() }),
+            Reply::AuditVerified(v) => serde_json::to_vec_pretty(v),
+        };
+        value.expect("replies always serialize")
+    }
+
+    /// Decodes the reply `op` answers with.
+    pub(crate) fn decode(op: &Op, body: &[u8]) -> Result<Reply, serde_json::Error> {
+        Ok(match op {
+            Op::Status => Reply::Status(serde_json::from_slice(body)?),
+            Op::ListTenants => Reply::Tenants(serde_json::from_slice::<TenantList>(body)?.tenants),
+            Op::ShowTenant { .. } | Op::CreateTenant { .. } | Op::RotateTenantKey { .. } => {
+                Reply::Tenant(serde_json::from_slice(body)?)
+            }
+            Op::DeleteTenant { .. } | Op::DeleteVolume { .. } => {
+                Reply::Deleted(serde_json::from_slice(body)?)
+            }
+            Op::ShredTenant { .. } => Reply::Shredded(serde_json::from_slice(body)?),
+            Op::ListVolumes { .. } => {
+                Reply::Volumes(serde_json::from_slice::<VolumeList>(body)?.volumes)
+            }
+            Op::ShowVolume { .. } | Op::CreateVolume { .. } | Op::ResizeVolume { .. } => {
+                Reply::Volume(serde_json::from_slice(body)?)
+            }
+            Op::RotateMaster { .. } => Reply::MasterRotated(serde_json::from_slice(body)?),
+            Op::Audit { .. } => Reply::Audit(serde_json::from_slice::<AuditList>(body)?.entries),
+            Op::VerifyAudit => Reply::AuditVerified(serde_json::from_slice(body)?),
+        })
+    }
+
+    /// The HTTP status of a successful reply to `op`.
+    pub(crate) fn status(op: &Op) -> StatusCode {
+        match op {
+            Op::CreateTenant { .. } | Op::CreateVolume { .. } => StatusCode::CREATED,
+            _ => StatusCode::OK,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_op() -> Vec<Op> {
+        let t = || "acme".to_owned();
+        let v = || "voicemail".to_owned();
+        vec![
+            Op::Status,
+            Op::ListTenants,
+            Op::ShowTenant { tenant: t() },
+            Op::CreateTenant { tenant: t() },
+            Op::DeleteTenant { tenant: t() },
+            Op::ShredTenant { tenant: t() },
+            Op::RotateTenantKey { tenant: t() },
+            Op::ListVolumes { tenant: None },
+            Op::ListVolumes { tenant: Some(t()) },
+            Op::ShowVolume {
+                tenant: t(),
+                volume: v(),
+            },
+            Op::CreateVolume {
+                tenant: t(),
+                volume: v(),
+                size: 1 << 30,
+                block_size: 512,
+            },
+            Op::ResizeVolume {
+                tenant: t(),
+                volume: v(),
+                size: 2 << 30,
+                discard_tail: true,
+            },
+            Op::DeleteVolume {
+                tenant: t(),
+                volume: v(),
+                force: false,
+            },
+            Op::DeleteVolume {
+                tenant: t(),
+                volume: v(),
+                force: true,
+            },
+            Op::RotateMaster {
+                key_file: "/etc/blockseal/new.key".to_owned(),
+                passphrase: Some(Zeroizing::new("hunter2".to_owned())),
+            },
+            Op::RotateMaster {
+                key_file: "/etc/blockseal/new.key".to_owned(),
+                passphrase: None,
+            },
+            Op::Audit {
+                since_seq: 0,
+                since_time: None,
+            },
+            Op::Audit {
+                since_seq: 7,
+                since_time: Some(1_700_000_000),
+            },
+            Op::VerifyAudit,
+        ]
+    }
+
+    fn parse(request: &HttpRequest) -> Result<Op, ApiError> {
+        let (path, query) = match request.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (request.path.as_str(), None),
+        };
+        let body = request.body.as_ref().map_or(&[][..], |b| b.as_slice());
+        Op::parse(&request.method, path, query, body)
+    }
+
+    #[test]
+    fn every_operation_survives_the_trip_through_http() {
+        for op in every_op() {
+            let request = op.to_request();
+            assert!(request.path.starts_with("/v1/"), "{request:?}");
+            assert_eq!(parse(&request).unwrap(), op, "{request:?}");
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_passphrase() {
+        let op = Op::RotateMaster {
+            key_file: "k".to_owned(),
+            passphrase: Some(Zeroizing::new("hunter2".to_owned())),
+        };
+        assert!(!format!("{op:?}").contains("hunter2"));
+        assert!(!format!("{:?}", op.to_request()).contains("hunter2"));
+    }
+
+    fn error(method: Method, path: &str, query: Option<&str>, body: &str) -> ApiError {
+        Op::parse(&method, path, query, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn bad_requests_get_specific_errors() {
+        let e = error(
+            Method::POST,
+            "/v1/tenants",
+            None,
+            "{\"name\": \"a\", \"admin\": true}",
+        );
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_field")
+        );
+        assert!(e.message.contains("unknown field `admin`"), "{}", e.message);
+
+        let e = error(Method::POST, "/v1/tenants", None, "{\"name\": ");
+        assert_eq!(e.code, "invalid_json");
+        let e = error(Method::POST, "/v1/tenants", None, "");
+        assert_eq!(e.code, "missing_body");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/volumes",
+            None,
+            "{\"name\": \"v\", \"size\": -1}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(Method::PUT, "/v1/tenants", None, "");
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = error(Method::GET, "/v2/tenants", None, "");
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (StatusCode::NOT_FOUND, "no_such_path")
+        );
+        let e = error(Method::GET, "/v1/tenants//volumes", None, "");
+        assert_eq!(e.code, "no_such_path");
+        let e = error(Method::GET, "/v1/tenants", Some("limit=5"), "");
+        assert_eq!(e.code, "invalid_query");
+        let e = error(
+            Method::DELETE,
+            "/v1/tenants/a/volumes/b",
+            Some("force=yes"),
+            "",
+        );
+        assert_eq!(e.code, "invalid_query");
+        let e = error(
+            Method::GET,
+            "/v1/audit",
+            Some("since_seq=1&since_seq=2"),
+            "",
+        );
+        assert_eq!(e.code, "invalid_query");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/shred",
+            None,
+            "{\"confirm\": \"other\"}",
+        );
+        assert_eq!(e.code, "confirmation_mismatch");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/rotate-key",
+            None,
+            "{\"version\": 9}",
+        );
+        assert_eq!(e.code, "invalid_field");
+    }
+
+    #[test]
+    fn replies_decode_as_their_operation_expects() {
+        let tenant = TenantView {
+            name: "acme".into(),
+            kek_version: 2,
+            state: "active".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            volumes: 1,
+        };
+        let reply = Reply::Tenants(vec![tenant.clone()]);
+        assert_eq!(
+            Reply::decode(&Op::ListTenants, &reply.to_json()).unwrap(),
+            reply
+        );
+        let reply = Reply::Tenant(tenant);
+        let op = Op::ShowTenant {
+            tenant: "acme".into(),
+        };
+        assert_eq!(Reply::decode(&op, &reply.to_json()).unwrap(), reply);
+        assert!(Reply::decode(&Op::ListTenants, b"{\"tenants\": [], \"x\": 1}").is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! The admin API: tenants, volumes, keys and the audit log of a store, on a
+//! running server (JSON over HTTP/1.1 on the admin Unix socket) or, when no
+//! server runs, on the store opened directly. `docs/ADMIN-API.md` is the
+//! reference.
+//!
+//! - [`api`]: the operations, their HTTP form, replies and errors;
+//! - [`service`]: what each operation does (the one implementation);
+//! - [`server`]: the socket, peer credentials, limits;
+//! - [`client`]: the CLI's request.
+
+pub(crate) mod api;
+pub(crate) mod client;
+pub(crate) mod server;
+pub(crate) mod service;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::open::{IfMissing, StoreLocation};
+use api::{Op, Reply};
+use client::CallError;
+use service::{Caller, Service};
+
+/// The admin socket's file name in the store directory.
+pub(crate) const SOCKET_NAME: &str = "admin.sock";
+
+/// The admin socket of the store in `dir`.
+pub(crate) fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET_NAME)
+}
+
+/// Where an operation ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A running server answered on the admin socket.
+    Online,
+    /// No server runs: the store was opened directly.
+    Offline,
+}
+
+/// Runs `op` on the store at `location`: through its server when one answers
+/// on the admin socket, else on the store opened directly (creating it first
+/// only if `if_missing` says so). Either way the reply and the errors are the
+/// same; an [`api::ApiError`] comes back inside the `anyhow::Error` so that the
+/// caller can pick the exit code.
+pub(crate) fn execute(
+    location: &StoreLocation,
+    op: &Op,
+    if_missing: IfMissing,
+) -> anyhow::Result<(Reply, Mode)> {
+    let socket = socket_path(&location.dir);
+    match client::call(&socket, op) {
+        Ok(reply) => return Ok((reply, Mode::Online)),
+        Err(CallError::Api(e)) => return Err(e.into()),
+        Err(CallError::Transport(e)) => {
+            return Err(e.context(format!(
+                "the server on {} did not complete the request",
+                socket.display()
+            )));
+        }
+        Err(CallError::NoServer) => {}
+    }
+    let store = location
+        .open(if_missing)
+        .context("no server answers on the admin socket, so the store was opened directly")?;
+    let service = Service::offline(Arc::new(store));
+    let caller = Caller {
+        actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
+    };
+    Ok((service.run(&caller, op)?, Mode::Offline))
+}

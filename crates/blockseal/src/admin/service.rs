@@ -1,0 +1,498 @@
+//! What each admin operation does, on an open store: the one implementation
+//! behind both the admin API of a running server and the CLI when no server runs,
+//! so the two give the same answers and the same errors.
+//!
+//! Every operation that changes something is recorded in the store's audit log
+//! twice: an entry saying it starts, appended durably before anything changes
+//! (if that append fails the operation is refused, so nothing changes
+//! unrecorded), and one with its outcome. Reads are not recorded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockseal_keys::{KeyVersion, TenantId, VolumeId, load_key_file};
+use blockseal_volume::{
+    AdminError, AuditEntry, BlockSize, CreateError, QueryError, Store, TenantInfo, TenantState,
+    VolumeInfo, VolumeOptions,
+};
+use hyper::StatusCode;
+
+use super::api::{
+    ApiError, AuditVerifyView, AuditView, DeletedView, MasterRotationView, Op, Reply, ShredView,
+    StatusView, TenantView, VolumeView,
+};
+use crate::exports::{RetireError, StoreCatalog};
+use crate::time::rfc3339_utc;
+
+/// How long deleting a volume or shredding a tenant waits for its connections
+/// to finish what they run and close.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Who asks: `uid:N` for a Unix socket peer, `local:uid:N` for the CLI on the
+/// store directly, `cert:SUBJECT` over TLS.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub(crate) actor: String,
+}
+
+/// The admin operations on one open store.
+pub(crate) struct Service {
+    store: Arc<Store>,
+    /// The running server's exports, when the store is served: connections are
+    /// closed before their volume goes.
+    catalog: Option<Arc<StoreCatalog>>,
+}
+
+impl Service {
+    /// Operations on a store no server serves (the CLI's offline mode).
+    pub(crate) fn offline(store: Arc<Store>) -> Service {
+        Service {
+            store,
+            catalog: None,
+        }
+    }
+
+    /// Operations on the store a server serves through `catalog`.
+    pub(crate) fn online(store: Arc<Store>, catalog: Arc<StoreCatalog>) -> Service {
+        Service {
+            store,
+            catalog: Some(catalog),
+        }
+    }
+
+    /// Runs `op` for `caller`, recording it in the audit log if it changes
+    /// anything. Blocking: store I/O.
+    pub(crate) fn run(&self, caller: &Caller, op: &Op) -> Result<Reply, ApiError> {
+        if !op.mutates() {
+            return self.execute(op);
+        }
+        self.audit(caller, op, "started").map_err(|e| {
+            ApiError::internal(format!(
+                "the audit log cannot record this operation, so it was not run: {e}"
+            ))
+        })?;
+        let result = self.execute(op);
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error {}: {}", e.code, e.message),
+        };
+        if let Err(e) = self.audit(caller, op, &outcome) {
+            tracing::error!(action = op.action(), target = %op.target(), error = %e, "could not record the outcome of an admin operation in the audit log");
+        }
+        result
+    }
+
+    /// Records that `caller` was refused `op` before it ran (authorization).
+    pub(crate) fn audit_denied(&self, caller: &Caller, op_action: &str, target: &str, why: &str) {
+        let entry = AuditEntry {
+            actor: caller.actor.clone(),
+            action: op_action.to_owned(),
+            target: target.to_owned(),
+            result: format!("denied: {why}"),
+            detail: String::new(),
+        };
+        if let Err(e) = self.store.audit_append(&entry) {
+            tracing::error!(error = %e, "could not record a refused admin request in the audit log");
+        }
+    }
+
+    fn audit(&self, caller: &Caller, op: &Op, result: &str) -> Result<u64, AdminError> {
+        self.store.audit_append(&AuditEntry {
+            actor: caller.actor.clone(),
+            action: op.action().to_owned(),
+            target: op.target(),
+            result: result.to_owned(),
+            detail: op.detail(),
+        })
+    }
+
+    fn execute(&self, op: &Op) -> Result<Reply, ApiError> {
+        match op {
+            Op::Status => self.status(),
+            Op::ListTenants => {
+                let tenants = self.store.tenants().map_err(query_error)?;
+                let mut out = Vec::with_capacity(tenants.len());
+                for t in tenants {
+                    out.push(self.tenant_view(&t)?);
+                }
+                Ok(Reply::Tenants(out))
+            }
+            Op::ShowTenant { tenant } => {
+                let tenant = tenant_id(tenant)?;
+                let info = self.tenant_info(&tenant)?;
+                Ok(Reply::Tenant(self.tenant_view(&info)?))
+            }
+            Op::CreateTenant { tenant } => {
+                let tenant = tenant_id(tenant)?;
+                let info = self.store.create_tenant(&tenant).map_err(create_error)?;
+                Ok(Reply::Tenant(self.tenant_view(&info)?))
+            }
+            Op::DeleteTenant { tenant } => {
+                let tenant = tenant_id(tenant)?;
+                self.store.delete_tenant(&tenant).map_err(admin_error)?;
+                Ok(Reply::Deleted(DeletedView {
+                    deleted: tenant.to_string(),
+                    connections_closed: 0,
+                }))
+            }
+            Op::ShredTenant { tenant } => self.shred(tenant),
+            Op::RotateTenantKey { tenant } => {
+                let tenant = tenant_id(tenant)?;
+                let info = self.store.rotate_tenant_key(&tenant).map_err(admin_error)?;
+                Ok(Reply::Tenant(self.tenant_view(&info)?))
+            }
+            Op::ListVolumes { tenant } => {
+                let tenants = match tenant {
+                    Some(t) => vec![self.tenant_info(&tenant_id(t)?)?.id],
+                    None => self
+                        .store
+                        .tenants()
+                        .map_err(query_error)?
+                        .into_iter()
+                        .map(|t| t.id)
+                        .collect(),
+                };
+                let mut out = Vec::new();
+                for tenant in &tenants {
+                    for info in self.store.volumes(tenant).map_err(query_error)? {
+                        out.push(self.volume_view(&info)?);
+                    }
+                }
+                Ok(Reply::Volumes(out))
+            }
+            Op::ShowVolume { tenant, volume } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                let info = self.volume_info(&tenant, &volume)?;
+                Ok(Reply::Volume(self.volume_view(&info)?))
+            }
+            Op::CreateVolume {
+                tenant,
+                volume,
+                size,
+                block_size,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                let block_size = BlockSize::new(*block_size).map_err(|_| {
+                    bad_request(
+                        "invalid_block_size",
+                        format!(
+                            "block size {block_size} is not a power of two from {} to {}",
+                            BlockSize::MIN_BYTES,
+                            BlockSize::MAX_BYTES
+                        ),
+                    )
+                })?;
+                let info = self
+                    .store
+                    .create_volume(&tenant, &volume, *size, VolumeOptions { block_size })
+                    .map_err(create_error)?;
+                Ok(Reply::Volume(self.volume_view(&info)?))
+            }
+            Op::ResizeVolume {
+                tenant,
+                volume,
+                size,
+                discard_tail,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                let info = self
+                    .store
+                    .resize_volume(&tenant, &volume, *size, *discard_tail)
+                    .map_err(admin_error)?;
+                Ok(Reply::Volume(self.volume_view(&info)?))
+            }
+            Op::DeleteVolume {
+                tenant,
+                volume,
+                force,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                // Refused early for a volume that does not exist, before any
+                // connection is touched.
+                self.volume_info(&tenant, &volume)?;
+                let name = format!("{tenant}/{volume}");
+                let retired = self.retire(vec![name.clone()], *force)?;
+                self.until_closed(|| self.store.delete_volume(&tenant, &volume))?;
+                Ok(Reply::Deleted(DeletedView {
+                    deleted: name,
+                    connections_closed: retired.map_or(0, |r| r.connections_closed),
+                }))
+            }
+            Op::RotateMaster {
+                key_file,
+                passphrase,
+            } => {
+                let passphrase = passphrase
+                    .as_ref()
+                    .map(|p| blockseal_keys::Passphrase::new(p.to_string()));
+                let key = load_key_file(std::path::Path::new(key_file), passphrase.as_ref())
+                    .map_err(|e| {
+                        bad_request(
+                            "invalid_key_file",
+                            format!("cannot use {key_file} as the new master key: {e}"),
+                        )
+                    })?;
+                let started = Instant::now();
+                let done = self.store.rotate_master(key).map_err(admin_error)?;
+                Ok(Reply::MasterRotated(MasterRotationView {
+                    old_key_id: done.old_key.to_string(),
+                    new_key_id: done.new_key.to_string(),
+                    tenants: done.tenants,
+                    volumes: done.volumes,
+                    wrapped_keys: done.wrapped_keys,
+                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                }))
+            }
+            Op::Audit {
+                since_seq,
+                since_time,
+            } => {
+                let records = self
+                    .store
+                    .audit_entries(*since_seq, *since_time)
+                    .map_err(admin_error)?;
+                Ok(Reply::Audit(
+                    records
+                        .into_iter()
+                        .map(|r| AuditView {
+                            seq: r.seq,
+                            time: rfc3339_utc(r.time),
+                            actor: r.actor,
+                            action: r.action,
+                            target: r.target,
+                            result: r.result,
+                            detail: r.detail,
+                        })
+                        .collect(),
+                ))
+            }
+            Op::VerifyAudit => {
+                let v = self.store.audit_verify().map_err(admin_error)?;
+                Ok(Reply::AuditVerified(AuditVerifyView {
+                    entries: v.entries,
+                    intact: v.first_bad.is_none(),
+                    first_bad: v.first_bad,
+                    problem: v.problem,
+                }))
+            }
+        }
+    }
+
+    fn status(&self) -> Result<Reply, ApiError> {
+        let tenants = self.store.tenants().map_err(query_error)?;
+        let mut volumes = 0;
+        for t in &tenants {
+            volumes += self.store.volumes(&t.id).map_err(query_error)?.len();
+        }
+        Ok(Reply::Status(StatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            store: self.store.dir().display().to_string(),
+            backend: format!("{:?}", self.store.backend()).to_lowercase(),
+            master_key_id: self.store.master_key_id().to_string(),
+            tenants: tenants.len(),
+            volumes,
+            mode: if self.catalog.is_some() {
+                "online"
+            } else {
+                "offline"
+            }
+            .to_owned(),
+        }))
+    }
+
+    fn shred(&self, tenant: &str) -> Result<Reply, ApiError> {
+        let tenant = tenant_id(tenant)?;
+        let volumes = self
+            .store
+            .volumes(&self.tenant_info(&tenant)?.id)
+            .map_err(query_error)?;
+        let names = volumes
+            .iter()
+            .map(|v| format!("{}/{}", v.tenant, v.id))
+            .collect();
+        // Shredding always closes the tenant's connections: that is its point.
+        let retired = self.retire(names, true)?;
+        let report = self.until_closed(|| self.store.shred_tenant(&tenant))?;
+        Ok(Reply::Shredded(ShredView {
+            tenant: tenant.to_string(),
+            volumes: report.volumes,
+            connections_closed: retired.map_or(0, |r| r.connections_closed),
+            segments_deleted: report.segments_deleted,
+            bytes_freed: report.bytes_freed,
+        }))
+    }
+
+    /// Takes exports out of service (online only).
+    fn retire(
+        &self,
+        names: Vec<String>,
+        force: bool,
+    ) -> Result<Option<crate::exports::Retired<'_>>, ApiError> {
+        let Some(catalog) = &self.catalog else {
+            return Ok(None);
+        };
+        catalog
+            .retire(names, force, CLOSE_DEADLINE)
+            .map(Some)
+            .map_err(|e| match e {
+                RetireError::InUse {
+                    export,
+                    connections,
+                } => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "volume_in_use",
+                    format!(
+                        "{export} has {connections} client connection(s); disconnect them \
+                         first, or force it (`--force`), which closes them"
+                    ),
+                ),
+                RetireError::Busy { export } => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "busy",
+                    format!("another admin operation is deleting {export}"),
+                ),
+                RetireError::Stuck {
+                    export,
+                    connections,
+                } => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connections_stuck",
+                    format!(
+                        "{connections} connection(s) to {export} did not close within {}s; \
+                         nothing was deleted, try again",
+                        CLOSE_DEADLINE.as_secs()
+                    ),
+                ),
+            })
+    }
+
+    /// Runs a store operation that needs the volume closed: once its last
+    /// connection is gone, the instance still finishes closing (a last flush)
+    /// on the thread that dropped it, so "in use" is retried for a while.
+    fn until_closed<T>(
+        &self,
+        mut call: impl FnMut() -> Result<T, AdminError>,
+    ) -> Result<T, ApiError> {
+        let until = Instant::now() + CLOSE_DEADLINE;
+        loop {
+            match call() {
+                Err(AdminError::VolumeInUse { .. })
+                    if self.catalog.is_some() && Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other.map_err(admin_error),
+            }
+        }
+    }
+
+    fn tenant_info(&self, tenant: &TenantId) -> Result<TenantInfo, ApiError> {
+        self.store
+            .tenant(tenant)
+            .map_err(query_error)?
+            .ok_or_else(|| no_such_tenant(tenant))
+    }
+
+    fn volume_info(&self, tenant: &TenantId, volume: &VolumeId) -> Result<VolumeInfo, ApiError> {
+        self.tenant_info(tenant)?;
+        self.store
+            .volumes(tenant)
+            .map_err(query_error)?
+            .into_iter()
+            .find(|v| &v.id == volume)
+            .ok_or_else(|| no_such_volume(tenant, volume))
+    }
+
+    fn tenant_view(&self, info: &TenantInfo) -> Result<TenantView, ApiError> {
+        let volumes = self.store.volumes(&info.id).map_err(query_error)?.len();
+        Ok(TenantView {
+            name: info.id.to_string(),
+            kek_version: info.kek_version.0,
+            state: match info.state {
+                TenantState::Active => "active",
+                _ => "unknown",
+            }
+            .to_owned(),
+            created: rfc3339_utc(info.created),
+            volumes,
+        })
+    }
+
+    fn volume_view(&self, info: &VolumeInfo) -> Result<VolumeView, ApiError> {
+        let usage = self
+            .store
+            .volume_usage(&info.tenant, &info.id)
+            .map_err(admin_error)?;
+        Ok(VolumeView {
+            tenant: info.tenant.to_string(),
+            name: info.id.to_string(),
+            size: info.size,
+            block_size: info.block_size.get(),
+            active_dek: info.active_dek.0,
+            dek_versions: info.dek_versions.iter().map(|v: &KeyVersion| v.0).collect(),
+            created: rfc3339_utc(info.created),
+            updated: rfc3339_utc(info.updated),
+            mapped_bytes: usage.mapped_blocks * u64::from(info.block_size.get()),
+            segment_bytes: usage.segment_bytes,
+        })
+    }
+}
+
+fn bad_request(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+fn tenant_id(name: &str) -> Result<TenantId, ApiError> {
+    TenantId::new(name).map_err(|e| bad_request("invalid_name", e.to_string()))
+}
+
+fn volume_id(name: &str) -> Result<VolumeId, ApiError> {
+    VolumeId::new(name).map_err(|e| bad_request("invalid_name", e.to_string()))
+}
+
+fn no_such_tenant(tenant: &TenantId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_such_tenant",
+        format!("no tenant {tenant}"),
+    )
+}
+
+fn no_such_volume(tenant: &TenantId, volume: &VolumeId) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_such_volume",
+        format!("no volume {tenant}/{volume}"),
+    )
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    ApiError::internal(crate::exports::error_chain(&e))
+}
+
+fn create_error(e: CreateError) -> ApiError {
+    let conflict = |code, e: &CreateError| ApiError::new(StatusCode::CONFLICT, code, e.to_string());
+    match &e {
+        CreateError::TenantExists { .. } => conflict("tenant_exists", &e),
+        CreateError::VolumeExists { .. } => conflict("volume_exists", &e),
+        CreateError::NoSuchTenant { tenant } => no_such_tenant(tenant),
+        CreateError::InvalidSize { .. } => bad_request("invalid_size", e.to_string()),
+        CreateError::TooLarge { .. } => bad_request("too_large", e.to_string()),
+        _ => ApiError::internal(crate::exports::error_chain(&e)),
+    }
+}
+
+fn admin_error(e: AdminError) -> ApiError {
+    let conflict = |code, e: &AdminError| ApiError::new(StatusCode::CONFLICT, code, e.to_string());
+    match &e {
+        AdminError::NoSuchTenant { tenant } => no_such_tenant(tenant),
+        AdminError::NoSuchVolume { tenant, volume } => no_such_volume(tenant, volume),
+        AdminError::VolumeInUse { .. } => conflict("volume_in_use", &e),
+        AdminError::TenantHasVolumes { .. } => conflict("tenant_has_volumes", &e),
+        AdminError::MappedPastEnd { .. } => conflict("mapped_past_end", &e),
+        AdminError::InvalidSize { .. } => bad_request("invalid_size", e.to_string()),
+        AdminError::TooLarge { .. } => bad_request("too_large", e.to_string()),
+        AdminError::SameMasterKey { .. } => bad_request("same_master_key", e.to_string()),
+        _ => ApiError::internal(crate::exports::error_chain(&e)),
+    }
+}
