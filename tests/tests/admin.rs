@@ -865,3 +865,69 @@ fn admin_api_over_tls_takes_admin_certificates_only() {
     assert!(audit.contains("cert:alice"), "{audit}");
     assert!(audit.contains("denied"), "{audit}");
 }
+
+#[test]
+fn shred_and_master_key_rotation_work_offline_too() {
+    // Data written through a server, which then stops.
+    let mut server = ServerProcess::demo("1M");
+    let data = server.data_dir();
+    cli_ok(&data, &["tenant", "create", "acme"]);
+    cli_ok(&data, &["volume", "create", "acme/rec", "--size", "1M"]);
+    let content = server.dir.join("content.raw");
+    blockseal_tests::random_file(&content, 1 << 20);
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&content)
+            .arg(server.uri("acme/rec")),
+    );
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&content)
+            .arg(server.uri("demo/disk")),
+    );
+    server.stop();
+
+    let out = cli_ok(&data, &["tenant", "shred", "acme", "--yes-i-understand"]);
+    assert!(
+        out.contains("shredded tenant acme: keys destroyed, 1 volume(s)"),
+        "{out}"
+    );
+    assert!(out.contains("0 connection(s) closed"), "{out}");
+    cli_fails(&data, 3, &["tenant", "show", "acme"]);
+
+    let new_key = server.dir.join("new.key");
+    blockseal_ok(&["key", "init", "--out", path_str(&new_key)]);
+    let out = cli_ok(
+        &data,
+        &["key", "rotate-master", "--new-key", path_str(&new_key)],
+    );
+    assert!(out.contains("Use the new key file from now on"), "{out}");
+    // The old key opens nothing; the new one opens everything.
+    let err = cli_fails(&data, 1, &["status"]);
+    assert!(err.contains("rotate-master"), "{err}");
+    let status = cli_ok(
+        &data,
+        &["status", "--master-key", path_str(&new_key), "--json"],
+    );
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["mode"], "offline");
+    assert_eq!(status["tenants"], 1);
+    std::fs::rename(&new_key, data.join("master.key")).unwrap();
+    server.restart();
+    let back = server.dir.join("back.raw");
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(server.uri("demo/disk"))
+            .arg(&back),
+    );
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(&content).unwrap()
+    );
+    let audit = cli_ok(&data, &["audit"]);
+    for action in ["tenant.shred", "key.rotate-master"] {
+        assert!(audit.contains(action), "{audit}");
+    }
+    assert!(audit.contains("local:uid:"), "{audit}");
+    cli_ok(&data, &["audit", "verify"]);
+}
