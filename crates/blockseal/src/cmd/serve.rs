@@ -350,7 +350,10 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("blockseal-final-flush".into())
             .spawn(move || {
-                let _ = flushed_tx.send(catalog.flush_all());
+                let flushed = catalog.flush_all();
+                // Let go of the store before saying so: the caller closes it next.
+                drop(catalog);
+                let _ = flushed_tx.send(flushed);
             })
             .context("cannot start the final flush")?;
         let flushed = flushed_rx
