@@ -78,6 +78,7 @@ mod marker;
 pub mod meta;
 pub mod nonce;
 mod record;
+mod rekeyer;
 #[cfg(feature = "testing")]
 pub mod seal;
 // Without `testing` nothing outside the crate reaches the cipher: its items are
@@ -97,7 +98,10 @@ pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
-    FORMAT_VERSION, MAX_VOLUME_BYTES, RecoveryReport, Store, StoreOptions, TenantInfo, TenantState,
-    VolumeInfo, VolumeOptions,
+    DataKeyRotation, FORMAT_VERSION, MAX_VOLUME_BYTES, RecoveryReport, RotateError, Store,
+    StoreOptions, TenantInfo, TenantState, VolumeInfo, VolumeOptions,
 };
-pub use volume::{BlockStatus, CompactionReport, Volume, VolumeStats};
+pub use volume::{
+    BlockStatus, CompactionReport, DataKeyStatus, DataKeyUsage, ReencryptionProgress,
+    ReencryptionReport, Volume, VolumeStats,
+};
