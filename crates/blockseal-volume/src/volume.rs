@@ -17,8 +17,10 @@
 //! [`compact`] (space reclamation) and [`check`] (what the metadata must satisfy
 //! at open). This file holds the types they share and the public API.
 //!
-//! Locks, in the only order they are taken: the compaction lock (one compaction
-//! of a volume at a time; see [`compact`]), then the edge-block stripes of a
+//! Locks, in the only order they are taken: the store's admin lock (held by
+//! re-encryption's last step and automatic rotations, which change the volume
+//! record; see [`reencrypt`]), then the compaction lock (one compaction or
+//! re-encryption step of a volume at a time; see [`compact`]), then the edge-block stripes of a
 //! write with partial blocks, then the install gate (shared by writes from
 //! allocation to install, exclusive for an instant in compaction), then the
 //! flush lock, then the head / overlay / dirty-set / index locks (each held
@@ -30,6 +32,9 @@
 //! Space comes back by compaction (module [`compact`]): the live blocks of a
 //! mostly dead sealed segment are copied to the head and their mappings switched
 //! in one conditional commit, after which the old segment is deleted.
+//! After a data key rotation, module [`reencrypt`] seals old blocks again
+//! under the new key the same way, step by step, and then destroys the old
+//! keys.
 //!
 //! This module must never log plaintext or keys, never acknowledge a flush before
 //! both the segment sync and the metadata commit returned `Ok`, and never accept a

@@ -75,7 +75,11 @@ fn status(store: &Store) -> DataKeyStatus {
 
 /// `(version, blocks)` per DEK the status lists.
 fn blocks_per_key(status: &DataKeyStatus) -> Vec<(u32, u64)> {
-    status.keys.iter().map(|k| (k.version.0, k.blocks)).collect()
+    status
+        .keys
+        .iter()
+        .map(|k| (k.version.0, k.blocks))
+        .collect()
 }
 
 fn rotate(store: &Store) -> KeyVersion {
@@ -100,7 +104,9 @@ fn rotation_under_a_writer_leaves_only_the_newest_key() {
         const BLOCKS: u64 = 2048;
         let dir = tempfile::tempdir().unwrap();
         // Background re-encryption at full speed races the writer.
-        let options = manual(backend).background_reencryption(true).reencrypt_rate(u64::MAX);
+        let options = manual(backend)
+            .background_reencryption(true)
+            .reencrypt_rate(u64::MAX);
         let (store, volume) = store_with_volume(dir.path(), BLOCKS * BS, options);
         let mut versions = vec![0u64; BLOCKS as usize];
         for lba in 0..BLOCKS {
@@ -125,7 +131,10 @@ fn rotation_under_a_writer_leaves_only_the_newest_key() {
                     // Any block reads its last write, whatever was moved.
                     let probe = rng.random_range(0..BLOCKS);
                     volume.read_at(probe * BS, &mut block).unwrap();
-                    assert!(block == content(probe, versions[probe as usize]), "block {probe}");
+                    assert!(
+                        block == content(probe, versions[probe as usize]),
+                        "block {probe}"
+                    );
                     if version.is_multiple_of(64) {
                         volume.flush().unwrap();
                     }
@@ -184,7 +193,10 @@ fn two_rotations_before_reencryption_finish_together() {
         let rotation = store
             .rotate_data_key(&tenant("acme"), &volume_id("disk"))
             .unwrap();
-        assert_eq!((rotation.previous, rotation.active), (KeyVersion(1), KeyVersion(2)));
+        assert_eq!(
+            (rotation.previous, rotation.active),
+            (KeyVersion(1), KeyVersion(2))
+        );
         assert!(rotation.open);
         // A quarter of the blocks under v2, then v3 for the next quarter.
         for lba in 0..BLOCKS / 4 {
@@ -205,7 +217,10 @@ fn two_rotations_before_reencryption_finish_together() {
             [(1, BLOCKS / 2), (2, BLOCKS / 4), (3, BLOCKS / 4)]
         );
         let job = before.job.unwrap();
-        assert_eq!((job.target, job.blocks_remaining), (KeyVersion(3), 3 * BLOCKS / 4));
+        assert_eq!(
+            (job.target, job.blocks_remaining),
+            (KeyVersion(3), 3 * BLOCKS / 4)
+        );
         check_all(&volume, &versions);
 
         let report = volume.reencrypt_now().unwrap();
@@ -283,7 +298,10 @@ fn an_old_key_stays_while_a_block_needs_it() {
         };
         assert!(segments.corrupt(segment, 7, 0x40));
         let report = volume.reencrypt_now().unwrap();
-        assert_eq!((report.blocks_reencrypted, report.blocks_unreadable), (1, 1));
+        assert_eq!(
+            (report.blocks_reencrypted, report.blocks_unreadable),
+            (1, 1)
+        );
         assert!(!report.finished && report.destroyed.is_empty());
         assert_eq!(info(&store).dek_versions, [KeyVersion(1), KeyVersion(2)]);
         assert_eq!(blocks_per_key(&status(&store)), [(1, 1), (2, 2)]);
@@ -319,8 +337,7 @@ fn a_job_cut_off_by_a_crash_resumes_and_finishes() {
         let with = |options: StoreOptions| options.segment_store(Arc::new(segments.clone()));
         let versions: Vec<u64> = (0..BLOCKS).map(|lba| 1 + lba % 3).collect();
         {
-            let (store, volume) =
-                store_with_volume(dir.path(), BLOCKS * BS, with(manual(backend)));
+            let (store, volume) = store_with_volume(dir.path(), BLOCKS * BS, with(manual(backend)));
             for lba in 0..BLOCKS {
                 write_block(&volume, lba, versions[lba as usize]);
             }

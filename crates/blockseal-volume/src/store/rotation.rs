@@ -185,9 +185,9 @@ impl Store {
             VolumeRecord::decode(&record).map_err(|e| VolumeError::Corrupt { what: e.0 })?;
         let blocks = dek_blocks_in_store(self.meta.as_ref(), record.internal_id)?;
         let job = match self.meta.get(&record::job_key(record.internal_id))? {
-            Some(bytes) => Some(
-                JobRecord::decode(&bytes).map_err(|e| VolumeError::Corrupt { what: e.0 })?,
-            ),
+            Some(bytes) => {
+                Some(JobRecord::decode(&bytes).map_err(|e| VolumeError::Corrupt { what: e.0 })?)
+            }
             // An open would make one (see `Rekey::load`).
             None if record.keys.len() > 1 => Some(JobRecord {
                 target: record.active_dek,

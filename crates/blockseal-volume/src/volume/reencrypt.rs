@@ -40,7 +40,7 @@
 //! # Destroying old DEKs
 //!
 //! Under the store's admin lock (so no rotation, rewrap or other change of the
-//! volume record interleaves), after the install gate (no write can still
+//! volume record interleaves) and the compaction lock, after the install gate (no write can still
 //! install a mapping sealed before the switch) and under the flush lock, a DEK
 //! other than the active one is destroyed only when neither the overlay nor
 //! any committed mapping names it: one commit removes its wrapped key from the
@@ -265,8 +265,9 @@ pub(crate) fn dek_blocks_in_store(
 ) -> Result<BTreeMap<u32, u64>, VolumeError> {
     let mut blocks: BTreeMap<u32, u64> = BTreeMap::new();
     let mut bad = None;
-    meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
-        match Extent::decode(key, value) {
+    meta.scan_prefix(
+        &record::extent_prefix(volume),
+        &mut |key, value| match Extent::decode(key, value) {
             Ok(extent) => {
                 *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
                 true
@@ -275,8 +276,8 @@ pub(crate) fn dek_blocks_in_store(
                 bad = Some(e);
                 false
             }
-        }
-    })?;
+        },
+    )?;
     match bad {
         Some(e) => Err(corrupt(e)),
         None => Ok(blocks),
@@ -323,10 +324,12 @@ impl Volume {
     /// [`Store::data_key_status`](crate::Store::data_key_status)).
     pub fn data_key_status(&self) -> Result<DataKeyStatus, VolumeError> {
         let i = &self.inner;
-        let record = i.volume_record()?.ok_or_else(|| VolumeError::NoSuchVolume {
-            tenant: i.tenant.clone(),
-            volume: i.name.clone(),
-        })?;
+        let record = i
+            .volume_record()?
+            .ok_or_else(|| VolumeError::NoSuchVolume {
+                tenant: i.tenant.clone(),
+                volume: i.name.clone(),
+            })?;
         let blocks = i.dek_blocks()?;
         let job = *i.rekey.lock_job();
         Ok(status_of(
@@ -686,7 +689,9 @@ impl VolumeInner {
             }
         }
         step.moved = self.commit_reencrypted(&moves, next)?;
-        self.rekey.reencrypted.fetch_add(step.moved, Ordering::Relaxed);
+        self.rekey
+            .reencrypted
+            .fetch_add(step.moved, Ordering::Relaxed);
         Ok(step)
     }
 
@@ -825,6 +830,9 @@ impl VolumeInner {
     /// destroyed, or `None` when some are still needed.
     fn destroy_old_keys(&self) -> Result<Option<Vec<u32>>, VolumeError> {
         let _admin = self.rekey.lock_admin();
+        // No step of another pass is between reading an old block and
+        // switching it.
+        let _one = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
         // No rotation can happen while the admin lock is held.
         let active = self.active_dek.load(Ordering::Acquire);
         let old: Vec<u32> = self
@@ -881,8 +889,9 @@ impl VolumeInner {
         );
         let mut doomed_writers = Vec::new();
         let mut bad = None;
-        self.meta
-            .scan_prefix(&record::writer_prefix(self.internal_id), &mut |key, value| {
+        self.meta.scan_prefix(
+            &record::writer_prefix(self.internal_id),
+            &mut |key, value| {
                 match WriterRecord::decode(value) {
                     Ok(w) if w.dek_version != active => doomed_writers.push(key.to_vec()),
                     Ok(_) => {}
@@ -892,7 +901,8 @@ impl VolumeInner {
                     }
                 }
                 true
-            })?;
+            },
+        )?;
         if let Some(e) = bad {
             return Err(corrupt(e));
         }
@@ -1012,6 +1022,64 @@ mod tests {
         }
     }
 
+    /// The background pass moves at most one paced step per pacer tick (never
+    /// more than a second's worth of the rate), and the pacer, fed those
+    /// ticks on a simulated clock, keeps the bytes moved within the rate.
+    #[test]
+    fn each_pacer_tick_moves_at_most_one_step() {
+        use blockseal_keys::{MasterKey, TenantId, VolumeId};
+
+        use crate::compactor::Pacer;
+        use crate::rekeyer::step_bytes;
+        use crate::{Store, StoreOptions, VolumeOptions};
+
+        const SIZE: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions::new()
+            .background_compaction(false)
+            .background_reencryption(false);
+        let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
+        let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
+        store.create_tenant(&tenant).unwrap();
+        store
+            .create_volume(&tenant, &name, SIZE, VolumeOptions::default())
+            .unwrap();
+        let volume = store.open_volume(&tenant, &name).unwrap();
+        volume.write_at(0, &vec![7u8; SIZE as usize]).unwrap();
+        volume.flush().unwrap();
+        store.rotate_data_key(&tenant, &name).unwrap();
+
+        let rate = 256 << 10;
+        let step = step_bytes(rate);
+        let mut ticks = Vec::new();
+        let report = volume
+            .inner
+            .reencrypt(step, &mut |bytes| {
+                ticks.push(bytes);
+                true
+            })
+            .unwrap();
+        assert!(report.finished);
+        assert_eq!(ticks.len() as u64, SIZE / step);
+        assert!(ticks.iter().all(|&bytes| bytes <= step), "{ticks:?}");
+        assert_eq!(ticks.iter().sum::<u64>(), SIZE);
+
+        let wake = Wakeup::default();
+        let mut pacer = Pacer::new(rate, &wake);
+        let start = pacer.started();
+        let (mut now, mut moved) = (start, 0u64);
+        for &bytes in &ticks {
+            moved += bytes;
+            now += pacer.delay_at(bytes, false, now).unwrap();
+            let allowed = rate as f64 * now.duration_since(start).as_secs_f64();
+            assert!(moved as f64 <= allowed + step as f64 + 1.0);
+        }
+        // The data reads back as written, under the new key.
+        let mut buf = vec![0u8; SIZE as usize];
+        volume.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+    }
+
     #[test]
     fn pieces_split_where_blocks_stop_following_each_other() {
         let locations = [
@@ -1024,8 +1092,10 @@ mod tests {
             loc(1, 15, 2, 9),
         ];
         let got = pieces(100, &locations);
-        let shape: Vec<(u64, u32, usize)> =
-            got.iter().map(|e| (e.lba, e.offset, e.tags.len())).collect();
+        let shape: Vec<(u64, u32, usize)> = got
+            .iter()
+            .map(|e| (e.lba, e.offset, e.tags.len()))
+            .collect();
         assert_eq!(shape, [(100, 10, 2), (102, 12, 1), (103, 14, 2)]);
         let long: Vec<Location> = (0..MAX_EXTENT_BLOCKS as u32 + 3)
             .map(|k| loc(0, k, 1, u64::from(k)))
