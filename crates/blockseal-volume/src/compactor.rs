@@ -60,17 +60,17 @@ impl Wakeup {
         }
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.lock().stop = true;
         self.cv.notify_all();
     }
 
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.lock().stop
     }
 
     /// Waits for a notification or `timeout`; `false` when the store is closing.
-    fn wait(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let state = self.lock();
         let (mut state, _) = self
             .cv
@@ -81,7 +81,7 @@ impl Wakeup {
     }
 
     /// Sleeps for `duration` unless the store closes first; `false` when it does.
-    fn sleep(&self, duration: Duration) -> bool {
+    pub(crate) fn sleep(&self, duration: Duration) -> bool {
         let state = self.lock();
         let (state, _) = self
             .cv
@@ -164,16 +164,7 @@ fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {
             if !volume.wants_compaction() {
                 continue;
             }
-            let mut pacer = Pacer::new(config.rate, wake);
-            let mut seen = (Instant::now(), volume.requests());
-            let mut pace = |bytes| {
-                // The volume's request rate over the step just copied.
-                let now = (Instant::now(), volume.requests());
-                let seconds = now.0.duration_since(seen.0).as_secs_f64().max(1e-3);
-                let busy = (now.1 - seen.1) as f64 / seconds >= BUSY_REQUESTS_PER_SECOND;
-                seen = now;
-                pacer.pace(bytes, busy)
-            };
+            let mut pace = load_paced(&volume, Pacer::new(config.rate, wake));
             match volume.compact(volume.compact_threshold(), &mut pace) {
                 Ok(report) if report != CompactionReport::default() => {
                     tracing::debug!(
@@ -198,6 +189,25 @@ fn run(open: &OpenVolumes, wake: &Wakeup, config: CompactorConfig) {
     }
 }
 
+/// A pacing function for background work on `volume` (compaction,
+/// re-encryption): called after each step with the bytes it wrote, it sleeps
+/// as `pacer` says, counting the step as busy when the volume served
+/// [`BUSY_REQUESTS_PER_SECOND`] or more meanwhile. `false`: the store is closing.
+pub(crate) fn load_paced<'a>(
+    volume: &'a VolumeInner,
+    mut pacer: Pacer<'a>,
+) -> impl FnMut(u64) -> bool + 'a {
+    let mut seen = (Instant::now(), volume.requests());
+    move |bytes| {
+        // The volume's request rate over the step just done.
+        let now = (Instant::now(), volume.requests());
+        let seconds = now.0.duration_since(seen.0).as_secs_f64().max(1e-3);
+        let busy = (now.1 - seen.1) as f64 / seconds >= BUSY_REQUESTS_PER_SECOND;
+        seen = now;
+        pacer.pace(bytes, busy)
+    }
+}
+
 /// A volume serving at least this many requests a second is busy: its
 /// compaction copies at `1 / BUSY_SHARE` of the configured rate meanwhile.
 const BUSY_REQUESTS_PER_SECOND: f64 = 1000.0;
@@ -207,7 +217,7 @@ const BUSY_SHARE: u64 = 4;
 
 /// Keeps the copy rate at or below `rate` bytes per second (a quarter of it
 /// while the volume is busy).
-struct Pacer<'a> {
+pub(crate) struct Pacer<'a> {
     rate: u64,
     wake: &'a Wakeup,
     started: Instant,
@@ -215,7 +225,7 @@ struct Pacer<'a> {
 }
 
 impl<'a> Pacer<'a> {
-    fn new(rate: u64, wake: &'a Wakeup) -> Pacer<'a> {
+    pub(crate) fn new(rate: u64, wake: &'a Wakeup) -> Pacer<'a> {
         Pacer {
             rate: rate.max(1),
             wake,
@@ -236,6 +246,11 @@ impl<'a> Pacer<'a> {
     /// Accounts `bytes` and returns how long to wait before the next step
     /// (`None`: no limit).
     fn delay(&mut self, bytes: u64, busy: bool) -> Option<Duration> {
+        self.delay_at(bytes, busy, Instant::now())
+    }
+
+    /// [`Pacer::delay`] as seen at instant `now`.
+    pub(crate) fn delay_at(&mut self, bytes: u64, busy: bool, now: Instant) -> Option<Duration> {
         if self.rate == u64::MAX {
             return None;
         }
@@ -243,7 +258,13 @@ impl<'a> Pacer<'a> {
         let weight = if busy { BUSY_SHARE } else { 1 };
         self.bytes = self.bytes.saturating_add(bytes.saturating_mul(weight));
         let due = self.started + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
-        Some(due.saturating_duration_since(Instant::now()))
+        Some(due.saturating_duration_since(now))
+    }
+
+    /// When the pacer started counting.
+    #[cfg(test)]
+    pub(crate) fn started(&self) -> Instant {
+        self.started
     }
 }
 

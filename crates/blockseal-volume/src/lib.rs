@@ -78,6 +78,7 @@ mod marker;
 pub mod meta;
 pub mod nonce;
 mod record;
+mod rekeyer;
 #[cfg(feature = "testing")]
 pub mod seal;
 // Without `testing` nothing outside the crate reaches the cipher: its items are
@@ -99,8 +100,12 @@ pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
-    AuditEntry, AuditRecord, AuditVerification, FORMAT_VERSION, MAX_AUDIT_ENTRY_BYTES,
-    MAX_VOLUME_BYTES, MasterRotation, RecoveryReport, ShredReport, Store, StoreOptions, TenantInfo,
-    TenantState, VolumeInfo, VolumeOptions, VolumeUsage,
+    AuditEntry, AuditRecord, AuditVerification, DataKeyRotation, FORMAT_VERSION,
+    MAX_AUDIT_ENTRY_BYTES, MAX_VOLUME_BYTES, MasterRotation, RecoveryReport, RotateError,
+    ShredReport, Store, StoreOptions, TenantInfo, TenantState, VolumeInfo, VolumeOptions,
+    VolumeUsage,
 };
-pub use volume::{BlockStatus, CompactionReport, Volume, VolumeStats};
+pub use volume::{
+    BlockStatus, CompactionReport, DataKeyStatus, DataKeyUsage, ReencryptionProgress,
+    ReencryptionReport, Volume, VolumeStats,
+};

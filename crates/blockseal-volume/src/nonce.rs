@@ -54,6 +54,26 @@ pub fn default_limit(block_size: BlockSize) -> u64 {
     (DATA_LIMIT_BYTES >> block_size.shift()).min(DEFAULT_LIMIT)
 }
 
+/// How many writer keys' worth of seals one DEK backs: 1024. See [`dek_limit`].
+pub const DEK_WRITER_KEYS: u64 = 1 << 10;
+
+/// The seal budget of one DEK: [`DEK_WRITER_KEYS`] times the writer limit
+/// (`writer_limit`: [`default_limit`], or what
+/// `StoreOptions::danger_writer_nonce_limit` lowered it to). 2^42 blocks
+/// (16 PiB) at 4 KiB.
+///
+/// No AES-GCM bound is near here: the DEK never seals a block itself, it only
+/// keys HKDF for writer keys with fresh 256-bit salts, and each writer key is
+/// bounded by the writer limit. What is counted is every nonce reserved by a
+/// writer key derived from the DEK (sealed blocks, including re-encrypted
+/// ones and reservations a failed write left unused), persisted with each
+/// commit. The budget is a key-lifetime policy: a volume's DEK is replaced
+/// (and its blocks re-encrypted) when half of it is spent, so no single DEK
+/// ever stands behind an unbounded amount of data.
+pub fn dek_limit(writer_limit: u64) -> u64 {
+    writer_limit.saturating_mul(DEK_WRITER_KEYS)
+}
+
 /// The nonce for a counter: [`NONCE_PREFIX`] then the counter, big-endian.
 ///
 /// Only with the `testing` feature: a caller that picks counters can repeat a
@@ -93,5 +113,7 @@ mod tests {
         assert_eq!(default_limit(BlockSize::DEFAULT), DEFAULT_LIMIT);
         assert_eq!(default_limit(BlockSize::new(65536).unwrap()), 1 << 28);
         assert_eq!(default_limit(BlockSize::new(512).unwrap()), DEFAULT_LIMIT);
+        assert_eq!(dek_limit(default_limit(BlockSize::DEFAULT)), 1 << 42);
+        assert_eq!(dek_limit(u64::MAX), u64::MAX);
     }
 }

@@ -40,16 +40,20 @@ use crate::flusher::Flusher;
 use crate::marker::{self, MARKER_FILE, Marker, Sequenced};
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, Extent, HeaderRecord, TenantRecord, VolumeRecord, WriterRecord};
+use crate::rekeyer::{Rekeyer, RekeyerConfig};
 use crate::segment::{FileSegments, SegmentStore};
 use crate::volume::IndexBudget;
-use crate::volume::{Closed, CompactionReport, Volume, VolumeParts};
+use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
 
 pub use crate::record::TenantState;
 pub use admin::{MasterRotation, ShredReport, VolumeUsage};
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
+pub(crate) use rotation::commit_rotation;
+pub use rotation::{DataKeyRotation, RotateError};
 
 mod admin;
 mod audit;
+mod rotation;
 
 /// The store format this build writes and the newest it reads. Version 2 added
 /// writer keys (extent records of version 2, writer records, the commit marker);
@@ -82,6 +86,8 @@ pub struct StoreOptions {
     space_reserve: u64,
     writer_nonce_limit: Option<u64>,
     index_memory: usize,
+    reencrypt_rate: u64,
+    background_reencryption: bool,
 }
 
 impl StoreOptions {
@@ -102,6 +108,9 @@ impl StoreOptions {
     /// 512 MiB, the mappings of about 13 GiB written in scattered 4 KiB blocks
     /// or 120 GiB written sequentially.
     pub const DEFAULT_INDEX_MEMORY: usize = 512 << 20;
+    /// Default background re-encryption rate after a data key rotation:
+    /// 32 MiB of blocks per second.
+    pub const DEFAULT_REENCRYPT_RATE: u64 = 32 << 20;
 
     /// Defaults: redb metadata, 64 MiB segments in files under the store directory.
     pub fn new() -> StoreOptions {
@@ -118,7 +127,25 @@ impl StoreOptions {
             space_reserve: FileSegments::DEFAULT_RESERVE,
             writer_nonce_limit: None,
             index_memory: Self::DEFAULT_INDEX_MEMORY,
+            reencrypt_rate: Self::DEFAULT_REENCRYPT_RATE,
+            background_reencryption: true,
         }
+    }
+
+    /// The most bytes per second background re-encryption seals after a data
+    /// key rotation (`u64::MAX`: no limit). Paced like compaction: a quarter
+    /// of it while the volume serves 1,000 requests a second or more.
+    pub fn reencrypt_rate(mut self, bytes_per_second: u64) -> StoreOptions {
+        self.reencrypt_rate = bytes_per_second.max(1);
+        self
+    }
+
+    /// Whether open volumes are re-encrypted in the background after a data
+    /// key rotation (default: yes). Without it only [`Store::reencrypt_now`]
+    /// and [`Volume::reencrypt_now`] do; automatic rotations happen either way.
+    pub fn background_reencryption(mut self, enabled: bool) -> StoreOptions {
+        self.background_reencryption = enabled;
+        self
     }
 
     /// The most memory the open volumes' in-memory extent indexes hold
@@ -235,6 +262,8 @@ impl fmt::Debug for StoreOptions {
             .field("compaction_interval", &self.compaction_interval)
             .field("space_reserve", &self.space_reserve)
             .field("index_memory", &self.index_memory)
+            .field("reencrypt_rate", &self.reencrypt_rate)
+            .field("background_reencryption", &self.background_reencryption)
             .finish()
     }
 }
@@ -304,7 +333,9 @@ pub struct RecoveryReport {
 /// Unless disabled in [`StoreOptions::background_compaction`], the store owns a
 /// thread that compacts its open volumes; dropping the store stops it.
 pub struct Store {
-    // Dropped first: the compaction and flush threads stop before anything else goes.
+    // Dropped first: the re-encryption, compaction and flush threads stop
+    // before anything else goes.
+    rekeyer: Rekeyer,
     compactor: Option<Compactor>,
     flusher: Flusher,
     index_budget: Arc<IndexBudget>,
@@ -327,9 +358,11 @@ pub struct Store {
     /// Per volume being opened, a gate opened when that open has finished (and
     /// registered the instance, or failed).
     opening: Mutex<HashMap<(TenantId, VolumeId), Arc<Closed>>>,
-    /// Serializes tenant and volume creation and every admin operation
-    /// (read-check-write of records). Taken before `audit` and `master`.
-    admin: Mutex<()>,
+    /// Serializes tenant and volume creation and every change of a volume
+    /// record (read-check-write of records), admin operations included.
+    /// Shared with open volumes, whose re-encryption and automatic rotations
+    /// change their records. Taken before `audit` and `master`.
+    admin: Arc<Mutex<()>>,
     /// Serializes audit appends; holds the audit key once it was unwrapped.
     audit: Mutex<Option<AuditKey>>,
     // Dropped last: the lock outlives every other handle on the directory.
@@ -525,7 +558,17 @@ impl Store {
         admin::finish_tombstones(meta.as_ref(), segments.as_ref())?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         let index_budget = Arc::new(IndexBudget::new(options.index_memory));
+        let rekeyer = Rekeyer::start(
+            open.clone(),
+            RekeyerConfig {
+                rate: options.reencrypt_rate,
+                interval: options.compaction_interval,
+                background: options.background_reencryption,
+            },
+        )
+        .map_err(io_error(&dir))?;
         Ok(Store {
+            rekeyer,
             compactor: start_compactor(&dir, &open, &options)?,
             flusher: Flusher::start(open.clone(), index_budget.clone()).map_err(io_error(&dir))?,
             index_budget,
@@ -538,7 +581,7 @@ impl Store {
             open,
             closing: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
-            admin: Mutex::new(()),
+            admin: Arc::new(Mutex::new(())),
             audit: Mutex::new(None),
             _lock: lock,
         })
@@ -837,6 +880,11 @@ impl Store {
             closed: closed.clone(),
             nonce_limit: self.options.writer_nonce_limit,
             index_budget: self.index_budget.clone(),
+            rekey: RekeyParts {
+                admin: self.admin.clone(),
+                kek: Some(kek),
+                wake: Some(self.rekeyer.wakeup().clone()),
+            },
         })?;
         {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -850,6 +898,8 @@ impl Store {
         if let Some(compactor) = &self.compactor {
             compactor.wakeup().notify();
         }
+        // So does an unfinished re-encryption job.
+        self.rekeyer.wakeup().notify();
         drop(opening);
         tracing::info!(tenant = %tenant, volume = %volume, "volume opened");
         Ok(opened)
@@ -971,7 +1021,7 @@ fn query_to_volume(e: QueryError) -> VolumeError {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // A clock before 1970 is a misconfigured host; 0 is still a valid timestamp.
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -17,8 +17,10 @@
 //! [`compact`] (space reclamation) and [`check`] (what the metadata must satisfy
 //! at open). This file holds the types they share and the public API.
 //!
-//! Locks, in the only order they are taken: the compaction lock (one compaction
-//! of a volume at a time; see [`compact`]), then the edge-block stripes of a
+//! Locks, in the only order they are taken: the store's admin lock (held by
+//! re-encryption's last step and automatic rotations, which change the volume
+//! record; see [`reencrypt`]), then the compaction lock (one compaction or
+//! re-encryption step of a volume at a time; see [`compact`]), then the edge-block stripes of a
 //! write with partial blocks, then the install gate (shared by writes from
 //! allocation to install, exclusive for an instant in compaction), then the
 //! flush lock, then the head / overlay / dirty-set / index locks (each held
@@ -30,6 +32,9 @@
 //! Space comes back by compaction (module [`compact`]): the live blocks of a
 //! mostly dead sealed segment are copied to the head and their mappings switched
 //! in one conditional commit, after which the old segment is deleted.
+//! After a data key rotation, module [`reencrypt`] seals old blocks again
+//! under the new key the same way, step by step, and then destroys the old
+//! keys.
 //!
 //! This module must never log plaintext or keys, never acknowledge a flush before
 //! both the segment sync and the metadata commit returned `Ok`, and never accept a
@@ -41,14 +46,17 @@ mod commit;
 mod compact;
 mod index;
 mod read;
+mod reencrypt;
 mod write;
 
 pub use compact::CompactionReport;
 pub(crate) use index::IndexBudget;
+pub use reencrypt::{DataKeyStatus, DataKeyUsage, ReencryptionProgress, ReencryptionReport};
+pub(crate) use reencrypt::{RekeyParts, STEP_BYTES, dek_blocks_in_store, status_of};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use blockseal_keys::{DataKey, TenantId, VolumeId};
@@ -107,9 +115,14 @@ pub struct VolumeStats {
     pub compacted_blocks: u64,
     /// Segments compaction deleted since the volume was opened.
     pub deleted_segments: u64,
-    /// Metadata bytes (keys and values) written by compaction's mapping commits
-    /// (not counted in `metadata_bytes`).
+    /// Metadata bytes (keys and values) written by compaction's and
+    /// re-encryption's mapping commits (not counted in `metadata_bytes`).
     pub compaction_metadata_bytes: u64,
+    /// Blocks re-encrypted under a newer data key since the volume was opened.
+    pub reencrypted_blocks: u64,
+    /// Data key rotations the volume's nonce budget triggered since it was
+    /// opened (see [`nonce::dek_limit`](crate::nonce::dek_limit)).
+    pub automatic_rotations: u64,
 }
 
 /// Where a block's current version lives, or that it reads as zeros.
@@ -138,6 +151,8 @@ struct Location {
 /// after, the first extent that names it.
 struct Writer {
     number: u32,
+    /// The DEK version the writer key derives from (the AAD binds it).
+    dek_version: u32,
     cipher: Arc<BlockCipher>,
 }
 
@@ -190,10 +205,12 @@ pub(crate) struct VolumeInner {
     overlay_limit: usize,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
-    /// Every DEK version the volume holds, for deriving writer keys.
-    deks: HashMap<u32, DataKey>,
-    /// The DEK version new writers derive from.
-    active_dek: u32,
+    /// Every DEK version the volume holds, for deriving writer keys. A
+    /// rotation adds one; re-encryption's last step removes the old ones.
+    deks: RwLock<HashMap<u32, DataKey>>,
+    /// The DEK version new writers derive from. Changed only under the head
+    /// lock, together with dropping the current writer (see `reencrypt`).
+    active_dek: AtomicU32,
     /// The most nonces one writer key seals with.
     nonce_limit: u64,
     /// Every writer whose blocks may be mapped (recorded or made this session);
@@ -249,6 +266,8 @@ pub(crate) struct VolumeInner {
     /// Reads and writes served since the volume opened (compaction's pacing
     /// watches its rate).
     requests: AtomicU64,
+    /// DEK rotation and re-encryption state (see [`reencrypt`]).
+    rekey: reencrypt::Rekey,
 }
 
 /// Everything [`Volume::open`] needs, assembled by the store.
@@ -275,6 +294,8 @@ pub(crate) struct VolumeParts {
     pub(crate) nonce_limit: Option<u64>,
     /// The store-wide budget of extent index memory.
     pub(crate) index_budget: Arc<IndexBudget>,
+    /// What DEK rotation and re-encryption need from the store.
+    pub(crate) rekey: RekeyParts,
 }
 
 /// A one-way gate, shut until something finishes. Each volume instance has one
@@ -327,6 +348,7 @@ impl Volume {
             closed,
             nonce_limit,
             index_budget,
+            rekey,
         } = parts;
         let active_dek = keys
             .first()
@@ -410,6 +432,17 @@ impl Volume {
         };
         let segment_blocks =
             (segment_bytes / u64::from(block_size.get())).clamp(1, u32::MAX.into());
+        let nonce_limit = nonce_limit
+            .unwrap_or(u64::MAX)
+            .min(crate::nonce::default_limit(block_size));
+        let rekey = reencrypt::Rekey::load(
+            meta.as_ref(),
+            internal_id,
+            active_dek,
+            deks.len(),
+            nonce_limit,
+            rekey,
+        )?;
 
         Ok(Volume {
             inner: Arc::new_cyclic(|me| VolumeInner {
@@ -422,11 +455,9 @@ impl Volume {
                 overlay_limit: overlay_limit.max(1),
                 meta,
                 segments,
-                deks,
-                active_dek,
-                nonce_limit: nonce_limit
-                    .unwrap_or(u64::MAX)
-                    .min(crate::nonce::default_limit(block_size)),
+                deks: RwLock::new(deks),
+                active_dek: AtomicU32::new(active_dek),
+                nonce_limit,
                 writers: RwLock::new(
                     writers
                         .into_iter()
@@ -472,6 +503,7 @@ impl Volume {
                 store_lookups: AtomicU64::new(0),
                 requests_at_pass: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
+                rekey,
             }),
         })
     }
@@ -530,6 +562,8 @@ impl Volume {
             compacted_blocks: i.compacted_blocks.load(Ordering::Relaxed),
             deleted_segments: i.deleted_segments.load(Ordering::Relaxed),
             compaction_metadata_bytes: i.compaction_metadata_bytes.load(Ordering::Relaxed),
+            reencrypted_blocks: i.rekey.reencrypted_blocks(),
+            automatic_rotations: i.rekey.automatic_rotations(),
         }
     }
 

@@ -129,6 +129,14 @@ fn delete_volume_removes_records_and_segments_and_leaves_others() {
             1u32
         };
         assert!(dir.join("segments").join(gone_id.to_string()).is_dir());
+        // A re-encryption job and DEK usage counts go with it too.
+        store
+            .rotate_data_key(&tenant("acme"), &volume_id("gone"))
+            .unwrap();
+        let status = store
+            .data_key_status(&tenant("acme"), &volume_id("gone"))
+            .unwrap();
+        assert!(status.job.is_some(), "{status:?}");
         // The other volume is open and being written meanwhile.
         let kept = store
             .open_volume(&tenant("acme"), &volume_id("kept"))
@@ -178,7 +186,7 @@ fn delete_volume_removes_records_and_segments_and_leaves_others() {
         drop((fresh, kept, store));
 
         // Nothing of volume 1 is left in the metadata.
-        for first in [b'm', b's', b'w', b'D'] {
+        for first in [b'm', b's', b'w', b'r', b'u', b'D'] {
             let left: Vec<_> = raw_keys(&dir, backend, first)
                 .into_iter()
                 .filter(|k| first == b'D' || k[1..5] == gone_id.to_be_bytes())

@@ -19,6 +19,13 @@
 //! next child on the same store, so recovery is exercised repeatedly. Both
 //! metadata backends run, redb then sled, each on a store of its own.
 //!
+//! Every other child starts by rotating the volume's data key (`R`), so the
+//! store's background re-encryption (unthrottled) runs beside the writes and
+//! compaction, and kills land in its steps too; jobs left unfinished resume in
+//! the next child. At the end the parent finishes the job with
+//! `reencrypt_now`, checks that only the newest key is left, and reads every
+//! block again.
+//!
 //! `BLOCKSEAL_CRASH_KILLS` sets the number of kills per backend (default 20).
 //! `BLOCKSEAL_CRASH_SEED` sets the seed of every random choice, the parent's
 //! (when to kill) and the children's (what to write); without it the seed is
@@ -74,6 +81,7 @@ fn options(backend: BackendKind) -> StoreOptions {
         .compaction_threshold(0.75)
         .compaction_rate(u64::MAX)
         .compaction_interval(Duration::from_millis(20))
+        .reencrypt_rate(u64::MAX)
 }
 
 /// The content of version `id` of block `lba` (id 0: zeros).
@@ -96,7 +104,13 @@ fn crash_child() {
     };
     let mut id: u64 = std::env::var(FIRST_ID_ENV).unwrap().parse().unwrap();
     let seed: u64 = std::env::var(CHILD_SEED_ENV).unwrap().parse().unwrap();
-    let (_store, volume) = reopen(Path::new(&dir), options(backend));
+    let (store, volume) = reopen(Path::new(&dir), options(backend));
+    let rotated = seed.is_multiple_of(2);
+    if rotated {
+        store
+            .rotate_data_key(&tenant("acme"), &volume_id("disk"))
+            .unwrap();
+    }
     {
         let volume = volume.clone();
         std::thread::spawn(move || {
@@ -112,6 +126,10 @@ fn crash_child() {
         });
     }
     println!("READY");
+    // After READY: libtest prefixes the first line with the test's name.
+    if rotated {
+        println!("R");
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut flushes = 0u64;
     loop {
@@ -167,6 +185,7 @@ struct Totals {
     compactions: u64,
     moved_blocks: u64,
     deleted_segments: u64,
+    rotations: u64,
 }
 
 #[test]
@@ -201,7 +220,7 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
             "crash test ({backend:?}): {} kills, {} acknowledged writes, {} completed flushes, \
              {} blocks verified as flushed, {} block reads checked, {} lost flushed writes, \
              {} auth failures; in the children {} compaction passes moved {} blocks and \
-             deleted {} segments",
+             deleted {} segments, {} data key rotations",
             totals.kills,
             totals.acked_writes,
             totals.flushes,
@@ -212,6 +231,7 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
             totals.compactions,
             totals.moved_blocks,
             totals.deleted_segments,
+            totals.rotations,
         );
         // One line per backend in a fixed form, for scripts/crash-heavy.sh.
         eprintln!(
@@ -271,6 +291,17 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
             return;
         }
     }
+    // Whatever the kills left of the re-encryption jobs finishes now.
+    let store = Store::open(dir.path(), master(1), options(backend)).unwrap();
+    let volume = store
+        .open_volume(&tenant("acme"), &volume_id("disk"))
+        .unwrap();
+    let report = volume.reencrypt_now().unwrap();
+    assert!(report.finished, "re-encryption did not finish: {report:?}");
+    let status = volume.data_key_status().unwrap();
+    assert_eq!(status.keys.len(), 1, "{status:?}");
+    assert_eq!(status.job, None);
+    check(&volume, &mut blocks, totals);
 }
 
 fn run_child(
@@ -346,6 +377,7 @@ fn apply_log(lines: &[String], blocks: &mut [BlockState], totals: &mut Totals) {
                 }
             }
             ["F", _] => at_flush_start = Some(acked_since_flush.clone()),
+            ["R"] => totals.rotations += 1,
             ["CE", ..] => panic!("compaction failed in the child: {line}"),
             ["C", moved, deleted] => {
                 totals.compactions += 1;

@@ -612,7 +612,9 @@ fn remove_volume_data(
     }
     segments.delete_volume(volume).map_err(AdminError::Io)?;
     let id = volume.to_be_bytes();
-    for kind in [b'm', b's', b'w', b'n'] {
+    // Mappings, live counts, writers, nonce windows, the re-encryption job
+    // and the DEK usage counts.
+    for kind in [b'm', b's', b'w', b'n', b'r', b'u'] {
         let prefix = [kind, id[0], id[1], id[2], id[3]];
         loop {
             let mut batch = Batch::new();

@@ -72,6 +72,7 @@ impl VolumeInner {
                     record.encode(),
                 );
             }
+            self.put_dek_usage(&mut commit.batch);
             if let Err(e) = self.commit_mappings(&mut state, commit, CommitKind::Foreground) {
                 self.lock_pending_writers().extend(writers);
                 return Err(e);

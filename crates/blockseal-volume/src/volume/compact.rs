@@ -234,7 +234,7 @@ impl VolumeInner {
 
     /// Takes and releases the install gate: afterwards every write that had
     /// allocated space before the call has installed its mapping.
-    fn write_barrier(&self) {
+    pub(super) fn write_barrier(&self) {
         drop(self.installing.write().unwrap_or_else(|e| e.into_inner()));
     }
 

@@ -118,7 +118,8 @@ impl VolumeInner {
         if let Some(cipher) = known.and_then(|k| k.cipher.get()) {
             return Some(cipher.clone());
         }
-        let dek = self.deks.get(&loc.dek_version)?;
+        let deks = self.deks.read().unwrap_or_else(|e| e.into_inner());
+        let dek = deks.get(&loc.dek_version)?;
         let cipher = match known {
             Some(known) => known
                 .cipher

@@ -237,7 +237,7 @@ impl VolumeInner {
                 locations.push(Location {
                     segment: space.segment,
                     offset: space.offset + k as u32,
-                    dek_version: self.active_dek,
+                    dek_version: space.dek_version,
                     writer: space.writer,
                     nonce,
                     tag: tag.0,
@@ -297,10 +297,14 @@ impl VolumeInner {
             offset,
             run,
             writer: writer.number,
+            dek_version: writer.dek_version,
             cipher: writer.cipher.clone(),
             nonce: head.next_nonce,
         };
         head.next_nonce += run as u64;
+        // Under the head lock, so a rotation's switch counts every seal on the
+        // right side of it.
+        self.count_seals(run as u64);
         Ok(space)
     }
 
@@ -312,16 +316,18 @@ impl VolumeInner {
             what: "writer numbers are spent".into(),
         })?;
         let salt = DataKey::generate_writer_salt().map_err(|e| VolumeError::Nonce(Box::new(e)))?;
-        let dek = self
-            .deks
-            .get(&self.active_dek)
-            .expect("the active DEK is among the volume's keys by construction");
-        let key = dek.derive_writer_key(number, &salt);
-        let cipher = Arc::new(BlockCipher::new(&self.tenant, &self.name, &key));
-        let record = WriterRecord {
-            dek_version: self.active_dek,
-            salt,
+        // The active version changes only under the head lock, which the
+        // caller holds.
+        let dek_version = self.active_dek.load(Ordering::Acquire);
+        let key = {
+            let deks = self.deks.read().unwrap_or_else(|e| e.into_inner());
+            let dek = deks
+                .get(&dek_version)
+                .expect("the active DEK is among the volume's keys by construction");
+            dek.derive_writer_key(number, &salt)
         };
+        let cipher = Arc::new(BlockCipher::new(&self.tenant, &self.name, &key));
+        let record = WriterRecord { dek_version, salt };
         self.writers
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -333,14 +339,18 @@ impl VolumeInner {
                 },
             );
         self.lock_pending_writers().push((number, record));
-        head.writer = Some(Writer { number, cipher });
+        head.writer = Some(Writer {
+            number,
+            dek_version,
+            cipher,
+        });
         head.next_nonce = 0;
         head.next_writer = next;
         tracing::debug!(
             tenant = %self.tenant,
             volume = %self.name,
             writer = number,
-            dek_version = self.active_dek,
+            dek_version,
             "new writer key"
         );
         Ok(())
@@ -393,6 +403,8 @@ pub(super) struct Space {
     pub(super) offset: u32,
     pub(super) run: usize,
     pub(super) writer: u32,
+    /// The DEK version `writer`'s key derives from.
+    pub(super) dek_version: u32,
     pub(super) cipher: Arc<BlockCipher>,
     pub(super) nonce: u64,
 }
