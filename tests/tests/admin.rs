@@ -931,3 +931,128 @@ fn shred_and_master_key_rotation_work_offline_too() {
     assert!(audit.contains("local:uid:"), "{audit}");
     cli_ok(&data, &["audit", "verify"]);
 }
+
+/// fio with crc32c verification on `uri`, in `dir` (fio keeps state files in
+/// its working directory); panics unless it ran without an error.
+fn fio(dir: &Path, uri: &str, args: &[&str]) -> String {
+    let out = run_ok(
+        Command::new("fio")
+            .current_dir(dir)
+            .args([
+                "--name=blockseal",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--group_reporting",
+            ])
+            .args(args),
+    );
+    assert!(out.contains("err= 0"), "{out}");
+    assert!(!out.contains("verify:"), "{out}");
+    out
+}
+
+fn key_status(data: &Path, export: &str) -> serde_json::Value {
+    serde_json::from_str(&cli_ok(data, &["key", "status", export, "--json"])).unwrap()
+}
+
+#[test]
+fn data_key_rotation_under_fio_resumes_after_kill_9_and_finishes() {
+    require("fio");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    blockseal_ok(&["key", "init", "--out", path_str(&d.join("master.key"))]);
+    let config = d.join("blockseal.toml");
+    let write_config = |rate: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\nreencrypt_rate = \"{rate}\"\n[master_key]\nfile = \"master.key\"\n\
+                 [unix]\npath = \"nbd.sock\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    // Slow enough to kill the server half-way through.
+    write_config("2M");
+    let data = d.join("data");
+    let c = path_str(&config);
+    blockseal_ok(&["tenant", "create", "acme", "--config", c]);
+    blockseal_ok(&[
+        "volume", "create", "acme/rec", "--size", "32M", "--config", c,
+    ]);
+    let mut server = ServerProcess::with_config(d, &config);
+    let uri = server.uri("acme/rec");
+
+    // The first 24 MiB written under the first data key, checked at the end.
+    let region_a = ["--rw=write", "--bs=64k", "--size=24M"];
+    fio(d, &uri, &[&region_a[..], &["--do_verify=0"]].concat());
+    // Rotate while fio writes and verifies the last 8 MiB.
+    let mut busy = Command::new("fio")
+        .current_dir(d)
+        .args([
+            "--name=busy",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=8",
+            "--offset=24M",
+            "--size=8M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_backlog=256",
+            "--verify_state_save=0",
+            "--time_based",
+            "--runtime=3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = cli_ok(&data, &["key", "rotate-data", "acme/rec"]);
+    assert!(out.contains("now writes under data key version 2"), "{out}");
+    let busy_out = busy.wait_with_output().unwrap();
+    assert!(busy_out.status.success(), "{}", text(&busy_out.stderr));
+    let busy_text = text(&busy_out.stdout);
+    assert!(
+        busy_text.contains("err= 0") && !busy_text.contains("verify:"),
+        "{busy_text}"
+    );
+
+    // Half-way: some blocks moved, some not. Then kill -9.
+    blockseal_test_support::wait_until(
+        "re-encryption under way",
+        std::time::Duration::from_secs(60),
+        || key_status(&data, "acme/rec")["job"]["blocks_done"].as_u64() > Some(0),
+    );
+    let before = key_status(&data, "acme/rec");
+    assert!(
+        before["job"]["blocks_remaining"].as_u64() > Some(0),
+        "the job finished before the kill: {before}"
+    );
+    server.kill();
+
+    // After the restart (at a higher rate) the job resumes and finishes.
+    write_config("64M");
+    server.restart();
+    let after = key_status(&data, "acme/rec");
+    assert!(after["job"].is_object(), "the job was lost: {after}");
+    let done = cli_ok(&data, &["key", "status", "acme/rec", "--wait", "--json"]);
+    let done: serde_json::Value = serde_json::from_str(&done).unwrap();
+    assert_eq!(done["active"], 2, "{done}");
+    assert!(done["job"].is_null(), "{done}");
+    let versions: Vec<u64> = done["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [2], "only the newest data key remains: {done}");
+    // Every block fio wrote reads back and verifies.
+    fio(d, &uri, &[&region_a[..], &["--verify_only"]].concat());
+    let audit = cli_ok(&data, &["audit"]);
+    assert!(audit.contains("key.rotate-data"), "{audit}");
+}

@@ -11,12 +11,13 @@
 //! the rate. It wakes when a rotation happens, when a budget crosses its
 //! threshold, and on the compaction interval.
 //!
-//! A closed volume's job waits for its next open (or for
-//! [`Store::reencrypt_now`](crate::Store::reencrypt_now)): its job record says
-//! what is left. Dropping the store stops the thread between two steps and
+//! The store keeps a volume with an unfinished job open (rotated while closed,
+//! or found at open with a job a previous run left), so that the job runs with
+//! no client connected; this thread lets go of it once the job is done. Dropping the store stops the thread between two steps and
 //! joins it.
 //!
-//! This module must never hold a volume open past the pass that uses it.
+//! This module must never hold a volume open past the pass that uses it,
+//! other than through the store's held set, which it only shrinks.
 //!
 //! [`StoreOptions::reencrypt_rate`]: crate::StoreOptions::reencrypt_rate
 
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use crate::compactor::{OpenVolumes, Pacer, Wakeup, load_paced, open_volumes};
 use crate::error::error_chain;
+use crate::store::{HeldForJobs, lock_held};
 use crate::volume::{STEP_BYTES, VolumeInner};
 
 /// How the thread works.
@@ -46,13 +48,17 @@ pub(crate) struct Rekeyer {
 }
 
 impl Rekeyer {
-    pub(crate) fn start(open: OpenVolumes, config: RekeyerConfig) -> std::io::Result<Rekeyer> {
+    pub(crate) fn start(
+        open: OpenVolumes,
+        held: HeldForJobs,
+        config: RekeyerConfig,
+    ) -> std::io::Result<Rekeyer> {
         let wake = Arc::new(Wakeup::default());
         let thread = std::thread::Builder::new()
             .name("blockseal-rekey".into())
             .spawn({
                 let wake = wake.clone();
-                move || run(&open, &wake, config)
+                move || run(&open, &held, &wake, config)
             })?;
         Ok(Rekeyer {
             wake,
@@ -82,15 +88,25 @@ pub(crate) fn step_bytes(rate: u64) -> u64 {
     STEP_BYTES.min(rate).max(1)
 }
 
-fn run(open: &OpenVolumes, wake: &Wakeup, config: RekeyerConfig) {
+fn run(open: &OpenVolumes, held: &HeldForJobs, wake: &Wakeup, config: RekeyerConfig) {
     while wake.wait(config.interval) {
         for volume in open_volumes(open) {
             if wake.stopping() {
                 return;
             }
             rotate_if_due(&volume);
-            if config.background && volume.wants_reencryption() {
-                let mut pace = load_paced(&volume, Pacer::new(config.rate, wake));
+            if !volume.wants_reencryption() {
+                // Its job is done (or there is none): the store holds it open
+                // no longer.
+                let key = (volume.tenant().clone(), volume.name().clone());
+                let released = lock_held(held).remove(&key);
+                drop(released);
+                continue;
+            }
+            if config.background && volume.wants_reencryption() && !volume.background_released() {
+                let mut paced = load_paced(&volume, Pacer::new(config.rate, wake));
+                // A volume let go of for a deletion ends its pass at once.
+                let mut pace = |bytes| !volume.background_released() && paced(bytes);
                 match volume.reencrypt(step_bytes(config.rate), &mut pace) {
                     Ok(report) => tracing::debug!(
                         tenant = %volume.tenant(),

@@ -48,8 +48,8 @@ use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
 pub use crate::record::TenantState;
 pub use admin::{MasterRotation, ShredReport, VolumeUsage};
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
-pub(crate) use rotation::commit_rotation;
 pub use rotation::{DataKeyRotation, RotateError};
+pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
 
 mod admin;
 mod audit;
@@ -336,6 +336,8 @@ pub struct Store {
     // Dropped first: the re-encryption, compaction and flush threads stop
     // before anything else goes.
     rekeyer: Rekeyer,
+    /// Volumes kept open for their unfinished re-encryption job.
+    held: rotation::HeldForJobs,
     compactor: Option<Compactor>,
     flusher: Flusher,
     index_budget: Arc<IndexBudget>,
@@ -539,6 +541,7 @@ impl Store {
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store opened");
         let salt = DeploymentSalt::from_bytes(header.salt);
         let store = Store::start(dir, lock, meta, master, salt, options)?;
+        store.resume_reencryption_jobs();
         Ok((store, report))
     }
 
@@ -558,8 +561,10 @@ impl Store {
         admin::finish_tombstones(meta.as_ref(), segments.as_ref())?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         let index_budget = Arc::new(IndexBudget::new(options.index_memory));
+        let held: rotation::HeldForJobs = Arc::default();
         let rekeyer = Rekeyer::start(
             open.clone(),
+            held.clone(),
             RekeyerConfig {
                 rate: options.reencrypt_rate,
                 interval: options.compaction_interval,
@@ -569,6 +574,7 @@ impl Store {
         .map_err(io_error(&dir))?;
         Ok(Store {
             rekeyer,
+            held,
             compactor: start_compactor(&dir, &open, &options)?,
             flusher: Flusher::start(open.clone(), index_budget.clone()).map_err(io_error(&dir))?,
             index_budget,
@@ -903,6 +909,13 @@ impl Store {
         drop(opening);
         tracing::info!(tenant = %tenant, volume = %volume, "volume opened");
         Ok(opened)
+    }
+
+    /// The gate the volume's latest instance opens when it has closed.
+    pub(crate) fn closing_gate(&self, tenant: &TenantId, volume: &VolumeId) -> Option<Arc<Closed>> {
+        self.lock_closing()
+            .get(&(tenant.clone(), volume.clone()))
+            .cloned()
     }
 
     fn lock_closing(&self) -> MutexGuard<'_, HashMap<(TenantId, VolumeId), Arc<Closed>>> {

@@ -327,6 +327,17 @@ impl Closed {
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.signal.notify_all();
     }
+
+    /// Waits until the instance has finished closing, at most `limit`;
+    /// returns whether it has.
+    pub(crate) fn wait_timeout(&self, limit: std::time::Duration) -> bool {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, _) = self
+            .signal
+            .wait_timeout_while(done, limit, |done| !*done)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
 }
 
 impl Volume {

@@ -273,6 +273,66 @@ fn a_closed_volume_rotates_and_picks_the_key_up_when_opened() {
 }
 
 #[test]
+fn jobs_run_with_no_client_open_after_a_rotation_and_after_a_restart() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let background = || {
+            StoreOptions::new()
+                .backend(backend)
+                .segment_bytes(MIB)
+                .background_compaction(false)
+                .compaction_interval(Duration::from_millis(10))
+        };
+        let (store, volume) = store_with_volume(dir.path(), 256 * BS, manual(backend));
+        for lba in 0..256 {
+            write_block(&volume, lba, 1);
+        }
+        drop(volume);
+        // Rotated while closed, with background work off: the job waits.
+        rotate(&store);
+        assert_eq!(status(&store).job.unwrap().blocks_remaining, 256);
+        drop(store);
+
+        // At the next open with background work on, the store holds the
+        // volume open for its job, finishes it, and lets go of the volume.
+        let store = Store::open(dir.path(), master(1), background()).unwrap();
+        wait_for("the resumed job to finish", || status(&store).job.is_none());
+        assert_eq!(blocks_per_key(&status(&store)), [(2, 256)]);
+        wait_for("the store to let go of the volume", || {
+            !store.is_open(&tenant("acme"), &volume_id("disk"))
+        });
+
+        // Rotated while closed on a store with background work: the same.
+        rotate(&store);
+        wait_for("the job after a rotation to finish", || {
+            status(&store).job.is_none()
+        });
+        assert_eq!(blocks_per_key(&status(&store)), [(3, 256)]);
+        wait_for("the store to let go of the volume", || {
+            !store.is_open(&tenant("acme"), &volume_id("disk"))
+        });
+
+        // A volume held for its job can still be deleted.
+        for lba in 0..4 {
+            let volume = store
+                .open_volume(&tenant("acme"), &volume_id("disk"))
+                .unwrap();
+            write_block(&volume, lba, 2);
+        }
+        store
+            .reencrypt_now(&tenant("acme"), &volume_id("disk"))
+            .unwrap();
+        rotate(&store);
+        store
+            .delete_volume(&tenant("acme"), &volume_id("disk"))
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), master(1), background()).unwrap();
+        assert!(store.volumes(&tenant("acme")).unwrap().is_empty());
+    }
+}
+
+#[test]
 fn an_old_key_stays_while_a_block_needs_it() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().unwrap();

@@ -158,7 +158,7 @@ pub(crate) struct ServeArgs {
 
 /// The exit codes, shown by `blockseal --help`.
 const EXIT_CODES: &str = "\
-Admin commands (status, tenant, volume, key rotate-*, audit) talk to the running
+Admin commands (status, tenant, volume, key rotate-*|status, audit) talk to the running
 server through DIR/admin.sock, and open the store directly when no server runs.
 
 Exit codes:
@@ -368,6 +368,43 @@ pub(crate) enum KeyCommand {
         /// Ask for the new key file's passphrase on the terminal.
         #[arg(long)]
         new_key_passphrase_prompt: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Give a volume a new data key, online: new writes use it at once, and a
+    /// background job re-encrypts the blocks older data keys sealed (at the
+    /// configured `reencrypt_rate`, slower while the volume is busy), then
+    /// destroys the old keys. Resumes after a restart.
+    RotateData {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// Wait until the re-encryption has finished (a progress bar on a
+        /// terminal). With no server running, the re-encryption runs here, at
+        /// full speed.
+        #[arg(long)]
+        wait: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Show the data key versions of one volume, or of all, with the blocks
+    /// under each and the progress of their re-encryption.
+    Status {
+        /// TENANT/VOLUME; all volumes without it.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: Option<String>,
+        /// Wait until the volume's re-encryption has finished (needs
+        /// TENANT/VOLUME).
+        #[arg(long, requires = "name")]
+        wait: bool,
         /// The store.
         #[command(flatten)]
         store: StoreArgs,

@@ -50,6 +50,10 @@ pub(crate) struct Config {
     /// volumes past it read their mappings from the metadata store.
     #[serde(default)]
     pub(crate) index_memory: Option<Size>,
+    /// Bytes per second that re-encryption after a data key rotation moves
+    /// (default 32M), slowed to a quarter while a volume is busy.
+    #[serde(default)]
+    pub(crate) reencrypt_rate: Option<Size>,
     /// The admin API on TCP, with TLS and admin client certificates (the admin
     /// Unix socket `DATA_DIR/admin.sock` is always served).
     pub(crate) admin_tcp: Option<AdminTcpConfig>,

@@ -28,6 +28,8 @@ pub(crate) struct StoreLocation {
     pub(crate) space_reserve: Option<u64>,
     /// Memory of the extent indexes (`index_memory`).
     pub(crate) index_memory: Option<u64>,
+    /// Re-encryption rate in bytes per second (`reencrypt_rate`).
+    pub(crate) reencrypt_rate: Option<u64>,
 }
 
 /// Whether opening may create a store in a directory that holds none.
@@ -56,6 +58,7 @@ impl StoreLocation {
             backend: BackendKind::Redb,
             space_reserve: None,
             index_memory: None,
+            reencrypt_rate: None,
         })
     }
 
@@ -76,6 +79,7 @@ impl StoreLocation {
             backend: config.metadata_backend.into(),
             space_reserve: config.space_reserve.map(|s| s.0),
             index_memory: config.index_memory.map(|s| s.0),
+            reencrypt_rate: config.reencrypt_rate.map(|s| s.0),
         }
     }
 
@@ -116,6 +120,9 @@ impl StoreLocation {
         if let Some(bytes) = self.index_memory {
             options = options.index_memory(usize::try_from(bytes).unwrap_or(usize::MAX));
         }
+        if let Some(rate) = self.reencrypt_rate {
+            options = options.reencrypt_rate(rate);
+        }
         options
     }
 
@@ -123,8 +130,24 @@ impl StoreLocation {
         holds_store(&self.dir)
     }
 
+    /// Opens the store for one admin command: as [`open`](Self::open), without
+    /// the background work of a server (compaction, re-encryption jobs), which
+    /// waits for the server.
+    pub(crate) fn open_for_admin(&self, if_missing: IfMissing) -> anyhow::Result<Store> {
+        self.open_with(
+            if_missing,
+            self.options()
+                .background_compaction(false)
+                .background_reencryption(false),
+        )
+    }
+
     /// Opens the store, or creates it when it is missing and `if_missing` allows.
     pub(crate) fn open(&self, if_missing: IfMissing) -> anyhow::Result<Store> {
+        self.open_with(if_missing, self.options())
+    }
+
+    fn open_with(&self, if_missing: IfMissing, options: StoreOptions) -> anyhow::Result<Store> {
         let exists = self.has_store();
         if !exists && if_missing == IfMissing::Fail {
             bail!(
@@ -133,7 +156,6 @@ impl StoreLocation {
             );
         }
         let key = self.load_key()?;
-        let options = self.options();
         let opened = if exists {
             Store::open(&self.dir, key, options)
         } else {

@@ -109,6 +109,8 @@ impl Store {
     /// or at the next [`Store::open`]. An error after the record went (segment
     /// I/O) leaves that tombstone; the volume is gone either way.
     pub fn delete_volume(&self, tenant: &TenantId, volume: &VolumeId) -> Result<(), AdminError> {
+        // A volume the store keeps open for its re-encryption job is not in use.
+        self.release_held(tenant, volume);
         let admin = self.lock_admin();
         let record = self.admin_volume_record(tenant, volume)?;
         let claim = match self.claim(tenant, volume) {
@@ -262,6 +264,9 @@ impl Store {
     /// the master key and a copy of the segments still decrypts; destroy such
     /// copies, or rotate the master key and destroy the old one.
     pub fn shred_tenant(&self, tenant: &TenantId) -> Result<ShredReport, AdminError> {
+        for held in self.tenant_volumes_open(tenant) {
+            self.release_held(tenant, &held);
+        }
         let admin = self.lock_admin();
         self.require_tenant(tenant)?;
         let volumes = self.volume_records(tenant)?;

@@ -13,12 +13,13 @@
 //! This module must never store a DEK unwrapped, never reuse a DEK version,
 //! and never change a volume record without the store's admin lock.
 
-use std::sync::{Arc, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 
 use blockseal_keys::{DataKey, KeyVersion, TenantId, TenantKek, VolumeId};
 
 use super::{Opening, Store, now, query_to_volume};
-use crate::error::{ErrorKind, QueryError, VolumeError};
+use crate::error::{ErrorKind, QueryError, VolumeError, error_chain};
 use crate::meta::{Batch, MetaError, MetaStore};
 use crate::record::{self, JobRecord, VolumeRecord};
 use crate::volume::{
@@ -143,8 +144,16 @@ impl Store {
                 instance.adopt_dek(dek, job);
                 true
             }
-            RotationClaim::Closed(_opening) => false,
+            RotationClaim::Closed(opening) => {
+                drop(opening);
+                false
+            }
         };
+        drop(_admin);
+        if !open {
+            // Re-encrypted in the background even if no client opens it.
+            self.hold_for_reencryption(tenant, volume);
+        }
         tracing::info!(
             tenant = %tenant,
             volume = %volume,
@@ -325,4 +334,111 @@ fn query_to_rotate(e: QueryError) -> RotateError {
         QueryError::Meta(e) => RotateError::Meta(e),
         QueryError::Corrupt { what } => RotateError::Corrupt { what },
     }
+}
+
+/// Volumes the store keeps open for their unfinished re-encryption job, so
+/// that the background thread works on them with no client connected. The
+/// thread lets go of a volume once its job is done.
+/// How long letting go of a held volume waits for its background pass to end.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) type HeldForJobs = Arc<Mutex<HashMap<(TenantId, VolumeId), Volume>>>;
+
+impl Store {
+    /// Keeps `volume` open until its re-encryption job is done (with
+    /// background re-encryption on; otherwise the job waits for
+    /// [`Store::reencrypt_now`] or for the volume's next open).
+    pub(crate) fn hold_for_reencryption(&self, tenant: &TenantId, volume: &VolumeId) {
+        if !self.options.background_reencryption {
+            return;
+        }
+        match self.open_volume(tenant, volume) {
+            Ok(handle) => {
+                let previous =
+                    lock_held(&self.held).insert((tenant.clone(), volume.clone()), handle);
+                drop(previous);
+                self.rekeyer.wakeup().notify();
+            }
+            Err(error) => tracing::warn!(
+                tenant = %tenant,
+                volume = %volume,
+                error = %error_chain(&error),
+                "cannot open a volume to re-encrypt it; its job waits for its next open"
+            ),
+        }
+    }
+
+    /// Lets go of a volume held for its job, because it is being deleted: its
+    /// background pass ends at the next step, and this waits (at most
+    /// [`RELEASE_WAIT`]) for the instance to close unless a client still
+    /// holds it (the deletion then reports it in use).
+    pub(crate) fn release_held(&self, tenant: &TenantId, volume: &VolumeId) {
+        let key = (tenant.clone(), volume.clone());
+        let Some(handle) = lock_held(&self.held).remove(&key) else {
+            return;
+        };
+        handle.inner().release_background();
+        let gate = self.closing_gate(tenant, volume);
+        // Dropped outside the lock: the last handle flushes and closes.
+        drop(handle);
+        if let Some(gate) = gate {
+            gate.wait_timeout(RELEASE_WAIT);
+        }
+    }
+
+    /// At open: holds every volume whose re-encryption job a previous run
+    /// left unfinished, so the job resumes at once.
+    pub(crate) fn resume_reencryption_jobs(&self) {
+        if !self.options.background_reencryption {
+            return;
+        }
+        let mut ids = HashSet::new();
+        let scanned = self.meta.scan_prefix(b"r", &mut |key, _| {
+            if let [b'r', a, b, c, d] = key {
+                ids.insert(u32::from_be_bytes([*a, *b, *c, *d]));
+            }
+            true
+        });
+        if let Err(error) = scanned {
+            tracing::warn!(error = %error_chain(&error), "cannot look for unfinished re-encryption jobs");
+            return;
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let mut pending = Vec::new();
+        let scanned = self.meta.scan_prefix(b"V", &mut |key, value| {
+            if let Ok(record) = VolumeRecord::decode(value)
+                && ids.contains(&record.internal_id)
+                && let Some((tenant, volume)) = split_volume_key(key)
+            {
+                pending.push((tenant, volume));
+            }
+            true
+        });
+        if let Err(error) = scanned {
+            tracing::warn!(error = %error_chain(&error), "cannot look for unfinished re-encryption jobs");
+            return;
+        }
+        for (tenant, volume) in pending {
+            tracing::info!(tenant = %tenant, volume = %volume, "resuming an unfinished re-encryption");
+            self.hold_for_reencryption(&tenant, &volume);
+        }
+    }
+}
+
+/// The tenant and volume a volume record's key names (`V`, tenant, `0x00`,
+/// volume), if it is well-formed.
+fn split_volume_key(key: &[u8]) -> Option<(TenantId, VolumeId)> {
+    let rest = key.strip_prefix(b"V")?;
+    let zero = rest.iter().position(|&b| b == 0)?;
+    let tenant = TenantId::new(std::str::from_utf8(&rest[..zero]).ok()?).ok()?;
+    let volume = VolumeId::new(std::str::from_utf8(&rest[zero + 1..]).ok()?).ok()?;
+    Some((tenant, volume))
+}
+
+pub(crate) fn lock_held(
+    held: &HeldForJobs,
+) -> std::sync::MutexGuard<'_, HashMap<(TenantId, VolumeId), Volume>> {
+    held.lock().unwrap_or_else(|e| e.into_inner())
 }

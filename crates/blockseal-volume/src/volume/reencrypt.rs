@@ -174,6 +174,9 @@ pub(crate) struct Rekey {
     stalled: AtomicBool,
     /// The KEK no longer unwraps the volume's keys (rotated since the open).
     kek_stale: AtomicBool,
+    /// The store let go of the volume for a deletion: background passes end
+    /// at their next step and start no more.
+    released: AtomicBool,
     reencrypted: AtomicU64,
     automatic: AtomicU64,
     admin: Arc<Mutex<()>>,
@@ -224,6 +227,7 @@ impl Rekey {
             due: AtomicBool::new(usage >= threshold),
             running: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             kek_stale: AtomicBool::new(false),
             reencrypted: AtomicU64::new(0),
             automatic: AtomicU64::new(0),
@@ -500,6 +504,17 @@ impl VolumeInner {
             *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
         })?;
         Ok(blocks)
+    }
+
+    /// Ends background passes on this instance (the store is letting go of
+    /// it so that it can be deleted).
+    pub(crate) fn release_background(&self) {
+        self.rekey.released.store(true, Ordering::Release);
+    }
+
+    /// Whether [`release_background`](Self::release_background) was called.
+    pub(crate) fn background_released(&self) -> bool {
+        self.rekey.released.load(Ordering::Acquire)
     }
 
     /// One re-encryption pass: steps of at most `step_bytes` (at least one

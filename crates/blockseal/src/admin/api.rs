@@ -64,6 +64,15 @@ pub(crate) enum Op {
         volume: String,
         force: bool,
     },
+    /// `POST /v1/tenants/{tenant}/volumes/{volume}/rotate-key`
+    RotateDataKey { tenant: String, volume: String },
+    /// `GET /v1/tenants/{tenant}/volumes/{volume}/keys`
+    DataKeyStatus { tenant: String, volume: String },
+    /// `GET /v1/keys`: every volume's data keys
+    DataKeyStatusAll,
+    /// `POST /v1/tenants/{tenant}/volumes/{volume}/reencrypt`: finish the
+    /// volume's re-encryption now, without the rate limit
+    Reencrypt { tenant: String, volume: String },
     /// `POST /v1/master-key/rotate` `{"key_file", "passphrase"?}`
     RotateMaster {
         key_file: String,
@@ -118,6 +127,8 @@ impl Op {
                 | Op::ShowVolume { .. }
                 | Op::Audit { .. }
                 | Op::VerifyAudit
+                | Op::DataKeyStatus { .. }
+                | Op::DataKeyStatusAll
         )
     }
 
@@ -137,6 +148,9 @@ impl Op {
             Op::ResizeVolume { .. } => "volume.resize",
             Op::DeleteVolume { .. } => "volume.delete",
             Op::RotateMaster { .. } => "key.rotate-master",
+            Op::RotateDataKey { .. } => "key.rotate-data",
+            Op::DataKeyStatus { .. } | Op::DataKeyStatusAll => "key.status",
+            Op::Reencrypt { .. } => "key.reencrypt",
             Op::Audit { .. } => "audit.list",
             Op::VerifyAudit => "audit.verify",
         }
@@ -157,7 +171,10 @@ impl Op {
             Op::ShowVolume { tenant, volume }
             | Op::CreateVolume { tenant, volume, .. }
             | Op::ResizeVolume { tenant, volume, .. }
-            | Op::DeleteVolume { tenant, volume, .. } => format!("{tenant}/{volume}"),
+            | Op::DeleteVolume { tenant, volume, .. }
+            | Op::RotateDataKey { tenant, volume }
+            | Op::DataKeyStatus { tenant, volume }
+            | Op::Reencrypt { tenant, volume } => format!("{tenant}/{volume}"),
             Op::RotateMaster { key_file, .. } => key_file.clone(),
             _ => "-".to_owned(),
         }
@@ -254,6 +271,22 @@ impl Op {
                 zeroize_json(body);
                 (Method::POST, "/master-key/rotate".to_owned(), Some(bytes))
             }
+            Op::RotateDataKey { tenant, volume } => (
+                Method::POST,
+                format!("/tenants/{tenant}/volumes/{volume}/rotate-key"),
+                None,
+            ),
+            Op::DataKeyStatus { tenant, volume } => (
+                Method::GET,
+                format!("/tenants/{tenant}/volumes/{volume}/keys"),
+                None,
+            ),
+            Op::DataKeyStatusAll => (Method::GET, "/keys".to_owned(), None),
+            Op::Reencrypt { tenant, volume } => (
+                Method::POST,
+                format!("/tenants/{tenant}/volumes/{volume}/reencrypt"),
+                None,
+            ),
             Op::Audit {
                 since_seq,
                 since_time,
@@ -348,6 +381,25 @@ impl Op {
                 volume: name(v),
                 force: query.flag("force")?,
             },
+            (&Method::POST, ["tenants", t, "volumes", v, "rotate-key"]) => {
+                no_body(body)?;
+                Op::RotateDataKey {
+                    tenant: name(t),
+                    volume: name(v),
+                }
+            }
+            (&Method::GET, ["tenants", t, "volumes", v, "keys"]) => Op::DataKeyStatus {
+                tenant: name(t),
+                volume: name(v),
+            },
+            (&Method::GET, ["keys"]) => Op::DataKeyStatusAll,
+            (&Method::POST, ["tenants", t, "volumes", v, "reencrypt"]) => {
+                no_body(body)?;
+                Op::Reencrypt {
+                    tenant: name(t),
+                    volume: name(v),
+                }
+            }
             (&Method::POST, ["master-key", "rotate"]) => {
                 let body: RotateMasterBody = decode(body)?;
                 Op::RotateMaster {
@@ -388,6 +440,10 @@ fn is_known_path(segments: &[&str]) -> bool {
             | ["volumes"]
             | ["tenants", _, "volumes"]
             | ["tenants", _, "volumes", _]
+            | ["tenants", _, "volumes", _, "rotate-key"]
+            | ["tenants", _, "volumes", _, "keys"]
+            | ["tenants", _, "volumes", _, "reencrypt"]
+            | ["keys"]
             | ["master-key", "rotate"]
             | ["audit"]
             | ["audit", "verify"]
@@ -690,6 +746,36 @@ pub(crate) struct StatusView {
     pub(crate) mode: String,
 }
 
+/// A volume's data keys: the version new writes use, the blocks under each
+/// version, and the re-encryption job moving blocks to the active one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DataKeyView {
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) active: u32,
+    pub(crate) keys: Vec<DataKeyVersionView>,
+    pub(crate) job: Option<ReencryptionView>,
+}
+
+/// One data key version of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DataKeyVersionView {
+    pub(crate) version: u32,
+    pub(crate) blocks: u64,
+}
+
+/// A re-encryption job's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReencryptionView {
+    pub(crate) target: u32,
+    pub(crate) blocks_done: u64,
+    pub(crate) blocks_remaining: u64,
+    pub(crate) running: bool,
+}
+
 /// What a master key rotation did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -758,6 +844,8 @@ pub(crate) enum Reply {
     MasterRotated(MasterRotationView),
     Audit(Vec<AuditView>),
     AuditVerified(AuditVerifyView),
+    DataKeys(DataKeyView),
+    AllDataKeys(Vec<DataKeyView>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -770,6 +858,12 @@ struct TenantList {
 #[serde(deny_unknown_fields)]
 struct VolumeList {
     volumes: Vec<VolumeView>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataKeyList {
+    volumes: Vec<DataKeyView>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -792,6 +886,8 @@ impl Reply {
             Reply::MasterRotated(v) => serde_json::to_vec_pretty(v),
             Reply::Audit(v) => serde_json::to_vec_pretty(&AuditList { entries: v.clone() }),
             Reply::AuditVerified(v) => serde_json::to_vec_pretty(v),
+            Reply::DataKeys(v) => serde_json::to_vec_pretty(v),
+            Reply::AllDataKeys(v) => serde_json::to_vec_pretty(&DataKeyList { volumes: v.clone() }),
         };
         value.expect("replies always serialize")
     }
@@ -817,6 +913,12 @@ impl Reply {
             Op::RotateMaster { .. } => Reply::MasterRotated(serde_json::from_slice(body)?),
             Op::Audit { .. } => Reply::Audit(serde_json::from_slice::<AuditList>(body)?.entries),
             Op::VerifyAudit => Reply::AuditVerified(serde_json::from_slice(body)?),
+            Op::RotateDataKey { .. } | Op::DataKeyStatus { .. } | Op::Reencrypt { .. } => {
+                Reply::DataKeys(serde_json::from_slice(body)?)
+            }
+            Op::DataKeyStatusAll => {
+                Reply::AllDataKeys(serde_json::from_slice::<DataKeyList>(body)?.volumes)
+            }
         })
     }
 
@@ -889,6 +991,19 @@ mod tests {
                 since_time: Some(1_700_000_000),
             },
             Op::VerifyAudit,
+            Op::RotateDataKey {
+                tenant: t(),
+                volume: v(),
+            },
+            Op::DataKeyStatus {
+                tenant: t(),
+                volume: v(),
+            },
+            Op::DataKeyStatusAll,
+            Op::Reencrypt {
+                tenant: t(),
+                volume: v(),
+            },
         ]
     }
 

@@ -63,7 +63,7 @@ pub(crate) fn execute(
         Err(CallError::NoServer) => {}
     }
     let store = location
-        .open(if_missing)
+        .open_for_admin(if_missing)
         .context("no server answers on the admin socket, so the store was opened directly")?;
     let service = Service::offline(Arc::new(store));
     let caller = Caller {

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use blockseal_keys::{KeyVersion, TenantId, VolumeId, load_key_file};
 use blockseal_volume::{
-    AdminError, AuditEntry, BlockSize, CreateError, QueryError, Store, TenantInfo, TenantState,
-    VolumeInfo, VolumeOptions,
+    AdminError, AuditEntry, BlockSize, CreateError, QueryError, RotateError, Store, TenantInfo,
+    TenantState, VolumeError, VolumeInfo, VolumeOptions,
 };
 use hyper::StatusCode;
 
 use super::api::{
-    ApiError, AuditVerifyView, AuditView, DeletedView, MasterRotationView, Op, Reply, ShredView,
-    StatusView, TenantView, VolumeView,
+    ApiError, AuditVerifyView, AuditView, DataKeyVersionView, DataKeyView, DeletedView,
+    MasterRotationView, Op, ReencryptionView, Reply, ShredView, StatusView, TenantView, VolumeView,
 };
 use crate::exports::{RetireError, StoreCatalog};
 use crate::time::rfc3339_utc;
@@ -243,6 +243,44 @@ impl Service {
                     elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 }))
             }
+            Op::RotateDataKey { tenant, volume } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                self.store
+                    .rotate_data_key(&tenant, &volume)
+                    .map_err(rotate_error)?;
+                Ok(Reply::DataKeys(self.data_key_view(&tenant, &volume)?))
+            }
+            Op::DataKeyStatus { tenant, volume } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                self.volume_info(&tenant, &volume)?;
+                Ok(Reply::DataKeys(self.data_key_view(&tenant, &volume)?))
+            }
+            Op::DataKeyStatusAll => {
+                let mut out = Vec::new();
+                for t in self.store.tenants().map_err(query_error)? {
+                    for v in self.store.volumes(&t.id).map_err(query_error)? {
+                        out.push(self.data_key_view(&v.tenant, &v.id)?);
+                    }
+                }
+                Ok(Reply::AllDataKeys(out))
+            }
+            Op::Reencrypt { tenant, volume } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                self.volume_info(&tenant, &volume)?;
+                let report = self
+                    .store
+                    .reencrypt_now(&tenant, &volume)
+                    .map_err(volume_error)?;
+                if report.blocks_unreadable > 0 {
+                    tracing::warn!(
+                        tenant = %tenant,
+                        volume = %volume,
+                        blocks = report.blocks_unreadable,
+                        "re-encryption left blocks that fail authentication under their old data key"
+                    );
+                }
+                Ok(Reply::DataKeys(self.data_key_view(&tenant, &volume)?))
+            }
             Op::Audit {
                 since_seq,
                 since_time,
@@ -386,6 +424,32 @@ impl Service {
         }
     }
 
+    fn data_key_view(&self, tenant: &TenantId, volume: &VolumeId) -> Result<DataKeyView, ApiError> {
+        let status = self
+            .store
+            .data_key_status(tenant, volume)
+            .map_err(volume_error)?;
+        Ok(DataKeyView {
+            tenant: tenant.to_string(),
+            volume: volume.to_string(),
+            active: status.active.0,
+            keys: status
+                .keys
+                .iter()
+                .map(|k| DataKeyVersionView {
+                    version: k.version.0,
+                    blocks: k.blocks,
+                })
+                .collect(),
+            job: status.job.map(|j| ReencryptionView {
+                target: j.target.0,
+                blocks_done: j.blocks_done,
+                blocks_remaining: j.blocks_remaining,
+                running: j.running,
+            }),
+        })
+    }
+
     fn tenant_info(&self, tenant: &TenantId) -> Result<TenantInfo, ApiError> {
         self.store
             .tenant(tenant)
@@ -478,6 +542,25 @@ fn create_error(e: CreateError) -> ApiError {
         CreateError::NoSuchTenant { tenant } => no_such_tenant(tenant),
         CreateError::InvalidSize { .. } => bad_request("invalid_size", e.to_string()),
         CreateError::TooLarge { .. } => bad_request("too_large", e.to_string()),
+        _ => ApiError::internal(crate::exports::error_chain(&e)),
+    }
+}
+
+fn volume_error(e: VolumeError) -> ApiError {
+    match &e {
+        VolumeError::NoSuchTenant { tenant } => no_such_tenant(tenant),
+        VolumeError::NoSuchVolume { tenant, volume } => no_such_volume(tenant, volume),
+        _ => ApiError::internal(crate::exports::error_chain(&e)),
+    }
+}
+
+fn rotate_error(e: RotateError) -> ApiError {
+    match &e {
+        RotateError::NoSuchTenant { tenant } => no_such_tenant(tenant),
+        RotateError::NoSuchVolume { tenant, volume } => no_such_volume(tenant, volume),
+        RotateError::VersionsExhausted { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "versions_exhausted", e.to_string())
+        }
         _ => ApiError::internal(crate::exports::error_chain(&e)),
     }
 }

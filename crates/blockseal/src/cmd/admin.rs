@@ -8,7 +8,9 @@ use std::io::{IsTerminal, Write};
 use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
-use crate::admin::api::{ApiError, AuditVerifyView, AuditView, Op, Reply, TenantView, VolumeView};
+use crate::admin::api::{
+    ApiError, AuditVerifyView, AuditView, DataKeyView, Op, Reply, TenantView, VolumeView,
+};
 use crate::admin::{self, Mode};
 use crate::cli::{
     AuditArgs, AuditCommand, OutputArgs, StatusArgs, StoreArgs, StoreCommand, TenantCommand,
@@ -224,6 +226,120 @@ pub(crate) fn rotate_tenant(
     )
 }
 
+/// Runs `blockseal key rotate-data`.
+pub(crate) fn rotate_data(
+    name: &str,
+    wait: bool,
+    store: &StoreArgs,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    let (tenant, volume) = split(name)?;
+    let op = Op::RotateDataKey {
+        tenant: tenant.clone(),
+        volume: volume.clone(),
+    };
+    if !wait {
+        return run(store, op, IfMissing::Fail, output);
+    }
+    let location = StoreLocation::from_args(store)?;
+    let (reply, mode) = admin::execute(&location, &op, IfMissing::Fail)?;
+    if !output.json {
+        print!(
+            "{}",
+            render(&op, &reply, mode, &location, Style::for_stdout())
+        );
+    }
+    wait_for_reencryption(&location, tenant, volume, output)
+}
+
+/// Runs `blockseal key status`.
+pub(crate) fn key_status(
+    name: Option<&str>,
+    wait: bool,
+    store: &StoreArgs,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    let Some(name) = name else {
+        return run(store, Op::DataKeyStatusAll, IfMissing::Fail, output);
+    };
+    let (tenant, volume) = split(name)?;
+    if wait {
+        let location = StoreLocation::from_args(store)?;
+        return wait_for_reencryption(&location, tenant, volume, output);
+    }
+    run(
+        store,
+        Op::DataKeyStatus { tenant, volume },
+        IfMissing::Fail,
+        output,
+    )
+}
+
+/// Waits until a volume's re-encryption job is gone, drawing a progress bar
+/// on a terminal, then prints the volume's data keys. Through a server the
+/// job runs there and is polled; with no server it runs here.
+fn wait_for_reencryption(
+    location: &StoreLocation,
+    tenant: String,
+    volume: String,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    let status_op = Op::DataKeyStatus {
+        tenant: tenant.clone(),
+        volume: volume.clone(),
+    };
+    let bar = progress_bar(&format!("{tenant}/{volume}"));
+    let (mut reply, mode) = admin::execute(location, &status_op, IfMissing::Fail)?;
+    if mode == Mode::Offline {
+        // No server: nothing works on the job unless this command does.
+        let op = Op::Reencrypt { tenant, volume };
+        bar.set_message("re-encrypting (no server running: at full speed)");
+        reply = admin::execute(location, &op, IfMissing::Fail)?.0;
+    } else {
+        loop {
+            let Reply::DataKeys(keys) = &reply else {
+                bail!("unexpected reply to a key status request");
+            };
+            let Some(job) = &keys.job else { break };
+            let total = job.blocks_done + job.blocks_remaining;
+            bar.set_length(total.max(1));
+            bar.set_position(job.blocks_done);
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            reply = admin::execute(location, &status_op, IfMissing::Fail)?.0;
+        }
+    }
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    if output.json {
+        out.write_all(&reply.to_json())?;
+        writeln!(out)?;
+    } else {
+        write!(
+            out,
+            "{}",
+            render(&status_op, &reply, mode, location, Style::for_stdout())
+        )?;
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal (stderr), hidden otherwise.
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} blocks re-encrypted ({eta}) {msg}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
+}
+
 /// Runs `op` and prints its reply.
 fn run(
     store: &StoreArgs,
@@ -420,6 +536,23 @@ pub(crate) fn render(
                 );
             }
         }
+        Reply::DataKeys(keys) => match op {
+            Op::RotateDataKey { .. } => {
+                out += &format!(
+                    "volume {}/{} now writes under data key version {}; ",
+                    keys.tenant, keys.volume, keys.active
+                );
+                out += match &keys.job {
+                    Some(_) => {
+                        "older blocks are being re-encrypted in the background \
+                                (`blockseal key status` shows the progress)\n"
+                    }
+                    None => "no block needs re-encryption\n",
+                };
+            }
+            _ => out += &data_key_table(std::slice::from_ref(keys), style),
+        },
+        Reply::AllDataKeys(all) => out += &data_key_table(all, style),
         Reply::Audit(entries) => out += &audit_table(entries, style),
         Reply::AuditVerified(v) => out += &audit_verdict(v, style),
     }
@@ -483,6 +616,42 @@ fn volume_details(v: &VolumeView, style: Style) -> String {
     );
     out += &format!("created       {}\n", v.created);
     out += &format!("updated       {}\n", v.updated);
+    out
+}
+
+fn data_key_table(volumes: &[DataKeyView], style: Style) -> String {
+    let mut out = style.bold(&format!(
+        "{:<40} {:>6}  {:<28} RE-ENCRYPTION",
+        "VOLUME", "ACTIVE", "BLOCKS PER KEY VERSION"
+    ));
+    out.push('\n');
+    for v in volumes {
+        let keys: Vec<String> = v
+            .keys
+            .iter()
+            .map(|k| format!("v{}: {}", k.version, k.blocks))
+            .collect();
+        let job = match &v.job {
+            None => style.good("done"),
+            Some(j) => {
+                let total = j.blocks_done + j.blocks_remaining;
+                format!(
+                    "{} {}/{} blocks ({}%)",
+                    if j.running { "running" } else { "waiting" },
+                    j.blocks_done,
+                    total,
+                    (j.blocks_done * 100).checked_div(total).unwrap_or(100)
+                )
+            }
+        };
+        out += &format!(
+            "{:<40} {:>6}  {:<28} {}\n",
+            format!("{}/{}", v.tenant, v.volume),
+            v.active,
+            keys.join(", "),
+            job
+        );
+    }
     out
 }
 

@@ -29,6 +29,18 @@ pub(crate) fn run(command: KeyCommand) -> anyhow::Result<()> {
             &store,
             &output,
         ),
+        KeyCommand::RotateData {
+            name,
+            wait,
+            store,
+            output,
+        } => super::admin::rotate_data(&name, wait, &store, &output),
+        KeyCommand::Status {
+            name,
+            wait,
+            store,
+            output,
+        } => super::admin::key_status(name.as_deref(), wait, &store, &output),
         KeyCommand::RotateTenant {
             tenant,
             store,

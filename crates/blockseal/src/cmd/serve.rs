@@ -122,6 +122,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         backend: BackendKind::Redb,
         space_reserve: None,
         index_memory: None,
+        reencrypt_rate: None,
     };
     let key_file = &location.key_file;
     if key_file.symlink_metadata().is_err() {
