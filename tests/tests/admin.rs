@@ -990,7 +990,7 @@ fn data_key_rotation_under_fio_resumes_after_kill_9_and_finishes() {
     let region_a = ["--rw=write", "--bs=64k", "--size=24M"];
     fio(d, &uri, &[&region_a[..], &["--do_verify=0"]].concat());
     // Rotate while fio writes and verifies the last 8 MiB.
-    let mut busy = Command::new("fio")
+    let busy = Command::new("fio")
         .current_dir(d)
         .args([
             "--name=busy",
