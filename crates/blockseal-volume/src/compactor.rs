@@ -215,8 +215,11 @@ const BUSY_REQUESTS_PER_SECOND: f64 = 1000.0;
 /// The share of the compaction rate a busy volume's compaction gets.
 const BUSY_SHARE: u64 = 4;
 
+/// The most a pacer lets work run ahead of its rate after falling behind it.
+const MAX_BURST: Duration = Duration::from_secs(1);
+
 /// Keeps the copy rate at or below `rate` bytes per second (a quarter of it
-/// while the volume is busy).
+/// while the volume is busy), over any window longer than [`MAX_BURST`].
 pub(crate) struct Pacer<'a> {
     rate: u64,
     wake: &'a Wakeup,
@@ -257,7 +260,17 @@ impl<'a> Pacer<'a> {
         // Bytes copied while the volume is busy count several times over.
         let weight = if busy { BUSY_SHARE } else { 1 };
         self.bytes = self.bytes.saturating_add(bytes.saturating_mul(weight));
-        let due = self.started + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        let mut due = self.started + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        // Time the work did not use (it was slowed by something else, or had
+        // nothing to do) is not saved up past MAX_BURST: otherwise a pass held
+        // back under load would run at full speed afterwards until its
+        // average caught up.
+        if let Some(credit) = now.checked_duration_since(due)
+            && credit > MAX_BURST
+        {
+            self.started += credit - MAX_BURST;
+            due += credit - MAX_BURST;
+        }
         Some(due.saturating_duration_since(now))
     }
 
@@ -283,5 +296,29 @@ mod tests {
         assert!(loaded <= Duration::from_secs(4) && loaded > Duration::from_millis(3900));
         let mut unlimited = Pacer::new(u64::MAX, &wake);
         assert_eq!(unlimited.delay(1 << 30, true), None);
+    }
+
+    #[test]
+    fn time_left_unused_is_not_saved_up() {
+        let wake = Wakeup::default();
+        let rate = 1u64 << 20;
+        let mut pacer = Pacer::new(rate, &wake);
+        let start = pacer.started();
+        // Ten seconds with almost nothing done (held back by foreground load).
+        let mut now = start + Duration::from_secs(10);
+        assert_eq!(pacer.delay_at(rate / 16, false, now), Some(Duration::ZERO));
+        // From here on, at most one second's worth runs without waiting, then
+        // the rate holds again: 10 MiB take at least 9 s, not 0.
+        let mut moved = 0u64;
+        let from = now;
+        for _ in 0..40 {
+            moved += rate / 4;
+            now += pacer.delay_at(rate / 4, false, now).unwrap();
+        }
+        let elapsed = now.duration_since(from).as_secs_f64();
+        assert!(
+            moved as f64 / rate as f64 <= elapsed + MAX_BURST.as_secs_f64() + 0.1,
+            "{moved} bytes in {elapsed} s"
+        );
     }
 }
