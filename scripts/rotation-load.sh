@@ -115,6 +115,11 @@ fill=(--rw=write --bs=1M --iodepth=4 --offset="$half" --size="$half")
 fio_run fill "${fill[@]}" --do_verify=0
 load=(--rw=randrw --rwmixread=50 --bs=4k --iodepth=16 --size="$half" --time_based --runtime="$DURATION" --verify_backlog=1024)
 
+# A first random run, not counted: it warms the extent index and the page
+# cache and gets the compaction its random overwrites start going, so the two
+# counted runs start from the same state.
+echo "rotation-load: warm-up run, ${DURATION}s" >&2
+fio_run warmup "${load[@]}"
 echo "rotation-load: unloaded run, ${DURATION}s" >&2
 t0=$(cpu_ticks)
 fio_run unloaded "${load[@]}"

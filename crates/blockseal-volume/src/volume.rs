@@ -234,8 +234,13 @@ pub(crate) struct VolumeInner {
     auth_failures: AtomicU64,
     commits: AtomicU64,
     metadata_bytes: AtomicU64,
-    /// Held by a compaction of this volume (first in the lock order).
+    /// Held by each step of a compaction or re-encryption pass of this
+    /// volume, and by the destruction of old data keys (first in the lock
+    /// order after `compacting`). Never held across a pacing sleep.
     compaction: Mutex<()>,
+    /// Held by a compaction pass for its whole length: passes never overlap
+    /// (first in the lock order).
+    compacting: Mutex<()>,
     /// Segments whose live fraction is below this are compacted.
     compact_threshold: f64,
     /// Wakes the store's compaction thread, when there is one.
@@ -500,6 +505,7 @@ impl Volume {
                 commits: AtomicU64::new(0),
                 metadata_bytes: AtomicU64::new(0),
                 compaction: Mutex::new(()),
+                compacting: Mutex::new(()),
                 compact_threshold: compact_threshold.clamp(0.0, 1.0),
                 wake,
                 flusher,

@@ -333,6 +333,58 @@ fn jobs_run_with_no_client_open_after_a_rotation_and_after_a_restart() {
 }
 
 #[test]
+fn reencryption_runs_while_a_slow_compaction_pass_sleeps() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        // Compaction at 4 KiB/s: after its first step (one segment's live
+        // blocks, 128 KiB) the pass sleeps for half a minute before each next
+        // one, and must not keep re-encryption out meanwhile.
+        let options = StoreOptions::new()
+            .backend(backend)
+            .segment_bytes(MIB)
+            .compaction_threshold(0.9)
+            .compaction_rate(4 << 10)
+            .compaction_interval(Duration::from_millis(10))
+            .background_reencryption(false);
+        let (store, volume) = store_with_volume(dir.path(), 1024 * BS, options);
+        for lba in 0..1024 {
+            write_block(&volume, lba, 1);
+        }
+        volume.flush().unwrap();
+        // Overwrite most blocks so the sealed segments are mostly dead.
+        let mut versions = vec![1u64; 1024];
+        for lba in (0..1024).filter(|lba| lba % 8 != 0) {
+            write_block(&volume, lba, 2);
+            versions[lba as usize] = 2;
+        }
+        volume.flush().unwrap();
+        wait_for("compaction's first step", || {
+            volume.stats().compacted_blocks > 0
+        });
+        rotate(&store);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reencrypting = std::thread::spawn({
+            let volume = volume.clone();
+            move || {
+                let report = volume.reencrypt_now();
+                let _ = done_tx.send(());
+                report
+            }
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "{backend:?}: re-encryption waited for the sleeping compaction pass"
+        );
+        let report = reencrypting.join().unwrap().unwrap();
+        assert!(report.finished, "{report:?}");
+        assert_eq!(blocks_per_key(&status(&store)), [(2, 1024)]);
+        check_all(&volume, &versions);
+        drop(volume);
+        drop(store);
+    }
+}
+
+#[test]
 fn an_old_key_stays_while_a_block_needs_it() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,9 @@
 //!
 //! # Steps and durability order
 //!
-//! 1. Under the volume's compaction lock (first in the lock order), note the
+//! 1. Under the volume's `compacting` lock (one pass at a time) and its
+//!    `compaction` lock (held by each step, released while the pass sleeps to
+//!    keep its pace, so that re-encryption steps run in between), note the
 //!    head's index, then take and release the install gate: a write holds
 //!    its shared side from allocation until its mapping is in the overlay, so
 //!    afterwards no write into a sealed segment is in flight.
@@ -143,7 +145,9 @@ impl VolumeInner {
         threshold: f64,
         pace: &mut dyn FnMut(u64) -> bool,
     ) -> Result<CompactionReport, VolumeError> {
-        let _one = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
+        let _pass = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        let lock_steps = || self.compaction.lock().unwrap_or_else(|e| e.into_inner());
+        let mut steps = Some(lock_steps());
         self.check_poisoned()?;
         // Read before the barrier: a write that allocated in a segment below this
         // index did so before the sweep began, so the sweep waits for it.
@@ -168,7 +172,11 @@ impl VolumeInner {
             let step_blocks = (STEP_BYTES / bs).max(1) as usize;
             for step in blocks.chunks(step_blocks) {
                 match self.move_step(step) {
-                    Ok(n) => moved += n,
+                    Ok(n) => {
+                        moved += n;
+                        // Counted per step: the stats show a long pass's progress.
+                        self.compacted_blocks.fetch_add(n, Ordering::Relaxed);
+                    }
                     Err(Ok(SourceUnreadable(error))) => {
                         tracing::warn!(
                             tenant = %self.tenant,
@@ -181,7 +189,13 @@ impl VolumeInner {
                     }
                     Err(Err(e)) => return Err(e),
                 }
-                if !pace(step.len() as u64 * bs) {
+                // Not held while pacing sleeps: a re-encryption pass of this
+                // volume takes its steps meanwhile (every step of either
+                // switches only mappings that are still what it copied).
+                drop(steps.take());
+                let go_on = pace(step.len() as u64 * bs);
+                steps = Some(lock_steps());
+                if !go_on {
                     break 'segments;
                 }
             }
@@ -195,7 +209,6 @@ impl VolumeInner {
         }
         report.blocks_moved = moved;
         report.bytes_reclaimed = reclaimed.saturating_sub(moved * bs);
-        self.compacted_blocks.fetch_add(moved, Ordering::Relaxed);
         self.deleted_segments
             .fetch_add(report.segments_deleted, Ordering::Relaxed);
         Ok(report)
