@@ -887,6 +887,20 @@ fn shred_and_master_key_rotation_work_offline_too() {
     );
     server.stop();
 
+    // A data key rotation with no server: the job waits for one, or runs
+    // here with --wait.
+    let out = cli_ok(&data, &["key", "rotate-data", "demo/disk"]);
+    assert!(out.contains("now writes under data key version 2"), "{out}");
+    let pending = key_status(&data, "demo/disk");
+    assert_eq!(pending["job"]["blocks_done"], 0, "{pending}");
+    let all = cli_ok(&data, &["key", "status"]);
+    assert!(all.contains("demo/disk") && all.contains("waiting"), "{all}");
+    let done = cli_ok(&data, &["key", "status", "demo/disk", "--wait", "--json"]);
+    let done: serde_json::Value = serde_json::from_str(&done).unwrap();
+    assert!(done["job"].is_null(), "{done}");
+    assert_eq!(done["keys"][0]["version"], 2, "{done}");
+    assert_eq!(done["keys"].as_array().unwrap().len(), 1, "{done}");
+
     let out = cli_ok(&data, &["tenant", "shred", "acme", "--yes-i-understand"]);
     assert!(
         out.contains("shredded tenant acme: keys destroyed, 1 volume(s)"),
@@ -925,7 +939,7 @@ fn shred_and_master_key_rotation_work_offline_too() {
         std::fs::read(&content).unwrap()
     );
     let audit = cli_ok(&data, &["audit"]);
-    for action in ["tenant.shred", "key.rotate-master"] {
+    for action in ["tenant.shred", "key.rotate-master", "key.rotate-data", "key.reencrypt"] {
         assert!(audit.contains(action), "{audit}");
     }
     assert!(audit.contains("local:uid:"), "{audit}");
