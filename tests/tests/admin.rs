@@ -894,7 +894,10 @@ fn shred_and_master_key_rotation_work_offline_too() {
     let pending = key_status(&data, "demo/disk");
     assert_eq!(pending["job"]["blocks_done"], 0, "{pending}");
     let all = cli_ok(&data, &["key", "status"]);
-    assert!(all.contains("demo/disk") && all.contains("waiting"), "{all}");
+    assert!(
+        all.contains("demo/disk") && all.contains("waiting"),
+        "{all}"
+    );
     let done = cli_ok(&data, &["key", "status", "demo/disk", "--wait", "--json"]);
     let done: serde_json::Value = serde_json::from_str(&done).unwrap();
     assert!(done["job"].is_null(), "{done}");
@@ -939,7 +942,12 @@ fn shred_and_master_key_rotation_work_offline_too() {
         std::fs::read(&content).unwrap()
     );
     let audit = cli_ok(&data, &["audit"]);
-    for action in ["tenant.shred", "key.rotate-master", "key.rotate-data", "key.reencrypt"] {
+    for action in [
+        "tenant.shred",
+        "key.rotate-master",
+        "key.rotate-data",
+        "key.reencrypt",
+    ] {
         assert!(audit.contains(action), "{audit}");
     }
     assert!(audit.contains("local:uid:"), "{audit}");

@@ -826,16 +826,12 @@ impl Store {
         }
     }
 
-    /// Opens a volume this thread holds the claim to (see [`Store::claim`]).
-    fn open_claimed(
+    /// A volume's tenant record and volume record, or which of them is missing.
+    pub(crate) fn tenant_and_volume_records(
         &self,
         tenant: &TenantId,
         volume: &VolumeId,
-        opening: Opening<'_>,
-    ) -> Result<Volume, VolumeError> {
-        let handle = opening.handle.clone();
-        // Records and key of one generation (see `master`).
-        let master = self.read_master();
+    ) -> Result<(TenantRecord, VolumeRecord), VolumeError> {
         let tenant_record = self
             .tenant_record(tenant)
             .map_err(query_to_volume)?
@@ -851,6 +847,20 @@ impl Store {
             })?;
         let record =
             VolumeRecord::decode(&record).map_err(|e| VolumeError::Corrupt { what: e.0 })?;
+        Ok((tenant_record, record))
+    }
+
+    /// Opens a volume this thread holds the claim to (see [`Store::claim`]).
+    fn open_claimed(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        opening: Opening<'_>,
+    ) -> Result<Volume, VolumeError> {
+        let handle = opening.handle.clone();
+        // Records and key of one generation (see `master`).
+        let master = self.read_master();
+        let (tenant_record, record) = self.tenant_and_volume_records(tenant, volume)?;
         let block_size = BlockSize::new(record.block_size).map_err(|e| VolumeError::Corrupt {
             what: format!("volume record: {e}"),
         })?;

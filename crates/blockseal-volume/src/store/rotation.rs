@@ -18,13 +18,11 @@ use std::sync::{Arc, Mutex, Weak};
 
 use blockseal_keys::{DataKey, KeyVersion, TenantId, TenantKek, VolumeId};
 
-use super::{Opening, Store, now, query_to_volume};
+use super::{Claim, Store, now};
 use crate::error::{ErrorKind, QueryError, VolumeError, error_chain};
 use crate::meta::{Batch, MetaError, MetaStore};
 use crate::record::{self, JobRecord, VolumeRecord};
-use crate::volume::{
-    Closed, DataKeyStatus, ReencryptionReport, Volume, dek_blocks_in_store, status_of,
-};
+use crate::volume::{DataKeyStatus, ReencryptionReport, Volume, dek_blocks_in_store, status_of};
 
 /// Rotating a volume's data key failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +111,7 @@ impl Store {
     ) -> Result<DataKeyRotation, RotateError> {
         let _admin = self.lock_admin();
         // No instance opens (or closes) while the record changes under us.
-        let claim = self.claim_for_rotation(tenant, volume);
+        let claim = self.claim(tenant, volume);
         let tenant_record = self
             .tenant_record(tenant)
             .map_err(query_to_rotate)?
@@ -140,11 +138,11 @@ impl Store {
         drop(master);
         let active = dek.version();
         let open = match claim {
-            RotationClaim::Open(instance) => {
+            Claim::Open(instance) => {
                 instance.adopt_dek(dek, job);
                 true
             }
-            RotationClaim::Closed(opening) => {
+            Claim::Closed(opening) => {
                 drop(opening);
                 false
             }
@@ -182,20 +180,7 @@ impl Store {
         if let Some(instance) = self.open_instance(tenant, volume) {
             return instance.data_key_status();
         }
-        self.tenant_record(tenant)
-            .map_err(query_to_volume)?
-            .ok_or_else(|| VolumeError::NoSuchTenant {
-                tenant: tenant.clone(),
-            })?;
-        let record = self
-            .meta
-            .get(&record::volume_key(tenant, volume))?
-            .ok_or_else(|| VolumeError::NoSuchVolume {
-                tenant: tenant.clone(),
-                volume: volume.clone(),
-            })?;
-        let record =
-            VolumeRecord::decode(&record).map_err(|e| VolumeError::Corrupt { what: e.0 })?;
+        let (_, record) = self.tenant_and_volume_records(tenant, volume)?;
         let blocks = dek_blocks_in_store(self.meta.as_ref(), record.internal_id)?;
         let job = match self.meta.get(&record::job_key(record.internal_id))? {
             Some(bytes) => {
@@ -230,52 +215,6 @@ impl Store {
             .and_then(Weak::upgrade)
             .map(Volume::from_inner)
     }
-
-    /// The open instance of a volume, or the right to keep it closed: while
-    /// the returned [`Opening`] lives every open of it waits. Waits for an
-    /// open in progress or a closing instance first, as
-    /// [`Store::open_volume`] does.
-    fn claim_for_rotation(&self, tenant: &TenantId, volume: &VolumeId) -> RotationClaim<'_> {
-        let handle = (tenant.clone(), volume.clone());
-        loop {
-            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(inner) = open.get(&handle).and_then(Weak::upgrade) {
-                return RotationClaim::Open(Volume::from_inner(inner));
-            }
-            let busy = self
-                .lock_opening()
-                .get(&handle)
-                .filter(|gate| !gate.is_open())
-                .cloned()
-                .or_else(|| {
-                    self.lock_closing()
-                        .get(&handle)
-                        .filter(|gate| !gate.is_open())
-                        .cloned()
-                });
-            match busy {
-                Some(gate) => {
-                    drop(open);
-                    gate.wait();
-                }
-                None => {
-                    let gate = Arc::new(Closed::default());
-                    self.lock_opening().insert(handle.clone(), gate.clone());
-                    return RotationClaim::Closed(Opening {
-                        store: self,
-                        handle,
-                        gate,
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// What [`Store::claim_for_rotation`] found.
-enum RotationClaim<'a> {
-    Open(Volume),
-    Closed(Opening<'a>),
 }
 
 /// Makes a new DEK the active one of `record` (the caller holds the store's

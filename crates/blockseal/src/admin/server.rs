@@ -65,21 +65,10 @@ pub(crate) async fn serve_unix(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.triggered() => return Ok(()),
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let (stream, _) = tokio::select! {
-            _ = shutdown.triggered() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if blockseal_volume::segment::is_transient(&e) => {
-                    tracing::warn!(error = %e, "admin socket: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            },
+        let Some((permit, (stream, _))) =
+            accept_in_slot(&slots, &shutdown, "admin socket", || listener.accept()).await?
+        else {
+            return Ok(());
         };
         let (caller, allowed) = match stream.peer_cred() {
             Ok(cred) => (
@@ -121,21 +110,10 @@ pub(crate) async fn serve_tls(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.triggered() => return Ok(()),
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.triggered() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if blockseal_volume::segment::is_transient(&e) => {
-                    tracing::warn!(error = %e, "admin TCP: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            },
+        let Some((permit, (tcp, peer))) =
+            accept_in_slot(&slots, &shutdown, "admin TCP", || listener.accept()).await?
+        else {
+            return Ok(());
         };
         let tls = tls.clone();
         let service = service.clone();
@@ -174,6 +152,38 @@ pub(crate) async fn serve_tls(
             };
             spawn_connection(stream, service, caller, allowed, shutdown, permit);
         });
+    }
+}
+
+/// Waits for a free connection slot, then for a connection `accept` gives;
+/// `None` once `shutdown` triggers. Transient accept errors (such as running
+/// out of descriptors) are retried after a pause; others end the listener.
+async fn accept_in_slot<T, F, Fut>(
+    slots: &Arc<Semaphore>,
+    shutdown: &Shutdown,
+    what: &str,
+    mut accept: F,
+) -> std::io::Result<Option<(OwnedSemaphorePermit, T)>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let permit = tokio::select! {
+        _ = shutdown.triggered() => return Ok(None),
+        permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => return Ok(None),
+            accepted = accept() => match accepted {
+                Ok(accepted) => return Ok(Some((permit, accepted))),
+                Err(e) if blockseal_volume::segment::is_transient(&e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            },
+        }
     }
 }
 
