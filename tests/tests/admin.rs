@@ -532,6 +532,16 @@ fn the_admin_socket_refuses_other_users_and_bad_requests() {
         "invalid_query",
     );
 
+    // A tenant name that would add path segments is refused before any
+    // request is made (and the volume it aims at stays).
+    let err = cli_fails(
+        &data,
+        2,
+        &["tenant", "delete", "demo/volumes/disk?force=true"],
+    );
+    assert!(err.contains("is invalid"), "{err}");
+    cli_ok(&data, &["volume", "show", "demo/disk"]);
+
     // Nothing changed: the same tenants, and the audit log only gained the
     // refusals of the other user (and the outcome of the failed creates).
     assert_eq!(cli_ok(&data, &["tenant", "list", "--json"]), before_tenants);
@@ -647,6 +657,24 @@ fn resize_works_online_and_refuses_to_drop_data_silently() {
     )));
     let err = cli_fails(&data, 4, &["volume", "resize", "demo/disk", "--size", "2M"]);
     assert!(err.contains("past"), "{err}");
+    // A connected client knows the old size: no shrink under it, even with
+    // --discard-tail.
+    let stop = server.dir.join("stop");
+    let io = start_io(&uri, &stop);
+    let err = cli_fails(
+        &data,
+        4,
+        &[
+            "volume",
+            "resize",
+            "demo/disk",
+            "--size",
+            "2M",
+            "--discard-tail",
+        ],
+    );
+    assert!(err.contains("client connection"), "{err}");
+    finish_io(io, &stop);
     assert_eq!(nbd_size(&uri), 4 << 20, "a refused shrink changed the size");
     cli_ok(
         &data,
@@ -703,7 +731,7 @@ fn master_key_rotation_online_then_restart_with_the_new_key() {
     // Rotating to the key in use is refused.
     let err = cli_fails(
         &data,
-        2,
+        4,
         &["key", "rotate-master", "--new-key", path_str(&new_key)],
     );
     assert!(err.contains("is the store's current master key"), "{err}");
@@ -1056,12 +1084,21 @@ fn data_key_rotation_under_fio_resumes_after_kill_9_and_finishes() {
         "the job finished before the kill: {before}"
     );
     server.kill();
+    // The job survived the kill (read with no server running, so nothing
+    // works on it meanwhile).
+    let after: serde_json::Value = serde_json::from_str(&blockseal_ok(&[
+        "key", "status", "acme/rec", "--json", "--config", c,
+    ]))
+    .unwrap();
+    assert!(after["job"].is_object(), "the job was lost: {after}");
+    assert!(
+        after["job"]["blocks_done"].as_u64() >= before["job"]["blocks_done"].as_u64(),
+        "progress went back: {before} then {after}"
+    );
 
     // After the restart (at a higher rate) the job resumes and finishes.
     write_config("64M");
     server.restart();
-    let after = key_status(&data, "acme/rec");
-    assert!(after["job"].is_object(), "the job was lost: {after}");
     let done = cli_ok(&data, &["key", "status", "acme/rec", "--wait", "--json"]);
     let done: serde_json::Value = serde_json::from_str(&done).unwrap();
     assert_eq!(done["active"], 2, "{done}");

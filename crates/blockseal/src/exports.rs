@@ -276,7 +276,8 @@ impl StoreCatalog {
 
     /// Drops the open exports (after [`flush_all`](Self::flush_all)).
     pub(crate) fn close_all(&self) {
-        self.lock_registry().open.clear();
+        let open = std::mem::take(&mut self.lock_registry().open);
+        drop(open);
     }
 
     /// Takes the exports `names` out of service so that an admin operation can
@@ -292,6 +293,9 @@ impl StoreCatalog {
     ) -> Result<Retired<'_>, RetireError> {
         let mut waiting: Vec<(String, Weak<()>)> = Vec::new();
         let mut closed = 0;
+        // Dropped after the lock: the last handle of a volume flushes it, and
+        // every other export's opens wait on this lock.
+        let mut removed: Vec<Served> = Vec::new();
         {
             let mut registry = self.lock_registry();
             if let Some(busy) = names.iter().find(|n| registry.retired.contains(*n)) {
@@ -317,9 +321,11 @@ impl StoreCatalog {
                     closed += served.connections();
                     served.revoked.trigger();
                     waiting.push((name.clone(), Arc::downgrade(&served.handles)));
+                    removed.push(served);
                 }
             }
         }
+        drop(removed);
         let retired = Retired {
             catalog: self,
             names,
@@ -341,6 +347,14 @@ impl StoreCatalog {
             }
         }
         Ok(retired)
+    }
+
+    /// Connections (live handles) of the export `name`.
+    pub(crate) fn connections(&self, name: &str) -> usize {
+        self.lock_registry()
+            .open
+            .get(name)
+            .map_or(0, Served::connections)
     }
 
     fn lock_registry(&self) -> MutexGuard<'_, Registry> {

@@ -448,6 +448,10 @@ fn metadata_that_went_back_in_time_is_refused_with_the_recovery_command() {
     assert!(out.contains("3 commits lost"), "{out}");
     let out = ok(&["tenant", "list", "--data-dir", d]);
     assert!(out.contains("acme") && !out.contains("globex"), "{out}");
+    // The recovery is in the audit log, whose chain still holds.
+    let audit = ok(&["audit", "--data-dir", d]);
+    assert!(audit.contains("store.accept-metadata-loss"), "{audit}");
+    ok(&["audit", "verify", "--data-dir", d]);
 }
 
 #[test]

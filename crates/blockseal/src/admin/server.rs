@@ -5,7 +5,8 @@
 //! (and root) can connect at all; on top of that, each connection's peer
 //! credentials (`SO_PEERCRED`) are checked against the server's own uid and
 //! root, and the peer's uid is the caller's identity in the audit log. A
-//! refused peer gets `403` for every request, and the refusal is audited.
+//! refused peer gets `403` and the connection is closed; the refusal is
+//! audited once per connection.
 //!
 //! Resource limits: at most [`MAX_CONNECTIONS`] admin connections at once (more
 //! wait in the listen queue), request headers within [`HEADER_TIMEOUT`] and at
@@ -14,12 +15,13 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
@@ -34,6 +36,8 @@ use blockseal_nbd::{Shutdown, TlsConfig};
 const MAX_CONNECTIONS: usize = 16;
 /// Time a client gets to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Characters of a refused request's path kept in the audit log.
+const MAX_AUDITED_PATH: usize = 200;
 /// Largest request head.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
@@ -200,10 +204,15 @@ fn spawn_connection<IO>(
 {
     tokio::spawn(async move {
         let _permit = permit;
+        // A refused caller is audited once per connection, not per request.
+        let audited = Arc::new(AtomicBool::new(false));
         let handler = hyper::service::service_fn(move |request| {
             let service = service.clone();
             let caller = caller.clone();
-            async move { Ok::<_, Infallible>(handle(request, &service, caller, allowed).await) }
+            let audited = audited.clone();
+            async move {
+                Ok::<_, Infallible>(handle(request, &service, caller, allowed, &audited).await)
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -211,14 +220,19 @@ fn spawn_connection<IO>(
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEADER_BYTES.max(8192));
         let connection = builder.serve_connection(TokioIo::new(stream), handler);
-        tokio::select! {
-            served = connection => {
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "admin connection ended with an error");
-                }
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            // At shutdown a request being answered still gets its answer (the
+            // server waits for running operations before it stops); an idle
+            // connection closes at once.
+            _ = shutdown.triggered() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
             }
-            // Admin requests are short: at shutdown the connection goes.
-            _ = shutdown.triggered() => {}
+        };
+        if let Err(e) = served {
+            tracing::debug!(error = %e, "admin connection ended with an error");
         }
     });
 }
@@ -229,25 +243,29 @@ async fn handle(
     service: &Arc<Service>,
     caller: Caller,
     allowed: bool,
+    audited: &AtomicBool,
 ) -> Response<Full<Bytes>> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = request.uri().query().map(str::to_owned);
     if !allowed {
-        let service = service.clone();
-        let target = path.clone();
-        let actor = caller.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            service.audit_denied(
-                &actor,
-                &format!("{method} {target}"),
-                &target,
-                "not an admin",
-            );
-        })
-        .await;
-        tracing::warn!(actor = %caller.actor, path = %path, "admin request refused: the caller is not an admin");
-        return error_response(&ApiError::new(
+        if !audited.swap(true, Ordering::Relaxed) {
+            let service = service.clone();
+            // A path is the caller's text: only its start goes to the log.
+            let target: String = path.chars().take(MAX_AUDITED_PATH).collect();
+            let actor = caller.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                service.audit_denied(
+                    &actor,
+                    &format!("{method} {target}"),
+                    &target,
+                    "not an admin",
+                );
+            })
+            .await;
+            tracing::warn!(actor = %caller.actor, "admin connection refused: the caller is not an admin");
+        }
+        let mut response = error_response(&ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -256,6 +274,11 @@ async fn handle(
                 caller.actor
             ),
         ));
+        // And the connection ends with this answer.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
     }
     let body = match read_body(request).await {
         Ok(body) => body,

@@ -7,13 +7,13 @@
 //! (if that append fails the operation is refused, so nothing changes
 //! unrecorded), and one with its outcome. Reads are not recorded.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use blockseal_keys::{KeyVersion, TenantId, VolumeId, load_key_file};
 use blockseal_volume::{
-    AdminError, AuditEntry, BlockSize, CreateError, QueryError, RotateError, Store, TenantInfo,
-    TenantState, VolumeError, VolumeInfo, VolumeOptions,
+    AdminError, AdminErrorKind, AuditEntry, BlockSize, CreateError, QueryError, RotateError, Store,
+    TenantInfo, TenantState, VolumeError, VolumeInfo, VolumeOptions,
 };
 use hyper::StatusCode;
 
@@ -41,6 +41,28 @@ pub(crate) struct Service {
     /// The running server's exports, when the store is served: connections are
     /// closed before their volume goes.
     catalog: Option<Arc<StoreCatalog>>,
+    /// Operations running, and whether new ones are refused (shutdown).
+    running: Mutex<Running>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct Running {
+    count: usize,
+    closed: bool,
+}
+
+/// One running operation; the count drops with it.
+struct OpGuard<'a>(&'a Service);
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.lock_running();
+        running.count -= 1;
+        if running.count == 0 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 impl Service {
@@ -49,6 +71,8 @@ impl Service {
         Service {
             store,
             catalog: None,
+            running: Mutex::default(),
+            idle: Condvar::new(),
         }
     }
 
@@ -57,12 +81,45 @@ impl Service {
         Service {
             store,
             catalog: Some(catalog),
+            running: Mutex::default(),
+            idle: Condvar::new(),
         }
+    }
+
+    /// Refuses new operations from now on and waits, at most `limit`, for the
+    /// running ones to finish (at shutdown, before the final flush). Returns
+    /// how many are still running.
+    pub(crate) fn close(&self, limit: Duration) -> usize {
+        let mut running = self.lock_running();
+        running.closed = true;
+        let (running, _) = self
+            .idle
+            .wait_timeout_while(running, limit, |r| r.count > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        running.count
+    }
+
+    fn begin(&self) -> Result<OpGuard<'_>, ApiError> {
+        let mut running = self.lock_running();
+        if running.closed {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down; nothing was changed",
+            ));
+        }
+        running.count += 1;
+        Ok(OpGuard(self))
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `op` for `caller`, recording it in the audit log if it changes
     /// anything. Blocking: store I/O.
     pub(crate) fn run(&self, caller: &Caller, op: &Op) -> Result<Reply, ApiError> {
+        let _running = self.begin()?;
         if !op.mutates() {
             return self.execute(op);
         }
@@ -195,6 +252,21 @@ impl Service {
                 discard_tail,
             } => {
                 let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                let current = self.volume_info(&tenant, &volume)?;
+                let name = format!("{tenant}/{volume}");
+                let connections = self.catalog.as_ref().map_or(0, |c| c.connections(&name));
+                if *size < current.size && connections > 0 {
+                    // Its clients negotiated the old size and would meet
+                    // errors past the new end.
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "volume_in_use",
+                        format!(
+                            "{name} has {connections} client connection(s) that know its old \
+                             size; disconnect them before shrinking it (growing works online)"
+                        ),
+                    ));
+                }
                 let info = self
                     .store
                     .resize_volume(&tenant, &volume, *size, *discard_tail)
@@ -211,8 +283,9 @@ impl Service {
                 // connection is touched.
                 self.volume_info(&tenant, &volume)?;
                 let name = format!("{tenant}/{volume}");
-                let retired = self.retire(vec![name.clone()], *force)?;
-                self.until_closed(|| self.store.delete_volume(&tenant, &volume))?;
+                let until = Instant::now() + CLOSE_DEADLINE;
+                let retired = self.retire(vec![name.clone()], *force, until)?;
+                self.until_closed(until, || self.store.delete_volume(&tenant, &volume))?;
                 Ok(Reply::Deleted(DeletedView {
                     deleted: name,
                     connections_closed: retired.map_or(0, |r| r.connections_closed),
@@ -349,8 +422,9 @@ impl Service {
             .map(|v| format!("{}/{}", v.tenant, v.id))
             .collect();
         // Shredding always closes the tenant's connections: that is its point.
-        let retired = self.retire(names, true)?;
-        let report = self.until_closed(|| self.store.shred_tenant(&tenant))?;
+        let until = Instant::now() + CLOSE_DEADLINE;
+        let retired = self.retire(names, true, until)?;
+        let report = self.until_closed(until, || self.store.shred_tenant(&tenant))?;
         Ok(Reply::Shredded(ShredView {
             tenant: tenant.to_string(),
             volumes: report.volumes,
@@ -365,12 +439,17 @@ impl Service {
         &self,
         names: Vec<String>,
         force: bool,
+        until: Instant,
     ) -> Result<Option<crate::exports::Retired<'_>>, ApiError> {
         let Some(catalog) = &self.catalog else {
             return Ok(None);
         };
         catalog
-            .retire(names, force, CLOSE_DEADLINE)
+            .retire(
+                names,
+                force,
+                until.saturating_duration_since(Instant::now()),
+            )
             .map(Some)
             .map_err(|e| match e {
                 RetireError::InUse {
@@ -409,9 +488,9 @@ impl Service {
     /// on the thread that dropped it, so "in use" is retried for a while.
     fn until_closed<T>(
         &self,
+        until: Instant,
         mut call: impl FnMut() -> Result<T, AdminError>,
     ) -> Result<T, ApiError> {
-        let until = Instant::now() + CLOSE_DEADLINE;
         loop {
             match call() {
                 Err(AdminError::VolumeInUse { .. })
@@ -566,16 +645,28 @@ fn rotate_error(e: RotateError) -> ApiError {
 }
 
 fn admin_error(e: AdminError) -> ApiError {
-    let conflict = |code, e: &AdminError| ApiError::new(StatusCode::CONFLICT, code, e.to_string());
-    match &e {
-        AdminError::NoSuchTenant { tenant } => no_such_tenant(tenant),
-        AdminError::NoSuchVolume { tenant, volume } => no_such_volume(tenant, volume),
-        AdminError::VolumeInUse { .. } => conflict("volume_in_use", &e),
-        AdminError::TenantHasVolumes { .. } => conflict("tenant_has_volumes", &e),
-        AdminError::MappedPastEnd { .. } => conflict("mapped_past_end", &e),
-        AdminError::InvalidSize { .. } => bad_request("invalid_size", e.to_string()),
-        AdminError::TooLarge { .. } => bad_request("too_large", e.to_string()),
-        AdminError::SameMasterKey { .. } => bad_request("same_master_key", e.to_string()),
-        _ => ApiError::internal(crate::exports::error_chain(&e)),
-    }
+    // The status comes from the store's own classification; the code names
+    // the case.
+    let status = match e.kind() {
+        AdminErrorKind::NotFound => StatusCode::NOT_FOUND,
+        AdminErrorKind::Conflict => StatusCode::CONFLICT,
+        AdminErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let code = match &e {
+        AdminError::NoSuchTenant { tenant } => return no_such_tenant(tenant),
+        AdminError::NoSuchVolume { tenant, volume } => return no_such_volume(tenant, volume),
+        AdminError::VolumeInUse { .. } => "volume_in_use",
+        AdminError::TenantHasVolumes { .. } => "tenant_has_volumes",
+        AdminError::MappedPastEnd { .. } => "mapped_past_end",
+        AdminError::InvalidSize { .. } => "invalid_size",
+        AdminError::TooLarge { .. } => "too_large",
+        AdminError::SameMasterKey { .. } => "same_master_key",
+        AdminError::AuditEntryTooLarge { .. } => "audit_entry_too_large",
+        _ if status == StatusCode::INTERNAL_SERVER_ERROR => {
+            return ApiError::internal(crate::exports::error_chain(&e));
+        }
+        _ => "invalid_request",
+    };
+    ApiError::new(status, code, e.to_string())
 }

@@ -35,7 +35,9 @@ pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             output,
         } => run(
             &store,
-            Op::CreateTenant { tenant: name },
+            Op::CreateTenant {
+                tenant: tenant_name(&name)?,
+            },
             IfMissing::Create,
             &output,
         ),
@@ -58,7 +60,9 @@ pub(crate) fn tenant(command: TenantCommand) -> anyhow::Result<()> {
             output,
         } => run(
             &store,
-            Op::DeleteTenant { tenant: name },
+            Op::DeleteTenant {
+                tenant: tenant_name(&name)?,
+            },
             IfMissing::Fail,
             &output,
         ),
@@ -105,7 +109,10 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
             tenant,
             store,
             output,
-        } => run(&store, Op::ListVolumes { tenant }, IfMissing::Fail, &output),
+        } => {
+            let tenant = tenant.as_deref().map(tenant_name).transpose()?;
+            run(&store, Op::ListVolumes { tenant }, IfMissing::Fail, &output)
+        }
         VolumeCommand::Show {
             name,
             store,
@@ -220,7 +227,9 @@ pub(crate) fn rotate_tenant(
 ) -> anyhow::Result<()> {
     run(
         store,
-        Op::RotateTenantKey { tenant },
+        Op::RotateTenantKey {
+            tenant: tenant_name(&tenant)?,
+        },
         IfMissing::Fail,
         output,
     )
@@ -296,6 +305,10 @@ fn wait_for_reencryption(
         bar.set_message("re-encrypting (no server running: at full speed)");
         reply = admin::execute(location, &op, IfMissing::Fail)?.0;
     } else {
+        // The job runs in the server: ask it, and only it, until it is done.
+        // (Opening the store here if the server went away would take its lock
+        // from a server restarting, and nothing would run the job.)
+        let socket = admin::socket_path(&location.dir);
         loop {
             let Reply::DataKeys(keys) = &reply else {
                 bail!("unexpected reply to a key status request");
@@ -305,7 +318,15 @@ fn wait_for_reencryption(
             bar.set_length(total.max(1));
             bar.set_position(job.blocks_done);
             std::thread::sleep(std::time::Duration::from_millis(250));
-            reply = admin::execute(location, &status_op, IfMissing::Fail)?.0;
+            reply = match admin::client::call(&socket, &status_op) {
+                Ok(reply) => reply,
+                Err(admin::client::CallError::Api(e)) => return Err(e.into()),
+                Err(admin::client::CallError::NoServer) => bail!(
+                    "the server stopped while re-encryption was under way; the job resumes \
+                     when it starts again (`blockseal key status --wait` follows it)"
+                ),
+                Err(admin::client::CallError::Transport(e)) => return Err(e),
+            };
         }
     }
     bar.finish_and_clear();
@@ -369,6 +390,19 @@ fn run_quiet(
     }
     out.flush()?;
     Ok(reply)
+}
+
+/// A tenant name, checked here so that only a valid name ever reaches a
+/// request path; a bad one is a usage error (exit code 2), as it is offline.
+fn tenant_name(name: &str) -> anyhow::Result<String> {
+    let tenant = blockseal_keys::TenantId::new(name).map_err(|e| {
+        ApiError::new(
+            hyper::StatusCode::BAD_REQUEST,
+            "invalid_name",
+            e.to_string(),
+        )
+    })?;
+    Ok(tenant.to_string())
 }
 
 /// `TENANT/VOLUME`; a malformed name is a usage error (exit code 2).
@@ -708,7 +742,28 @@ pub(crate) fn store(command: StoreCommand) -> anyhow::Result<()> {
                 bail!("accepting metadata loss needs --yes-i-understand");
             }
             let location = StoreLocation::from_args(&store)?;
-            let (_store, report) = location.accept_metadata_loss()?;
+            let (opened, report) = location.accept_metadata_loss()?;
+            // An admin action like any other (the audit log itself may be
+            // among what the metadata lost; then this says so).
+            let entry = blockseal_volume::AuditEntry {
+                actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
+                action: "store.accept-metadata-loss".to_owned(),
+                target: location.dir.display().to_string(),
+                result: "ok".to_owned(),
+                detail: format!(
+                    "commits_lost={} extents_dropped={} live_counts_fixed={} volumes_dropped={} \
+                     orphan_volumes={}",
+                    report.commits_lost,
+                    report.extents_dropped,
+                    report.live_counts_fixed,
+                    report.volumes_dropped,
+                    report.orphan_volumes
+                ),
+            };
+            if let Err(e) = opened.audit_append(&entry) {
+                eprintln!("warning: the audit log could not record this recovery: {e}");
+            }
+            drop(opened);
             println!(
                 "store {} opened accepting metadata loss: {} commits lost, {} mapping \
                  records dropped, {} live counts recounted, {} unreadable volume records \

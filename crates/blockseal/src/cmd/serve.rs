@@ -36,6 +36,9 @@ use crate::open::{IfMissing, StoreLocation};
 use crate::passphrase::Confirm;
 use crate::size::Size;
 
+/// How long running admin operations get to finish at shutdown.
+const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long the runtime's threads get, at exit, to drop what their tasks held.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -347,10 +350,18 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         // requests of connections dropped at the deadline, and the flush must
         // not queue behind them.
         let catalog = catalog.clone();
+        let service = admin_service.clone();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("blockseal-final-flush".into())
             .spawn(move || {
+                // Admin operations already running finish first (a shred or a
+                // deletion half done would otherwise wait for the next start).
+                let unfinished = service.close(ADMIN_DRAIN);
+                if unfinished > 0 {
+                    warn!(unfinished, "admin operations still running at shutdown");
+                }
+                drop(service);
                 let flushed = catalog.flush_all();
                 // Let go of the store before saying so: the caller closes it next.
                 drop(catalog);
