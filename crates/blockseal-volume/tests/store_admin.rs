@@ -656,6 +656,26 @@ fn shred_destroys_the_tenants_keys_and_data_and_nothing_else() {
         let mut block = vec![0u8; BS as usize];
         other.read_at(40 * BS, &mut block).unwrap();
         assert!(block == pattern(4, BS as usize));
+        drop(other);
+
+        // Shredding then rotating the master key (the old key file destroyed):
+        // with the master key in use now, nothing of the old copies (old seed,
+        // old wrapped keys, old segments) decrypts any more.
+        store.rotate_master(master(2)).unwrap();
+        drop(store);
+        assert!(Store::open(&dir, master(1), options(backend)).is_err());
+        let store = Store::open(&dir, master(2), options(backend)).unwrap();
+        check_data(&store, "other", "vm", 30, 3);
+        let old_kek_now = master(2).tenant_kek(
+            &salt,
+            &tenant("acme"),
+            &TenantSeed::from_bytes(old_seed.clone()),
+            KeyVersion::FIRST,
+        );
+        for w in &old_wrapped {
+            assert!(old_kek_now.unwrap(&volume_id("vm"), w).is_err());
+            assert!(old_kek_now.unwrap(&volume_id("rec"), w).is_err());
+        }
     }
 }
 
