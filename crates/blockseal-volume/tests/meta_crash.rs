@@ -318,14 +318,13 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
 
         // One kill in five lands anywhere from exec through open and recovery;
         // the rest wait for the first ack and then land in steady state.
+        let mut no_ack = None;
         if rng.random_bool(0.2) {
             std::thread::sleep(Duration::from_micros(rng.random_range(0..40_000)));
         } else {
             match acked.recv_timeout(Duration::from_secs(60)) {
                 Ok(_) => std::thread::sleep(Duration::from_micros(rng.random_range(0..100_000))),
-                Err(e) => summary
-                    .child_errors
-                    .push(format!("round {round}: no ack from the child ({e})")),
+                Err(e) => no_ack = Some(e),
             }
         }
         let already_exited = child.try_wait().unwrap();
@@ -336,6 +335,13 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
         summary.kills += 1;
         if highest_acked == 0 {
             summary.early_kills += 1;
+        }
+        if let Some(e) = no_ack {
+            // With what the child said: it may have failed to open the store.
+            summary.child_errors.push(format!(
+                "round {round}: no ack from the child ({e}); its stderr: {}",
+                child_stderr.trim()
+            ));
         }
         if let Some(status) = already_exited {
             summary.child_errors.push(format!(
