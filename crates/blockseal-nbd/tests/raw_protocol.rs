@@ -595,7 +595,7 @@ fn in_flight_limit_applies_backpressure_not_errors() {
         let mut config = ServerConfig::default();
         config.max_in_flight_requests = 2;
         config.inline_requests = inline;
-        let held = held_back(config.clone(), flags, 6, 4096);
+        let held = held_back(config.clone(), flags, 6, 4096, 2);
         assert_eq!(held, 2, "only two requests in flight (inline {inline})");
         all_complete(config, flags, 6, 4096, 2);
     }
@@ -606,7 +606,7 @@ fn byte_limit_applies_backpressure_not_errors() {
     let mut config = ServerConfig::default();
     config.max_in_flight_bytes = 8192;
     config.inline_requests = false;
-    let held = held_back(config.clone(), 0, 4, 65536);
+    let held = held_back(config.clone(), 0, 4, 65536, 1);
     assert_eq!(held, 1, "a request larger than the budget takes all of it");
     all_complete(config, 0, 4, 65536, 1);
 }
@@ -654,7 +654,7 @@ fn writes_held_back_before_a_disconnect_and_half_close_all_run() {
 /// client's side: the server notes that end of file only after it has looked
 /// at every request before it. (What the server does with the held-back
 /// writes afterwards, once the gate opens, is [`all_complete`]'s part.)
-fn held_back(config: ServerConfig, flags: u16, count: u64, len: usize) -> usize {
+fn held_back(config: ServerConfig, flags: u16, count: u64, len: usize, expected: usize) -> usize {
     let server = TestServer::start_with(MemCatalog::standard(), config, None);
     let disk = server.catalog.get("acme/disk");
     disk.close_gate();
@@ -666,6 +666,12 @@ fn held_back(config: ServerConfig, flags: u16, count: u64, len: usize) -> usize 
     }
     raw.disconnect_and_close_write();
     server.wait_for_log(DISCONNECT_READ, 1);
+    // The admitted writes reach the export from worker threads, possibly a
+    // little after the server read the disconnect; no more can be admitted
+    // while they wait.
+    wait_until("the admitted writes at the export", WAIT, || {
+        disk.waiting.load(Ordering::SeqCst) >= expected
+    });
     let held = disk.waiting.load(Ordering::SeqCst);
     assert_eq!(disk.writes.load(Ordering::SeqCst), 0);
     disk.open_gate();
