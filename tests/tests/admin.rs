@@ -531,6 +531,29 @@ fn the_admin_socket_refuses_other_users_and_bad_requests() {
         400,
         "invalid_query",
     );
+    expect_error(
+        s,
+        &http("GET", "/v1/audit?limit=0", ""),
+        400,
+        "invalid_query",
+    );
+    expect_error(
+        s,
+        &http("GET", "/v1/audit?limit=100000", ""),
+        400,
+        "invalid_query",
+    );
+    let (status, body) = raw_request(s, 0, &http("GET", "/v1/audit?since_seq=2&limit=2", ""))
+        .expect("root may connect");
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let seqs: Vec<u64> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 3], "{body}");
 
     // A tenant name that would add path segments is refused before any
     // request is made (and the volume it aims at stays).
@@ -556,6 +579,24 @@ fn the_admin_socket_refuses_other_users_and_bad_requests() {
     }
     assert_ne!(cli_ok(&data, &["audit", "--json"]), before_audit);
     cli_ok(&data, &["audit", "verify"]);
+    // The CLI pages: --limit, and --since-seq to read on.
+    let seqs = |args: &[&str]| -> Vec<u64> {
+        let out = cli_ok(&data, &[&["audit", "--json"], args].concat());
+        let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+        all["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(seqs(&["--limit", "3"]), [1, 2, 3]);
+    assert_eq!(seqs(&["--since-seq", "3", "--limit", "2"]), [3, 4]);
+    let all = seqs(&[]);
+    assert!(
+        all.len() > 4 && all.windows(2).all(|w| w[1] == w[0] + 1),
+        "{all:?}"
+    );
 }
 
 #[test]

@@ -87,6 +87,9 @@ pub(crate) struct AuditArgs {
     /// now such as 30m, 12h or 7d.
     #[arg(long, value_name = "WHEN")]
     pub(crate) since: Option<String>,
+    /// At most N entries (the oldest first); all of them without it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) limit: Option<u64>,
     /// The store.
     #[command(flatten)]
     pub(crate) store: StoreArgs,

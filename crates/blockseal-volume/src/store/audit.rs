@@ -184,6 +184,17 @@ impl Store {
         since_seq: u64,
         since_time: Option<u64>,
     ) -> Result<Vec<AuditRecord>, AdminError> {
+        self.audit_page(since_seq, since_time, usize::MAX)
+    }
+
+    /// At most `limit` entries of [`Store::audit_entries`], the oldest first:
+    /// to read on, ask again from the last one's `seq + 1`.
+    pub fn audit_page(
+        &self,
+        since_seq: u64,
+        since_time: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, AdminError> {
         let start = record::audit_key(since_seq);
         let end = prefix_end(record::AUDIT_PREFIX);
         let mut out = Vec::new();
@@ -208,7 +219,7 @@ impl Store {
                 }
                 Err(e) => bad = Some(e),
             }
-            bad.is_none()
+            bad.is_none() && out.len() < limit
         })?;
         match bad {
             Some(e) => Err(AdminError::Corrupt { what: e.0 }),

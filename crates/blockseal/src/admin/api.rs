@@ -78,10 +78,11 @@ pub(crate) enum Op {
         key_file: String,
         passphrase: Option<Zeroizing<String>>,
     },
-    /// `GET /v1/audit[?since_seq=N][&since_time=UNIX]`
+    /// `GET /v1/audit[?since_seq=N][&since_time=UNIX][&limit=N]`
     Audit {
         since_seq: u64,
         since_time: Option<u64>,
+        limit: Option<u64>,
     },
     /// `GET /v1/audit/verify`
     VerifyAudit,
@@ -290,10 +291,14 @@ impl Op {
             Op::Audit {
                 since_seq,
                 since_time,
+                limit,
             } => {
                 let mut path = format!("/audit?since_seq={since_seq}");
                 if let Some(t) = since_time {
                     path.push_str(&format!("&since_time={t}"));
+                }
+                if let Some(n) = limit {
+                    path.push_str(&format!("&limit={n}"));
                 }
                 (Method::GET, path, None)
             }
@@ -416,6 +421,7 @@ impl Op {
             (&Method::GET, ["audit"]) => Op::Audit {
                 since_seq: query.number("since_seq")?.unwrap_or(0),
                 since_time: query.number("since_time")?,
+                limit: query.number("limit")?,
             },
             (&Method::GET, ["audit", "verify"]) => Op::VerifyAudit,
             (_, segments) if is_known_path(segments) => {
@@ -465,6 +471,10 @@ fn is_path_safe(name: &str) -> bool {
         && name != "."
         && name != ".."
 }
+
+/// Audit entries one request returns without a `limit`, and at most.
+pub(crate) const AUDIT_PAGE: u64 = 1000;
+pub(crate) const AUDIT_PAGE_MAX: u64 = 10_000;
 
 /// The block size of a volume created without one.
 pub(crate) const DEFAULT_BLOCK_SIZE: u32 = 4096;
@@ -1025,10 +1035,12 @@ mod tests {
             Op::Audit {
                 since_seq: 0,
                 since_time: None,
+                limit: None,
             },
             Op::Audit {
                 since_seq: 7,
                 since_time: Some(1_700_000_000),
+                limit: Some(50),
             },
             Op::VerifyAudit,
             Op::RotateDataKey {

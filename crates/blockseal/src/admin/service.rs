@@ -18,8 +18,9 @@ use blockseal_volume::{
 use hyper::StatusCode;
 
 use super::api::{
-    ApiError, AuditVerifyView, AuditView, DataKeyVersionView, DataKeyView, DeletedView,
-    MasterRotationView, Op, ReencryptionView, Reply, ShredView, StatusView, TenantView, VolumeView,
+    AUDIT_PAGE, AUDIT_PAGE_MAX, ApiError, AuditVerifyView, AuditView, DataKeyVersionView,
+    DataKeyView, DeletedView, MasterRotationView, Op, ReencryptionView, Reply, ShredView,
+    StatusView, TenantView, VolumeView,
 };
 use crate::exports::{RetireError, StoreCatalog};
 use crate::time::rfc3339_utc;
@@ -357,10 +358,18 @@ impl Service {
             Op::Audit {
                 since_seq,
                 since_time,
+                limit,
             } => {
+                let limit = limit.unwrap_or(AUDIT_PAGE);
+                if limit == 0 || limit > AUDIT_PAGE_MAX {
+                    return Err(bad_request(
+                        "invalid_query",
+                        format!("limit must be from 1 to {AUDIT_PAGE_MAX}, not {limit}"),
+                    ));
+                }
                 let records = self
                     .store
-                    .audit_entries(*since_seq, *since_time)
+                    .audit_page(*since_seq, *since_time, limit as usize)
                     .map_err(admin_error)?;
                 Ok(Reply::Audit(
                     records

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
 use crate::admin::api::{
-    ApiError, AuditVerifyView, AuditView, DataKeyView, Op, Reply, TenantView, VolumeView,
+    AUDIT_PAGE, ApiError, AuditVerifyView, AuditView, DataKeyView, Op, Reply, TenantView,
+    VolumeView,
 };
 use crate::admin::{self, Mode};
 use crate::cli::{
@@ -177,11 +178,42 @@ pub(crate) fn audit(args: AuditArgs) -> anyhow::Result<()> {
         }
         None => {
             let since_time = args.since.as_deref().map(parse_since).transpose()?;
-            let op = Op::Audit {
-                since_seq: args.since_seq,
-                since_time,
-            };
-            run(&args.store, op, IfMissing::Fail, &args.output)
+            let location = StoreLocation::from_args(&args.store)?;
+            // Page by page (the API returns at most a page per request), up
+            // to --limit entries or to the end of the log.
+            let mut entries = Vec::new();
+            let mut since_seq = args.since_seq;
+            let (mut mode, mut op);
+            loop {
+                let wanted = args.limit.map(|l| l - entries.len() as u64);
+                let page = wanted.unwrap_or(AUDIT_PAGE).min(AUDIT_PAGE);
+                op = Op::Audit {
+                    since_seq,
+                    since_time,
+                    limit: Some(page),
+                };
+                let (reply, how) = admin::execute(&location, &op, IfMissing::Fail)?;
+                mode = how;
+                let Reply::Audit(got) = reply else {
+                    bail!("unexpected reply to an audit request");
+                };
+                let full = got.len() as u64 == page;
+                since_seq = got.last().map_or(since_seq, |e| e.seq + 1);
+                entries.extend(got);
+                if !full || args.limit.is_some_and(|l| entries.len() as u64 >= l) {
+                    break;
+                }
+            }
+            let reply = Reply::Audit(entries);
+            let mut out = std::io::stdout().lock();
+            if args.output.json {
+                out.write_all(&reply.to_json())?;
+                writeln!(out)?;
+            } else {
+                let text = render(&op, &reply, mode, &location, Style::for_stdout());
+                write!(out, "{text}")?;
+            }
+            Ok(())
         }
     }
 }
