@@ -368,17 +368,18 @@ impl VolumeInner {
         self.commit_moves(&moves).map_err(Err)
     }
 
-    /// Switches, in one atomic commit, the committed mapping of every block of
-    /// `moves` (ascending LBAs) that still points at its old copy.
-    fn commit_moves(&self, moves: &[Move]) -> Result<u64, VolumeError> {
-        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
-        self.check_poisoned()?;
-        let by_lba: HashMap<u64, &Move> = moves.iter().map(|m| (m.lba, m)).collect();
+    /// The committed extents covering the blocks `lbas` (ascending), by first
+    /// LBA: what a step re-reads under the flush lock to switch only the
+    /// mappings that are still the ones it copied.
+    pub(super) fn committed_extents_at(
+        &self,
+        lbas: impl Iterator<Item = u64>,
+    ) -> Result<BTreeMap<u64, Extent>, VolumeError> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for m in moves {
+        for lba in lbas {
             match runs.last_mut() {
-                Some((_, to)) if *to == m.lba => *to += 1,
-                _ => runs.push((m.lba, m.lba + 1)),
+                Some((_, to)) if *to == lba => *to += 1,
+                _ => runs.push((lba, lba + 1)),
             }
         }
         let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
@@ -387,6 +388,16 @@ impl VolumeInner {
                 old.insert(extent.lba, extent.to_extent());
             })?;
         }
+        Ok(old)
+    }
+
+    /// Switches, in one atomic commit, the committed mapping of every block of
+    /// `moves` (ascending LBAs) that still points at its old copy.
+    fn commit_moves(&self, moves: &[Move]) -> Result<u64, VolumeError> {
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let by_lba: HashMap<u64, &Move> = moves.iter().map(|m| (m.lba, m)).collect();
+        let old = self.committed_extents_at(moves.iter().map(|m| m.lba))?;
         let mut commit = MappingCommit::default();
         let MappingCommit {
             batch,

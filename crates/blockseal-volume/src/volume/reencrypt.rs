@@ -756,19 +756,7 @@ impl VolumeInner {
         let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
         let by_lba: HashMap<u64, &Moved> = moves.iter().map(|m| (m.lba, m)).collect();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for m in moves {
-            match runs.last_mut() {
-                Some((_, to)) if *to == m.lba => *to += 1,
-                _ => runs.push((m.lba, m.lba + 1)),
-            }
-        }
-        let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
-        for &(from, to) in &runs {
-            self.visit_extents(from, to, &mut |extent| {
-                old.insert(extent.lba, extent.to_extent());
-            })?;
-        }
+        let old = self.committed_extents_at(moves.iter().map(|m| m.lba))?;
         let mut commit = MappingCommit::default();
         let mut moved = 0u64;
         for extent in old.values() {
