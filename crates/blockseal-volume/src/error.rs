@@ -467,6 +467,68 @@ pub enum AdminError {
         /// The key id both share.
         key: blockseal_keys::KeyId,
     },
+    /// A name (of a snapshot, say) breaks the naming rules.
+    #[error(
+        "{what} name {name:?} is invalid: use 1 to 64 lowercase letters, digits, '-', '_' and '.', starting with a letter or digit"
+    )]
+    InvalidName {
+        /// What the name names.
+        what: &'static str,
+        /// The refused name (names are not secret).
+        name: String,
+    },
+    /// The volume has no snapshot of that name.
+    #[error("no snapshot {tenant}/{volume}@{snapshot}")]
+    NoSuchSnapshot {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// The volume has a snapshot of that name already.
+    #[error("snapshot {tenant}/{volume}@{snapshot} already exists")]
+    SnapshotExists {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// A rollback to a snapshot that is not the newest: the newer ones would
+    /// see data the rollback removes.
+    #[error(
+        "cannot roll {tenant}/{volume} back to {snapshot}: newer snapshots exist ({}); delete them first",
+        newer.join(", ")
+    )]
+    NewerSnapshots {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot asked for.
+        snapshot: String,
+        /// The newer snapshots, oldest first.
+        newer: Vec<String>,
+    },
+    /// A rollback to a snapshot taken at another volume size.
+    #[error(
+        "cannot roll {tenant}/{volume} back to {snapshot}: it was taken at {snapshot_size} bytes and the volume now has {volume_size}; resize the volume to {snapshot_size} bytes first"
+    )]
+    SnapshotSizeDiffers {
+        /// The tenant.
+        tenant: TenantId,
+        /// The volume.
+        volume: VolumeId,
+        /// The snapshot.
+        snapshot: String,
+        /// The volume's size when the snapshot was taken.
+        snapshot_size: u64,
+        /// The volume's size now.
+        volume_size: u64,
+    },
     /// An audit entry is larger than an audit record may be.
     #[error("audit entry of {bytes} bytes is larger than the limit ({max} bytes)")]
     AuditEntryTooLarge {
@@ -512,14 +574,18 @@ impl AdminError {
     /// The error's classification, for a protocol layer.
     pub fn kind(&self) -> AdminErrorKind {
         match self {
-            AdminError::NoSuchTenant { .. } | AdminError::NoSuchVolume { .. } => {
-                AdminErrorKind::NotFound
-            }
+            AdminError::NoSuchTenant { .. }
+            | AdminError::NoSuchVolume { .. }
+            | AdminError::NoSuchSnapshot { .. } => AdminErrorKind::NotFound,
             AdminError::VolumeInUse { .. }
             | AdminError::TenantHasVolumes { .. }
             | AdminError::MappedPastEnd { .. }
+            | AdminError::SnapshotExists { .. }
+            | AdminError::NewerSnapshots { .. }
+            | AdminError::SnapshotSizeDiffers { .. }
             | AdminError::SameMasterKey { .. } => AdminErrorKind::Conflict,
             AdminError::InvalidSize { .. }
+            | AdminError::InvalidName { .. }
             | AdminError::TooLarge { .. }
             | AdminError::AuditEntryTooLarge { .. } => AdminErrorKind::InvalidInput,
             _ => AdminErrorKind::Internal,

@@ -101,11 +101,11 @@ pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
     AuditEntry, AuditRecord, AuditVerification, DataKeyRotation, FORMAT_VERSION,
-    MAX_AUDIT_ENTRY_BYTES, MAX_VOLUME_BYTES, MasterRotation, RecoveryReport, RotateError,
-    ShredReport, Store, StoreOptions, TenantInfo, TenantState, VolumeInfo, VolumeOptions,
-    VolumeUsage,
+    MAX_AUDIT_ENTRY_BYTES, MAX_SNAPSHOT_NAME, MAX_VOLUME_BYTES, MasterRotation, RecoveryReport,
+    RotateError, ShredReport, SnapshotReader, Store, StoreOptions, TenantInfo, TenantState,
+    VolumeInfo, VolumeOptions, VolumeUsage, check_snapshot_name,
 };
 pub use volume::{
     BlockStatus, CompactionReport, DataKeyStatus, DataKeyUsage, ReencryptionProgress,
-    ReencryptionReport, Volume, VolumeStats,
+    ReencryptionReport, SnapshotInfo, Volume, VolumeStats,
 };

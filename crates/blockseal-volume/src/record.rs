@@ -16,6 +16,9 @@ use crate::seal::TAG_LEN;
 pub(crate) const RECORD_V1: u8 = 1;
 /// Version byte of extent records this build writes: version 1 plus the writer.
 pub(crate) const EXTENT_V2: u8 = 2;
+/// Version byte of extent records with a birth epoch other than 0 (written
+/// only by volumes that have had a snapshot): version 2 plus the birth epoch.
+pub(crate) const EXTENT_V3: u8 = 3;
 
 /// The store header record: salt and master key recognition.
 pub(crate) const HEADER_KEY: &[u8] = b"H";
@@ -370,6 +373,10 @@ pub(crate) struct Extent {
     /// under the DEK itself (extent record version 1).
     pub(crate) writer: u32,
     pub(crate) nonce: u64,
+    /// The volume's snapshot epoch when the blocks' data was written (kept
+    /// when compaction moves them or re-encryption seals them again): a
+    /// snapshot taken at epoch `e` sees the blocks born at or before `e`.
+    pub(crate) birth: u32,
     pub(crate) tags: Vec<[u8; TAG_LEN]>,
 }
 
@@ -390,23 +397,34 @@ impl Extent {
             dek_version: self.dek_version,
             writer: self.writer,
             nonce: self.nonce + a as u64,
+            birth: self.birth,
             tags: self.tags[a..b].to_vec(),
         }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(27 + self.tags.len() * TAG_LEN);
+        let mut out = Vec::with_capacity(31 + self.tags.len() * TAG_LEN);
         // A legacy writer-0 extent keeps its version-1 shape, so splitting one
-        // never needs a writer record.
-        let legacy = self.writer == 0;
-        out.push(if legacy { RECORD_V1 } else { EXTENT_V2 });
+        // never needs a writer record; the birth epoch costs bytes only in
+        // volumes that have had a snapshot.
+        let version = if self.birth != 0 {
+            EXTENT_V3
+        } else if self.writer == 0 {
+            RECORD_V1
+        } else {
+            EXTENT_V2
+        };
+        out.push(version);
         // At most MAX_EXTENT_BLOCKS tags.
         out.extend_from_slice(&(self.tags.len() as u16).to_be_bytes());
         out.extend_from_slice(&self.segment.to_be_bytes());
         out.extend_from_slice(&self.offset.to_be_bytes());
         out.extend_from_slice(&self.dek_version.to_be_bytes());
-        if !legacy {
+        if version != RECORD_V1 {
             out.extend_from_slice(&self.writer.to_be_bytes());
+        }
+        if version == EXTENT_V3 {
+            out.extend_from_slice(&self.birth.to_be_bytes());
         }
         out.extend_from_slice(&self.nonce.to_be_bytes());
         for tag in &self.tags {
@@ -423,7 +441,13 @@ impl Extent {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .ok_or_else(|| Corrupt("extent key".into()))?;
-        let (mut r, version) = Reader::with_versions(bytes, "extent", &[RECORD_V1, EXTENT_V2])?;
+        Extent::decode_last(last, bytes)
+    }
+
+    /// Decodes an extent whose last LBA (from its key) is `last`.
+    pub(crate) fn decode_last(last: u64, bytes: &[u8]) -> Result<Extent, Corrupt> {
+        let (mut r, version) =
+            Reader::with_versions(bytes, "extent", &[RECORD_V1, EXTENT_V2, EXTENT_V3])?;
         let count = r.u16()?;
         // `count - 1 > last`, not `count > last + 1`: the key may hold u64::MAX.
         if count == 0 || usize::from(count) > MAX_EXTENT_BLOCKS || u64::from(count) - 1 > last {
@@ -436,6 +460,12 @@ impl Extent {
         if version == EXTENT_V2 && writer == 0 {
             return Err(Corrupt(
                 "extent record: writer 0 in a version 2 record".into(),
+            ));
+        }
+        let birth = if version == EXTENT_V3 { r.u32()? } else { 0 };
+        if version == EXTENT_V3 && birth == 0 {
+            return Err(Corrupt(
+                "extent record: birth epoch 0 in a version 3 record".into(),
             ));
         }
         let nonce = r.u64()?;
@@ -460,9 +490,147 @@ impl Extent {
             dek_version,
             writer,
             nonce,
+            birth,
             tags,
         })
     }
+}
+
+/// Key of a volume's snapshot epoch: `E`, internal volume id. The value (a
+/// u32) is the epoch new writes are born in; absent: 0. Each snapshot takes
+/// the current epoch and moves the volume to the next.
+pub(crate) fn epoch_key(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'E';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// Key of a snapshot record: `S`, internal volume id, the snapshot's epoch
+/// (which identifies it within the volume and orders snapshots by age).
+pub(crate) fn snapshot_key(volume: u32, epoch: u32) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'S';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..9].copy_from_slice(&epoch.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's snapshot records.
+pub(crate) fn snapshot_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'S';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// The epoch a [`snapshot_key`] names; anything but 9 bytes is corrupt.
+pub(crate) fn snapshot_key_epoch(key: &[u8]) -> Result<u32, Corrupt> {
+    match key {
+        [b'S', _, _, _, _, a, b, c, d] => Ok(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => Err(Corrupt(format!(
+            "snapshot key: expected 9 bytes, found {}",
+            key.len()
+        ))),
+    }
+}
+
+/// Key of a preserved extent: `P`, internal volume id, the epoch of the
+/// snapshot that holds it, the extent's last LBA. Blocks a snapshot still
+/// sees after the volume overwrote or trimmed them.
+pub(crate) fn preserved_key(volume: u32, epoch: u32, last_lba: u64) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = b'P';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..9].copy_from_slice(&epoch.to_be_bytes());
+    key[9..17].copy_from_slice(&last_lba.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's preserved extents (all snapshots).
+pub(crate) fn preserved_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'P';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// Prefix of the preserved extents one snapshot holds.
+pub(crate) fn preserved_snapshot_prefix(volume: u32, epoch: u32) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key.copy_from_slice(&preserved_key(volume, epoch, 0)[..9]);
+    key
+}
+
+/// The snapshot epoch and the extent a preserved record holds.
+pub(crate) fn decode_preserved(key: &[u8], bytes: &[u8]) -> Result<(u32, Extent), Corrupt> {
+    let [b'P', _, _, _, _, e0, e1, e2, e3, l @ ..] = key else {
+        return Err(Corrupt("preserved extent key".into()));
+    };
+    let last: [u8; 8] = l
+        .try_into()
+        .map_err(|_| Corrupt("preserved extent key".into()))?;
+    let epoch = u32::from_be_bytes([*e0, *e1, *e2, *e3]);
+    let extent = Extent::decode_last(u64::from_be_bytes(last), bytes)?;
+    if extent.birth > epoch {
+        return Err(Corrupt(format!(
+            "preserved extent at block {} was born after its snapshot",
+            extent.lba
+        )));
+    }
+    Ok((epoch, extent))
+}
+
+/// A snapshot of a volume: the volume's contents as of the instant its epoch
+/// ended (see `volume/snapshot.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotRecord {
+    /// Random, never reused: names this snapshot in backups (a name may be
+    /// reused after a delete).
+    pub(crate) uid: [u8; 16],
+    pub(crate) created: u64,
+    /// The volume's size when the snapshot was taken.
+    pub(crate) size: u64,
+    pub(crate) name: String,
+}
+
+impl SnapshotRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40 + self.name.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.uid);
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out.extend_from_slice(&self.size.to_be_bytes());
+        // Names are at most 64 bytes (checked by the store).
+        out.push(self.name.len() as u8);
+        out.extend_from_slice(self.name.as_bytes());
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<SnapshotRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "snapshot")?;
+        let uid = r.array()?;
+        let created = r.u64()?;
+        let size = r.u64()?;
+        let len = r.u8()?;
+        let name = String::from_utf8(r.bytes(usize::from(len))?.to_vec())
+            .map_err(|_| Corrupt("snapshot record: name is not UTF-8".into()))?;
+        r.finish()?;
+        Ok(SnapshotRecord {
+            uid,
+            created,
+            size,
+            name,
+        })
+    }
+}
+
+/// Decodes a u32 value (`what` names it in the error).
+pub(crate) fn decode_u32(bytes: &[u8], what: &str) -> Result<u32, Corrupt> {
+    bytes
+        .try_into()
+        .map(u32::from_be_bytes)
+        .map_err(|_| Corrupt(format!("{what}: expected 4 bytes, found {}", bytes.len())))
 }
 
 /// Prefix of tombstones: a deleted volume whose segments and mapping records
@@ -773,6 +941,7 @@ mod tests {
             dek_version: 1,
             writer: 4,
             nonce: 99,
+            birth: 0,
             tags: vec![[1; 16], [2; 16], [3; 16]],
         };
         let key = extent_key(5, e.last());
@@ -798,6 +967,40 @@ mod tests {
         assert!(extent_key(5, u64::MAX) < extent_key(6, 0));
         let s = e.slice(11, 13);
         assert_eq!((s.lba, s.offset, s.nonce, s.tags.len()), (11, 8, 100, 2));
+        // A birth epoch makes a version 3 record, 4 bytes longer.
+        let born = Extent {
+            birth: 7,
+            ..e.clone()
+        };
+        let bytes = born.encode();
+        assert_eq!((bytes[0], bytes.len()), (EXTENT_V3, 31 + 48));
+        assert_eq!(Extent::decode(&key, &bytes).unwrap(), born);
+        assert_eq!(born.slice(11, 13).birth, 7);
+        let mut forged = bytes.clone();
+        forged[19..23].copy_from_slice(&[0; 4]);
+        assert!(Extent::decode(&key, &forged).is_err());
+        // Preserved extents: the snapshot epoch is in the key, and a record
+        // born after its snapshot is refused.
+        let pkey = preserved_key(5, 7, born.last());
+        assert_eq!(decode_preserved(&pkey, &bytes).unwrap(), (7, born.clone()));
+        assert!(decode_preserved(&preserved_key(5, 6, born.last()), &bytes).is_err());
+        assert!(decode_preserved(&pkey[..16], &bytes).is_err());
+        assert!(preserved_key(5, 7, u64::MAX) < preserved_key(5, 8, 0));
+    }
+
+    #[test]
+    fn snapshot_records_round_trip() {
+        let r = SnapshotRecord {
+            uid: [9; 16],
+            created: 1_700_000_000,
+            size: 1 << 30,
+            name: "weekly-2026-11-30".into(),
+        };
+        assert_eq!(SnapshotRecord::decode(&r.encode()).unwrap(), r);
+        let bytes = r.encode();
+        assert!(SnapshotRecord::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert_eq!(snapshot_key_epoch(&snapshot_key(3, 44)).unwrap(), 44);
+        assert!(snapshot_key_epoch(&snapshot_key(3, 44)[..8]).is_err());
     }
 
     #[test]
@@ -809,6 +1012,7 @@ mod tests {
             dek_version: 1,
             writer: 0,
             nonce,
+            birth: 0,
             tags: vec![[7; TAG_LEN]; blocks],
         };
         let decode = |e: &Extent| Extent::decode(&extent_key(1, e.last()), &e.encode());

@@ -50,10 +50,12 @@ pub use admin::{MasterRotation, ShredReport, VolumeUsage};
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
 pub use rotation::{DataKeyRotation, RotateError};
 pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
+pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};
 
 mod admin;
 mod audit;
 mod rotation;
+mod snapshot;
 
 /// The store format this build writes and the newest it reads. Version 2 added
 /// writer keys (extent records of version 2, writer records, the commit marker);

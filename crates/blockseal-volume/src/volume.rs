@@ -47,12 +47,14 @@ mod compact;
 mod index;
 mod read;
 mod reencrypt;
+mod snapshot;
 mod write;
 
 pub use compact::CompactionReport;
 pub(crate) use index::IndexBudget;
 pub use reencrypt::{DataKeyStatus, DataKeyUsage, ReencryptionProgress, ReencryptionReport};
 pub(crate) use reencrypt::{RekeyParts, STEP_BYTES, dek_blocks_in_store, status_of};
+pub use snapshot::SnapshotInfo;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -188,8 +190,29 @@ struct Overlay {
 struct FlushState {
     /// Every change of this generation or older is durable.
     durable: u64,
-    /// Live (mapped, committed) blocks per segment.
+    /// Live (mapped, committed) blocks per segment: mapped by the volume or
+    /// held by a snapshot.
     live: HashMap<u32, u64>,
+    /// The volume's snapshot state (see [`snapshot`]).
+    snap: SnapState,
+}
+
+/// The epoch new writes are born in, and the newest snapshot's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Epochs {
+    /// The epoch new writes are born in.
+    pub(crate) epoch: u32,
+    /// The newest snapshot's epoch, if the volume has a snapshot.
+    pub(crate) newest: Option<u32>,
+}
+
+/// A volume's snapshot epochs, as committed; changed under the flush lock.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SnapState {
+    epochs: Epochs,
+    /// Blocks per segment that only preserved records (snapshots) reference:
+    /// compaction leaves them where they are.
+    pinned: HashMap<u32, u64>,
 }
 
 pub(crate) struct VolumeInner {
@@ -404,14 +427,17 @@ impl Volume {
         if let Some(e) = bad {
             return Err(corrupt(e));
         }
-        let (named, index) = check_extents(
+        let preserved = snapshot::load_preserved(meta.as_ref(), internal_id, &deks, &writers)?;
+        let (mut named, index) = check_extents(
             meta.as_ref(),
             internal_id,
             &deks,
             &writers,
             &live,
+            &preserved.per_segment,
             index_budget.limit(),
         )?;
+        named.extend(preserved.writers.iter().copied());
         // The open scan read every record anyway: keep them when they fit.
         let index = index.filter(|index| index_budget.try_charge(index.bytes()));
         // Writers no extent names any more (their blocks were overwritten,
@@ -497,7 +523,14 @@ impl Volume {
                 }),
                 overlay: Mutex::new(Overlay::default()),
                 dirty_segments: Mutex::new(BTreeSet::new()),
-                flush: Mutex::new(FlushState { durable: 0, live }),
+                flush: Mutex::new(FlushState {
+                    durable: 0,
+                    live,
+                    snap: SnapState {
+                        epochs: preserved.epochs,
+                        pinned: preserved.per_segment,
+                    },
+                }),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 installing: RwLock::new(()),
                 poisoned: AtomicBool::new(false),

@@ -477,7 +477,7 @@ impl Store {
     }
 
     /// A volume's record; the tenant's absence is reported first.
-    fn admin_volume_record(
+    pub(super) fn admin_volume_record(
         &self,
         tenant: &TenantId,
         volume: &VolumeId,
@@ -617,9 +617,9 @@ fn remove_volume_data(
     }
     segments.delete_volume(volume).map_err(AdminError::Io)?;
     let id = volume.to_be_bytes();
-    // Mappings, live counts, writers, nonce windows, the re-encryption job
-    // and the DEK usage counts.
-    for kind in [b'm', b's', b'w', b'n', b'r', b'u'] {
+    // Mappings, live counts, writers, nonce windows, the re-encryption job,
+    // the DEK usage counts, preserved extents, snapshots and the epoch.
+    for kind in [b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E'] {
         let prefix = [kind, id[0], id[1], id[2], id[3]];
         loop {
             let mut batch = Batch::new();

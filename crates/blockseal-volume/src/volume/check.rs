@@ -44,7 +44,7 @@ pub(super) fn load_writers(
 /// Checks at open that the committed mappings hang together: extents come in
 /// order without overlap, every extent names a writer the volume has a record
 /// of (or a DEK it holds, for format v1 blocks), and the blocks mapped into each
-/// segment add up to its live count. Mappings
+/// segment, with the blocks `preserved` for snapshots, add up to its live count. Mappings
 /// and counts change only together, in one batch, so a difference means records
 /// went missing (a damaged metadata file, a partial restore): serving on would
 /// read lost blocks as zeros.
@@ -54,9 +54,11 @@ pub(super) fn check_extents(
     deks: &HashMap<u32, DataKey>,
     writers: &HashMap<u32, WriterRecord>,
     live: &HashMap<u32, u64>,
+    preserved: &HashMap<u32, u64>,
     index_limit: usize,
 ) -> Result<(HashSet<u32>, Option<ExtentIndex>), VolumeError> {
-    let mut mapped: HashMap<u32, u64> = HashMap::new();
+    // Blocks snapshots hold count in their segments' live counts too.
+    let mut mapped: HashMap<u32, u64> = preserved.clone();
     let mut named: HashSet<u32> = HashSet::new();
     let mut bad: Option<String> = None;
     let mut next_lba = 0u64;

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use super::{FlushState, Slot, VolumeInner};
+use super::{Epochs, FlushState, Slot, VolumeInner};
 use crate::error::VolumeError;
 use crate::meta::Batch;
 use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
@@ -19,7 +19,7 @@ impl VolumeInner {
         let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
         self.check_poisoned()?;
         let mut commit = MappingCommit::default();
-        self.build_commit(&[(from, to)], &[], &mut commit)?;
+        self.build_commit(&[(from, to)], &[], state.snap.epochs, &mut commit)?;
         self.commit_mappings(&mut state, commit, CommitKind::Foreground)?;
         // The overlay's entries for these blocks are superseded by the trim,
         // which is now durable.
@@ -59,7 +59,7 @@ impl VolumeInner {
         if !entries.is_empty() {
             let runs = runs_of(&entries);
             let mut commit = MappingCommit::default();
-            if let Err(e) = self.build_commit(&runs, &entries, &mut commit) {
+            if let Err(e) = self.build_commit(&runs, &entries, state.snap.epochs, &mut commit) {
                 self.poison();
                 return Err(e);
             }
@@ -87,16 +87,23 @@ impl VolumeInner {
     /// Adds to `batch` the record changes that make blocks in `runs` (sorted,
     /// disjoint `from..to` ranges) map as `entries` say (a block of a run without
     /// a mapped entry becomes a hole), and the per-segment live-block deltas.
+    ///
+    /// New extents are born in the volume's current epoch (`snap`). A block
+    /// the newest snapshot still sees (born at or before its epoch) is not
+    /// let go of when it is overwritten or trimmed: its extent moves to that
+    /// snapshot's preserved records, and its segment keeps counting it.
     pub(super) fn build_commit(
         &self,
         runs: &[(u64, u64)],
         entries: &[(u64, Slot)],
+        snap: Epochs,
         commit: &mut MappingCommit,
     ) -> Result<(), VolumeError> {
         let MappingCommit {
             batch,
             deltas,
             change,
+            pinned,
         } = commit;
         let in_runs = |lba: u64| {
             let i = runs.partition_point(|&(_, to)| to <= lba);
@@ -114,10 +121,24 @@ impl VolumeInner {
         for extent in old.values() {
             change.removed.push(extent.last());
             *deltas.entry(extent.segment).or_default() -= extent.tags.len() as i64;
+            let keep_for = snap.newest.filter(|&newest| extent.birth <= newest);
             let mut lba = extent.lba;
             while lba <= extent.last() {
                 if in_runs(lba) {
-                    lba += 1;
+                    let start = lba;
+                    while lba <= extent.last() && in_runs(lba) {
+                        lba += 1;
+                    }
+                    if let Some(newest) = keep_for {
+                        let piece = extent.slice(start, lba);
+                        let n = piece.tags.len() as i64;
+                        *deltas.entry(piece.segment).or_default() += n;
+                        *pinned.entry(piece.segment).or_default() += n;
+                        batch.put(
+                            record::preserved_key(self.internal_id, newest, piece.last()).to_vec(),
+                            piece.encode(),
+                        );
+                    }
                     continue;
                 }
                 let start = lba;
@@ -145,6 +166,7 @@ impl VolumeInner {
                     && e.dek_version == loc.dek_version
                     && e.writer == loc.writer
                     && e.nonce + n as u64 == loc.nonce
+                    && e.birth == snap.epoch
                     && n < MAX_EXTENT_BLOCKS
                 {
                     e.tags.push(loc.tag);
@@ -158,6 +180,7 @@ impl VolumeInner {
                 dek_version: loc.dek_version,
                 writer: loc.writer,
                 nonce: loc.nonce,
+                birth: snap.epoch,
                 tags: vec![loc.tag],
             }) {
                 puts.push(e);
@@ -200,6 +223,7 @@ impl VolumeInner {
             mut batch,
             deltas,
             change,
+            pinned,
         } = commit;
         if batch.is_empty() {
             return Ok(());
@@ -210,6 +234,7 @@ impl VolumeInner {
             return Err(e.into());
         }
         apply_deltas(&mut state.live, &deltas);
+        apply_deltas(&mut state.snap.pinned, &pinned);
         self.apply_to_index(&change);
         let bytes: usize = batch
             .ops()
@@ -295,6 +320,8 @@ pub(super) struct MappingCommit {
     pub(super) batch: Batch,
     pub(super) deltas: HashMap<u32, i64>,
     pub(super) change: MappingChange,
+    /// Changes of the blocks per segment that only snapshots reference.
+    pub(super) pinned: HashMap<u32, i64>,
 }
 
 /// Extent records a commit removes (by last LBA) and adds, removals first.

@@ -261,16 +261,19 @@ impl VolumeInner {
         // The highest index present is what a reopened volume numbers from (a
         // failed create may have skipped an index without making its file).
         let last_created = existing.last().copied();
-        let live = self
-            .flush
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .live
-            .clone();
+        let (live, pinned) = {
+            let state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+            (state.live.clone(), state.snap.pinned.clone())
+        };
         let bs = self.block_size.len() as u64;
         let mut out = Vec::new();
         for index in existing {
             if index >= sealed_below {
+                continue;
+            }
+            if pinned.get(&index).is_some_and(|&n| n > 0) {
+                // A snapshot holds blocks in it: moving the rest would not
+                // free it. It goes once the snapshots that hold it do.
                 continue;
             }
             let live = live.get(&index).copied().unwrap_or(0);
@@ -403,6 +406,7 @@ impl VolumeInner {
             batch,
             deltas,
             change,
+            ..
         } = &mut commit;
         let mut moved = 0u64;
         for extent in old.values() {
@@ -445,6 +449,7 @@ impl VolumeInner {
                     dek_version: extent.dek_version,
                     writer: extent.writer,
                     nonce: extent.nonce + start as u64,
+                    birth: extent.birth,
                     tags: extent.tags[start..end].to_vec(),
                 };
                 batch.put(

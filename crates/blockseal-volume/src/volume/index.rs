@@ -58,6 +58,7 @@ struct Entry {
     offset: u32,
     dek_version: u32,
     writer: u32,
+    birth: u32,
     nonce: u64,
     tags: Tags,
 }
@@ -71,6 +72,7 @@ pub(crate) struct ExtentView<'a> {
     pub(crate) dek_version: u32,
     pub(crate) writer: u32,
     pub(crate) nonce: u64,
+    pub(crate) birth: u32,
     pub(crate) tags: &'a [[u8; TAG_LEN]],
 }
 
@@ -101,6 +103,7 @@ impl ExtentView<'_> {
             dek_version: self.dek_version,
             writer: self.writer,
             nonce: self.nonce,
+            birth: self.birth,
             tags: self.tags.to_vec(),
         }
     }
@@ -115,6 +118,7 @@ impl<'a> From<&'a Extent> for ExtentView<'a> {
             dek_version: e.dek_version,
             writer: e.writer,
             nonce: e.nonce,
+            birth: e.birth,
             tags: &e.tags,
         }
     }
@@ -155,6 +159,7 @@ impl ExtentIndex {
             offset: extent.offset,
             dek_version: extent.dek_version,
             writer: extent.writer,
+            birth: extent.birth,
             nonce: extent.nonce,
             tags,
         };
@@ -212,6 +217,7 @@ fn view(last: u64, entry: &Entry) -> ExtentView<'_> {
         dek_version: entry.dek_version,
         writer: entry.writer,
         nonce: entry.nonce,
+        birth: entry.birth,
         tags,
     }
 }
@@ -367,6 +373,7 @@ mod tests {
             dek_version: 1,
             writer: 1,
             nonce: lba,
+            birth: 0,
             tags: (0..blocks).map(|k| [k as u8; TAG_LEN]).collect(),
         }
     }

@@ -503,6 +503,9 @@ impl VolumeInner {
         self.visit_extents(0, u64::MAX, &mut |extent| {
             *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
         })?;
+        self.scan_preserved(None, 0, u64::MAX, &mut |_, extent| {
+            *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
+        })?;
         Ok(blocks)
     }
 
@@ -583,6 +586,18 @@ impl VolumeInner {
                 job.cursor = 0;
             }
         }
+        // Then the blocks snapshots hold, snapshot by snapshot.
+        loop {
+            let step = self.reencrypt_preserved_step(step_blocks)?;
+            report.blocks_reencrypted += step.moved;
+            report.blocks_unreadable += step.unreadable;
+            if step.collected == 0 || step.moved == 0 {
+                break;
+            }
+            if !pace(step.sealed_bytes) {
+                return Ok(report);
+            }
+        }
         if report.blocks_unreadable > 0 {
             self.rekey.stalled.store(true, Ordering::Release);
             return Ok(report);
@@ -618,6 +633,129 @@ impl VolumeInner {
             }
             return Ok(step);
         }
+        let moves = self.reseal(&blocks, &mut step)?;
+        step.moved = self.commit_reencrypted(&moves, next)?;
+        self.rekey
+            .reencrypted
+            .fetch_add(step.moved, Ordering::Relaxed);
+        Ok(step)
+    }
+
+    /// One step over the blocks snapshots hold: at most `max` blocks of the
+    /// oldest snapshot that still holds blocks under an old DEK.
+    fn reencrypt_preserved_step(&self, max: usize) -> Result<Step, VolumeError> {
+        let _one = self.compaction.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let target = self.active_dek.load(Ordering::Acquire);
+        let mut epoch = None;
+        let mut blocks: Vec<(u64, Location)> = Vec::new();
+        self.scan_preserved(None, 0, u64::MAX, &mut |e, extent| {
+            if extent.dek_version == target || epoch.is_some_and(|x| x != e) {
+                return;
+            }
+            epoch = Some(e);
+            let view = super::index::ExtentView::from(&extent);
+            for k in 0..extent.tags.len() {
+                if blocks.len() < max {
+                    blocks.push((extent.lba + k as u64, view.location(k)));
+                }
+            }
+        })?;
+        let mut step = Step {
+            collected: blocks.len() as u64,
+            moved: 0,
+            unreadable: 0,
+            sealed_bytes: 0,
+            next: 0,
+            at_end: true,
+        };
+        let Some(epoch) = epoch else {
+            return Ok(step);
+        };
+        let moves = self.reseal(&blocks, &mut step)?;
+        step.moved = self.commit_preserved(epoch, &moves)?;
+        self.rekey
+            .reencrypted
+            .fetch_add(step.moved, Ordering::Relaxed);
+        Ok(step)
+    }
+
+    /// Switches, in one atomic commit, the preserved records of snapshot
+    /// `epoch` whose blocks `moves` sealed again, where they are still the
+    /// ones read. Returns how many switched.
+    fn commit_preserved(&self, epoch: u32, moves: &[Moved]) -> Result<u64, VolumeError> {
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        let by_lba: HashMap<u64, &Moved> = moves.iter().map(|m| (m.lba, m)).collect();
+        let mut old: BTreeMap<u64, Extent> = BTreeMap::new();
+        for m in moves {
+            if old
+                .range(..=m.lba)
+                .next_back()
+                .is_some_and(|(_, e)| e.last() >= m.lba)
+            {
+                continue;
+            }
+            self.scan_preserved(Some(epoch), m.lba, m.lba + 1, &mut |_, extent| {
+                old.insert(extent.lba, extent);
+            })?;
+        }
+        let mut commit = MappingCommit::default();
+        let mut moved = 0u64;
+        for extent in old.values() {
+            let mut locations = Vec::with_capacity(extent.tags.len());
+            let mut changed = false;
+            for k in 0..extent.tags.len() {
+                let now = super::index::ExtentView::from(extent).location(k);
+                match by_lba.get(&(extent.lba + k as u64)) {
+                    Some(m) if m.from == now => {
+                        locations.push(m.to);
+                        for (map, d) in [(&mut commit.deltas, 1), (&mut commit.pinned, 1)] {
+                            *map.entry(now.segment).or_default() -= d;
+                            *map.entry(m.to.segment).or_default() += d;
+                        }
+                        moved += 1;
+                        changed = true;
+                    }
+                    _ => locations.push(now),
+                }
+            }
+            if !changed {
+                continue;
+            }
+            commit
+                .batch
+                .delete(record::preserved_key(self.internal_id, epoch, extent.last()).to_vec());
+            for piece in pieces(extent.lba, extent.birth, &locations) {
+                commit.batch.put(
+                    record::preserved_key(self.internal_id, epoch, piece.last()).to_vec(),
+                    piece.encode(),
+                );
+            }
+        }
+        let writers = std::mem::take(&mut *self.lock_pending_writers());
+        for (number, record) in &writers {
+            commit.batch.put(
+                record::writer_key(self.internal_id, *number).to_vec(),
+                record.encode(),
+            );
+        }
+        self.put_dek_usage(&mut commit.batch);
+        if let Err(e) = self.commit_mappings(&mut state, commit, CommitKind::Compaction) {
+            self.lock_pending_writers().extend(writers);
+            return Err(e);
+        }
+        Ok(moved)
+    }
+
+    /// Reads `blocks`, opens each with its own key and seals the ones that
+    /// open again under the current writer at the head, synced. Blocks that
+    /// fail authentication are counted in `step` and left alone.
+    fn reseal(
+        &self,
+        blocks: &[(u64, Location)],
+        step: &mut Step,
+    ) -> Result<Vec<Moved>, VolumeError> {
         let bs = self.block_size.len();
         // Ciphertext in, plaintext for a moment, ciphertext out: wiped after.
         let mut data = Zeroizing::new(vec![0u8; blocks.len() * bs]);
@@ -703,11 +841,7 @@ impl VolumeInner {
                 return Err(VolumeError::Io(e));
             }
         }
-        step.moved = self.commit_reencrypted(&moves, next)?;
-        self.rekey
-            .reencrypted
-            .fetch_add(step.moved, Ordering::Relaxed);
-        Ok(step)
+        Ok(moves)
     }
 
     /// Up to `max` committed blocks from `from` on whose DEK is not `target`,
@@ -784,7 +918,7 @@ impl VolumeInner {
                 .batch
                 .delete(record::extent_key(self.internal_id, extent.last()).to_vec());
             commit.change.removed.push(extent.last());
-            for piece in pieces(extent.lba, &locations) {
+            for piece in pieces(extent.lba, extent.birth, &locations) {
                 commit.batch.put(
                     record::extent_key(self.internal_id, piece.last()).to_vec(),
                     piece.encode(),
@@ -861,6 +995,12 @@ impl VolumeInner {
         }
         let mut in_use = 0u64;
         self.visit_extents(0, u64::MAX, &mut |extent| {
+            if extent.dek_version != active {
+                in_use += extent.tags.len() as u64;
+            }
+        })?;
+        // Blocks snapshots hold need their keys as much.
+        self.scan_preserved(None, 0, u64::MAX, &mut |_, extent| {
             if extent.dek_version != active {
                 in_use += extent.tags.len() as u64;
             }
@@ -979,7 +1119,7 @@ struct Moved {
 /// Extents for consecutive blocks from `first` at `locations`: a new extent
 /// starts wherever a block does not follow the previous one in segment space,
 /// nonce counter, writer and DEK, and after [`MAX_EXTENT_BLOCKS`].
-fn pieces(first: u64, locations: &[Location]) -> Vec<Extent> {
+fn pieces(first: u64, birth: u32, locations: &[Location]) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     for (k, loc) in locations.iter().enumerate() {
         let lba = first + k as u64;
@@ -1004,6 +1144,7 @@ fn pieces(first: u64, locations: &[Location]) -> Vec<Extent> {
             dek_version: loc.dek_version,
             writer: loc.writer,
             nonce: loc.nonce,
+            birth,
             tags: vec![loc.tag],
         });
     }
@@ -1094,7 +1235,7 @@ mod tests {
             loc(1, 14, 2, 8),
             loc(1, 15, 2, 9),
         ];
-        let got = pieces(100, &locations);
+        let got = pieces(100, 0, &locations);
         let shape: Vec<(u64, u32, usize)> = got
             .iter()
             .map(|e| (e.lba, e.offset, e.tags.len()))
@@ -1103,7 +1244,7 @@ mod tests {
         let long: Vec<Location> = (0..MAX_EXTENT_BLOCKS as u32 + 3)
             .map(|k| loc(0, k, 1, u64::from(k)))
             .collect();
-        let got = pieces(0, &long);
+        let got = pieces(0, 0, &long);
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].lba, MAX_EXTENT_BLOCKS as u64);
     }
