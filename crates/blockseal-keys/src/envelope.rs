@@ -139,7 +139,8 @@ impl TenantKek {
         Ok(DataKey::from_key_bytes(wrapped.dek_version, key))
     }
 
-    fn aead_key(&self) -> LessSafeKey {
+    /// The KEK as an AES-256-GCM key (also what wraps backup keys).
+    pub(crate) fn aead_key(&self) -> LessSafeKey {
         let key = UnboundKey::new(&AES_256_GCM, self.expose_secret())
             .expect("a KEK is 32 bytes, the AES-256 key length");
         LessSafeKey::new(key)

@@ -60,6 +60,13 @@ impl Info {
         self
     }
 
+    /// Appends a fixed-width field (an id whose length the label's format fixes),
+    /// without a length prefix.
+    pub(crate) fn fixed(&mut self, field: &[u8]) -> &mut Info {
+        self.append(field);
+        self
+    }
+
     /// Appends a fixed-width big-endian u32.
     pub(crate) fn u32(&mut self, value: u32) -> &mut Info {
         self.append(&value.to_be_bytes());

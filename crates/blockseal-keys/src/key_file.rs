@@ -865,16 +865,33 @@ fn passphrase_key(
     salt: &[u8],
     params: Argon2Params,
 ) -> Result<LessSafeKey, KeyFileError> {
-    let failed = || KeyFileError::KeyDerivation {
-        path: path.to_path_buf(),
-    };
+    argon2id_sealing_key(passphrase, salt, params).map_err(|KeyDerivationFailed| {
+        KeyFileError::KeyDerivation {
+            path: path.to_path_buf(),
+        }
+    })
+}
+
+/// Argon2id could not derive a sealing key (parameters it refuses, or memory it
+/// could not have).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyDerivationFailed;
+
+/// Derives an AES-256-GCM key from a passphrase: `Argon2id(v=0x13, params,
+/// password = passphrase as UTF-8, salt, output = 32 bytes)`. What key files and
+/// tenant bundles protected by a passphrase are sealed under.
+pub(crate) fn argon2id_sealing_key(
+    passphrase: &Passphrase,
+    salt: &[u8],
+    params: Argon2Params,
+) -> Result<LessSafeKey, KeyDerivationFailed> {
     let argon_params = argon2::Params::new(
         params.memory_kib,
         params.iterations,
         params.parallelism,
         Some(KEY_LEN),
     )
-    .map_err(|_| failed())?;
+    .map_err(|_| KeyDerivationFailed)?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params.clone());
     // Our own work memory, so that it is wiped on every path: it holds values
     // derived from the passphrase. (The crate's `zeroize` feature wipes its
@@ -888,9 +905,9 @@ fn passphrase_key(
             derived.as_mut_slice(),
             memory.as_mut_slice(),
         )
-        .map_err(|_| failed())?;
+        .map_err(|_| KeyDerivationFailed)?;
     drop(memory);
-    let key = UnboundKey::new(&AES_256_GCM, derived.as_slice()).map_err(|_| failed())?;
+    let key = UnboundKey::new(&AES_256_GCM, derived.as_slice()).map_err(|_| KeyDerivationFailed)?;
     Ok(LessSafeKey::new(key))
 }
 

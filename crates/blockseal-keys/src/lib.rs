@@ -11,6 +11,10 @@
 //! - An [`AuditKey`] per store that chains its audit log (HMAC-SHA256), stored
 //!   only wrapped under an [`AuditKek`] derived from the master key
 //!   ([`MasterKey::audit_kek`]).
+//! - A random [`BackupKey`] per backup, named by a [`BackupId`], that seals the
+//!   backed-up data keys and authenticates the backup file, stored only wrapped
+//!   under the tenant KEK ([`TenantKek::wrap_backup_key`]) and carried to another
+//!   host in a [`TenantBundle`] sealed under a passphrase or to a master key.
 //!
 //! Every secret type zeroizes on drop and has a `Debug` that shows ids and versions
 //! only; key bytes are reached through `expose_secret` methods, so searching for that
@@ -53,6 +57,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod backup;
 mod data_key;
 mod envelope;
 mod hkdf;
@@ -65,6 +70,12 @@ mod tenant;
 pub use audit::{
     AUDIT_MAC_LEN, AuditKek, AuditKey, AuditKeyUnwrapError, WRAPPED_AUDIT_KEY_FORMAT,
     WRAPPED_AUDIT_KEY_LEN,
+};
+pub use backup::{
+    BACKUP_ID_LEN, BACKUP_MAC_LEN, BUNDLE_MAGIC, BUNDLE_VERSION, BackupId, BackupIdParseError,
+    BackupKey, BackupKeyError, BundleError, BundleOpener, BundleProtection, MAX_BUNDLE_KEYS,
+    TenantBundle, WRAPPED_BACKUP_DEK_LEN, WRAPPED_BACKUP_KEY_FORMAT, WRAPPED_BACKUP_KEY_LEN,
+    wrapped_backup_key_kek_version,
 };
 pub use data_key::{DataKey, KEY_LEN, RandomError, WRITER_SALT_LEN};
 pub use envelope::{
@@ -126,6 +137,16 @@ mod secret_debug_tests {
             &master.audit_kek(&DeploymentSalt::from_bytes([0xA5; 32])),
         );
         check("AuditKey", &AuditKey::generate().unwrap());
+        let backup_key = || BackupKey::from_bytes(&[0xA5; 32]);
+        check("BackupKey", &backup_key());
+        check(
+            "TenantBundle",
+            &TenantBundle {
+                tenant: TenantId::new("acme").unwrap(),
+                created: 0,
+                backup_keys: vec![(BackupId::from_bytes([0xA5; 16]), backup_key())],
+            },
+        );
         let passphrase = "\u{a5}".repeat(32);
         let p = Passphrase::new(passphrase.clone());
         assert!(!format!("{p:?}{p:#?}").contains(&passphrase));

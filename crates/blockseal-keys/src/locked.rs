@@ -416,6 +416,8 @@ mod tests {
         wipes_on_drop::<crate::TenantKek>();
         wipes_on_drop::<TenantSeed>();
         wipes_on_drop::<Passphrase>();
+        wipes_on_drop::<crate::BackupKey>();
+        wipes_on_drop::<crate::TenantBundle>();
     }
 
     #[test]

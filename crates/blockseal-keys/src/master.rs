@@ -67,17 +67,23 @@ impl FromStr for KeyId {
 
     /// Parses the 32 lowercase or uppercase hex digits that `Display` prints.
     fn from_str(s: &str) -> Result<KeyId, KeyIdParseError> {
-        let s = s.as_bytes();
-        if s.len() != 2 * KEY_ID_LEN || !s.iter().all(u8::is_ascii_hexdigit) {
-            return Err(KeyIdParseError);
-        }
-        let mut out = [0u8; KEY_ID_LEN];
-        for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-            let digits = std::str::from_utf8(pair).map_err(|_| KeyIdParseError)?;
-            *byte = u8::from_str_radix(digits, 16).map_err(|_| KeyIdParseError)?;
-        }
-        Ok(KeyId(out))
+        parse_hex(s).map(KeyId).ok_or(KeyIdParseError)
     }
+}
+
+/// Parses exactly `2 * N` hexadecimal digits, lowercase or uppercase, into `N`
+/// bytes (the text form of key and backup ids).
+pub(crate) fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let s = s.as_bytes();
+    if s.len() != 2 * N || !s.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let digits = std::str::from_utf8(pair).ok()?;
+        *byte = u8::from_str_radix(digits, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// A 16-byte value derived from a master key that proves, without revealing the
