@@ -267,8 +267,93 @@ const SCRIPT: &[(&str, &[&str], Option<i32>)] = &[
         Some(3),
     ),
     (
+        "snapshot-create",
+        &["snapshot", "create", "acme/voicemail@before"],
+        None,
+    ),
+    (
+        "snapshot-create-again",
+        &["snapshot", "create", "acme/voicemail@before"],
+        Some(4),
+    ),
+    (
+        "snapshot-create-second",
+        &["snapshot", "create", "acme/voicemail@after.1"],
+        None,
+    ),
+    (
+        "snapshot-create-bad-name",
+        &["snapshot", "create", "acme/voicemail@Before"],
+        Some(2),
+    ),
+    (
+        "snapshot-create-no-name",
+        &["snapshot", "create", "acme/voicemail"],
+        Some(2),
+    ),
+    (
+        "snapshot-list",
+        &["snapshot", "list", "acme/voicemail"],
+        None,
+    ),
+    (
+        "snapshot-list-not-a-volume",
+        &["snapshot", "list", "acme/voicemail@before"],
+        Some(2),
+    ),
+    (
+        "snapshot-show",
+        &["snapshot", "show", "acme/voicemail@before"],
+        None,
+    ),
+    (
+        "snapshot-show-missing",
+        &["snapshot", "show", "acme/voicemail@nothing"],
+        Some(3),
+    ),
+    (
+        "snapshot-list-missing-volume",
+        &["snapshot", "list", "acme/nothing"],
+        Some(3),
+    ),
+    (
+        "volume-show-snapshots",
+        &["volume", "show", "acme/voicemail"],
+        None,
+    ),
+    (
+        "snapshot-rollback-not-newest",
+        &["snapshot", "rollback", "acme/voicemail@before"],
+        Some(4),
+    ),
+    (
+        "snapshot-delete",
+        &["snapshot", "delete", "acme/voicemail@after.1"],
+        None,
+    ),
+    (
+        "snapshot-delete-missing",
+        &["snapshot", "delete", "acme/voicemail@after.1"],
+        Some(3),
+    ),
+    (
+        "snapshot-rollback",
+        &["snapshot", "rollback", "acme/voicemail@before"],
+        None,
+    ),
+    (
         "volume-resize-grow",
         &["volume", "resize", "acme/voicemail", "--size", "16M"],
+        None,
+    ),
+    (
+        "snapshot-rollback-other-size",
+        &["snapshot", "rollback", "acme/voicemail@before"],
+        Some(4),
+    ),
+    (
+        "snapshot-list-json",
+        &["snapshot", "list", "acme/voicemail", "--json"],
         None,
     ),
     (
@@ -511,6 +596,48 @@ fn the_admin_socket_refuses_other_users_and_bad_requests() {
         ),
         400,
         "invalid_size",
+    );
+    expect_error(
+        s,
+        &http(
+            "POST",
+            "/v1/tenants/demo/volumes/disk/snapshots",
+            r#"{"name": "Bad Name"}"#,
+        ),
+        400,
+        "invalid_name",
+    );
+    expect_error(
+        s,
+        &http(
+            "POST",
+            "/v1/tenants/demo/volumes/disk/snapshots",
+            r#"{"name": "s", "epoch": 1}"#,
+        ),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        s,
+        &http("GET", "/v1/tenants/demo/volumes/nothing/snapshots", ""),
+        404,
+        "no_such_volume",
+    );
+    expect_error(
+        s,
+        &http("GET", "/v1/tenants/demo/volumes/disk/snapshots/nothing", ""),
+        404,
+        "no_such_snapshot",
+    );
+    expect_error(
+        s,
+        &http(
+            "POST",
+            "/v1/tenants/demo/volumes/disk/snapshots/nothing/rollback",
+            "",
+        ),
+        404,
+        "no_such_snapshot",
     );
     expect_error(s, &http("GET", "/v2/tenants", ""), 404, "no_such_path");
     expect_error(
@@ -810,6 +937,7 @@ fn completions_are_printed_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
         let out = blockseal_ok(&["completions", shell]);
         assert!(out.contains("rotate-master"), "{shell}: {out}");
+        assert!(out.contains("rollback"), "{shell}: {out}");
     }
     let out = run(Command::new(binary()).args(["completions", "tcsh"]));
     assert_eq!(out.status.code(), Some(2));
@@ -818,7 +946,11 @@ fn completions_are_printed_for_each_shell() {
 #[test]
 fn help_documents_the_exit_codes() {
     let out = blockseal_ok(&["--help"]);
-    for line in ["3  no such tenant or volume", "4  conflict", "5  refused"] {
+    for line in [
+        "3  no such tenant, volume or snapshot",
+        "4  conflict",
+        "5  refused",
+    ] {
         assert!(out.contains(line), "{out}");
     }
 }

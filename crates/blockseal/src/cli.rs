@@ -37,6 +37,10 @@ pub(crate) enum Command {
     /// Create, list, show, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Take, list, show and delete snapshots of a volume, and roll it back to
+    /// one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Master key files, and key rotation.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -161,15 +165,15 @@ pub(crate) struct ServeArgs {
 
 /// The exit codes, shown by `blockseal --help`.
 const EXIT_CODES: &str = "\
-Admin commands (status, tenant, volume, key rotate-*|status, audit) talk to the running
-server through DIR/admin.sock, and open the store directly when no server runs.
+Admin commands (status, tenant, volume, snapshot, key rotate-*|status, audit) talk to the
+running server through DIR/admin.sock, and open the store directly when no server runs.
 
 Exit codes:
   0  success
   1  failure (I/O, a damaged store, a broken audit chain, the server failed)
   2  bad usage or a bad argument
-  3  no such tenant or volume
-  4  conflict: exists already, in use, still holds volumes or data
+  3  no such tenant, volume or snapshot
+  4  conflict: exists already, in use, still holds volumes or data, newer snapshots
   5  refused: the caller may not use the admin API";
 
 /// Which store an admin command opens, and with which master key.
@@ -335,6 +339,86 @@ pub(crate) enum VolumeCommand {
     Delete {
         /// TENANT/VOLUME.
         #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// Close the volume's connections first.
+        #[arg(long)]
+        force: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+/// `blockseal snapshot ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// Take a snapshot of a volume, online: its writes so far are flushed,
+    /// then the snapshot shares every block with the volume (no data is
+    /// copied). NBD clients may read it as the read-only export
+    /// TENANT/VOLUME@NAME.
+    Create {
+        /// TENANT/VOLUME@NAME; NAME is 1 to 64 of a-z 0-9 . _ -, starting
+        /// with a letter or digit.
+        #[arg(value_name = "TENANT/VOLUME@NAME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List a volume's snapshots, oldest first, with the space each holds.
+    List {
+        /// TENANT/VOLUME.
+        #[arg(value_name = "TENANT/VOLUME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Show one snapshot.
+    Show {
+        /// TENANT/VOLUME@NAME.
+        #[arg(value_name = "TENANT/VOLUME@NAME")]
+        name: String,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Delete a snapshot; the space only it held is freed by compaction.
+    /// Refused while clients read its export, unless --force, which closes
+    /// their connections first.
+    Delete {
+        /// TENANT/VOLUME@NAME.
+        #[arg(value_name = "TENANT/VOLUME@NAME")]
+        name: String,
+        /// Close the snapshot export's connections first.
+        #[arg(long)]
+        force: bool,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Make a volume's contents those of its newest snapshot again (delete
+    /// newer snapshots first); the snapshot stays. Refused while clients are
+    /// connected to the volume, unless --force, which closes their
+    /// connections first: what they cached no longer matches the volume.
+    Rollback {
+        /// TENANT/VOLUME@NAME.
+        #[arg(value_name = "TENANT/VOLUME@NAME")]
         name: String,
         /// Close the volume's connections first.
         #[arg(long)]

@@ -1,5 +1,13 @@
 //! The glue between the store and the NBD server: a [`Volume`] as an NBD
-//! [`Export`], and a [`Store`] as the server's [`Catalog`].
+//! [`Export`], a snapshot as a read-only one, and a [`Store`] as the server's
+//! [`Catalog`].
+//!
+//! Exports are named `tenant/volume`, and `tenant/volume@snapshot` for a
+//! volume's snapshot. A snapshot export is read-only (the NBD server answers
+//! writes, trims and write-zeroes with `EPERM` and never passes them on), and
+//! a tenant's scope reaches its own volumes' snapshots only, like its volumes.
+//! Snapshot exports are opened by name and not listed: listing them would open
+//! every volume.
 //!
 //! This module owns the one mapping from a volume error's `kind()` to the NBD
 //! crate's [`ErrorClass`] ([`class_of`]), which decides the NBD error value a
@@ -13,7 +21,7 @@
 //! only, and a volume opens without the catalog's lock, so a slow open holds up
 //! only the clients of that volume.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,7 +29,9 @@ use blockseal_keys::{TenantId, VolumeId};
 use blockseal_nbd::{
     Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope, Shutdown,
 };
-use blockseal_volume::{ErrorKind, Store, Volume, VolumeError};
+use blockseal_volume::{
+    AdminError, ErrorKind, SnapshotReader, Store, Volume, VolumeError, check_snapshot_name,
+};
 
 use crate::size::Size;
 
@@ -82,6 +92,18 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     message
+}
+
+/// The NBD extents of `(length, allocated)` runs.
+fn extents(runs: impl IntoIterator<Item = (u64, bool)>) -> Vec<Extent> {
+    runs.into_iter()
+        .filter(|&(len, _)| len > 0)
+        .map(|(length, allocated)| Extent {
+            length,
+            hole: !allocated,
+            zero: !allocated,
+        })
+        .collect()
 }
 
 impl Export for VolumeExport {
@@ -159,36 +181,131 @@ impl Export for VolumeExport {
             .volume
             .block_status(offset, len)
             .map_err(failed("block status"))?;
-        Ok(runs
-            .into_iter()
-            .filter(|run| run.len > 0)
-            .map(|run| Extent {
-                length: run.len,
-                hole: !run.allocated,
-                zero: !run.allocated,
-            })
-            .collect())
+        Ok(extents(
+            runs.into_iter().map(|run| (run.len, run.allocated)),
+        ))
     }
 }
 
-/// An export in service: the volume instance its connections share, the
-/// switch that closes them, and the count of their handles.
+/// One snapshot served over NBD, read-only: one handle per connection, all
+/// sharing the snapshot reader (and so the volume instance) of their
+/// [`Served`] entry.
+pub(crate) struct SnapshotExport {
+    snapshot: SnapshotReader,
+    /// Closes the connections of this export (it is being deleted).
+    revoked: Shutdown,
+    /// Counts the handles of the export while they live.
+    _handle: Arc<()>,
+}
+
+/// What a snapshot export answers a change with, should one reach it (the
+/// NBD server refuses them itself, as the export says it is read-only).
+fn read_only(what: &'static str) -> ExportError {
+    ExportError::new(
+        ErrorClass::ReadOnly,
+        format!("{what} refused: a snapshot is read-only"),
+    )
+}
+
+impl Export for SnapshotExport {
+    fn size(&self) -> u64 {
+        self.snapshot.len()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.snapshot.block_size()
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        self.snapshot.read_at(offset, buf).map_err(failed("read"))
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {
+        Err(read_only("write"))
+    }
+
+    fn flush(&self) -> Result<(), ExportError> {
+        // Nothing written, nothing to make durable: a snapshot's blocks are
+        // committed before it exists.
+        Ok(())
+    }
+
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), ExportError> {
+        Err(read_only("trim"))
+    }
+
+    fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _fua: bool,
+        _no_hole: bool,
+    ) -> Result<(), ExportError> {
+        Err(read_only("write zeroes"))
+    }
+
+    fn revoked(&self) -> Option<Shutdown> {
+        Some(self.revoked.clone())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        let runs = self
+            .snapshot
+            .block_status(offset, len)
+            .map_err(failed("block status"))?;
+        Ok(extents(runs))
+    }
+}
+
+/// The volume export `tenant/volume` and the snapshot name of a snapshot
+/// export `tenant/volume@snapshot`; `None` for a volume export.
+pub(crate) fn snapshot_export(name: &str) -> Option<(&str, &str)> {
+    name.split_once('@')
+}
+
+/// An export in service: what its connections share (a volume instance, or
+/// a snapshot reader on one), the switch that closes them, and the count of
+/// their handles.
 struct Served {
-    volume: Volume,
-    read_only: bool,
+    source: Source,
     revoked: Shutdown,
     handles: Arc<()>,
 }
 
+/// What an export serves.
+enum Source {
+    Volume { volume: Volume, read_only: bool },
+    Snapshot(SnapshotReader),
+}
+
 impl Served {
+    fn new(source: Source) -> Served {
+        Served {
+            source,
+            revoked: Shutdown::new(),
+            handles: Arc::new(()),
+        }
+    }
+
     /// A handle for one more connection.
-    fn handle(&self) -> Arc<VolumeExport> {
-        Arc::new(VolumeExport {
-            volume: self.volume.clone(),
-            read_only: self.read_only,
-            revoked: self.revoked.clone(),
-            _handle: self.handles.clone(),
-        })
+    fn handle(&self) -> Arc<dyn Export> {
+        match &self.source {
+            Source::Volume { volume, read_only } => Arc::new(VolumeExport {
+                volume: volume.clone(),
+                read_only: *read_only,
+                revoked: self.revoked.clone(),
+                _handle: self.handles.clone(),
+            }),
+            Source::Snapshot(snapshot) => Arc::new(SnapshotExport {
+                snapshot: snapshot.clone(),
+                revoked: self.revoked.clone(),
+                _handle: self.handles.clone(),
+            }),
+        }
     }
 
     /// Handles alive (connections, and requests finishing on one that left).
@@ -198,11 +315,43 @@ impl Served {
 }
 
 /// The catalog's state: exports in service, and names taken out of service
-/// while an admin operation deletes them.
+/// while an admin operation deletes (or rolls back) them, each with how far
+/// its retirement reaches.
 #[derive(Default)]
 struct Registry {
     open: HashMap<String, Served>,
-    retired: BTreeSet<String>,
+    retired: BTreeMap<String, Reach>,
+}
+
+impl Registry {
+    /// Whether `name` is out of service: retired itself, or a snapshot of a
+    /// volume retired with its snapshots.
+    fn is_retired(&self, name: &str) -> bool {
+        self.retired.contains_key(name)
+            || snapshot_export(name)
+                .is_some_and(|(volume, _)| self.retired.get(volume) == Some(&Reach::WithSnapshots))
+    }
+}
+
+/// Which exports retiring a name takes out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// The export of that name only (a rollback leaves the volume's snapshots
+    /// served; deleting a snapshot leaves the volume).
+    Export,
+    /// The volume's export and its snapshots' (`tenant/volume@...`): they
+    /// read through the volume's instance, which must close before the
+    /// volume goes.
+    WithSnapshots,
+}
+
+impl Reach {
+    /// Whether retiring `retired` this far takes the export `name`.
+    fn covers(self, retired: &str, name: &str) -> bool {
+        name == retired
+            || (self == Reach::WithSnapshots
+                && snapshot_export(name).is_some_and(|(volume, _)| volume == retired))
+    }
 }
 
 /// Every volume of a store, as exports named `tenant/volume`.
@@ -252,14 +401,17 @@ impl StoreCatalog {
         }
     }
 
-    /// Flushes every export opened so far; returns how many, or the first error
-    /// after trying them all.
+    /// Flushes every volume export opened so far (snapshots have nothing to
+    /// flush); returns how many, or the first error after trying them all.
     pub(crate) fn flush_all(&self) -> Result<usize, VolumeError> {
         let open: Vec<(String, Volume)> = self
             .lock_registry()
             .open
             .iter()
-            .map(|(name, served)| (name.clone(), served.volume.clone()))
+            .filter_map(|(name, served)| match &served.source {
+                Source::Volume { volume, .. } => Some((name.clone(), volume.clone())),
+                Source::Snapshot(_) => None,
+            })
             .collect();
         let mut first_error = None;
         for (name, volume) in &open {
@@ -280,14 +432,16 @@ impl StoreCatalog {
         drop(open);
     }
 
-    /// Takes the exports `names` out of service so that an admin operation can
-    /// delete them: no new connection opens them until the returned guard
-    /// drops, and the connections they have are closed (they drain as at a
-    /// shutdown) and waited for, at most `deadline`. Without `force`, an export
-    /// with connections is refused and nothing changes.
+    /// Takes the exports `names` (and, with [`Reach::WithSnapshots`], their
+    /// snapshots' exports) out of service so that an admin operation can
+    /// delete or roll them back: no new connection opens them until the
+    /// returned guard drops, and the connections they have are closed (they
+    /// drain as at a shutdown) and waited for, at most `deadline`. Without
+    /// `force`, an export with connections is refused and nothing changes.
     pub(crate) fn retire(
         &self,
         names: Vec<String>,
+        reach: Reach,
         force: bool,
         deadline: Duration,
     ) -> Result<Retired<'_>, RetireError> {
@@ -298,29 +452,47 @@ impl StoreCatalog {
         let mut removed: Vec<Served> = Vec::new();
         {
             let mut registry = self.lock_registry();
-            if let Some(busy) = names.iter().find(|n| registry.retired.contains(*n)) {
-                return Err(RetireError::Busy {
-                    export: busy.clone(),
-                });
+            // Busy when any name is out of service already, or (reaching
+            // snapshots) one of its snapshots is.
+            let busy = names.iter().find_map(|n| {
+                if registry.is_retired(n) {
+                    return Some(n.clone());
+                }
+                registry
+                    .retired
+                    .keys()
+                    .find(|r| reach.covers(n, r))
+                    .cloned()
+            });
+            if let Some(export) = busy {
+                return Err(RetireError::Busy { export });
             }
+            let mut covered: Vec<String> = registry
+                .open
+                .keys()
+                .filter(|open| names.iter().any(|n| reach.covers(n, open)))
+                .cloned()
+                .collect();
+            covered.sort();
             if !force {
-                for name in &names {
-                    if let Some(served) = registry.open.get(name)
-                        && served.connections() > 0
-                    {
+                for name in &covered {
+                    let connections = registry.open[name].connections();
+                    if connections > 0 {
                         return Err(RetireError::InUse {
                             export: name.clone(),
-                            connections: served.connections(),
+                            connections,
                         });
                     }
                 }
             }
             for name in &names {
-                registry.retired.insert(name.clone());
-                if let Some(served) = registry.open.remove(name) {
+                registry.retired.insert(name.clone(), reach);
+            }
+            for name in covered {
+                if let Some(served) = registry.open.remove(&name) {
                     closed += served.connections();
                     served.revoked.trigger();
-                    waiting.push((name.clone(), Arc::downgrade(&served.handles)));
+                    waiting.push((name, Arc::downgrade(&served.handles)));
                     removed.push(served);
                 }
             }
@@ -412,44 +584,95 @@ impl Catalog for StoreCatalog {
         }
         {
             let registry = self.lock_registry();
-            if registry.retired.contains(name) {
+            if registry.is_retired(name) {
                 return None;
             }
             if let Some(served) = registry.open.get(name) {
                 return Some(served.handle());
             }
         }
-        let (tenant, volume) = name.split_once('/')?;
-        let tenant = TenantId::new(tenant).ok()?;
-        let volume = VolumeId::new(volume).ok()?;
         // Not under the lock: opening scans the volume's metadata, which must
         // hold up only the clients of this volume. The store hands concurrent
         // openers of one volume its one shared instance, and the first of them
         // to get here registers it; the others use that export and drop their
         // handle (not the last, so nothing closes).
+        let source = match snapshot_export(name) {
+            None => Source::Volume {
+                volume: self.open_volume(name)?,
+                read_only: self.read_only.contains(name),
+            },
+            Some((volume, snapshot)) => Source::Snapshot(self.open_snapshot(volume, snapshot)?),
+        };
+        let mut registry = self.lock_registry();
+        // Taken out of service while it was opening: the admin operation that
+        // retired it waits for this handle to go.
+        if registry.is_retired(name) {
+            return None;
+        }
+        let handle = registry
+            .open
+            .entry(name.to_owned())
+            .or_insert_with(|| Served::new(source))
+            .handle();
+        Some(handle)
+    }
+
+    fn description(&self, name: &str, scope: &Scope) -> String {
+        let Some((volume, _)) = snapshot_export(name) else {
+            return self
+                .list(scope)
+                .into_iter()
+                .find(|e| e.name == name)
+                .map(|e| e.description)
+                .unwrap_or_default();
+        };
+        // Asked once the export is open, so its entry is there (unless it was
+        // retired meanwhile).
+        match self.lock_registry().open.get(name).map(|s| &s.source) {
+            Some(Source::Snapshot(snapshot)) => format!(
+                "snapshot of {volume}: {} ({} bytes), {}-byte blocks, read-only",
+                Size(snapshot.len()),
+                snapshot.len(),
+                snapshot.block_size()
+            ),
+            _ => String::new(),
+        }
+    }
+}
+
+impl StoreCatalog {
+    /// The volume of the export `tenant/volume`, opened; `None` when there
+    /// is none (or the name is not one).
+    fn open_volume(&self, name: &str) -> Option<Volume> {
+        let (tenant, volume) = name.split_once('/')?;
+        let tenant = TenantId::new(tenant).ok()?;
+        let volume = VolumeId::new(volume).ok()?;
         match self.store.open_volume(&tenant, &volume) {
-            Ok(opened) => {
-                let mut registry = self.lock_registry();
-                // Taken out of service while it was opening: the admin
-                // operation that retired it waits for this handle to go.
-                if registry.retired.contains(name) {
-                    return None;
-                }
-                let handle = registry
-                    .open
-                    .entry(name.to_owned())
-                    .or_insert_with(|| Served {
-                        volume: opened,
-                        read_only: self.read_only.contains(name),
-                        revoked: Shutdown::new(),
-                        handles: Arc::new(()),
-                    })
-                    .handle();
-                Some(handle)
-            }
+            Ok(opened) => Some(opened),
             Err(VolumeError::NoSuchTenant { .. } | VolumeError::NoSuchVolume { .. }) => None,
             Err(e) => {
                 tracing::error!(export = %name, error = %error_chain(&e), "cannot open volume");
+                None
+            }
+        }
+    }
+
+    /// Snapshot `snapshot` of the volume export `volume` (`tenant/volume`),
+    /// opened; `None` when there is none.
+    fn open_snapshot(&self, volume: &str, snapshot: &str) -> Option<SnapshotReader> {
+        let (tenant, volume_name) = volume.split_once('/')?;
+        let tenant = TenantId::new(tenant).ok()?;
+        let volume_id = VolumeId::new(volume_name).ok()?;
+        check_snapshot_name(snapshot).ok()?;
+        match self.store.open_snapshot(&tenant, &volume_id, snapshot) {
+            Ok(opened) => Some(opened),
+            Err(
+                AdminError::NoSuchTenant { .. }
+                | AdminError::NoSuchVolume { .. }
+                | AdminError::NoSuchSnapshot { .. },
+            ) => None,
+            Err(e) => {
+                tracing::error!(export = %format!("{volume}@{snapshot}"), error = %error_chain(&e), "cannot open snapshot");
                 None
             }
         }
@@ -572,7 +795,12 @@ mod tests {
         let revoked = handle.revoked().unwrap();
         let deadline = Duration::from_secs(5);
         // Without force, a connected export is refused and nothing changes.
-        match catalog.retire(vec!["acme/disk".into()], false, deadline) {
+        match catalog.retire(
+            vec!["acme/disk".into()],
+            Reach::WithSnapshots,
+            false,
+            deadline,
+        ) {
             Err(RetireError::InUse { connections, .. }) => assert_eq!(connections, 1),
             other => panic!("expected InUse, got {:?}", other.map(|_| ())),
         }
@@ -590,19 +818,176 @@ mod tests {
             }
         });
         let retired = catalog
-            .retire(vec!["acme/disk".into()], true, deadline)
+            .retire(
+                vec!["acme/disk".into()],
+                Reach::WithSnapshots,
+                true,
+                deadline,
+            )
             .unwrap();
         dropper.join().unwrap();
         assert_eq!(retired.connections_closed, 1);
         // While retired, nobody opens it; a second retirement is refused.
         assert!(catalog.open("acme/disk", &Scope::All).is_none());
         assert!(matches!(
-            catalog.retire(vec!["acme/disk".into()], true, deadline),
+            catalog.retire(vec!["acme/disk".into()], Reach::Export, true, deadline),
             Err(RetireError::Busy { .. })
         ));
         assert!(catalog.open("globex/disk", &Scope::All).is_some());
         drop(retired);
         assert!(catalog.open("acme/disk", &Scope::All).is_some());
+    }
+
+    /// Takes snapshot `name` of acme/disk.
+    fn snapshot(catalog: &StoreCatalog, name: &str) {
+        catalog
+            .store
+            .create_snapshot(
+                &TenantId::new("acme").unwrap(),
+                &VolumeId::new("disk").unwrap(),
+                name,
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshots_are_read_only_exports_within_their_tenant() {
+        let (_dir, catalog) = catalog();
+        let disk = catalog.open("acme/disk", &Scope::All).unwrap();
+        disk.write(0, &[1u8; 4096], false).unwrap();
+        snapshot(&catalog, "before");
+        disk.write(0, &[2u8; 4096], false).unwrap();
+        disk.trim(4096, 4096, false).unwrap();
+
+        let acme = Scope::Tenant("acme".into());
+        let globex = Scope::Tenant("globex".into());
+        assert!(catalog.open("acme/disk@before", &globex).is_none());
+        assert!(catalog.open("acme/disk@missing", &acme).is_none());
+        assert!(catalog.open("acme/disk@Bad", &acme).is_none());
+        assert!(catalog.open("acme/nothing@before", &acme).is_none());
+        assert!(catalog.open("acme@before", &Scope::All).is_none());
+        let snap = catalog.open("acme/disk@before", &acme).unwrap();
+        assert!(snap.read_only());
+        assert_eq!((snap.size(), snap.block_size()), (1 << 20, 4096));
+        let mut buf = [0u8; 4096];
+        snap.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [1u8; 4096]);
+        disk.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [2u8; 4096]);
+        let summary: Vec<(u64, bool)> = snap
+            .block_status(0, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|e| (e.length, e.hole))
+            .collect();
+        assert_eq!(summary, [(4096, false), ((1 << 20) - 4096, true)]);
+        for err in [
+            snap.write(0, b"x", false).unwrap_err(),
+            snap.trim(0, 4096, false).unwrap_err(),
+            snap.write_zeroes(0, 4096, false, false).unwrap_err(),
+        ] {
+            assert_eq!(err.class(), ErrorClass::ReadOnly);
+        }
+        snap.flush().unwrap();
+        snap.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [1u8; 4096]);
+        assert_eq!(
+            catalog.description("acme/disk@before", &acme),
+            "snapshot of acme/disk: 1M (1048576 bytes), 4096-byte blocks, read-only"
+        );
+        // Not listed (that would open every volume), and not flushed.
+        assert_eq!(names(catalog.list(&acme)), ["acme/archive", "acme/disk"]);
+        assert_eq!(catalog.flush_all().unwrap(), 1);
+    }
+
+    #[test]
+    fn retiring_a_volume_reaches_its_snapshots_only_when_asked() {
+        let (_dir, catalog) = catalog();
+        snapshot(&catalog, "one");
+        let deadline = Duration::from_secs(5);
+        let snap = catalog.open("acme/disk@one", &Scope::All).unwrap();
+        let revoked = snap.revoked().unwrap();
+        // A rollback's reach: the volume only; its snapshots stay served.
+        let retired = catalog
+            .retire(vec!["acme/disk".into()], Reach::Export, false, deadline)
+            .unwrap();
+        assert!(catalog.open("acme/disk", &Scope::All).is_none());
+        assert!(catalog.open("acme/disk@one", &Scope::All).is_some());
+        assert!(!revoked.is_triggered());
+        drop(retired);
+        // A volume deletion's reach: its snapshots' connections count, and
+        // go with it when forced.
+        match catalog.retire(
+            vec!["acme/disk".into()],
+            Reach::WithSnapshots,
+            false,
+            deadline,
+        ) {
+            Err(RetireError::InUse {
+                export,
+                connections,
+            }) => assert_eq!((export.as_str(), connections), ("acme/disk@one", 1)),
+            other => panic!("expected InUse, got {:?}", other.map(|_| ())),
+        }
+        // Deleting the snapshot (forced) closes its connection; meanwhile the
+        // volume cannot be deleted, but it can be rolled back.
+        let dropper = drop_when_revoked(snap, revoked);
+        let snapshot_retired = catalog
+            .retire(vec!["acme/disk@one".into()], Reach::Export, true, deadline)
+            .unwrap();
+        dropper.join().unwrap();
+        assert_eq!(snapshot_retired.connections_closed, 1);
+        assert!(matches!(
+            catalog.retire(
+                vec!["acme/disk".into()],
+                Reach::WithSnapshots,
+                true,
+                deadline
+            ),
+            Err(RetireError::Busy { .. })
+        ));
+        drop(
+            catalog
+                .retire(vec!["acme/disk".into()], Reach::Export, false, deadline)
+                .unwrap(),
+        );
+        drop(snapshot_retired);
+        // Deleting the volume (forced) closes its snapshots' connections too,
+        // and keeps them from opening until it is done.
+        let snap = catalog.open("acme/disk@one", &Scope::All).unwrap();
+        let dropper = drop_when_revoked(snap.clone(), snap.revoked().unwrap());
+        drop(snap);
+        let retired = catalog
+            .retire(
+                vec!["acme/disk".into()],
+                Reach::WithSnapshots,
+                true,
+                deadline,
+            )
+            .unwrap();
+        dropper.join().unwrap();
+        assert_eq!(retired.connections_closed, 1);
+        assert!(catalog.open("acme/disk@one", &Scope::All).is_none());
+        assert!(matches!(
+            catalog.retire(vec!["acme/disk@one".into()], Reach::Export, true, deadline),
+            Err(RetireError::Busy { .. })
+        ));
+        drop(retired);
+        assert!(catalog.open("acme/disk@one", &Scope::All).is_some());
+    }
+
+    /// Drops `handle` once `revoked` triggers, as a connection task ends
+    /// after its export is revoked.
+    fn drop_when_revoked(
+        handle: Arc<dyn Export>,
+        revoked: Shutdown,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while !revoked.is_triggered() {
+                std::thread::yield_now();
+            }
+            drop(handle);
+        })
     }
 
     #[test]

@@ -254,6 +254,43 @@ fn refusals_are_readable() {
         &["volume", "list", "nobody", "--data-dir", d],
         "no tenant nobody",
     );
+    // Snapshots: a bad TENANT/VOLUME@NAME is a usage error, saying why.
+    for (args, message) in [
+        (&["snapshot", "create", "acme@s"][..], "names no volume"),
+        (&["snapshot", "show", "acme/disk"][..], "names no snapshot"),
+        (
+            &["snapshot", "delete", "acme/disk@"][..],
+            "snapshot name \"\"",
+        ),
+        (
+            &["snapshot", "rollback", "acme/disk@Nightly"][..],
+            "snapshot name \"Nightly\"",
+        ),
+        (
+            &["snapshot", "list", "acme/disk@s"][..],
+            "takes TENANT/VOLUME",
+        ),
+        (&["snapshot", "list", "acme"][..], "TENANT/VOLUME"),
+    ] {
+        fails_with(2, &[args, &["--data-dir", d]].concat(), message);
+    }
+    fails_with(
+        3,
+        &["snapshot", "show", "acme/disk@nightly", "--data-dir", d],
+        "no snapshot acme/disk@nightly",
+    );
+    ok(&["snapshot", "create", "acme/disk@nightly", "--data-dir", d]);
+    fails_with(
+        4,
+        &["snapshot", "create", "acme/disk@nightly", "--data-dir", d],
+        "snapshot acme/disk@nightly already exists",
+    );
+    ok(&["snapshot", "create", "acme/disk@later", "--data-dir", d]);
+    fails_with(
+        4,
+        &["snapshot", "rollback", "acme/disk@nightly", "--data-dir", d],
+        "newer snapshots exist (later)",
+    );
 
     let empty = tempfile::tempdir().unwrap();
     fails(

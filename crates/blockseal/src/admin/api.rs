@@ -86,6 +86,34 @@ pub(crate) enum Op {
     },
     /// `GET /v1/audit/verify`
     VerifyAudit,
+    /// `GET /v1/tenants/{tenant}/volumes/{volume}/snapshots`
+    ListSnapshots { tenant: String, volume: String },
+    /// `POST /v1/tenants/{tenant}/volumes/{volume}/snapshots` `{"name": ...}`
+    CreateSnapshot {
+        tenant: String,
+        volume: String,
+        snapshot: String,
+    },
+    /// `GET /v1/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}`
+    ShowSnapshot {
+        tenant: String,
+        volume: String,
+        snapshot: String,
+    },
+    /// `DELETE /v1/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}[?force=true]`
+    DeleteSnapshot {
+        tenant: String,
+        volume: String,
+        snapshot: String,
+        force: bool,
+    },
+    /// `POST /v1/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}/rollback[?force=true]`
+    RollbackSnapshot {
+        tenant: String,
+        volume: String,
+        snapshot: String,
+        force: bool,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -130,6 +158,8 @@ impl Op {
                 | Op::VerifyAudit
                 | Op::DataKeyStatus { .. }
                 | Op::DataKeyStatusAll
+                | Op::ListSnapshots { .. }
+                | Op::ShowSnapshot { .. }
         )
     }
 
@@ -154,11 +184,16 @@ impl Op {
             Op::Reencrypt { .. } => "key.reencrypt",
             Op::Audit { .. } => "audit.list",
             Op::VerifyAudit => "audit.verify",
+            Op::ListSnapshots { .. } => "snapshot.list",
+            Op::CreateSnapshot { .. } => "snapshot.create",
+            Op::ShowSnapshot { .. } => "snapshot.show",
+            Op::DeleteSnapshot { .. } => "snapshot.delete",
+            Op::RollbackSnapshot { .. } => "snapshot.rollback",
         }
     }
 
     /// What the operation acts on, for the audit log: a tenant, `tenant/volume`,
-    /// the key file, or `-`.
+    /// `tenant/volume@snapshot`, the key file, or `-`.
     pub(crate) fn target(&self) -> String {
         match self {
             Op::ShowTenant { tenant }
@@ -175,7 +210,30 @@ impl Op {
             | Op::DeleteVolume { tenant, volume, .. }
             | Op::RotateDataKey { tenant, volume }
             | Op::DataKeyStatus { tenant, volume }
-            | Op::Reencrypt { tenant, volume } => format!("{tenant}/{volume}"),
+            | Op::Reencrypt { tenant, volume }
+            | Op::ListSnapshots { tenant, volume } => format!("{tenant}/{volume}"),
+            Op::CreateSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            }
+            | Op::ShowSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            }
+            | Op::DeleteSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                ..
+            }
+            | Op::RollbackSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                ..
+            } => format!("{tenant}/{volume}@{snapshot}"),
             Op::RotateMaster { key_file, .. } => key_file.clone(),
             _ => "-".to_owned(),
         }
@@ -190,7 +248,9 @@ impl Op {
             Op::ResizeVolume {
                 size, discard_tail, ..
             } => format!("size={size} discard_tail={discard_tail}"),
-            Op::DeleteVolume { force, .. } => format!("force={force}"),
+            Op::DeleteVolume { force, .. }
+            | Op::DeleteSnapshot { force, .. }
+            | Op::RollbackSnapshot { force, .. } => format!("force={force}"),
             _ => String::new(),
         }
     }
@@ -253,11 +313,7 @@ impl Op {
                 force,
             } => (
                 Method::DELETE,
-                if *force {
-                    format!("/tenants/{tenant}/volumes/{volume}?force=true")
-                } else {
-                    format!("/tenants/{tenant}/volumes/{volume}")
-                },
+                with_force(format!("/tenants/{tenant}/volumes/{volume}"), *force),
                 None,
             ),
             Op::RotateMaster {
@@ -303,6 +359,55 @@ impl Op {
                 (Method::GET, path, None)
             }
             Op::VerifyAudit => (Method::GET, "/audit/verify".to_owned(), None),
+            Op::ListSnapshots { tenant, volume } => (
+                Method::GET,
+                format!("/tenants/{tenant}/volumes/{volume}/snapshots"),
+                None,
+            ),
+            Op::CreateSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            } => (
+                Method::POST,
+                format!("/tenants/{tenant}/volumes/{volume}/snapshots"),
+                json(serde_json::json!({ "name": snapshot })),
+            ),
+            Op::ShowSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            } => (
+                Method::GET,
+                format!("/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}"),
+                None,
+            ),
+            Op::DeleteSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                force,
+            } => (
+                Method::DELETE,
+                with_force(
+                    format!("/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}"),
+                    *force,
+                ),
+                None,
+            ),
+            Op::RollbackSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                force,
+            } => (
+                Method::POST,
+                with_force(
+                    format!("/tenants/{tenant}/volumes/{volume}/snapshots/{snapshot}/rollback"),
+                    *force,
+                ),
+                None,
+            ),
         };
         // Callers pass checked tenant and volume names (`a-z 0-9 . _ -`), so
         // nothing here can add a path segment or a query.
@@ -424,6 +529,38 @@ impl Op {
                 limit: query.number("limit")?,
             },
             (&Method::GET, ["audit", "verify"]) => Op::VerifyAudit,
+            (&Method::GET, ["tenants", t, "volumes", v, "snapshots"]) => Op::ListSnapshots {
+                tenant: name(t),
+                volume: name(v),
+            },
+            (&Method::POST, ["tenants", t, "volumes", v, "snapshots"]) => {
+                let body: CreateSnapshotBody = decode(body)?;
+                Op::CreateSnapshot {
+                    tenant: name(t),
+                    volume: name(v),
+                    snapshot: body.name,
+                }
+            }
+            (&Method::GET, ["tenants", t, "volumes", v, "snapshots", s]) => Op::ShowSnapshot {
+                tenant: name(t),
+                volume: name(v),
+                snapshot: name(s),
+            },
+            (&Method::DELETE, ["tenants", t, "volumes", v, "snapshots", s]) => Op::DeleteSnapshot {
+                tenant: name(t),
+                volume: name(v),
+                snapshot: name(s),
+                force: query.flag("force")?,
+            },
+            (&Method::POST, ["tenants", t, "volumes", v, "snapshots", s, "rollback"]) => {
+                no_body(body)?;
+                Op::RollbackSnapshot {
+                    tenant: name(t),
+                    volume: name(v),
+                    snapshot: name(s),
+                    force: query.flag("force")?,
+                }
+            }
             (_, segments) if is_known_path(segments) => {
                 return Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -456,9 +593,41 @@ impl Op {
             | Op::DeleteVolume { tenant, volume, .. }
             | Op::RotateDataKey { tenant, volume }
             | Op::DataKeyStatus { tenant, volume }
-            | Op::Reencrypt { tenant, volume } => vec![tenant, volume],
+            | Op::Reencrypt { tenant, volume }
+            | Op::ListSnapshots { tenant, volume } => vec![tenant, volume],
+            Op::CreateSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            }
+            | Op::ShowSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            }
+            | Op::DeleteSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                ..
+            }
+            | Op::RollbackSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                ..
+            } => vec![tenant, volume, snapshot],
             _ => Vec::new(),
         }
+    }
+}
+
+/// `path`, with `?force=true` when `force`.
+fn with_force(path: String, force: bool) -> String {
+    if force {
+        format!("{path}?force=true")
+    } else {
+        path
     }
 }
 
@@ -493,6 +662,9 @@ fn is_known_path(segments: &[&str]) -> bool {
             | ["tenants", _, "volumes", _, "rotate-key"]
             | ["tenants", _, "volumes", _, "keys"]
             | ["tenants", _, "volumes", _, "reencrypt"]
+            | ["tenants", _, "volumes", _, "snapshots"]
+            | ["tenants", _, "volumes", _, "snapshots", _]
+            | ["tenants", _, "volumes", _, "snapshots", _, "rollback"]
             | ["keys"]
             | ["master-key", "rotate"]
             | ["audit"]
@@ -539,6 +711,12 @@ struct ResizeBody {
     size: u64,
     #[serde(default)]
     discard_tail: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSnapshotBody {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -745,7 +923,7 @@ pub(crate) mod exit {
     pub(crate) const FAILURE: u8 = 1;
     /// A bad argument or request (clap's own usage errors use 2 as well).
     pub(crate) const USAGE: u8 = 2;
-    /// The tenant or volume does not exist.
+    /// The tenant, volume or snapshot does not exist.
     pub(crate) const NOT_FOUND: u8 = 3;
     /// It exists already, is in use, or still holds data.
     pub(crate) const CONFLICT: u8 = 4;
@@ -780,6 +958,38 @@ pub(crate) struct VolumeView {
     pub(crate) mapped_bytes: u64,
     /// Bytes its segment files take on disk.
     pub(crate) segment_bytes: u64,
+    /// How many snapshots it has.
+    pub(crate) snapshots: usize,
+    /// Bytes only its snapshots hold (blocks the volume overwrote or trimmed
+    /// since they were taken).
+    pub(crate) snapshot_bytes: u64,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotView {
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) name: String,
+    pub(crate) created: String,
+    /// The volume's size when the snapshot was taken.
+    pub(crate) size: u64,
+    /// Bytes only snapshots hold for this one (the volume overwrote or
+    /// trimmed them since); older snapshots may see them too.
+    pub(crate) held_bytes: u64,
+    /// Random and never reused: names the snapshot in backups (32 hex digits).
+    pub(crate) uid: String,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RollbackView {
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    pub(crate) connections_closed: usize,
 }
 
 /// The store as the API shows it.
@@ -896,6 +1106,9 @@ pub(crate) enum Reply {
     AuditVerified(AuditVerifyView),
     DataKeys(DataKeyView),
     AllDataKeys(Vec<DataKeyView>),
+    Snapshots(Vec<SnapshotView>),
+    Snapshot(SnapshotView),
+    RolledBack(RollbackView),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -914,6 +1127,12 @@ struct VolumeList {
 #[serde(deny_unknown_fields)]
 struct DataKeyList {
     volumes: Vec<DataKeyView>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotList {
+    snapshots: Vec<SnapshotView>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -938,6 +1157,11 @@ impl Reply {
             Reply::AuditVerified(v) => serde_json::to_vec_pretty(v),
             Reply::DataKeys(v) => serde_json::to_vec_pretty(v),
             Reply::AllDataKeys(v) => serde_json::to_vec_pretty(&DataKeyList { volumes: v.clone() }),
+            Reply::Snapshots(v) => serde_json::to_vec_pretty(&SnapshotList {
+                snapshots: v.clone(),
+            }),
+            Reply::Snapshot(v) => serde_json::to_vec_pretty(v),
+            Reply::RolledBack(v) => serde_json::to_vec_pretty(v),
         };
         value.expect("replies always serialize")
     }
@@ -950,7 +1174,7 @@ impl Reply {
             Op::ShowTenant { .. } | Op::CreateTenant { .. } | Op::RotateTenantKey { .. } => {
                 Reply::Tenant(serde_json::from_slice(body)?)
             }
-            Op::DeleteTenant { .. } | Op::DeleteVolume { .. } => {
+            Op::DeleteTenant { .. } | Op::DeleteVolume { .. } | Op::DeleteSnapshot { .. } => {
                 Reply::Deleted(serde_json::from_slice(body)?)
             }
             Op::ShredTenant { .. } => Reply::Shredded(serde_json::from_slice(body)?),
@@ -969,13 +1193,22 @@ impl Reply {
             Op::DataKeyStatusAll => {
                 Reply::AllDataKeys(serde_json::from_slice::<DataKeyList>(body)?.volumes)
             }
+            Op::ListSnapshots { .. } => {
+                Reply::Snapshots(serde_json::from_slice::<SnapshotList>(body)?.snapshots)
+            }
+            Op::CreateSnapshot { .. } | Op::ShowSnapshot { .. } => {
+                Reply::Snapshot(serde_json::from_slice(body)?)
+            }
+            Op::RollbackSnapshot { .. } => Reply::RolledBack(serde_json::from_slice(body)?),
         })
     }
 
     /// The HTTP status of a successful reply to `op`.
     pub(crate) fn status(op: &Op) -> StatusCode {
         match op {
-            Op::CreateTenant { .. } | Op::CreateVolume { .. } => StatusCode::CREATED,
+            Op::CreateTenant { .. } | Op::CreateVolume { .. } | Op::CreateSnapshot { .. } => {
+                StatusCode::CREATED
+            }
             _ => StatusCode::OK,
         }
     }
@@ -988,6 +1221,7 @@ mod tests {
     fn every_op() -> Vec<Op> {
         let t = || "acme".to_owned();
         let v = || "voicemail".to_owned();
+        let s = || "before-upgrade.1".to_owned();
         vec![
             Op::Status,
             Op::ListTenants,
@@ -1055,6 +1289,44 @@ mod tests {
             Op::Reencrypt {
                 tenant: t(),
                 volume: v(),
+            },
+            Op::ListSnapshots {
+                tenant: t(),
+                volume: v(),
+            },
+            Op::CreateSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+            },
+            Op::ShowSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+            },
+            Op::DeleteSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                force: false,
+            },
+            Op::DeleteSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                force: true,
+            },
+            Op::RollbackSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                force: false,
+            },
+            Op::RollbackSnapshot {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                force: true,
             },
         ]
     }
@@ -1159,6 +1431,41 @@ mod tests {
             "{\"version\": 9}",
         );
         assert_eq!(e.code, "invalid_field");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/volumes/disk/snapshots",
+            None,
+            "{\"name\": \"s\", \"epoch\": 3}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/volumes/disk/snapshots/s/rollback",
+            Some("force=1"),
+            "",
+        );
+        assert_eq!(e.code, "invalid_query");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/volumes/disk/snapshots/s/rollback",
+            None,
+            "{\"to\": \"s\"}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(
+            Method::PATCH,
+            "/v1/tenants/acme/volumes/disk/snapshots/s",
+            None,
+            "",
+        );
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = error(
+            Method::GET,
+            "/v1/tenants/acme/volumes/disk/snapshots/s/files",
+            None,
+            "",
+        );
+        assert_eq!(e.code, "no_such_path");
     }
 
     #[test]
@@ -1181,5 +1488,28 @@ mod tests {
         };
         assert_eq!(Reply::decode(&op, &reply.to_json()).unwrap(), reply);
         assert!(Reply::decode(&Op::ListTenants, b"{\"tenants\": [], \"x\": 1}").is_err());
+
+        let snapshot = SnapshotView {
+            tenant: "acme".into(),
+            volume: "disk".into(),
+            name: "nightly".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            size: 1 << 20,
+            held_bytes: 4096,
+            uid: "00112233445566778899aabbccddeeff".into(),
+        };
+        let op = Op::ListSnapshots {
+            tenant: "acme".into(),
+            volume: "disk".into(),
+        };
+        let reply = Reply::Snapshots(vec![snapshot.clone()]);
+        assert_eq!(Reply::decode(&op, &reply.to_json()).unwrap(), reply);
+        let op = Op::ShowSnapshot {
+            tenant: "acme".into(),
+            volume: "disk".into(),
+            snapshot: "nightly".into(),
+        };
+        let reply = Reply::Snapshot(snapshot);
+        assert_eq!(Reply::decode(&op, &reply.to_json()).unwrap(), reply);
     }
 }

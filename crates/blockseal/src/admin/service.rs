@@ -12,21 +12,23 @@ use std::time::{Duration, Instant};
 
 use blockseal_keys::{KeyVersion, TenantId, VolumeId, load_key_file};
 use blockseal_volume::{
-    AdminError, AdminErrorKind, AuditEntry, BlockSize, CreateError, QueryError, RotateError, Store,
-    TenantInfo, TenantState, VolumeError, VolumeInfo, VolumeOptions,
+    AdminError, AdminErrorKind, AuditEntry, BlockSize, CreateError, QueryError, RotateError,
+    SnapshotInfo, Store, TenantInfo, TenantState, VolumeError, VolumeInfo, VolumeOptions,
+    check_snapshot_name,
 };
 use hyper::StatusCode;
 
 use super::api::{
     AUDIT_PAGE, AUDIT_PAGE_MAX, ApiError, AuditVerifyView, AuditView, DataKeyVersionView,
-    DataKeyView, DeletedView, MasterRotationView, Op, ReencryptionView, Reply, ShredView,
-    StatusView, TenantView, VolumeView,
+    DataKeyView, DeletedView, MasterRotationView, Op, ReencryptionView, Reply, RollbackView,
+    ShredView, SnapshotView, StatusView, TenantView, VolumeView,
 };
-use crate::exports::{RetireError, StoreCatalog};
+use crate::exports::{Reach, RetireError, StoreCatalog};
 use crate::time::rfc3339_utc;
 
-/// How long deleting a volume or shredding a tenant waits for its connections
-/// to finish what they run and close.
+/// How long deleting a volume or a snapshot, rolling a volume back or
+/// shredding a tenant waits for its connections to finish what they run and
+/// close.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Who asks: `uid:N` for a Unix socket peer, `local:uid:N` for the CLI on the
@@ -285,7 +287,9 @@ impl Service {
                 self.volume_info(&tenant, &volume)?;
                 let name = format!("{tenant}/{volume}");
                 let until = Instant::now() + CLOSE_DEADLINE;
-                let retired = self.retire(vec![name.clone()], *force, until)?;
+                // Its snapshots' exports read through its instance: they go too.
+                let retired =
+                    self.retire(vec![name.clone()], Reach::WithSnapshots, *force, until)?;
                 self.until_closed(until, || self.store.delete_volume(&tenant, &volume))?;
                 Ok(Reply::Deleted(DeletedView {
                     deleted: name,
@@ -395,7 +399,144 @@ impl Service {
                     problem: v.problem,
                 }))
             }
+            Op::ListSnapshots { tenant, volume } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                let snapshots = self
+                    .store
+                    .snapshots(&tenant, &volume)
+                    .map_err(admin_error)?;
+                Ok(Reply::Snapshots(
+                    snapshots
+                        .iter()
+                        .map(|s| snapshot_view(&tenant, &volume, s))
+                        .collect(),
+                ))
+            }
+            Op::CreateSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                // The store flushes the volume first, open or not.
+                let info = self
+                    .store
+                    .create_snapshot(&tenant, &volume, snapshot)
+                    .map_err(admin_error)?;
+                Ok(Reply::Snapshot(snapshot_view(&tenant, &volume, &info)))
+            }
+            Op::ShowSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                check_snapshot_name(snapshot).map_err(admin_error)?;
+                let info = self
+                    .store
+                    .snapshot(&tenant, &volume, snapshot)
+                    .map_err(admin_error)?;
+                Ok(Reply::Snapshot(snapshot_view(&tenant, &volume, &info)))
+            }
+            Op::DeleteSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                force,
+            } => {
+                let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+                check_snapshot_name(snapshot).map_err(admin_error)?;
+                // Refused early for a snapshot that does not exist, before any
+                // connection is touched.
+                self.store
+                    .snapshot(&tenant, &volume, snapshot)
+                    .map_err(admin_error)?;
+                // Its export's clients are refused, or closed with `force`,
+                // as a volume's are when it is deleted.
+                let name = format!("{tenant}/{volume}@{snapshot}");
+                let until = Instant::now() + CLOSE_DEADLINE;
+                let retired = self.retire(vec![name.clone()], Reach::Export, *force, until)?;
+                self.store
+                    .delete_snapshot(&tenant, &volume, snapshot)
+                    .map_err(admin_error)?;
+                Ok(Reply::Deleted(DeletedView {
+                    deleted: name,
+                    connections_closed: retired.map_or(0, |r| r.connections_closed),
+                }))
+            }
+            Op::RollbackSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                force,
+            } => self.rollback(tenant, volume, snapshot, *force),
         }
+    }
+
+    /// Rolls a volume back to its newest snapshot. Its clients would keep
+    /// caches that no longer match it: refused while any are connected, or
+    /// (with `force`) they are closed first, as for a deletion. Clients of
+    /// its snapshots' exports stay: what they read does not change.
+    fn rollback(
+        &self,
+        tenant: &str,
+        volume: &str,
+        snapshot: &str,
+        force: bool,
+    ) -> Result<Reply, ApiError> {
+        let (tenant, volume) = (tenant_id(tenant)?, volume_id(volume)?);
+        check_snapshot_name(snapshot).map_err(admin_error)?;
+        // What the store would refuse is refused before any connection is
+        // touched (a refused request changes nothing): no such snapshot,
+        // newer ones, another size.
+        let current = self.volume_info(&tenant, &volume)?;
+        let snapshots = self
+            .store
+            .snapshots(&tenant, &volume)
+            .map_err(admin_error)?;
+        let Some(target) = snapshots.iter().find(|s| s.name == snapshot) else {
+            return Err(admin_error(AdminError::NoSuchSnapshot {
+                tenant,
+                volume,
+                snapshot: snapshot.to_owned(),
+            }));
+        };
+        let newer: Vec<String> = snapshots
+            .iter()
+            .filter(|s| s.epoch > target.epoch)
+            .map(|s| s.name.clone())
+            .collect();
+        if !newer.is_empty() {
+            return Err(admin_error(AdminError::NewerSnapshots {
+                tenant,
+                volume,
+                snapshot: snapshot.to_owned(),
+                newer,
+            }));
+        }
+        if target.size != current.size {
+            return Err(admin_error(AdminError::SnapshotSizeDiffers {
+                tenant,
+                volume,
+                snapshot: snapshot.to_owned(),
+                snapshot_size: target.size,
+                volume_size: current.size,
+            }));
+        }
+        let name = format!("{tenant}/{volume}");
+        let until = Instant::now() + CLOSE_DEADLINE;
+        let retired = self.retire(vec![name], Reach::Export, force, until)?;
+        // The store checks again, under its admin lock.
+        let info = self
+            .store
+            .rollback_snapshot(&tenant, &volume, snapshot)
+            .map_err(admin_error)?;
+        Ok(Reply::RolledBack(RollbackView {
+            tenant: tenant.to_string(),
+            volume: volume.to_string(),
+            snapshot: info.name,
+            connections_closed: retired.map_or(0, |r| r.connections_closed),
+        }))
     }
 
     fn status(&self) -> Result<Reply, ApiError> {
@@ -432,7 +573,7 @@ impl Service {
             .collect();
         // Shredding always closes the tenant's connections: that is its point.
         let until = Instant::now() + CLOSE_DEADLINE;
-        let retired = self.retire(names, true, until)?;
+        let retired = self.retire(names, Reach::WithSnapshots, true, until)?;
         let report = self.until_closed(until, || self.store.shred_tenant(&tenant))?;
         Ok(Reply::Shredded(ShredView {
             tenant: tenant.to_string(),
@@ -447,6 +588,7 @@ impl Service {
     fn retire(
         &self,
         names: Vec<String>,
+        reach: Reach,
         force: bool,
         until: Instant,
     ) -> Result<Option<crate::exports::Retired<'_>>, ApiError> {
@@ -456,6 +598,7 @@ impl Service {
         catalog
             .retire(
                 names,
+                reach,
                 force,
                 until.saturating_duration_since(Instant::now()),
             )
@@ -475,7 +618,7 @@ impl Service {
                 RetireError::Busy { export } => ApiError::new(
                     StatusCode::CONFLICT,
                     "busy",
-                    format!("another admin operation is deleting {export}"),
+                    format!("another admin operation is deleting or rolling back {export}"),
                 ),
                 RetireError::Stuck {
                     export,
@@ -485,7 +628,7 @@ impl Service {
                     "connections_stuck",
                     format!(
                         "{connections} connection(s) to {export} did not close within {}s; \
-                         nothing was deleted, try again",
+                         nothing was deleted or rolled back, try again",
                         CLOSE_DEADLINE.as_secs()
                     ),
                 ),
@@ -575,6 +718,10 @@ impl Service {
             .store
             .volume_usage(&info.tenant, &info.id)
             .map_err(admin_error)?;
+        let snapshots = self
+            .store
+            .snapshots(&info.tenant, &info.id)
+            .map_err(admin_error)?;
         Ok(VolumeView {
             tenant: info.tenant.to_string(),
             name: info.id.to_string(),
@@ -586,7 +733,21 @@ impl Service {
             updated: rfc3339_utc(info.updated),
             mapped_bytes: usage.mapped_blocks * u64::from(info.block_size.get()),
             segment_bytes: usage.segment_bytes,
+            snapshots: snapshots.len(),
+            snapshot_bytes: snapshots.iter().map(|s| s.held_bytes).sum(),
         })
+    }
+}
+
+fn snapshot_view(tenant: &TenantId, volume: &VolumeId, info: &SnapshotInfo) -> SnapshotView {
+    SnapshotView {
+        tenant: tenant.to_string(),
+        volume: volume.to_string(),
+        name: info.name.clone(),
+        created: rfc3339_utc(info.created),
+        size: info.size,
+        held_bytes: info.held_bytes,
+        uid: info.uid.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }
 
@@ -672,6 +833,11 @@ fn admin_error(e: AdminError) -> ApiError {
         AdminError::TooLarge { .. } => "too_large",
         AdminError::SameMasterKey { .. } => "same_master_key",
         AdminError::AuditEntryTooLarge { .. } => "audit_entry_too_large",
+        AdminError::InvalidName { .. } => "invalid_name",
+        AdminError::NoSuchSnapshot { .. } => "no_such_snapshot",
+        AdminError::SnapshotExists { .. } => "snapshot_exists",
+        AdminError::NewerSnapshots { .. } => "newer_snapshots",
+        AdminError::SnapshotSizeDiffers { .. } => "snapshot_size_differs",
         _ if status == StatusCode::INTERNAL_SERVER_ERROR => {
             return ApiError::internal(crate::exports::error_chain(&e));
         }

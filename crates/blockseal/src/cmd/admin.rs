@@ -1,4 +1,4 @@
-//! `blockseal status|tenant|volume|audit` and `blockseal key rotate-*`: admin
+//! `blockseal status|tenant|volume|snapshot|audit` and `blockseal key rotate-*`: admin
 //! operations through the running server's admin socket, or on the store opened
 //! directly when no server runs (`admin::execute`), printed as tables or, with
 //! `--json`, as the API's JSON reply.
@@ -9,13 +9,13 @@ use anyhow::{Context, bail};
 use zeroize::Zeroizing;
 
 use crate::admin::api::{
-    AUDIT_PAGE, ApiError, AuditVerifyView, AuditView, DataKeyView, Op, Reply, TenantView,
-    VolumeView,
+    AUDIT_PAGE, ApiError, AuditVerifyView, AuditView, DataKeyView, Op, Reply, SnapshotView,
+    TenantView, VolumeView,
 };
 use crate::admin::{self, Mode};
 use crate::cli::{
-    AuditArgs, AuditCommand, OutputArgs, StatusArgs, StoreArgs, StoreCommand, TenantCommand,
-    VolumeCommand,
+    AuditArgs, AuditCommand, OutputArgs, SnapshotCommand, StatusArgs, StoreArgs, StoreCommand,
+    TenantCommand, VolumeCommand,
 };
 use crate::config::parse_export_name;
 use crate::open::{IfMissing, StoreLocation};
@@ -153,6 +153,86 @@ pub(crate) fn volume(command: VolumeCommand) -> anyhow::Result<()> {
             let op = Op::DeleteVolume {
                 tenant,
                 volume,
+                force,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+    }
+}
+
+/// Runs a `blockseal snapshot` subcommand.
+pub(crate) fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::Create {
+            name,
+            store,
+            output,
+        } => {
+            let (tenant, volume, snapshot) = split_snapshot(&name)?;
+            let op = Op::CreateSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+        SnapshotCommand::List {
+            name,
+            store,
+            output,
+        } => {
+            if name.contains('@') {
+                return Err(usage(format!(
+                    "{name:?} names a snapshot; `snapshot list` takes TENANT/VOLUME"
+                )));
+            }
+            let (tenant, volume) = split(&name)?;
+            run(
+                &store,
+                Op::ListSnapshots { tenant, volume },
+                IfMissing::Fail,
+                &output,
+            )
+        }
+        SnapshotCommand::Show {
+            name,
+            store,
+            output,
+        } => {
+            let (tenant, volume, snapshot) = split_snapshot(&name)?;
+            let op = Op::ShowSnapshot {
+                tenant,
+                volume,
+                snapshot,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+        SnapshotCommand::Delete {
+            name,
+            force,
+            store,
+            output,
+        } => {
+            let (tenant, volume, snapshot) = split_snapshot(&name)?;
+            let op = Op::DeleteSnapshot {
+                tenant,
+                volume,
+                snapshot,
+                force,
+            };
+            run(&store, op, IfMissing::Fail, &output)
+        }
+        SnapshotCommand::Rollback {
+            name,
+            force,
+            store,
+            output,
+        } => {
+            let (tenant, volume, snapshot) = split_snapshot(&name)?;
+            let op = Op::RollbackSnapshot {
+                tenant,
+                volume,
+                snapshot,
                 force,
             };
             run(&store, op, IfMissing::Fail, &output)
@@ -439,14 +519,30 @@ fn tenant_name(name: &str) -> anyhow::Result<String> {
 
 /// `TENANT/VOLUME`; a malformed name is a usage error (exit code 2).
 fn split(name: &str) -> anyhow::Result<(String, String)> {
-    let (tenant, volume) = parse_export_name(name).map_err(|e| {
-        ApiError::new(
-            hyper::StatusCode::BAD_REQUEST,
-            "invalid_name",
-            format!("{e:#}"),
-        )
-    })?;
+    let (tenant, volume) = parse_export_name(name).map_err(|e| usage(format!("{e:#}")))?;
     Ok((tenant.to_string(), volume.to_string()))
+}
+
+/// `TENANT/VOLUME@NAME`; a malformed one is a usage error (exit code 2).
+fn split_snapshot(name: &str) -> anyhow::Result<(String, String, String)> {
+    let Some((volume_name, snapshot)) = name.split_once('@') else {
+        return Err(usage(format!(
+            "{name:?} names no snapshot: a snapshot is TENANT/VOLUME@NAME"
+        )));
+    };
+    if !volume_name.contains('/') {
+        return Err(usage(format!(
+            "{name:?} names no volume: a snapshot is TENANT/VOLUME@NAME"
+        )));
+    }
+    let (tenant, volume) = split(volume_name)?;
+    blockseal_volume::check_snapshot_name(snapshot).map_err(|e| usage(e.to_string()))?;
+    Ok((tenant, volume, snapshot.to_owned()))
+}
+
+/// A usage error (exit code 2), as the API's `400 invalid_name` would be.
+fn usage(message: String) -> anyhow::Error {
+    ApiError::new(hyper::StatusCode::BAD_REQUEST, "invalid_name", message).into()
 }
 
 /// `--since`: Unix seconds, or a duration back from now (`30m`, `12h`, `7d`).
@@ -621,6 +717,30 @@ pub(crate) fn render(
         Reply::AllDataKeys(all) => out += &data_key_table(all, style),
         Reply::Audit(entries) => out += &audit_table(entries, style),
         Reply::AuditVerified(v) => out += &audit_verdict(v, style),
+        Reply::Snapshots(snapshots) => out += &snapshot_table(snapshots, style),
+        Reply::Snapshot(s) => match op {
+            Op::CreateSnapshot { .. } => {
+                out += &format!(
+                    "created snapshot {}/{}@{} of {} ({} bytes)\n",
+                    s.tenant,
+                    s.volume,
+                    s.name,
+                    Size(s.size),
+                    s.size
+                );
+            }
+            _ => out += &snapshot_details(s, style),
+        },
+        Reply::RolledBack(r) => {
+            out += &format!(
+                "rolled {}/{} back to snapshot {}",
+                r.tenant, r.volume, r.snapshot
+            );
+            if r.connections_closed > 0 {
+                out += &format!(" (closed {} connection(s))", r.connections_closed);
+            }
+            out += "\n";
+        }
     }
     out
 }
@@ -676,12 +796,56 @@ fn volume_details(v: &VolumeView, style: Style) -> String {
         v.segment_bytes
     );
     out += &format!(
+        "snapshots     {}, holding {} ({} bytes)\n",
+        v.snapshots,
+        Size(v.snapshot_bytes),
+        v.snapshot_bytes
+    );
+    out += &format!(
         "data key      version {} (held: {})\n",
         v.active_dek,
         versions.join(", ")
     );
     out += &format!("created       {}\n", v.created);
     out += &format!("updated       {}\n", v.updated);
+    out
+}
+
+fn snapshot_table(snapshots: &[SnapshotView], style: Style) -> String {
+    let mut out = style.bold(&format!(
+        "{:<48} {:>8} {:>14} {:>9}  CREATED",
+        "SNAPSHOT", "SIZE", "BYTES", "HELD"
+    ));
+    out.push('\n');
+    for s in snapshots {
+        out += &format!(
+            "{:<48} {:>8} {:>14} {:>9}  {}\n",
+            format!("{}/{}@{}", s.tenant, s.volume, s.name),
+            Size(s.size).to_string(),
+            s.size,
+            Size(s.held_bytes).to_string(),
+            s.created
+        );
+    }
+    out
+}
+
+fn snapshot_details(s: &SnapshotView, style: Style) -> String {
+    let mut out = format!(
+        "{} {}/{}@{}\n",
+        style.bold("snapshot"),
+        s.tenant,
+        s.volume,
+        s.name
+    );
+    out += &format!("size          {} ({} bytes)\n", Size(s.size), s.size);
+    out += &format!(
+        "held          {} ({} bytes)\n",
+        Size(s.held_bytes),
+        s.held_bytes
+    );
+    out += &format!("created       {}\n", s.created);
+    out += &format!("uid           {}\n", s.uid);
     out
 }
 

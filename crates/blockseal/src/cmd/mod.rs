@@ -16,6 +16,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => admin::status(args),
         Command::Tenant(command) => admin::tenant(command),
         Command::Volume(command) => admin::volume(command),
+        Command::Snapshot(command) => admin::snapshot(command),
         Command::Key(command) => key::run(command),
         Command::Audit(args) => admin::audit(args),
         Command::Store(command) => admin::store(command),
