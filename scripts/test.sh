@@ -33,6 +33,6 @@ step "cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
 
 step "fuzz smoke"
-scripts/fuzz-smoke.sh "${FUZZ_SECONDS:-240}"   # total, shared by every target (~30 s each)
+scripts/fuzz-smoke.sh "${FUZZ_SECONDS:-240}"   # total, shared by every target (24 s each)
 
 step "all checks passed"

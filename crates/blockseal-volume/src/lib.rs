@@ -68,6 +68,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod backup_format;
 pub mod block;
 mod compactor;
 mod error;
