@@ -506,6 +506,26 @@ pub(crate) fn epoch_key(volume: u32) -> [u8; 5] {
     key
 }
 
+/// Key of an epoch's start: `e`, internal volume id, epoch (u32). The value
+/// (a u64) is when the epoch began, in seconds since the Unix epoch; epoch 0
+/// began when the volume was created and has no record. Data retention reads
+/// them to tell how old a block's data is.
+pub(crate) fn epoch_start_key(volume: u32, epoch: u32) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'e';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..9].copy_from_slice(&epoch.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's epoch starts.
+pub(crate) fn epoch_start_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'e';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
 /// Key of a snapshot record: `S`, internal volume id, the snapshot's epoch
 /// (which identifies it within the volume and orders snapshots by age).
 pub(crate) fn snapshot_key(volume: u32, epoch: u32) -> [u8; 9] {
@@ -632,6 +652,89 @@ pub(crate) fn decode_u32(bytes: &[u8], what: &str) -> Result<u32, Corrupt> {
         .map(u32::from_be_bytes)
         .map_err(|_| Corrupt(format!("{what}: expected 4 bytes, found {}", bytes.len())))
 }
+
+/// Prefix of a tenant's backup key records: `b`, tenant name, `0x00`.
+pub(crate) fn backup_key_prefix(tenant: &TenantId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + tenant.as_str().len());
+    key.push(b'b');
+    key.extend_from_slice(tenant.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+/// Key of a backup key record: [`backup_key_prefix`] then the backup id.
+pub(crate) fn backup_key_key(tenant: &TenantId, backup: &[u8; 16]) -> Vec<u8> {
+    let mut key = backup_key_prefix(tenant);
+    key.extend_from_slice(backup);
+    key
+}
+
+/// A backup's key, wrapped under its tenant's KEK: without it the backup
+/// file cannot be read. Destroyed when the backup expires or the tenant is
+/// shredded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BackupKeyRecord {
+    pub(crate) created: u64,
+    /// When the key is destroyed, seconds since the Unix epoch (0: never).
+    pub(crate) expires: u64,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    pub(crate) wrapped: Vec<u8>,
+}
+
+impl BackupKeyRecord {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + self.volume.len() + self.snapshot.len());
+        out.push(RECORD_V1);
+        out.extend_from_slice(&self.created.to_be_bytes());
+        out.extend_from_slice(&self.expires.to_be_bytes());
+        // Names are at most 64 bytes, the wrapped key 65.
+        for field in [
+            self.volume.as_bytes(),
+            self.snapshot.as_bytes(),
+            &self.wrapped,
+        ] {
+            out.push(field.len() as u8);
+            out.extend_from_slice(field);
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<BackupKeyRecord, Corrupt> {
+        let mut r = Reader::new(bytes, "backup key")?;
+        let created = r.u64()?;
+        let expires = r.u64()?;
+        let text = |r: &mut Reader<'_>| -> Result<String, Corrupt> {
+            let len = r.u8()?;
+            String::from_utf8(r.bytes(usize::from(len))?.to_vec())
+                .map_err(|_| Corrupt("backup key record: a name is not UTF-8".into()))
+        };
+        let volume = text(&mut r)?;
+        let snapshot = text(&mut r)?;
+        let len = r.u8()?;
+        let wrapped = r.bytes(usize::from(len))?.to_vec();
+        r.finish()?;
+        Ok(BackupKeyRecord {
+            created,
+            expires,
+            volume,
+            snapshot,
+            wrapped,
+        })
+    }
+}
+
+/// Key of a restore marker: `R`, tenant name, `0x00`, volume name. Put with
+/// the volume a restore creates, removed once the restore is complete; a store
+/// that opens with one deletes the half-restored volume.
+pub(crate) fn restore_marker_key(tenant: &TenantId, volume: &VolumeId) -> Vec<u8> {
+    let mut key = volume_key(tenant, volume);
+    key[0] = b'R';
+    key
+}
+
+/// Prefix of every restore marker.
+pub(crate) const RESTORE_MARKER_PREFIX: &[u8] = b"R";
 
 /// Prefix of tombstones: a deleted volume whose segments and mapping records
 /// are still being removed.

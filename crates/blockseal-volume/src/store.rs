@@ -48,12 +48,14 @@ use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
 pub use crate::record::TenantState;
 pub use admin::{MasterRotation, ShredReport, VolumeUsage};
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
+pub use backup::{BackupCheck, BackupError, BackupKeyInfo, BackupKeys, BackupReport};
 pub use rotation::{DataKeyRotation, RotateError};
 pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
 pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};
 
 mod admin;
 mod audit;
+mod backup;
 mod rotation;
 mod snapshot;
 
@@ -560,6 +562,7 @@ impl Store {
         let segments = open_segments(&dir, &options)?;
         // Volumes deleted before a crash or a failure: their records are gone,
         // what they owned goes now, before anything is served.
+        admin::abandon_restores(meta.as_ref())?;
         admin::finish_tombstones(meta.as_ref(), segments.as_ref())?;
         let open: OpenVolumes = Arc::new(Mutex::new(HashMap::new()));
         let index_budget = Arc::new(IndexBudget::new(options.index_memory));
@@ -686,6 +689,19 @@ impl Store {
         size: u64,
         options: VolumeOptions,
     ) -> Result<VolumeInfo, CreateError> {
+        self.create_volume_marked(tenant, volume, size, options, None)
+    }
+
+    /// [`create_volume`](Self::create_volume), with `marker` (a restore
+    /// marker) put in the same commit.
+    fn create_volume_marked(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        size: u64,
+        options: VolumeOptions,
+        marker: Option<Vec<u8>>,
+    ) -> Result<VolumeInfo, CreateError> {
         let block_size = options.block_size;
         if size > MAX_VOLUME_BYTES {
             return Err(CreateError::TooLarge {
@@ -739,6 +755,9 @@ impl Store {
             record::encode_u64(next_id).to_vec(),
         );
         batch.put(key, record.encode());
+        if let Some(marker) = marker {
+            batch.put(marker, record::encode_u64(now()).to_vec());
+        }
         self.meta.commit(&batch)?;
         tracing::info!(tenant = %tenant, volume = %volume, size, "volume created");
         volume_info(tenant.clone(), volume.clone(), &record)

@@ -55,6 +55,7 @@ pub(crate) use index::IndexBudget;
 pub use reencrypt::{DataKeyStatus, DataKeyUsage, ReencryptionProgress, ReencryptionReport};
 pub(crate) use reencrypt::{RekeyParts, STEP_BYTES, dek_blocks_in_store, status_of};
 pub use snapshot::SnapshotInfo;
+pub(crate) use snapshot::{load_epoch, snapshot_infos};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;

@@ -315,3 +315,59 @@ fn a_snapshot_survives_a_resize_and_rollback_asks_for_the_old_size() {
     volume.read_at(0, &mut buf).unwrap();
     assert!(buf == block(0, 1));
 }
+
+#[test]
+fn data_retention_discards_what_is_older_than_the_cutoff_and_snapshots_keep_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let (store, volume) = fresh(&dir);
+    let (t, v) = (tenant("acme"), volume_id("disk"));
+    let day = 86_400u64;
+    // Age marks in the past, then a snapshot (which begins an epoch at the
+    // real time), then a mark after it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t0 = now - 3 * day;
+    // Day 0: blocks 0..4. Day 1: blocks 4..8, and block 1 rewritten.
+    for lba in 0..4 {
+        volume.write_at(lba * BS, &block(lba, 1)).unwrap();
+    }
+    store.mark_age(&t, &v, t0 + day).unwrap();
+    assert_eq!(store.epoch_started(&t, &v).unwrap(), t0 + day);
+    for lba in 4..8 {
+        volume.write_at(lba * BS, &block(lba, 2)).unwrap();
+    }
+    volume.write_at(BS, &block(1, 2)).unwrap();
+    store.create_snapshot(&t, &v, "kept").unwrap();
+    store.mark_age(&t, &v, now + 10).unwrap();
+    // Nothing ended before day 1 began: nothing to discard.
+    assert_eq!(store.discard_older_than(&t, &v, t0 + day - 1).unwrap(), 0);
+    // Day 0's epoch ended at day 1: its blocks go, but block 1 was rewritten
+    // on day 1 and stays.
+    assert_eq!(store.discard_older_than(&t, &v, t0 + day + 10).unwrap(), 3);
+    let mut buf = vec![0u8; BS as usize];
+    for lba in 0..8 {
+        volume.read_at(lba * BS, &mut buf).unwrap();
+        let want = match lba {
+            1 => block(1, 2),
+            0 | 2 | 3 => vec![0; BS as usize],
+            _ => block(lba, 2),
+        };
+        assert!(buf == want, "block {lba}");
+    }
+    // The snapshot still sees day 0's data until it is deleted.
+    let reader = store.open_snapshot(&t, &v, "kept").unwrap();
+    reader.read_at(0, &mut buf).unwrap();
+    assert!(buf == block(0, 1));
+    drop(reader);
+    store.delete_snapshot(&t, &v, "kept").unwrap();
+    drop(volume);
+    drop(store);
+    let (store, volume) = reopen(&dir, options(BackendKind::Redb));
+    volume.read_at(0, &mut buf).unwrap();
+    assert!(buf == vec![0; BS as usize]);
+    let usage = store.volume_usage(&t, &v).unwrap();
+    assert_eq!(usage.mapped_blocks, 5, "the discarded blocks are let go of");
+}

@@ -284,6 +284,12 @@ impl Store {
         }
         let mut batch = Batch::new();
         batch.delete(record::tenant_key(tenant));
+        // The tenant's backup keys go with its seed: every backup file of
+        // the tenant becomes unreadable, even with the master key.
+        let backups = self.backup_keys(Some(tenant))?;
+        for b in &backups {
+            batch.delete(record::backup_key_key(tenant, b.id.as_bytes()));
+        }
         for (_, key, volume) in &volumes {
             batch.delete(key.clone());
             put_tombstone(&mut batch, volume.internal_id);
@@ -359,6 +365,8 @@ impl Store {
                 batch.put(key, volume.encode());
                 rotation.volumes += 1;
             }
+            rotation.wrapped_keys +=
+                self.rewrap_backup_keys(&tenant, &old_kek, &new_kek, &mut batch)?;
             rotation.tenants += 1;
         }
         if let Some(bytes) = self.meta.get(record::AUDIT_KEY_KEY)? {
@@ -420,6 +428,7 @@ impl Store {
             batch.put(key, volume.encode());
             volumes += 1;
         }
+        self.rewrap_backup_keys(tenant, &old_kek, &new_kek, &mut batch)?;
         batch.put(record::tenant_key(tenant), new.encode().to_vec());
         let committed = self.meta.commit(&batch);
         // The batch holds the new seed in the clear.
@@ -594,6 +603,35 @@ pub(super) fn finish_tombstones(
     Ok(())
 }
 
+/// Deletes every volume a restore marker names (a restore that did not
+/// finish), at open before the tombstones are finished: the volume record
+/// goes with a tombstone and the marker in one commit.
+pub(super) fn abandon_restores(meta: &dyn MetaStore) -> Result<(), OpenError> {
+    let mut markers = Vec::new();
+    meta.scan_prefix(record::RESTORE_MARKER_PREFIX, &mut |key, _| {
+        markers.push(key.to_vec());
+        true
+    })?;
+    for marker in markers {
+        let mut volume_key = marker.clone();
+        volume_key[0] = b'V';
+        let mut batch = Batch::new();
+        batch.delete(marker.clone());
+        if let Some(bytes) = meta.get(&volume_key)? {
+            let record =
+                VolumeRecord::decode(&bytes).map_err(|e| OpenError::Corrupt { what: e.0 })?;
+            batch.delete(volume_key);
+            put_tombstone(&mut batch, record.internal_id);
+            tracing::warn!(
+                volume = %String::from_utf8_lossy(&marker[1..]).replace('\0', "/"),
+                "deleting a volume whose restore did not finish"
+            );
+        }
+        meta.commit(&batch)?;
+    }
+    Ok(())
+}
+
 fn put_tombstone(batch: &mut Batch, volume: u32) {
     batch.put(
         record::tombstone_key(volume).to_vec(),
@@ -618,8 +656,9 @@ fn remove_volume_data(
     segments.delete_volume(volume).map_err(AdminError::Io)?;
     let id = volume.to_be_bytes();
     // Mappings, live counts, writers, nonce windows, the re-encryption job,
-    // the DEK usage counts, preserved extents, snapshots and the epoch.
-    for kind in [b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E'] {
+    // the DEK usage counts, preserved extents, snapshots, the epoch and the
+    // epochs' starts.
+    for kind in [b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E', b'e'] {
         let prefix = [kind, id[0], id[1], id[2], id[3]];
         loop {
             let mut batch = Batch::new();

@@ -177,14 +177,20 @@ impl Store {
         })
     }
 
-    /// A volume's snapshots, oldest first.
+    /// A volume's snapshots, oldest first. Reads the metadata only: the
+    /// volume is not opened.
     pub fn snapshots(
         &self,
         tenant: &TenantId,
         volume: &VolumeId,
     ) -> Result<Vec<SnapshotInfo>, AdminError> {
-        let handle = self.snapshot_volume(tenant, volume)?;
-        handle.inner().snapshots().map_err(AdminError::Volume)
+        let record = self.admin_volume_record(tenant, volume)?;
+        crate::volume::snapshot_infos(
+            self.meta.as_ref(),
+            record.internal_id,
+            u64::from(record.block_size),
+        )
+        .map_err(AdminError::Volume)
     }
 
     /// One snapshot by name.
@@ -267,6 +273,62 @@ impl Store {
         Ok(info)
     }
 
+    /// Ends the volume's current epoch without a snapshot, at `now` (seconds
+    /// since the Unix epoch): an *age mark*. Data retention
+    /// ([`discard_older_than`](Self::discard_older_than)) dates blocks by the
+    /// epoch they were written in, so the marks' spacing is its precision.
+    pub fn mark_age(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        now: u64,
+    ) -> Result<(), AdminError> {
+        let _admin = self.lock_admin();
+        let handle = self.snapshot_volume(tenant, volume)?;
+        handle.inner().mark_age(now).map_err(AdminError::Volume)?;
+        Ok(())
+    }
+
+    /// When the volume's current epoch began (its last age mark or snapshot;
+    /// the volume's creation before either).
+    pub fn epoch_started(&self, tenant: &TenantId, volume: &VolumeId) -> Result<u64, AdminError> {
+        let record = self.admin_volume_record(tenant, volume)?;
+        let epoch = crate::volume::load_epoch(self.meta.as_ref(), record.internal_id)
+            .map_err(AdminError::Volume)?;
+        if epoch == 0 {
+            return Ok(record.created);
+        }
+        let key = crate::record::epoch_start_key(record.internal_id, epoch);
+        match self.meta.get(&key)? {
+            Some(bytes) => crate::record::decode_u64(&bytes, "epoch start")
+                .map_err(|e| AdminError::Corrupt { what: e.0 }),
+            None => Ok(record.created),
+        }
+    }
+
+    /// Discards every block of the volume whose data was written before
+    /// `cutoff` as far as the age marks tell (blocks of an epoch that ended
+    /// at or before it), as a trim of those blocks would: they read as zeros
+    /// afterwards and their space is reclaimed once no snapshot holds them.
+    /// Returns the blocks discarded.
+    pub fn discard_older_than(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        cutoff: u64,
+    ) -> Result<u64, AdminError> {
+        let _admin = self.lock_admin();
+        let handle = self.snapshot_volume(tenant, volume)?;
+        let blocks = handle
+            .inner()
+            .discard_older_than(cutoff)
+            .map_err(AdminError::Volume)?;
+        if blocks > 0 {
+            tracing::info!(tenant = %tenant, volume = %volume, blocks, cutoff, "discarded data past its retention");
+        }
+        Ok(blocks)
+    }
+
     /// A read-only view of snapshot `name` (holds the volume open).
     pub fn open_snapshot(
         &self,
@@ -284,7 +346,11 @@ impl Store {
 
     /// The volume's instance (opened if need be), its absence as an admin
     /// error.
-    fn snapshot_volume(&self, tenant: &TenantId, volume: &VolumeId) -> Result<Volume, AdminError> {
+    pub(super) fn snapshot_volume(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+    ) -> Result<Volume, AdminError> {
         self.admin_volume_record(tenant, volume)?;
         self.open_volume(tenant, volume).map_err(|e| match e {
             VolumeError::NoSuchTenant { tenant } => AdminError::NoSuchTenant { tenant },

@@ -100,6 +100,47 @@ pub(crate) fn load_snapshots(
     }
 }
 
+/// A volume's snapshots, oldest first, with the bytes each holds, from the
+/// metadata alone (open or not: every change commits there).
+pub(crate) fn snapshot_infos(
+    meta: &dyn MetaStore,
+    volume: u32,
+    block_size: u64,
+) -> Result<Vec<SnapshotInfo>, VolumeError> {
+    let records = load_snapshots(meta, volume)?;
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut held: HashMap<u32, u64> = HashMap::new();
+    let mut bad = None;
+    meta.scan_prefix(&record::preserved_prefix(volume), &mut |key, value| {
+        match record::decode_preserved(key, value) {
+            Ok((epoch, extent)) => {
+                *held.entry(epoch).or_default() += extent.tags.len() as u64;
+                true
+            }
+            Err(e) => {
+                bad = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = bad {
+        return Err(corrupt(e));
+    }
+    Ok(records
+        .into_iter()
+        .map(|(epoch, r)| SnapshotInfo {
+            name: r.name,
+            epoch,
+            uid: r.uid,
+            created: r.created,
+            size: r.size,
+            held_bytes: held.get(&epoch).copied().unwrap_or(0) * block_size,
+        })
+        .collect())
+}
+
 /// The volume's current epoch (record `E`; absent: 0).
 pub(crate) fn load_epoch(meta: &dyn MetaStore, volume: u32) -> Result<u32, VolumeError> {
     match meta.get(&record::epoch_key(volume))? {
@@ -201,6 +242,20 @@ impl VolumeInner {
     /// next. Returns the snapshot's epoch. The caller (the store's admin lock)
     /// checked the name.
     pub(crate) fn take_snapshot(&self, snapshot: &SnapshotRecord) -> Result<u32, VolumeError> {
+        self.end_epoch(Some(snapshot), snapshot.created)
+    }
+
+    /// Ends the current epoch without a snapshot (an *age mark*: data
+    /// retention tells the age of blocks by the epoch they were born in).
+    /// Returns the epoch that ended.
+    pub(crate) fn mark_age(&self, now: u64) -> Result<u32, VolumeError> {
+        self.end_epoch(None, now)
+    }
+
+    /// With writes held at the install gate, flushes, then commits the next
+    /// epoch's start (and `snapshot` under the current epoch). Returns the
+    /// epoch that ended.
+    fn end_epoch(&self, snapshot: Option<&SnapshotRecord>, now: u64) -> Result<u32, VolumeError> {
         let _no_installs = self.installing.write().unwrap_or_else(|e| e.into_inner());
         self.flush()?;
         let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,44 +265,114 @@ impl VolumeInner {
             what: "the volume's snapshot epochs are spent".into(),
         })?;
         let mut batch = Batch::new();
-        batch.put(
-            record::snapshot_key(self.internal_id, epoch).to_vec(),
-            snapshot.encode(),
-        );
+        if let Some(snapshot) = snapshot {
+            batch.put(
+                record::snapshot_key(self.internal_id, epoch).to_vec(),
+                snapshot.encode(),
+            );
+        }
         batch.put(
             record::epoch_key(self.internal_id).to_vec(),
             next.to_be_bytes().to_vec(),
+        );
+        batch.put(
+            record::epoch_start_key(self.internal_id, next).to_vec(),
+            record::encode_u64(now).to_vec(),
         );
         if let Err(e) = self.meta.commit(&batch) {
             self.poison();
             return Err(e.into());
         }
-        state.snap.epochs = Epochs {
-            epoch: next,
-            newest: Some(epoch),
-        };
+        state.snap.epochs.epoch = next;
+        if snapshot.is_some() {
+            state.snap.epochs.newest = Some(epoch);
+        }
         Ok(epoch)
+    }
+
+    /// When each epoch after the first began (seconds since the Unix epoch).
+    pub(crate) fn epoch_starts(&self) -> Result<BTreeMap<u32, u64>, VolumeError> {
+        let mut out = BTreeMap::new();
+        let mut bad = None;
+        self.meta.scan_prefix(
+            &record::epoch_start_prefix(self.internal_id),
+            &mut |key, value| {
+                let epoch = key
+                    .get(5..9)
+                    .filter(|_| key.len() == 9)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                match (epoch, record::decode_u64(value, "epoch start")) {
+                    (Some(epoch), Ok(t)) => {
+                        out.insert(epoch, t);
+                        true
+                    }
+                    (_, Err(e)) => {
+                        bad = Some(e);
+                        false
+                    }
+                    (None, _) => {
+                        bad = Some(record::Corrupt("epoch start key".into()));
+                        false
+                    }
+                }
+            },
+        )?;
+        match bad {
+            Some(e) => Err(corrupt(e)),
+            None => Ok(out),
+        }
+    }
+
+    /// Discards (as a trim would) every block of the volume whose data was
+    /// written in an epoch that ended at or before `cutoff` (seconds since the
+    /// Unix epoch). Snapshots keep what they see. Returns the blocks
+    /// discarded.
+    pub(crate) fn discard_older_than(&self, cutoff: u64) -> Result<u64, VolumeError> {
+        let starts = self.epoch_starts()?;
+        // The newest epoch wholly before the cutoff: the one before the
+        // newest epoch that began at or before it.
+        let Some(last_old) = starts
+            .iter()
+            .filter(|&(_, &t)| t <= cutoff)
+            .map(|(&e, _)| e)
+            .max()
+            .and_then(|e| e.checked_sub(1))
+        else {
+            return Ok(0);
+        };
+        let _no_installs = self.installing.write().unwrap_or_else(|e| e.into_inner());
+        self.flush()?;
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
+        // With the gate held and the overlay flushed, the committed extents
+        // are the volume's whole mapping, and each lies within one epoch.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        self.visit_extents(0, u64::MAX, &mut |extent| {
+            if extent.birth <= last_old {
+                let (from, to) = (extent.lba, extent.last() + 1);
+                match runs.last_mut() {
+                    Some((_, end)) if *end == from => *end = to,
+                    _ => runs.push((from, to)),
+                }
+            }
+        })?;
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let blocks = runs.iter().map(|(a, b)| b - a).sum();
+        let mut commit = MappingCommit::default();
+        self.build_commit(&runs, &[], state.snap.epochs, &mut commit)?;
+        self.commit_mappings(&mut state, commit, CommitKind::Foreground)?;
+        Ok(blocks)
     }
 
     /// The volume's snapshots, oldest first, with the bytes each holds.
     pub(crate) fn snapshots(&self) -> Result<Vec<SnapshotInfo>, VolumeError> {
-        let records = load_snapshots(self.meta.as_ref(), self.internal_id)?;
-        let mut held: HashMap<u32, u64> = HashMap::new();
-        self.scan_preserved(None, 0, u64::MAX, &mut |epoch, extent| {
-            *held.entry(epoch).or_default() += extent.tags.len() as u64;
-        })?;
-        let bs = self.block_size.len() as u64;
-        Ok(records
-            .into_iter()
-            .map(|(epoch, r)| SnapshotInfo {
-                name: r.name,
-                epoch,
-                uid: r.uid,
-                created: r.created,
-                size: r.size,
-                held_bytes: held.get(&epoch).copied().unwrap_or(0) * bs,
-            })
-            .collect())
+        snapshot_infos(
+            self.meta.as_ref(),
+            self.internal_id,
+            self.block_size.len() as u64,
+        )
     }
 
     /// Deletes the snapshot of epoch `epoch`: its preserved extents go to the
@@ -465,5 +590,86 @@ impl VolumeInner {
         let len = buf.len();
         buf.copy_from_slice(&scratch[skip..skip + len]);
         Ok(())
+    }
+}
+
+/// What a backup reads of a volume while it holds the volume's step lock (no
+/// compaction or re-encryption step moves or deletes anything meanwhile).
+pub(crate) struct Frozen<'a> {
+    inner: &'a VolumeInner,
+    _steps: std::sync::MutexGuard<'a, ()>,
+}
+
+impl VolumeInner {
+    /// Holds the volume's step lock until the returned value drops.
+    pub(crate) fn freeze(&self) -> Frozen<'_> {
+        Frozen {
+            _steps: self.compaction.lock().unwrap_or_else(|e| e.into_inner()),
+            inner: self,
+        }
+    }
+}
+
+impl Frozen<'_> {
+    /// The extents snapshot `epoch` sees among blocks `from..to`.
+    pub(crate) fn extents(
+        &self,
+        epoch: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Extent>, VolumeError> {
+        self.inner.snapshot_extents(epoch, from, to)
+    }
+
+    /// Reads the ciphertext of `extent`'s blocks into `buf` (its length).
+    pub(crate) fn read_ciphertext(
+        &self,
+        extent: &Extent,
+        buf: &mut [u8],
+    ) -> Result<(), VolumeError> {
+        let _no_deletion = self
+            .inner
+            .segment_reads
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .segments
+            .read_at(
+                self.inner.segment_id(extent.segment),
+                u64::from(extent.offset) * self.inner.block_size.len() as u64,
+                buf,
+            )
+            .map_err(VolumeError::Io)
+    }
+
+    /// The DEK version new writes seal under.
+    pub(crate) fn active_dek(&self) -> u32 {
+        self.inner
+            .active_dek
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The record of writer `number`, if the volume knows it.
+    pub(crate) fn writer(&self, number: u32) -> Option<WriterRecord> {
+        self.inner
+            .writers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&number)
+            .map(|w| w.record.clone())
+    }
+
+    /// Runs `f` with DEK `version`, if the volume holds it.
+    pub(crate) fn with_dek<R>(
+        &self,
+        version: u32,
+        f: impl FnOnce(&blockseal_keys::DataKey) -> R,
+    ) -> Option<R> {
+        self.inner
+            .deks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&version)
+            .map(f)
     }
 }
