@@ -64,7 +64,7 @@ pub const DIGEST_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;
 /// Domain-separation label at the start of [`mac_input`]. Changing it is a
 /// format change.
-pub const MAC_LABEL: &[u8] = b"blockseal/v1/backup-mac";
+pub const MAC_LABEL: &[u8] = b"blockseal/v1/backup-trailer";
 /// Length of [`mac_input`]: the length-prefixed label, the digest and two
 /// counts.
 pub const MAC_INPUT_LEN: usize = 4 + MAC_LABEL.len() + DIGEST_LEN + 8 + 8;
@@ -322,7 +322,7 @@ pub fn mac_input(
 ) -> [u8; MAC_INPUT_LEN] {
     let mut out = [0u8; MAC_INPUT_LEN];
     let label = MAC_LABEL.len();
-    // The label is 23 bytes.
+    // The label is 27 bytes.
     out[..4].copy_from_slice(&(label as u32).to_be_bytes());
     out[4..4 + label].copy_from_slice(MAC_LABEL);
     let rest = &mut out[4 + label..];
@@ -2204,12 +2204,12 @@ mod tests {
     #[test]
     fn mac_input_is_the_label_digest_and_counts() {
         let input = mac_input(&[0xaa; 32], 0x0102, 0x0304);
-        assert_eq!(input.len(), 75);
-        assert_eq!(&input[..4], &[0, 0, 0, 23]);
-        assert_eq!(&input[4..27], b"blockseal/v1/backup-mac");
-        assert_eq!(&input[27..59], &[0xaa; 32]);
-        assert_eq!(&input[59..67], &0x0102u64.to_be_bytes());
-        assert_eq!(&input[67..75], &0x0304u64.to_be_bytes());
+        assert_eq!(input.len(), 79);
+        assert_eq!(&input[..4], &[0, 0, 0, 27]);
+        assert_eq!(&input[4..31], b"blockseal/v1/backup-trailer");
+        assert_eq!(&input[31..63], &[0xaa; 32]);
+        assert_eq!(&input[63..71], &0x0102u64.to_be_bytes());
+        assert_eq!(&input[71..79], &0x0304u64.to_be_bytes());
         // What finish hands the MAC is what the reader reports.
         let mut seen = Vec::new();
         let w = BackupWriter::new(Vec::new(), &header(BackupKind::Full)).unwrap();

@@ -48,7 +48,9 @@ use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
 pub use crate::record::TenantState;
 pub use admin::{MasterRotation, ShredReport, VolumeUsage};
 pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTES};
-pub use backup::{BackupCheck, BackupError, BackupKeyInfo, BackupKeys, BackupReport};
+pub use backup::{
+    BackupCheck, BackupError, BackupKeyInfo, BackupKeys, BackupReport, DrillReport, DrillVolume,
+};
 pub use rotation::{DataKeyRotation, RotateError};
 pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
 pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};

@@ -564,3 +564,113 @@ fn an_interrupted_restore_leaves_nothing() {
         "the half-restored volume is gone after reopening"
     );
 }
+
+#[test]
+fn a_drill_restores_the_newest_chain_of_every_volume_and_cleans_up() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("backups");
+    std::fs::create_dir_all(dir.join("acme/disk")).unwrap();
+    std::fs::write(dir.join("acme/disk/1-full-mon.bsbackup"), &s.full).unwrap();
+    std::fs::write(dir.join("acme/disk/2-incr-tue.bsbackup"), &s.incr).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"not a backup").unwrap();
+    // A second volume whose only file is an incremental: its chain is broken.
+    let v2 = volume_id("voicemail");
+    s.store
+        .create_volume(
+            &tenant("acme"),
+            &v2,
+            BLOCKS * BS,
+            blockseal_volume::VolumeOptions::default(),
+        )
+        .unwrap();
+    let vm = s.store.open_volume(&tenant("acme"), &v2).unwrap();
+    write_blocks(&vm, 0..10, 4);
+    s.store.create_snapshot(&tenant("acme"), &v2, "a").unwrap();
+    write_blocks(&vm, 0..2, 5);
+    s.store.create_snapshot(&tenant("acme"), &v2, "b").unwrap();
+    let mut incr = Vec::new();
+    s.store
+        .create_backup(
+            &tenant("acme"),
+            &v2,
+            "b",
+            Some("a"),
+            None,
+            &mut incr,
+            &mut |_, _| {},
+        )
+        .unwrap();
+    std::fs::write(dir.join("vm-incr.bsbackup"), &incr).unwrap();
+
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let report = s.store.drill(&dir, &scratch).unwrap();
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.volumes.len(), 2, "{report:?}");
+    let disk = &report.volumes[0];
+    assert_eq!(
+        (disk.volume.as_str(), disk.snapshot.as_str()),
+        ("disk", "tue")
+    );
+    assert_eq!(disk.files.len(), 2);
+    assert_eq!(disk.blocks, 203);
+    assert!(disk.error.is_none(), "{disk:?}");
+    let vm_report = &report.volumes[1];
+    assert!(
+        vm_report
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no full backup"),
+        "{vm_report:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "the scratch store is removed"
+    );
+
+    // A damaged file fails the drill of its volume, not the drill.
+    let mut bad = s.full.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    std::fs::write(dir.join("acme/disk/1-full-mon.bsbackup"), &bad).unwrap();
+    let report = s.store.drill(&dir, &scratch).unwrap();
+    assert!(report.volumes[0].error.is_some());
+    drop(vm);
+    drop(s.volume);
+}
+
+#[test]
+fn sealed_bundles_open_with_the_passphrase_or_a_store_sharing_the_master_key() {
+    let s = setup();
+    let pass = Passphrase::new("correct horse battery staple".into());
+    let sealed = s
+        .store
+        .seal_tenant_bundle(&tenant("acme"), Some((&pass, Argon2Params::CHEAPEST)))
+        .unwrap();
+    assert!(s.store.open_tenant_bundle(&sealed, None).is_err());
+    let wrong = Passphrase::new("wrong".into());
+    assert!(s.store.open_tenant_bundle(&sealed, Some(&wrong)).is_err());
+    let bundle = s.store.open_tenant_bundle(&sealed, Some(&pass)).unwrap();
+    assert_eq!(bundle.backup_keys.len(), 2);
+    // Sealed to the master key: another store with the same key opens it,
+    // one with another key does not.
+    let sealed = s.store.seal_tenant_bundle(&tenant("acme"), None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let same = Store::create(tmp.path().join("same"), master(1), options()).unwrap();
+    let bundle = same.open_tenant_bundle(&sealed, None).unwrap();
+    restore(
+        &same,
+        &[&s.full, &s.incr],
+        "acme",
+        "disk",
+        BackupKeys::Bundle(&bundle),
+    )
+    .unwrap();
+    assert!(volume_bytes(&same, "acme", "disk") == snapshot_bytes(&s.store, "disk", "tue"));
+    let other = Store::create(tmp.path().join("other"), master(3), options()).unwrap();
+    assert!(other.open_tenant_bundle(&sealed, None).is_err());
+    drop(s.volume);
+}
