@@ -58,6 +58,7 @@
 
 mod audit;
 mod backup;
+mod catalog;
 mod data_key;
 mod envelope;
 mod hkdf;
@@ -76,6 +77,9 @@ pub use backup::{
     BackupKey, BackupKeyError, BundleError, BundleOpener, BundleProtection, MAX_BUNDLE_KEYS,
     TenantBundle, WRAPPED_BACKUP_DEK_LEN, WRAPPED_BACKUP_KEY_FORMAT, WRAPPED_BACKUP_KEY_LEN,
     wrapped_backup_key_kek_version,
+};
+pub use catalog::{
+    CATALOG_NONCE_LEN, CATALOG_SALT_LEN, CATALOG_TAG_LEN, CatalogKey, CatalogOpenError,
 };
 pub use data_key::{DataKey, KEY_LEN, RandomError, WRITER_SALT_LEN};
 pub use envelope::{

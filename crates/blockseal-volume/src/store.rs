@@ -51,6 +51,7 @@ pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTE
 pub use backup::{
     BackupCheck, BackupError, BackupKeyInfo, BackupKeys, BackupReport, DrillReport, DrillVolume,
 };
+pub use catalog::{CatalogError, CatalogReport, rebuild_store};
 pub use rotation::{DataKeyRotation, RotateError};
 pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
 pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};
@@ -58,6 +59,7 @@ pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};
 mod admin;
 mod audit;
 mod backup;
+mod catalog;
 mod rotation;
 mod snapshot;
 
@@ -350,6 +352,9 @@ pub struct Store {
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     segments: Arc<dyn SegmentStore>,
+    /// The same segment store, through which segment deletions can be held
+    /// off (while a catalogue's segments are linked).
+    holding: Arc<catalog::Holding>,
     /// The master key. Held shared by whoever reads a tenant record and a
     /// volume record to unwrap keys (so the two match), exclusively by a
     /// commit that rewraps keys and by the swap after a master key rotation:
@@ -561,7 +566,8 @@ impl Store {
         salt: DeploymentSalt,
         options: StoreOptions,
     ) -> Result<Store, OpenError> {
-        let segments = open_segments(&dir, &options)?;
+        let holding = Arc::new(catalog::Holding::new(open_segments(&dir, &options)?));
+        let segments: Arc<dyn SegmentStore> = holding.clone();
         // Volumes deleted before a crash or a failure: their records are gone,
         // what they owned goes now, before anything is served.
         admin::abandon_restores(meta.as_ref())?;
@@ -588,6 +594,7 @@ impl Store {
             dir,
             meta,
             segments,
+            holding,
             master: RwLock::new(master),
             salt,
             options,
