@@ -76,7 +76,18 @@ fn crash_child() {
         return;
     };
     let kind = parse_backend(&backend);
-    let store = meta::open(kind, Path::new(&dir)).expect("child: open store");
+    // The parent's own check of the previous round may still be letting go
+    // of the store (sled's I/O threads hold its files a moment after the
+    // handle drops): wait for it, boundedly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match meta::open(kind, Path::new(&dir)) {
+            Err(meta::MetaError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result.expect("child: open store"),
+        }
+    };
     let mut i = read_last(&*store).expect("child: read last") + 1;
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready {i}").unwrap();
