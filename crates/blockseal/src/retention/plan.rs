@@ -172,6 +172,9 @@ pub(crate) struct BackupDirState {
     /// `backup_dir`): the scheduler is their only writer, so between passes
     /// they are garbage.
     pub(crate) unfinished: Vec<String>,
+    /// Whether the directory names this store as its owner: until the first
+    /// backup says so, nothing in it is deleted.
+    pub(crate) claimed: bool,
 }
 
 /// Everything the planner needs to know.
@@ -334,7 +337,7 @@ pub(crate) fn plan(config: &RetentionConfig, now: u64, state: &State) -> Vec<Act
     {
         actions.push(Action::ExpireBackupKeys);
     }
-    if let Some(dir) = &state.backup_dir {
+    if let Some(dir) = state.backup_dir.as_ref().filter(|d| d.claimed) {
         for file in &dir.files {
             if live.expiry(file).is_none() {
                 actions.push(Action::DeleteBackupFile { file: file.clone() });
@@ -735,6 +738,7 @@ mod tests {
             backup_dir: Some(BackupDirState {
                 files,
                 unfinished: Vec::new(),
+                claimed: true,
             }),
         }
     }
@@ -1163,6 +1167,10 @@ mod tests {
             at[1].target(),
             format!("globex/disk/20231114T221320Z-full-{base}.bsbackup")
         );
+        // A directory that does not name this store yet: nothing in it is
+        // deleted (the first backup claims it).
+        s.backup_dir.as_mut().unwrap().claimed = false;
+        assert_eq!(plan(&c, T0 + 56 * DAY, &s), vec![Action::ExpireBackupKeys]);
     }
 
     #[test]

@@ -81,7 +81,9 @@ pub(crate) fn gather(store: &Store, backup_dir: Option<&Path>) -> Result<Gathere
         })
         .collect();
     if let Some(dir) = backup_dir {
-        match check_owner(dir, store.dir()).and_then(|()| scan(dir)) {
+        let scanned = check_owner(dir, store.dir())
+            .and_then(|claimed| scan(dir).map(|state| BackupDirState { claimed, ..state }));
+        match scanned {
             Ok(state) => gathered.state.backup_dir = Some(state),
             Err(problem) => gathered.problems.push(problem),
         }
@@ -124,14 +126,14 @@ pub(crate) fn owner_text(store_dir: &Path) -> String {
     format!("{}\n", dir.display())
 }
 
-/// Refuses a backup directory that names another store as its owner: two
-/// servers sharing one would delete each other's backups (each holds only
-/// its own keys). A directory without the file is claimed at the first
-/// backup.
-fn check_owner(backup_dir: &Path, store_dir: &Path) -> Result<(), String> {
+/// Whether the backup directory names this store as its owner (`false`:
+/// it names none yet; it is claimed at the first backup). Refuses one that
+/// names another store: two servers sharing a directory would delete each
+/// other's backups (each holds only its own keys).
+fn check_owner(backup_dir: &Path, store_dir: &Path) -> Result<bool, String> {
     let path = backup_dir.join(OWNER_FILE);
     match fs::read_to_string(&path) {
-        Ok(text) if text == owner_text(store_dir) => Ok(()),
+        Ok(text) if text == owner_text(store_dir) => Ok(true),
         Ok(text) => Err(format!(
             "the backup directory {} belongs to the store at {} ({}), not to this one at {}; \
              give each server a backup directory of its own (or, if this store moved, put its \
@@ -141,7 +143,7 @@ fn check_owner(backup_dir: &Path, store_dir: &Path) -> Result<(), String> {
             path.display(),
             owner_text(store_dir).trim_end()
         )),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
