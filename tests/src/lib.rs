@@ -56,6 +56,8 @@ pub struct ServerProcess {
     args: Vec<OsString>,
     /// `BLOCKSEAL_LOG` for the server.
     log_filter: String,
+    /// More environment variables for the server.
+    env: Vec<(OsString, OsString)>,
     log: PathBuf,
     /// The server's Unix socket, from its readiness line.
     pub socket: Option<PathBuf>,
@@ -98,6 +100,16 @@ impl ServerProcess {
         ServerProcess::with_config_and_log(dir, config, &default_log_filter())
     }
 
+    /// [`ServerProcess::with_config`] with more environment variables for
+    /// the server (such as `BLOCKSEAL_TEST_CLOCK=1`).
+    pub fn with_config_and_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> ServerProcess {
+        let args = vec!["serve".into(), "--config".into(), config.into()];
+        let mut server = ServerProcess::new_in(dir.to_path_buf(), None, args, default_log_filter());
+        server.env = env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+        server.spawn();
+        server
+    }
+
     /// [`ServerProcess::with_config`] with `BLOCKSEAL_LOG` set to `filter`,
     /// for tests that wait on what the server logs.
     pub fn with_config_and_log(dir: &Path, config: &Path, filter: &str) -> ServerProcess {
@@ -111,20 +123,30 @@ impl ServerProcess {
         args: Vec<OsString>,
         log_filter: String,
     ) -> Self {
-        let mut server = ServerProcess {
+        let mut server = ServerProcess::new_in(dir, tmp, args, log_filter);
+        server.spawn();
+        server
+    }
+
+    fn new_in(
+        dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        args: Vec<OsString>,
+        log_filter: String,
+    ) -> Self {
+        ServerProcess {
             child: None,
             _stdout: None,
             args,
             log_filter,
+            env: Vec::new(),
             log: dir.join("server.log"),
             socket: None,
             tcp: None,
             admin_tcp: None,
             dir,
             _tmp: tmp,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// The NBD URI of `export` on the Unix socket.
@@ -191,6 +213,7 @@ impl ServerProcess {
         let mut child = Command::new(binary())
             .args(&self.args)
             .env("BLOCKSEAL_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -49,6 +49,10 @@ pub(crate) enum Command {
     /// Store maintenance (opens the store directly; no server may run).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Scheduled snapshots, backups and data retention (`[retention]` in the
+    /// configuration): what is due when, and running a pass.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
     /// Print a shell completion script (e.g. `blockseal completions bash >
     /// /etc/bash_completion.d/blockseal`).
     Completions {
@@ -133,6 +137,38 @@ pub(crate) enum StoreCommand {
         /// The store.
         #[command(flatten)]
         store: StoreArgs,
+    },
+}
+
+/// `blockseal retention ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum RetentionCommand {
+    /// Show, for every volume, what retention does next and when: the next
+    /// snapshot and the ones to expire, the next backup and its kind, the
+    /// next age mark and the data it discards. Offline, give --config (the
+    /// settings are in the configuration file).
+    Status {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Run one retention pass now, as the server does every minute; exits 1
+    /// if an action failed.
+    Run {
+        /// Run the pass at this time (Unix seconds) instead of now: for tests
+        /// only, refused unless the server (or, offline, this command) runs
+        /// with BLOCKSEAL_TEST_CLOCK=1.
+        #[arg(long, value_name = "UNIX")]
+        now: Option<u64>,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 

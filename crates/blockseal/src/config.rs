@@ -57,6 +57,10 @@ pub(crate) struct Config {
     /// The admin API on TCP, with TLS and admin client certificates (the admin
     /// Unix socket `DATA_DIR/admin.sock` is always served).
     pub(crate) admin_tcp: Option<AdminTcpConfig>,
+    /// Scheduled snapshots, backups and data retention (none without the
+    /// table).
+    #[serde(default)]
+    pub(crate) retention: Option<crate::retention::RetentionConfig>,
 }
 
 /// `[admin_tcp]`.
@@ -310,6 +314,9 @@ impl Config {
             fix(&mut tls.key);
             fix(&mut tls.client_ca);
         }
+        if let Some(retention) = &mut self.retention {
+            retention.resolve(base);
+        }
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -355,6 +362,9 @@ impl Config {
         self.check_server_limits()?;
         for name in &self.read_only {
             parse_export_name(name).with_context(|| format!("read_only: {name:?}"))?;
+        }
+        if let Some(retention) = &self.retention {
+            retention.check(&self.data_dir)?;
         }
         Ok(())
     }

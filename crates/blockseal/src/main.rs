@@ -12,6 +12,7 @@ mod exports;
 mod hardening;
 mod open;
 mod passphrase;
+mod retention;
 mod size;
 mod time;
 

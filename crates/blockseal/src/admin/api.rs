@@ -17,6 +17,8 @@ use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::retention::{RetentionView, RunView};
+
 /// The API version every path starts with.
 pub(crate) const VERSION_PREFIX: &str = "/v1";
 
@@ -114,6 +116,10 @@ pub(crate) enum Op {
         snapshot: String,
         force: bool,
     },
+    /// `GET /v1/retention`
+    RetentionStatus,
+    /// `POST /v1/retention/run` `{"now"?: UNIX}` (`now` only on a test clock)
+    RetentionRun { now: Option<u64> },
 }
 
 impl fmt::Debug for Op {
@@ -160,6 +166,7 @@ impl Op {
                 | Op::DataKeyStatusAll
                 | Op::ListSnapshots { .. }
                 | Op::ShowSnapshot { .. }
+                | Op::RetentionStatus
         )
     }
 
@@ -189,6 +196,8 @@ impl Op {
             Op::ShowSnapshot { .. } => "snapshot.show",
             Op::DeleteSnapshot { .. } => "snapshot.delete",
             Op::RollbackSnapshot { .. } => "snapshot.rollback",
+            Op::RetentionStatus => "retention.status",
+            Op::RetentionRun { .. } => "retention.run",
         }
     }
 
@@ -251,6 +260,7 @@ impl Op {
             Op::DeleteVolume { force, .. }
             | Op::DeleteSnapshot { force, .. }
             | Op::RollbackSnapshot { force, .. } => format!("force={force}"),
+            Op::RetentionRun { now: Some(now) } => format!("now={now}"),
             _ => String::new(),
         }
     }
@@ -408,6 +418,12 @@ impl Op {
                 ),
                 None,
             ),
+            Op::RetentionStatus => (Method::GET, "/retention".to_owned(), None),
+            Op::RetentionRun { now } => (
+                Method::POST,
+                "/retention/run".to_owned(),
+                now.and_then(|now| json(serde_json::json!({ "now": now }))),
+            ),
         };
         // Callers pass checked tenant and volume names (`a-z 0-9 . _ -`), so
         // nothing here can add a path segment or a query.
@@ -561,6 +577,15 @@ impl Op {
                     force: query.flag("force")?,
                 }
             }
+            (&Method::GET, ["retention"]) => Op::RetentionStatus,
+            (&Method::POST, ["retention", "run"]) => {
+                let now = if body.iter().all(u8::is_ascii_whitespace) {
+                    None
+                } else {
+                    decode::<RetentionRunBody>(body)?.now
+                };
+                Op::RetentionRun { now }
+            }
             (_, segments) if is_known_path(segments) => {
                 return Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -669,6 +694,8 @@ fn is_known_path(segments: &[&str]) -> bool {
             | ["master-key", "rotate"]
             | ["audit"]
             | ["audit", "verify"]
+            | ["retention"]
+            | ["retention", "run"]
     )
 }
 
@@ -717,6 +744,13 @@ struct ResizeBody {
 #[serde(deny_unknown_fields)]
 struct CreateSnapshotBody {
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionRunBody {
+    #[serde(default)]
+    now: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1109,6 +1143,8 @@ pub(crate) enum Reply {
     Snapshots(Vec<SnapshotView>),
     Snapshot(SnapshotView),
     RolledBack(RollbackView),
+    Retention(RetentionView),
+    RetentionRun(RunView),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1162,6 +1198,8 @@ impl Reply {
             }),
             Reply::Snapshot(v) => serde_json::to_vec_pretty(v),
             Reply::RolledBack(v) => serde_json::to_vec_pretty(v),
+            Reply::Retention(v) => serde_json::to_vec_pretty(v),
+            Reply::RetentionRun(v) => serde_json::to_vec_pretty(v),
         };
         value.expect("replies always serialize")
     }
@@ -1200,6 +1238,8 @@ impl Reply {
                 Reply::Snapshot(serde_json::from_slice(body)?)
             }
             Op::RollbackSnapshot { .. } => Reply::RolledBack(serde_json::from_slice(body)?),
+            Op::RetentionStatus => Reply::Retention(serde_json::from_slice(body)?),
+            Op::RetentionRun { .. } => Reply::RetentionRun(serde_json::from_slice(body)?),
         })
     }
 
@@ -1327,6 +1367,11 @@ mod tests {
                 volume: v(),
                 snapshot: s(),
                 force: true,
+            },
+            Op::RetentionStatus,
+            Op::RetentionRun { now: None },
+            Op::RetentionRun {
+                now: Some(1_700_000_000),
             },
         ]
     }

@@ -50,6 +50,17 @@ pub(crate) fn execute(
     op: &Op,
     if_missing: IfMissing,
 ) -> anyhow::Result<(Reply, Mode)> {
+    execute_with(location, op, if_missing, None)
+}
+
+/// As [`execute`], with `retention` (the configuration's `[retention]`) for
+/// the store opened directly; a running server has its own.
+pub(crate) fn execute_with(
+    location: &StoreLocation,
+    op: &Op,
+    if_missing: IfMissing,
+    retention: Option<Arc<crate::retention::Retention>>,
+) -> anyhow::Result<(Reply, Mode)> {
     let socket = socket_path(&location.dir);
     match client::call(&socket, op) {
         Ok(reply) => return Ok((reply, Mode::Online)),
@@ -65,7 +76,7 @@ pub(crate) fn execute(
     let store = location
         .open_for_admin(if_missing)
         .context("no server answers on the admin socket, so the store was opened directly")?;
-    let service = Service::offline(Arc::new(store));
+    let service = Service::offline(Arc::new(store)).with_retention(retention);
     let caller = Caller {
         actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
     };

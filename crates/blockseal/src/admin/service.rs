@@ -24,6 +24,7 @@ use super::api::{
     ShredView, SnapshotView, StatusView, TenantView, VolumeView,
 };
 use crate::exports::{Reach, RetireError, StoreCatalog};
+use crate::retention::{self, Retention};
 use crate::time::rfc3339_utc;
 
 /// How long deleting a volume or a snapshot, rolling a volume back or
@@ -44,6 +45,8 @@ pub(crate) struct Service {
     /// The running server's exports, when the store is served: connections are
     /// closed before their volume goes.
     catalog: Option<Arc<StoreCatalog>>,
+    /// Retention's settings and clock, when `[retention]` is configured.
+    retention: Option<Arc<Retention>>,
     /// Operations running, and whether new ones are refused (shutdown).
     running: Mutex<Running>,
     idle: Condvar,
@@ -74,6 +77,7 @@ impl Service {
         Service {
             store,
             catalog: None,
+            retention: None,
             running: Mutex::default(),
             idle: Condvar::new(),
         }
@@ -84,9 +88,21 @@ impl Service {
         Service {
             store,
             catalog: Some(catalog),
+            retention: None,
             running: Mutex::default(),
             idle: Condvar::new(),
         }
+    }
+
+    /// The same service with retention (`retention status` and `run`).
+    pub(crate) fn with_retention(mut self, retention: Option<Arc<Retention>>) -> Service {
+        self.retention = retention;
+        self
+    }
+
+    /// The store.
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Refuses new operations from now on and waits, at most `limit`, for the
@@ -470,6 +486,8 @@ impl Service {
                 snapshot,
                 force,
             } => self.rollback(tenant, volume, snapshot, *force),
+            Op::RetentionStatus => retention::status_reply(self, self.retention.as_deref()),
+            Op::RetentionRun { now } => retention::run_reply(self, self.retention.as_deref(), *now),
         }
     }
 

@@ -741,6 +741,7 @@ pub(crate) fn render(
             }
             out += "\n";
         }
+        Reply::Retention(_) | Reply::RetentionRun(_) => out += &super::retention::render(reply),
     }
     out
 }

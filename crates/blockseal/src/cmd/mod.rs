@@ -5,6 +5,7 @@
 
 mod admin;
 mod key;
+mod retention;
 mod serve;
 
 use crate::cli::{Cli, Command};
@@ -20,6 +21,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(command) => key::run(command),
         Command::Audit(args) => admin::audit(args),
         Command::Store(command) => admin::store(command),
+        Command::Retention(command) => retention::run(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut command = Cli::command();

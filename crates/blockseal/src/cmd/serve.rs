@@ -10,6 +10,10 @@
 //! (then drop the connections still open: a client that does not read its
 //! replies cannot hold the exit), flush every open volume on a thread of its
 //! own, close the store, exit 0. A second signal exits at once.
+//!
+//! With `[retention]` configured, a thread runs a retention pass at start and
+//! then every minute (`retention`); at shutdown it stops after the action
+//! under way, before the final flush.
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, Permissions};
@@ -34,6 +38,7 @@ use crate::config::{Config, FileMode};
 use crate::exports::StoreCatalog;
 use crate::open::{IfMissing, StoreLocation};
 use crate::passphrase::Confirm;
+use crate::retention::{PASS_PERIOD, Retention, RetentionConfig, Scheduler};
 use crate::size::Size;
 
 /// How long running admin operations get to finish at shutdown.
@@ -66,6 +71,8 @@ struct Plan {
     admin_tcp: Option<(SocketAddr, TlsConfig)>,
     /// Connect lines printed before the readiness line (embedded default).
     hints: Vec<String>,
+    /// `[retention]`, if configured.
+    retention: Option<RetentionConfig>,
 }
 
 fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
@@ -102,6 +109,7 @@ fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
         tcp,
         admin_tcp,
         hints: Vec::new(),
+        retention: config.retention.clone(),
     })
 }
 
@@ -178,6 +186,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         tcp: None,
         admin_tcp: None,
         hints,
+        retention: None,
     })
 }
 
@@ -217,15 +226,18 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         tcp,
         admin_tcp,
         hints,
+        retention,
     } = plan;
     check_descriptor_limit(&server_config);
     let store = Arc::new(store);
     let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
     let server = Server::new(catalog.clone(), server_config);
-    let admin_service = Arc::new(admin::service::Service::online(
-        store.clone(),
-        catalog.clone(),
-    ));
+    let retention =
+        retention.map(|config| Arc::new(Retention::new(config, Retention::test_clock_from_env())));
+    let admin_service = Arc::new(
+        admin::service::Service::online(store.clone(), catalog.clone())
+            .with_retention(retention.clone()),
+    );
     let admin_path = admin::socket_path(store.dir());
     // Owner only: the peer check in the admin server comes on top of this.
     let admin_listener = bind_unix(&admin_path, FileMode(0o600))?;
@@ -258,6 +270,12 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let socket_path = unix.as_ref().map(|(path, _)| path.clone());
+    // Its first pass runs while the listeners start; it stops before the
+    // final flush (or on any early exit, below).
+    let mut scheduler = match &retention {
+        Some(r) => Scheduler::start(admin_service.clone(), r.clone(), PASS_PERIOD)?,
+        None => None,
+    };
     let served = runtime.block_on(async {
         // Signal handlers first: a signal right after the readiness line counts.
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -351,10 +369,20 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         // not queue behind them.
         let catalog = catalog.clone();
         let service = admin_service.clone();
+        let retention = retention.clone();
+        let scheduler = scheduler.take();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("blockseal-final-flush".into())
             .spawn(move || {
+                // Retention first: its pass ends after the action under way,
+                // and a pass run on request stops likewise.
+                if let Some(scheduler) = scheduler {
+                    scheduler.stop();
+                }
+                if let Some(retention) = &retention {
+                    retention.request_stop();
+                }
                 // Admin operations already running finish first (a shred or a
                 // deletion half done would otherwise wait for the next start).
                 let unfinished = service.close(ADMIN_DRAIN);
@@ -379,6 +407,10 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     // the runtime's threads drop what their tasks held before this returns
     // (bounded: a blocking call stuck in the kernel cannot hold the exit).
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    if let Some(scheduler) = scheduler.take() {
+        scheduler.stop();
+    }
+    drop(retention);
     catalog.close_all();
     drop(admin_service);
     drop(server);
