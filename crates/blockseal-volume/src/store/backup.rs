@@ -266,10 +266,10 @@ impl Store {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<BackupReport, BackupError> {
-        let info = self.snapshot(tenant, volume, snapshot)?;
+        let info = self.find_snapshot(tenant, volume, snapshot, false)?;
         let base_info = match base {
             Some(name) => {
-                let b = self.snapshot(tenant, volume, name)?;
+                let b = self.find_snapshot(tenant, volume, name, false)?;
                 if b.epoch >= info.epoch {
                     return Err(BackupError::BaseNotOlder {
                         base: name.to_owned(),

@@ -177,18 +177,40 @@ impl Store {
         })
     }
 
-    /// A volume's snapshots, oldest first. Reads the metadata only: the
-    /// volume is not opened.
+    /// A volume's snapshots, oldest first, with the bytes each holds. Reads
+    /// the metadata only (the volume is not opened), but every preserved
+    /// record: see [`snapshot_list`](Self::snapshot_list) for a cheap list.
     pub fn snapshots(
         &self,
         tenant: &TenantId,
         volume: &VolumeId,
+    ) -> Result<Vec<SnapshotInfo>, AdminError> {
+        self.snapshot_infos(tenant, volume, true)
+    }
+
+    /// A volume's snapshots, oldest first, without the bytes each holds
+    /// (`held_bytes` is 0): reads the snapshot records only, for schedulers
+    /// that look at many volumes often.
+    pub fn snapshot_list(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+    ) -> Result<Vec<SnapshotInfo>, AdminError> {
+        self.snapshot_infos(tenant, volume, false)
+    }
+
+    fn snapshot_infos(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        count_held: bool,
     ) -> Result<Vec<SnapshotInfo>, AdminError> {
         let record = self.admin_volume_record(tenant, volume)?;
         crate::volume::snapshot_infos(
             self.meta.as_ref(),
             record.internal_id,
             u64::from(record.block_size),
+            count_held,
         )
         .map_err(AdminError::Volume)
     }
@@ -200,7 +222,17 @@ impl Store {
         volume: &VolumeId,
         name: &str,
     ) -> Result<SnapshotInfo, AdminError> {
-        self.snapshots(tenant, volume)?
+        self.find_snapshot(tenant, volume, name, true)
+    }
+
+    pub(super) fn find_snapshot(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        name: &str,
+        count_held: bool,
+    ) -> Result<SnapshotInfo, AdminError> {
+        self.snapshot_infos(tenant, volume, count_held)?
             .into_iter()
             .find(|s| s.name == name)
             .ok_or_else(|| AdminError::NoSuchSnapshot {

@@ -102,14 +102,27 @@ pub(crate) fn load_snapshots(
 
 /// A volume's snapshots, oldest first, with the bytes each holds, from the
 /// metadata alone (open or not: every change commits there).
+/// Without `count_held`, `held_bytes` is 0 and only the snapshot records are
+/// read (the preserved records may be millions).
 pub(crate) fn snapshot_infos(
     meta: &dyn MetaStore,
     volume: u32,
     block_size: u64,
+    count_held: bool,
 ) -> Result<Vec<SnapshotInfo>, VolumeError> {
     let records = load_snapshots(meta, volume)?;
-    if records.is_empty() {
-        return Ok(Vec::new());
+    if records.is_empty() || !count_held {
+        return Ok(records
+            .into_iter()
+            .map(|(epoch, r)| SnapshotInfo {
+                name: r.name,
+                epoch,
+                uid: r.uid,
+                created: r.created,
+                size: r.size,
+                held_bytes: 0,
+            })
+            .collect());
     }
     let mut held: HashMap<u32, u64> = HashMap::new();
     let mut bad = None;
@@ -372,6 +385,7 @@ impl VolumeInner {
             self.meta.as_ref(),
             self.internal_id,
             self.block_size.len() as u64,
+            true,
         )
     }
 

@@ -102,7 +102,7 @@ fn volume_state(
             AdminError::NoSuchTenant { .. } | AdminError::NoSuchVolume { .. }
         )
     };
-    let snapshots = match store.snapshots(tenant, volume) {
+    let snapshots = match store.snapshot_list(tenant, volume) {
         Ok(s) => s,
         Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e),
