@@ -44,6 +44,13 @@ pub(crate) enum Command {
     /// Master key files, and key rotation.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Back up snapshots to files, check backup files, list backup keys, run
+    /// restore drills.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a chain of backup files (a full backup, then incrementals)
+    /// into a new volume, on this store or another one.
+    Restore(RestoreArgs),
     /// The audit log of admin actions: show it, or verify its chain.
     Audit(AuditArgs),
     /// Store maintenance (opens the store directly; no server may run).
@@ -201,16 +208,18 @@ pub(crate) struct ServeArgs {
 
 /// The exit codes, shown by `blockseal --help`.
 const EXIT_CODES: &str = "\
-Admin commands (status, tenant, volume, snapshot, key rotate-*|status, audit) talk to the
-running server through DIR/admin.sock, and open the store directly when no server runs.
+Admin commands (status, tenant, volume, snapshot, backup, restore, key rotate-*|status|
+export-tenant, audit) talk to the running server through DIR/admin.sock, and open the
+store directly when no server runs.
 
 Exit codes:
   0  success
   1  failure (I/O, a damaged store, a broken audit chain, the server failed)
   2  bad usage or a bad argument
-  3  no such tenant, volume or snapshot
+  3  no such tenant, volume, snapshot, file or backup key
   4  conflict: exists already, in use, still holds volumes or data, newer snapshots
-  5  refused: the caller may not use the admin API";
+  5  refused: the caller may not use the admin API; or a backup file or recovery
+     bundle failed its checks (damaged, edited, spliced, truncated, wrong key)";
 
 /// Which store an admin command opens, and with which master key.
 #[derive(Debug, Args)]
@@ -535,6 +544,12 @@ pub(crate) enum KeyCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Write a tenant's recovery bundle: its backup keys, sealed under a
+    /// passphrase or to this store's master key, for restoring its backups
+    /// on another store. Audited. The bundle is a copy of the keys: a
+    /// tenant shredded later stays readable through it until it is
+    /// destroyed too.
+    ExportTenant(KeyExportArgs),
     /// Give a tenant a new key-encryption key (new version, new seed) and
     /// rewrap its data keys under it; no data is rewritten. The old KEK
     /// version unwraps nothing afterwards.
@@ -549,6 +564,153 @@ pub(crate) enum KeyCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+}
+
+/// Arguments of `blockseal key export-tenant`.
+#[derive(Debug, Args)]
+pub(crate) struct KeyExportArgs {
+    /// The tenant.
+    #[arg(value_name = "TENANT")]
+    pub(crate) tenant: String,
+    /// Where to write the bundle (mode 0600); it must not exist yet.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) out: PathBuf,
+    /// Seal the bundle under the passphrase in FILE (one trailing newline
+    /// is dropped). Without this or --to-master-key, the passphrase is asked
+    /// for on the terminal.
+    #[arg(long, value_name = "FILE", conflicts_with = "to_master_key")]
+    pub(crate) passphrase_file: Option<PathBuf>,
+    /// Seal the bundle to this store's master key: it opens on any store
+    /// that uses the same master key (another host's), and nowhere else.
+    #[arg(long)]
+    pub(crate) to_master_key: bool,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+/// Where the keys of backup files come from when they are not this store's
+/// own: a tenant recovery bundle.
+#[derive(Debug, Args)]
+pub(crate) struct BundleArgs {
+    /// A tenant recovery bundle (`blockseal key export-tenant`) holding the
+    /// backups' keys. One sealed to a master key opens with this store's.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) bundle: Option<PathBuf>,
+    /// The bundle's passphrase, from FILE. Without it, a bundle sealed under
+    /// a passphrase asks for it on the terminal.
+    #[arg(long, value_name = "FILE", requires = "bundle")]
+    pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+/// `blockseal backup ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum BackupCommand {
+    /// Write a backup of a snapshot to a file: full, or incremental from an
+    /// older snapshot. Without @SNAPSHOT, a snapshot named
+    /// backup-YYYYMMDDtHHMMSSz (UTC) is taken first and backed up; it stays,
+    /// to be the base of the next incremental backup (delete it when no
+    /// longer needed). The file holds ciphertext only; its key stays in the
+    /// store (until --expires), so the store, or a recovery bundle of the
+    /// tenant, is needed to read it.
+    Create {
+        /// TENANT/VOLUME@SNAPSHOT, or TENANT/VOLUME to snapshot it now.
+        #[arg(value_name = "TENANT/VOLUME[@SNAPSHOT]")]
+        name: String,
+        /// The file to write (mode 0600; written under a temporary name and
+        /// renamed when complete, never overwriting), or - for stdout.
+        #[arg(long, value_name = "FILE|-")]
+        out: String,
+        /// Back up only what changed since this older snapshot (restored on
+        /// top of a backup of it).
+        #[arg(long, value_name = "SNAPSHOT")]
+        incremental_from: Option<String>,
+        /// Destroy the backup's key after this long (e.g. 14d, 2w, 36h):
+        /// afterwards the file can never be read again, even with the master
+        /// key.
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<crate::time::Period>,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Check backup files: their structure and digests, and, with keys (the
+    /// store's own by default, or a recovery bundle's), their MACs and every
+    /// block's authenticity. Several files must form a chain, oldest first.
+    Verify {
+        /// The files: a full or incremental backup, then incrementals in
+        /// order.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// Check structure and digests only, with no keys: needs no store
+        /// (and does not prove the files were not edited).
+        #[arg(long, conflicts_with_all = ["bundle", "passphrase_file"])]
+        structure_only: bool,
+        /// Keys from a recovery bundle.
+        #[command(flatten)]
+        bundle: BundleArgs,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List the backup keys the store holds: one per backup file that it can
+    /// still read.
+    Keys {
+        /// Only this tenant's.
+        #[arg(value_name = "TENANT")]
+        tenant: Option<String>,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Restore drill: find the backup files under DIR, restore the newest
+    /// chain of every volume into a scratch store (checking every block and
+    /// MAC with this store's keys), then remove it. Exit code 5 when any
+    /// volume fails.
+    Drill {
+        /// The directory of backup files (searched recursively).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+/// Arguments of `blockseal restore`.
+#[derive(Debug, Args)]
+pub(crate) struct RestoreArgs {
+    /// The chain: a full backup, then incrementals in order.
+    #[arg(value_name = "FILE", required = true)]
+    pub(crate) files: Vec<PathBuf>,
+    /// The new volume (its tenant is created if missing); refused if it
+    /// exists.
+    #[arg(long = "as", value_name = "TENANT/VOLUME")]
+    pub(crate) target: String,
+    /// Keys from a recovery bundle (restoring on another store).
+    #[command(flatten)]
+    pub(crate) bundle: BundleArgs,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 /// Arguments of `blockseal key init`.

@@ -11,6 +11,7 @@ mod config;
 mod exports;
 mod hardening;
 mod open;
+mod outfile;
 mod passphrase;
 mod retention;
 mod size;

@@ -65,6 +65,40 @@ impl PassphraseArgs {
     }
 }
 
+/// Reads a passphrase from the file at `path` (up to end of file; one
+/// trailing newline is dropped), as `--passphrase-file` gives it.
+pub(crate) fn from_file(path: &std::path::Path) -> anyhow::Result<Passphrase> {
+    let file = File::open(path)
+        .with_context(|| format!("cannot open the passphrase file {}", path.display()))?;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_LEN + 1));
+    file.take(MAX_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
+    if bytes.len() > MAX_LEN {
+        bail!(
+            "the passphrase in {} is longer than {MAX_LEN} bytes",
+            path.display()
+        );
+    }
+    strip_newline(&mut bytes);
+    let text =
+        into_string(bytes).with_context(|| format!("the passphrase in {}", path.display()))?;
+    if text.is_empty() {
+        bail!("the passphrase file {} is empty", path.display());
+    }
+    Ok(Passphrase::from(text))
+}
+
+/// Asks for a passphrase on the terminal, with echo off (twice when it is
+/// being set); `what` names what it protects.
+pub(crate) fn prompt(what: &str, confirm: Confirm) -> anyhow::Result<Passphrase> {
+    let text = from_prompt(what, confirm)?;
+    if text.is_empty() {
+        bail!("the passphrase is empty");
+    }
+    Ok(Passphrase::from(text))
+}
+
 fn from_env(var: &str) -> anyhow::Result<Zeroizing<String>> {
     match std::env::var(var) {
         Ok(value) => Ok(Zeroizing::new(value)),

@@ -8,8 +8,11 @@
 //!
 //! Bodies are decoded with unknown fields refused: a client cannot set what the
 //! API does not name (no mass assignment). Nothing here ever holds key material
-//! except [`Op::RotateMaster`]'s passphrase for the new key file, which is
-//! zeroized on drop and never serialized in a reply, a log line or the audit log.
+//! except passphrases: [`Op::RotateMaster`]'s for the new key file, and the
+//! recovery bundle's of [`Op::VerifyBackups`], [`Op::Restore`] and
+//! [`Op::ExportTenantKeys`]. They are zeroized on drop and never serialized in
+//! a reply, a log line or the audit log. A sealed bundle in a reply is
+//! ciphertext.
 
 use std::fmt;
 
@@ -120,6 +123,53 @@ pub(crate) enum Op {
     RetentionStatus,
     /// `POST /v1/retention/run` `{"now"?: UNIX}` (`now` only on a test clock)
     RetentionRun { now: Option<u64> },
+    /// `POST /v1/tenants/{tenant}/volumes/{volume}/backups`
+    /// `{"snapshot", "base"?, "expires"?}`: the backup file is the response
+    /// body (see `admin::stream`).
+    CreateBackup {
+        tenant: String,
+        volume: String,
+        snapshot: String,
+        /// The base snapshot of an incremental backup.
+        base: Option<String>,
+        /// When the backup's key is destroyed, Unix seconds.
+        expires: Option<u64>,
+    },
+    /// `POST /v1/backups/verify`
+    /// `{"files", "structure_only"?, "bundle"?, "passphrase"?}`
+    VerifyBackups {
+        /// Absolute paths, read by the server.
+        files: Vec<String>,
+        structure_only: bool,
+        /// A recovery bundle's absolute path (keys from it, not the store).
+        bundle: Option<String>,
+        /// The bundle's passphrase, if it is sealed under one.
+        passphrase: Option<Zeroizing<String>>,
+    },
+    /// `GET /v1/backups/keys` or `GET /v1/tenants/{tenant}/backups/keys`
+    ListBackupKeys { tenant: Option<String> },
+    /// `POST /v1/backups/drill` `{"dir"}`
+    DrillBackups {
+        /// An absolute path, searched by the server.
+        dir: String,
+    },
+    /// `POST /v1/restore` `{"files", "tenant", "volume", "bundle"?, "passphrase"?}`
+    Restore {
+        /// Absolute paths, read by the server: a full backup, then
+        /// incrementals in order.
+        files: Vec<String>,
+        tenant: String,
+        volume: String,
+        bundle: Option<String>,
+        passphrase: Option<Zeroizing<String>>,
+    },
+    /// `POST /v1/tenants/{tenant}/export-keys` `{"passphrase"}` or
+    /// `{"to_master_key": true}`
+    ExportTenantKeys {
+        tenant: String,
+        /// Sealed under this passphrase; `None`: to the store's master key.
+        passphrase: Option<Zeroizing<String>>,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -132,6 +182,37 @@ impl fmt::Debug for Op {
             } => f
                 .debug_struct("RotateMaster")
                 .field("key_file", key_file)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Op::VerifyBackups {
+                files,
+                structure_only,
+                bundle,
+                passphrase,
+            } => f
+                .debug_struct("VerifyBackups")
+                .field("files", files)
+                .field("structure_only", structure_only)
+                .field("bundle", bundle)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Op::Restore {
+                files,
+                tenant,
+                volume,
+                bundle,
+                passphrase,
+            } => f
+                .debug_struct("Restore")
+                .field("files", files)
+                .field("tenant", tenant)
+                .field("volume", volume)
+                .field("bundle", bundle)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Op::ExportTenantKeys { tenant, passphrase } => f
+                .debug_struct("ExportTenantKeys")
+                .field("tenant", tenant)
                 .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
                 .finish(),
             other => write!(f, "{}({})", other.action(), other.target()),
@@ -151,7 +232,8 @@ pub(crate) struct HttpRequest {
 }
 
 impl Op {
-    /// Whether the operation changes anything (and so goes to the audit log).
+    /// Whether the operation changes anything (and so goes to the audit log,
+    /// see [`Op::audited`]).
     pub(crate) fn mutates(&self) -> bool {
         !matches!(
             self,
@@ -167,7 +249,16 @@ impl Op {
                 | Op::ListSnapshots { .. }
                 | Op::ShowSnapshot { .. }
                 | Op::RetentionStatus
+                | Op::VerifyBackups { .. }
+                | Op::ListBackupKeys { .. }
         )
+    }
+
+    /// Whether the operation goes to the audit log: everything that changes
+    /// something, and exporting a tenant's keys, which changes nothing but
+    /// hands out a copy of them.
+    pub(crate) fn audited(&self) -> bool {
+        self.mutates() || matches!(self, Op::ExportTenantKeys { .. })
     }
 
     /// A stable name of the operation, for the audit log.
@@ -198,6 +289,12 @@ impl Op {
             Op::RollbackSnapshot { .. } => "snapshot.rollback",
             Op::RetentionStatus => "retention.status",
             Op::RetentionRun { .. } => "retention.run",
+            Op::CreateBackup { .. } => "backup.create",
+            Op::VerifyBackups { .. } => "backup.verify",
+            Op::ListBackupKeys { .. } => "backup.keys",
+            Op::DrillBackups { .. } => "backup.drill",
+            Op::Restore { .. } => "backup.restore",
+            Op::ExportTenantKeys { .. } => "key.export-tenant",
         }
     }
 
@@ -244,6 +341,18 @@ impl Op {
                 ..
             } => format!("{tenant}/{volume}@{snapshot}"),
             Op::RotateMaster { key_file, .. } => key_file.clone(),
+            Op::CreateBackup {
+                tenant,
+                volume,
+                snapshot,
+                ..
+            } => format!("{tenant}/{volume}@{snapshot}"),
+            Op::ListBackupKeys {
+                tenant: Some(tenant),
+            }
+            | Op::ExportTenantKeys { tenant, .. } => tenant.clone(),
+            Op::Restore { tenant, volume, .. } => format!("{tenant}/{volume}"),
+            Op::DrillBackups { dir } => dir.clone(),
             _ => "-".to_owned(),
         }
     }
@@ -261,6 +370,29 @@ impl Op {
             | Op::DeleteSnapshot { force, .. }
             | Op::RollbackSnapshot { force, .. } => format!("force={force}"),
             Op::RetentionRun { now: Some(now) } => format!("now={now}"),
+            Op::CreateBackup { base, expires, .. } => {
+                let mut detail = match base {
+                    Some(base) => format!("incremental from {base}"),
+                    None => "full".to_owned(),
+                };
+                if let Some(t) = expires {
+                    detail.push_str(&format!(" expires={}", crate::time::rfc3339_utc(*t)));
+                }
+                detail
+            }
+            Op::Restore { files, bundle, .. } => format!(
+                "files={} keys={}",
+                files.len(),
+                if bundle.is_some() { "bundle" } else { "store" }
+            ),
+            Op::ExportTenantKeys { passphrase, .. } => format!(
+                "sealed to {}",
+                if passphrase.is_some() {
+                    "a passphrase"
+                } else {
+                    "the master key"
+                }
+            ),
             _ => String::new(),
         }
     }
@@ -424,6 +556,75 @@ impl Op {
                 "/retention/run".to_owned(),
                 now.and_then(|now| json(serde_json::json!({ "now": now }))),
             ),
+            Op::CreateBackup {
+                tenant,
+                volume,
+                snapshot,
+                base,
+                expires,
+            } => {
+                let mut body = serde_json::json!({ "snapshot": snapshot });
+                if let Some(base) = base {
+                    body["base"] = base.as_str().into();
+                }
+                if let Some(t) = expires {
+                    body["expires"] = (*t).into();
+                }
+                (
+                    Method::POST,
+                    format!("/tenants/{tenant}/volumes/{volume}/backups"),
+                    json(body),
+                )
+            }
+            Op::VerifyBackups {
+                files,
+                structure_only,
+                bundle,
+                passphrase,
+            } => {
+                let mut body = serde_json::json!({ "files": files });
+                if *structure_only {
+                    body["structure_only"] = true.into();
+                }
+                with_bundle(&mut body, bundle, passphrase);
+                (
+                    Method::POST,
+                    "/backups/verify".to_owned(),
+                    secret_json(body),
+                )
+            }
+            Op::ListBackupKeys { tenant: None } => (Method::GET, "/backups/keys".to_owned(), None),
+            Op::ListBackupKeys {
+                tenant: Some(tenant),
+            } => (Method::GET, format!("/tenants/{tenant}/backups/keys"), None),
+            Op::DrillBackups { dir } => (
+                Method::POST,
+                "/backups/drill".to_owned(),
+                json(serde_json::json!({ "dir": dir })),
+            ),
+            Op::Restore {
+                files,
+                tenant,
+                volume,
+                bundle,
+                passphrase,
+            } => {
+                let mut body =
+                    serde_json::json!({ "files": files, "tenant": tenant, "volume": volume });
+                with_bundle(&mut body, bundle, passphrase);
+                (Method::POST, "/restore".to_owned(), secret_json(body))
+            }
+            Op::ExportTenantKeys { tenant, passphrase } => {
+                let body = match passphrase {
+                    Some(p) => serde_json::json!({ "passphrase": p.as_str() }),
+                    None => serde_json::json!({ "to_master_key": true }),
+                };
+                (
+                    Method::POST,
+                    format!("/tenants/{tenant}/export-keys"),
+                    secret_json(body),
+                )
+            }
         };
         // Callers pass checked tenant and volume names (`a-z 0-9 . _ -`), so
         // nothing here can add a path segment or a query.
@@ -586,6 +787,63 @@ impl Op {
                 };
                 Op::RetentionRun { now }
             }
+            (&Method::POST, ["tenants", t, "volumes", v, "backups"]) => {
+                let body: CreateBackupBody = decode(body)?;
+                Op::CreateBackup {
+                    tenant: name(t),
+                    volume: name(v),
+                    snapshot: body.snapshot,
+                    base: body.base,
+                    expires: body.expires,
+                }
+            }
+            (&Method::POST, ["backups", "verify"]) => {
+                let body: VerifyBackupsBody = decode(body)?;
+                check_bundle(&body.bundle, &body.passphrase)?;
+                Op::VerifyBackups {
+                    files: body.files,
+                    structure_only: body.structure_only,
+                    bundle: body.bundle,
+                    passphrase: body.passphrase.map(Zeroizing::new),
+                }
+            }
+            (&Method::GET, ["backups", "keys"]) => Op::ListBackupKeys { tenant: None },
+            (&Method::GET, ["tenants", t, "backups", "keys"]) => Op::ListBackupKeys {
+                tenant: Some(name(t)),
+            },
+            (&Method::POST, ["backups", "drill"]) => {
+                let body: DrillBody = decode(body)?;
+                Op::DrillBackups { dir: body.dir }
+            }
+            (&Method::POST, ["restore"]) => {
+                let body: RestoreBody = decode(body)?;
+                check_bundle(&body.bundle, &body.passphrase)?;
+                Op::Restore {
+                    files: body.files,
+                    tenant: body.tenant,
+                    volume: body.volume,
+                    bundle: body.bundle,
+                    passphrase: body.passphrase.map(Zeroizing::new),
+                }
+            }
+            (&Method::POST, ["tenants", t, "export-keys"]) => {
+                let body: ExportKeysBody = decode(body)?;
+                let passphrase = match (body.passphrase, body.to_master_key) {
+                    (Some(p), false) => Some(Zeroizing::new(p)),
+                    (None, true) => None,
+                    _ => {
+                        return Err(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_field",
+                            "give either \"passphrase\" or \"to_master_key\": true, not both",
+                        ));
+                    }
+                };
+                Op::ExportTenantKeys {
+                    tenant: name(t),
+                    passphrase,
+                }
+            }
             (_, segments) if is_known_path(segments) => {
                 return Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -642,6 +900,11 @@ impl Op {
                 snapshot,
                 ..
             } => vec![tenant, volume, snapshot],
+            Op::CreateBackup { tenant, volume, .. } => vec![tenant, volume],
+            Op::ListBackupKeys {
+                tenant: Some(tenant),
+            }
+            | Op::ExportTenantKeys { tenant, .. } => vec![tenant],
             _ => Vec::new(),
         }
     }
@@ -696,7 +959,48 @@ fn is_known_path(segments: &[&str]) -> bool {
             | ["audit", "verify"]
             | ["retention"]
             | ["retention", "run"]
+            | ["tenants", _, "volumes", _, "backups"]
+            | ["backups", "verify"]
+            | ["backups", "keys"]
+            | ["tenants", _, "backups", "keys"]
+            | ["backups", "drill"]
+            | ["restore"]
+            | ["tenants", _, "export-keys"]
     )
+}
+
+/// Adds a recovery bundle's path and passphrase to a request body.
+fn with_bundle(
+    body: &mut serde_json::Value,
+    bundle: &Option<String>,
+    passphrase: &Option<Zeroizing<String>>,
+) {
+    if let Some(bundle) = bundle {
+        body["bundle"] = bundle.as_str().into();
+    }
+    if let Some(p) = passphrase {
+        body["passphrase"] = p.as_str().into();
+    }
+}
+
+/// The bytes of a JSON body that may hold a passphrase: the value's strings
+/// are overwritten once serialized.
+fn secret_json(body: serde_json::Value) -> Option<Zeroizing<Vec<u8>>> {
+    let bytes = Zeroizing::new(body.to_string().into_bytes());
+    zeroize_json(body);
+    Some(bytes)
+}
+
+/// A passphrase only opens a bundle: one without a bundle is refused.
+fn check_bundle(bundle: &Option<String>, passphrase: &Option<String>) -> Result<(), ApiError> {
+    if bundle.is_none() && passphrase.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "\"passphrase\" opens a recovery bundle: it needs \"bundle\"",
+        ));
+    }
+    Ok(())
 }
 
 /// Overwrites the strings of a JSON value before it is dropped.
@@ -759,6 +1063,55 @@ struct RotateMasterBody {
     key_file: String,
     #[serde(default)]
     passphrase: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBackupBody {
+    snapshot: String,
+    #[serde(default)]
+    base: Option<String>,
+    #[serde(default)]
+    expires: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBackupsBody {
+    files: Vec<String>,
+    #[serde(default)]
+    structure_only: bool,
+    #[serde(default)]
+    bundle: Option<String>,
+    #[serde(default)]
+    passphrase: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrillBody {
+    dir: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    files: Vec<String>,
+    tenant: String,
+    volume: String,
+    #[serde(default)]
+    bundle: Option<String>,
+    #[serde(default)]
+    passphrase: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportKeysBody {
+    #[serde(default)]
+    passphrase: Option<String>,
+    #[serde(default)]
+    to_master_key: bool,
 }
 
 /// Decodes a JSON body; the error names what is wrong (serde's message says
@@ -938,6 +1291,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => exit::NOT_FOUND,
             StatusCode::CONFLICT => exit::CONFLICT,
             StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => exit::DENIED,
+            StatusCode::UNPROCESSABLE_ENTITY => exit::REFUSED,
             _ => exit::FAILURE,
         }
     }
@@ -963,6 +1317,9 @@ pub(crate) mod exit {
     pub(crate) const CONFLICT: u8 = 4;
     /// The caller may not do this (admin socket peer or certificate refused).
     pub(crate) const DENIED: u8 = 5;
+    /// A backup file or recovery bundle was refused: damaged, edited,
+    /// spliced, truncated, out of order, or not opened by the keys given.
+    pub(crate) const REFUSED: u8 = 5;
 }
 
 /// A tenant as the API shows it.
@@ -1124,6 +1481,137 @@ pub(crate) struct AuditVerifyView {
     pub(crate) problem: Option<String>,
 }
 
+/// A backup as `backup create` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupView {
+    /// The backup's id, 32 hex digits (its key in the store).
+    pub(crate) id: String,
+    /// `full` or `incremental`.
+    pub(crate) kind: String,
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    /// The base snapshot of an incremental backup.
+    pub(crate) base: Option<String>,
+    pub(crate) created: String,
+    /// Length of the backup file.
+    pub(crate) bytes: u64,
+    /// Blocks of data the file holds.
+    pub(crate) blocks: u64,
+    /// Blocks an incremental backup unmaps.
+    pub(crate) unmapped_blocks: u64,
+    /// When the backup's key is destroyed, if ever.
+    pub(crate) expires: Option<String>,
+}
+
+/// One file of a verified chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupFileView {
+    pub(crate) file: String,
+    pub(crate) id: String,
+    pub(crate) kind: String,
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    pub(crate) created: String,
+    pub(crate) volume_size: u64,
+    pub(crate) block_size: u32,
+}
+
+/// What `backup verify` checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupCheckView {
+    /// Where the keys came from: `store`, `bundle`, or `none` (structure and
+    /// digests only).
+    pub(crate) keys: String,
+    pub(crate) files: Vec<BackupFileView>,
+    /// Blocks the files hold.
+    pub(crate) blocks: u64,
+    /// Blocks opened and authenticated (0 without keys).
+    pub(crate) blocks_authenticated: u64,
+    pub(crate) bytes: u64,
+}
+
+/// A backup key the store holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupKeyView {
+    pub(crate) id: String,
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    pub(crate) created: String,
+    pub(crate) expires: Option<String>,
+}
+
+/// What a restore drill found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DrillView {
+    /// Whether every volume's newest chain restored.
+    pub(crate) ok: bool,
+    pub(crate) volumes: Vec<DrillVolumeView>,
+    /// Files that are not readable backups.
+    pub(crate) skipped: Vec<DrillSkipView>,
+}
+
+/// One volume of a drill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DrillVolumeView {
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    /// The snapshot the newest chain restores to.
+    pub(crate) snapshot: String,
+    /// The chain, full backup first.
+    pub(crate) files: Vec<String>,
+    /// Blocks restored and authenticated.
+    pub(crate) blocks: u64,
+    pub(crate) ok: bool,
+    pub(crate) error: Option<String>,
+}
+
+/// A file a drill skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DrillSkipView {
+    pub(crate) file: String,
+    pub(crate) reason: String,
+}
+
+/// What a restore made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RestoreView {
+    pub(crate) tenant: String,
+    pub(crate) volume: String,
+    /// The snapshot the volume now holds (the last file's).
+    pub(crate) snapshot: String,
+    pub(crate) size: u64,
+    pub(crate) files: usize,
+    /// Blocks restored.
+    pub(crate) blocks: u64,
+    /// Bytes of backup files read.
+    pub(crate) bytes: u64,
+}
+
+/// A sealed tenant recovery bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BundleView {
+    pub(crate) tenant: String,
+    /// Backup keys it holds.
+    pub(crate) keys: usize,
+    /// How it is sealed, e.g. `master key 5f0c...`.
+    pub(crate) protection: String,
+    /// The sealed bundle, hex (ciphertext: no key is readable without the
+    /// passphrase or master key it is sealed under).
+    pub(crate) bundle: String,
+}
+
 /// The reply of one operation; its JSON is the variant's content alone (the
 /// operation says which variant to expect).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1145,6 +1633,18 @@ pub(crate) enum Reply {
     RolledBack(RollbackView),
     Retention(RetentionView),
     RetentionRun(RunView),
+    BackupCreated(BackupView),
+    BackupVerified(BackupCheckView),
+    BackupKeys(Vec<BackupKeyView>),
+    Drilled(DrillView),
+    Restored(RestoreView),
+    TenantKeysExported(BundleView),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupKeyList {
+    keys: Vec<BackupKeyView>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1200,6 +1700,12 @@ impl Reply {
             Reply::RolledBack(v) => serde_json::to_vec_pretty(v),
             Reply::Retention(v) => serde_json::to_vec_pretty(v),
             Reply::RetentionRun(v) => serde_json::to_vec_pretty(v),
+            Reply::BackupCreated(v) => serde_json::to_vec_pretty(v),
+            Reply::BackupVerified(v) => serde_json::to_vec_pretty(v),
+            Reply::BackupKeys(v) => serde_json::to_vec_pretty(&BackupKeyList { keys: v.clone() }),
+            Reply::Drilled(v) => serde_json::to_vec_pretty(v),
+            Reply::Restored(v) => serde_json::to_vec_pretty(v),
+            Reply::TenantKeysExported(v) => serde_json::to_vec_pretty(v),
         };
         value.expect("replies always serialize")
     }
@@ -1240,15 +1746,24 @@ impl Reply {
             Op::RollbackSnapshot { .. } => Reply::RolledBack(serde_json::from_slice(body)?),
             Op::RetentionStatus => Reply::Retention(serde_json::from_slice(body)?),
             Op::RetentionRun { .. } => Reply::RetentionRun(serde_json::from_slice(body)?),
+            Op::CreateBackup { .. } => Reply::BackupCreated(serde_json::from_slice(body)?),
+            Op::VerifyBackups { .. } => Reply::BackupVerified(serde_json::from_slice(body)?),
+            Op::ListBackupKeys { .. } => {
+                Reply::BackupKeys(serde_json::from_slice::<BackupKeyList>(body)?.keys)
+            }
+            Op::DrillBackups { .. } => Reply::Drilled(serde_json::from_slice(body)?),
+            Op::Restore { .. } => Reply::Restored(serde_json::from_slice(body)?),
+            Op::ExportTenantKeys { .. } => Reply::TenantKeysExported(serde_json::from_slice(body)?),
         })
     }
 
     /// The HTTP status of a successful reply to `op`.
     pub(crate) fn status(op: &Op) -> StatusCode {
         match op {
-            Op::CreateTenant { .. } | Op::CreateVolume { .. } | Op::CreateSnapshot { .. } => {
-                StatusCode::CREATED
-            }
+            Op::CreateTenant { .. }
+            | Op::CreateVolume { .. }
+            | Op::CreateSnapshot { .. }
+            | Op::Restore { .. } => StatusCode::CREATED,
             _ => StatusCode::OK,
         }
     }
@@ -1373,6 +1888,59 @@ mod tests {
             Op::RetentionRun {
                 now: Some(1_700_000_000),
             },
+            Op::CreateBackup {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                base: None,
+                expires: None,
+            },
+            Op::CreateBackup {
+                tenant: t(),
+                volume: v(),
+                snapshot: s(),
+                base: Some("nightly".to_owned()),
+                expires: Some(1_800_000_000),
+            },
+            Op::VerifyBackups {
+                files: vec!["/b/full.bsb".to_owned(), "/b/incr.bsb".to_owned()],
+                structure_only: false,
+                bundle: None,
+                passphrase: None,
+            },
+            Op::VerifyBackups {
+                files: vec!["/b/full.bsb".to_owned()],
+                structure_only: true,
+                bundle: Some("/b/acme.bundle".to_owned()),
+                passphrase: Some(Zeroizing::new("hunter2".to_owned())),
+            },
+            Op::ListBackupKeys { tenant: None },
+            Op::ListBackupKeys { tenant: Some(t()) },
+            Op::DrillBackups {
+                dir: "/srv/backups".to_owned(),
+            },
+            Op::Restore {
+                files: vec!["/b/full.bsb".to_owned(), "/b/incr.bsb".to_owned()],
+                tenant: t(),
+                volume: v(),
+                bundle: None,
+                passphrase: None,
+            },
+            Op::Restore {
+                files: vec!["/b/full.bsb".to_owned()],
+                tenant: t(),
+                volume: v(),
+                bundle: Some("/b/acme.bundle".to_owned()),
+                passphrase: Some(Zeroizing::new("hunter2".to_owned())),
+            },
+            Op::ExportTenantKeys {
+                tenant: t(),
+                passphrase: None,
+            },
+            Op::ExportTenantKeys {
+                tenant: t(),
+                passphrase: Some(Zeroizing::new("hunter2".to_owned())),
+            },
         ]
     }
 
@@ -1396,16 +1964,88 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_passphrase() {
-        let op = Op::RotateMaster {
-            key_file: "k".to_owned(),
-            passphrase: Some(Zeroizing::new("hunter2".to_owned())),
-        };
+        let with_passphrase = every_op().into_iter().filter(|op| {
+            matches!(
+                op,
+                Op::RotateMaster {
+                    passphrase: Some(_),
+                    ..
+                } | Op::VerifyBackups {
+                    passphrase: Some(_),
+                    ..
+                } | Op::Restore {
+                    passphrase: Some(_),
+                    ..
+                } | Op::ExportTenantKeys {
+                    passphrase: Some(_),
+                    ..
+                }
+            )
+        });
         // As text, and as the bytes a `Vec<u8>` Debug would print.
         let bytes: Vec<String> = b"hunter2".iter().map(u8::to_string).collect();
-        for shown in [format!("{op:?}"), format!("{:?}", op.to_request())] {
-            assert!(!shown.contains("hunter2"), "{shown}");
-            assert!(!shown.contains(&bytes.join(", ")), "{shown}");
+        let mut checked = 0;
+        for op in with_passphrase {
+            for shown in [format!("{op:?}"), format!("{:?}", op.to_request())] {
+                assert!(!shown.contains("hunter2"), "{shown}");
+                assert!(!shown.contains(&bytes.join(", ")), "{shown}");
+            }
+            assert!(!op.target().contains("hunter2") && !op.detail().contains("hunter2"));
+            checked += 1;
         }
+        assert_eq!(checked, 4);
+    }
+
+    #[test]
+    fn exporting_keys_is_audited_though_it_changes_nothing() {
+        for op in every_op() {
+            assert_eq!(
+                op.audited(),
+                op.mutates() || matches!(op, Op::ExportTenantKeys { .. }),
+                "{op:?}"
+            );
+        }
+        let export = Op::ExportTenantKeys {
+            tenant: "acme".to_owned(),
+            passphrase: None,
+        };
+        assert!(export.audited());
+        let verify = Op::VerifyBackups {
+            files: vec!["/f".to_owned()],
+            structure_only: false,
+            bundle: None,
+            passphrase: None,
+        };
+        assert!(!verify.audited());
+    }
+
+    #[test]
+    fn bundle_arguments_are_checked() {
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/export-keys",
+            None,
+            "{\"passphrase\": \"x\", \"to_master_key\": true}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(Method::POST, "/v1/tenants/acme/export-keys", None, "{}");
+        assert_eq!(e.code, "invalid_field");
+        let e = error(
+            Method::POST,
+            "/v1/restore",
+            None,
+            "{\"files\": [\"/f\"], \"tenant\": \"a\", \"volume\": \"v\", \"passphrase\": \"x\"}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(
+            Method::POST,
+            "/v1/tenants/acme/volumes/disk/backups",
+            None,
+            "{\"snapshot\": \"s\", \"kind\": \"full\"}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(Method::GET, "/v1/backups/drill", None, "");
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
     }
 
     fn error(method: Method, path: &str, query: Option<&str>, body: &str) -> ApiError {

@@ -6,12 +6,17 @@
 //! - [`api`]: the operations, their HTTP form, replies and errors;
 //! - [`service`]: what each operation does (the one implementation);
 //! - [`server`]: the socket, peer credentials, limits;
-//! - [`client`]: the CLI's request.
+//! - [`client`]: the CLI's request;
+//! - [`backup`]: backups, restores, drills and recovery bundles;
+//! - [`stream`]: replies streamed as they are produced (a backup file, a
+//!   restore's progress).
 
 pub(crate) mod api;
+pub(crate) mod backup;
 pub(crate) mod client;
 pub(crate) mod server;
 pub(crate) mod service;
+pub(crate) mod stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,4 +86,20 @@ pub(crate) fn execute_with(
         actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
     };
     Ok((service.run(&caller, op)?, Mode::Offline))
+}
+
+/// The store at `location` opened directly, with the admin operations on it
+/// and the local caller: what [`execute`] falls back to when no server runs,
+/// for commands that stream (a backup into a file).
+pub(crate) fn offline(
+    location: &StoreLocation,
+    if_missing: IfMissing,
+) -> anyhow::Result<(Service, Caller)> {
+    let store = location
+        .open_for_admin(if_missing)
+        .context("no server answers on the admin socket, so the store was opened directly")?;
+    let caller = Caller {
+        actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
+    };
+    Ok((Service::offline(Arc::new(store)), caller))
 }

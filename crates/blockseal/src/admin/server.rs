@@ -11,7 +11,8 @@
 //! Resource limits: at most [`MAX_CONNECTIONS`] admin connections at once (more
 //! wait in the listen queue), request headers within [`HEADER_TIMEOUT`] and at
 //! most 16 KiB, bodies at most [`MAX_BODY_BYTES`]. Operations run on blocking
-//! threads, never on the runtime's.
+//! threads, never on the runtime's. A backup and a restore answer with a
+//! stream ([`super::stream`]) instead of one JSON document.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -30,6 +31,7 @@ use zeroize::Zeroizing;
 
 use super::api::{ApiError, MAX_BODY_BYTES, Op, Reply};
 use super::service::{Caller, Service};
+use super::stream::{self, AdminBody};
 use blockseal_nbd::{Shutdown, TlsConfig};
 
 /// Admin connections served at once.
@@ -244,7 +246,7 @@ async fn handle(
     caller: Caller,
     allowed: bool,
     audited: &AtomicBool,
-) -> Response<Full<Bytes>> {
+) -> Response<AdminBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = request.uri().query().map(str::to_owned);
@@ -290,6 +292,16 @@ async fn handle(
     };
     drop(body);
     let service = service.clone();
+    // Replies that are streamed as the operation produces them.
+    match op {
+        Op::CreateBackup { .. } => {
+            return stream::backup(service, caller, op, error_response).await;
+        }
+        Op::Restore { .. } => {
+            return stream::restore(service, caller, op, json_response, error_response).await;
+        }
+        _ => {}
+    }
     let outcome = tokio::task::spawn_blocking(move || {
         let result = service.run(&caller, &op);
         (op, result)
@@ -358,8 +370,8 @@ async fn read_body(request: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Api
     Ok(body)
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<AdminBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -367,6 +379,6 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
-fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+fn error_response(error: &ApiError) -> Response<AdminBody> {
     json_response(error.status, error.to_json())
 }

@@ -2,7 +2,8 @@
 //! behind both the admin API of a running server and the CLI when no server runs,
 //! so the two give the same answers and the same errors.
 //!
-//! Every operation that changes something is recorded in the store's audit log
+//! Every operation that changes something (and exporting a tenant's keys,
+//! which hands out a copy of them) is recorded in the store's audit log
 //! twice: an entry saying it starts, appended durably before anything changes
 //! (if that append fails the operation is refused, so nothing changes
 //! unrecorded), and one with its outcome. Reads are not recorded.
@@ -23,6 +24,7 @@ use super::api::{
     DataKeyView, DeletedView, MasterRotationView, Op, ReencryptionView, Reply, RollbackView,
     ShredView, SnapshotView, StatusView, TenantView, VolumeView,
 };
+use super::backup::{self, OpIo};
 use crate::exports::{Reach, RetireError, StoreCatalog};
 use crate::retention::{self, Retention};
 use crate::time::rfc3339_utc;
@@ -138,16 +140,27 @@ impl Service {
     /// Runs `op` for `caller`, recording it in the audit log if it changes
     /// anything. Blocking: store I/O.
     pub(crate) fn run(&self, caller: &Caller, op: &Op) -> Result<Reply, ApiError> {
+        self.run_with(caller, op, &mut OpIo::none())
+    }
+
+    /// [`Service::run`] for an operation that writes a stream (a backup
+    /// file) or reports progress (a backup, a restore) through `io`.
+    pub(crate) fn run_with(
+        &self,
+        caller: &Caller,
+        op: &Op,
+        io: &mut OpIo<'_>,
+    ) -> Result<Reply, ApiError> {
         let _running = self.begin()?;
-        if !op.mutates() {
-            return self.execute(op);
+        if !op.audited() {
+            return self.dispatch(op, io);
         }
         self.audit(caller, op, "started").map_err(|e| {
             ApiError::internal(format!(
                 "the audit log cannot record this operation, so it was not run: {e}"
             ))
         })?;
-        let result = self.execute(op);
+        let result = self.dispatch(op, io);
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
             Err(e) => format!("error {}: {}", e.code, e.message),
@@ -180,6 +193,15 @@ impl Service {
             result: result.to_owned(),
             detail: op.detail(),
         })
+    }
+
+    /// Runs an operation: the backup operations in `admin::backup`, the
+    /// rest here.
+    fn dispatch(&self, op: &Op, io: &mut OpIo<'_>) -> Result<Reply, ApiError> {
+        match backup::run(self, op, io) {
+            Some(result) => result,
+            None => self.execute(op),
+        }
     }
 
     fn execute(&self, op: &Op) -> Result<Reply, ApiError> {
@@ -488,6 +510,15 @@ impl Service {
             } => self.rollback(tenant, volume, snapshot, *force),
             Op::RetentionStatus => retention::status_reply(self, self.retention.as_deref()),
             Op::RetentionRun { now } => retention::run_reply(self, self.retention.as_deref(), *now),
+            Op::CreateBackup { .. }
+            | Op::VerifyBackups { .. }
+            | Op::ListBackupKeys { .. }
+            | Op::DrillBackups { .. }
+            | Op::Restore { .. }
+            | Op::ExportTenantKeys { .. } => Err(ApiError::internal(format!(
+                "{} is run by admin::backup",
+                op.action()
+            ))),
         }
     }
 
@@ -769,19 +800,19 @@ fn snapshot_view(tenant: &TenantId, volume: &VolumeId, info: &SnapshotInfo) -> S
     }
 }
 
-fn bad_request(code: &str, message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_request(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, message)
 }
 
-fn tenant_id(name: &str) -> Result<TenantId, ApiError> {
+pub(crate) fn tenant_id(name: &str) -> Result<TenantId, ApiError> {
     TenantId::new(name).map_err(|e| bad_request("invalid_name", e.to_string()))
 }
 
-fn volume_id(name: &str) -> Result<VolumeId, ApiError> {
+pub(crate) fn volume_id(name: &str) -> Result<VolumeId, ApiError> {
     VolumeId::new(name).map_err(|e| bad_request("invalid_name", e.to_string()))
 }
 
-fn no_such_tenant(tenant: &TenantId) -> ApiError {
+pub(crate) fn no_such_tenant(tenant: &TenantId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "no_such_tenant",
@@ -797,7 +828,7 @@ fn no_such_volume(tenant: &TenantId, volume: &VolumeId) -> ApiError {
     )
 }
 
-fn query_error(e: QueryError) -> ApiError {
+pub(crate) fn query_error(e: QueryError) -> ApiError {
     ApiError::internal(crate::exports::error_chain(&e))
 }
 
@@ -813,7 +844,7 @@ fn create_error(e: CreateError) -> ApiError {
     }
 }
 
-fn volume_error(e: VolumeError) -> ApiError {
+pub(crate) fn volume_error(e: VolumeError) -> ApiError {
     match &e {
         VolumeError::NoSuchTenant { tenant } => no_such_tenant(tenant),
         VolumeError::NoSuchVolume { tenant, volume } => no_such_volume(tenant, volume),
@@ -832,7 +863,7 @@ fn rotate_error(e: RotateError) -> ApiError {
     }
 }
 
-fn admin_error(e: AdminError) -> ApiError {
+pub(crate) fn admin_error(e: AdminError) -> ApiError {
     // The status comes from the store's own classification; the code names
     // the case.
     let status = match e.kind() {

@@ -506,7 +506,7 @@ fn run_quiet(
 
 /// A tenant name, checked here so that only a valid name ever reaches a
 /// request path; a bad one is a usage error (exit code 2), as it is offline.
-fn tenant_name(name: &str) -> anyhow::Result<String> {
+pub(super) fn tenant_name(name: &str) -> anyhow::Result<String> {
     let tenant = blockseal_keys::TenantId::new(name).map_err(|e| {
         ApiError::new(
             hyper::StatusCode::BAD_REQUEST,
@@ -518,13 +518,13 @@ fn tenant_name(name: &str) -> anyhow::Result<String> {
 }
 
 /// `TENANT/VOLUME`; a malformed name is a usage error (exit code 2).
-fn split(name: &str) -> anyhow::Result<(String, String)> {
+pub(super) fn split(name: &str) -> anyhow::Result<(String, String)> {
     let (tenant, volume) = parse_export_name(name).map_err(|e| usage(format!("{e:#}")))?;
     Ok((tenant.to_string(), volume.to_string()))
 }
 
 /// `TENANT/VOLUME@NAME`; a malformed one is a usage error (exit code 2).
-fn split_snapshot(name: &str) -> anyhow::Result<(String, String, String)> {
+pub(super) fn split_snapshot(name: &str) -> anyhow::Result<(String, String, String)> {
     let Some((volume_name, snapshot)) = name.split_once('@') else {
         return Err(usage(format!(
             "{name:?} names no snapshot: a snapshot is TENANT/VOLUME@NAME"
@@ -541,7 +541,7 @@ fn split_snapshot(name: &str) -> anyhow::Result<(String, String, String)> {
 }
 
 /// A usage error (exit code 2), as the API's `400 invalid_name` would be.
-fn usage(message: String) -> anyhow::Error {
+pub(super) fn usage(message: String) -> anyhow::Error {
     ApiError::new(hyper::StatusCode::BAD_REQUEST, "invalid_name", message).into()
 }
 
@@ -574,21 +574,21 @@ pub(crate) struct Style {
 }
 
 impl Style {
-    fn for_stdout() -> Style {
+    pub(super) fn for_stdout() -> Style {
         Style {
             colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         }
     }
 
-    fn bold(self, text: &str) -> String {
+    pub(super) fn bold(self, text: &str) -> String {
         self.paint("1", text)
     }
 
-    fn good(self, text: &str) -> String {
+    pub(super) fn good(self, text: &str) -> String {
         self.paint("32", text)
     }
 
-    fn bad(self, text: &str) -> String {
+    pub(super) fn bad(self, text: &str) -> String {
         self.paint("31;1", text)
     }
 
@@ -742,6 +742,12 @@ pub(crate) fn render(
             out += "\n";
         }
         Reply::Retention(_) | Reply::RetentionRun(_) => out += &super::retention::render(reply),
+        Reply::BackupCreated(_)
+        | Reply::BackupVerified(_)
+        | Reply::BackupKeys(_)
+        | Reply::Drilled(_)
+        | Reply::Restored(_)
+        | Reply::TenantKeysExported(_) => out += &super::backup::render(reply, style),
     }
     out
 }

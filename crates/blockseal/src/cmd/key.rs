@@ -46,6 +46,7 @@ pub(crate) fn run(command: KeyCommand) -> anyhow::Result<()> {
             store,
             output,
         } => super::admin::rotate_tenant(tenant, &store, &output),
+        KeyCommand::ExportTenant(args) => super::backup::export_tenant(args),
     }
 }
 

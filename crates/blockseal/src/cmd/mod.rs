@@ -4,6 +4,7 @@
 //! `run` function, and one arm in [`run`].
 
 mod admin;
+mod backup;
 mod key;
 mod retention;
 mod serve;
@@ -19,6 +20,8 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(command) => admin::volume(command),
         Command::Snapshot(command) => admin::snapshot(command),
         Command::Key(command) => key::run(command),
+        Command::Backup(command) => backup::run(command),
+        Command::Restore(args) => backup::restore(args),
         Command::Audit(args) => admin::audit(args),
         Command::Store(command) => admin::store(command),
         Command::Retention(command) => retention::run(command),
