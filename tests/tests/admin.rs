@@ -321,6 +321,50 @@ const SCRIPT: &[(&str, &[&str], Option<i32>)] = &[
         &["volume", "show", "acme/voicemail"],
         None,
     ),
+    ("backup-keys", &["backup", "keys", "acme"], None),
+    (
+        "backup-keys-missing-tenant",
+        &["backup", "keys", "nobody"],
+        Some(3),
+    ),
+    (
+        "backup-create-missing-snapshot",
+        &[
+            "backup",
+            "create",
+            "acme/voicemail@nothing",
+            "--out",
+            "/nonexistent/full.bsb",
+        ],
+        Some(3),
+    ),
+    (
+        "backup-verify-missing-file",
+        &["backup", "verify", "/nonexistent/full.bsb"],
+        Some(3),
+    ),
+    (
+        "restore-missing-file",
+        &["restore", "/nonexistent/full.bsb", "--as", "acme/restored"],
+        Some(3),
+    ),
+    (
+        "restore-into-existing",
+        &["restore", "/nonexistent/full.bsb", "--as", "acme/voicemail"],
+        Some(4),
+    ),
+    (
+        "key-export-tenant-missing",
+        &[
+            "key",
+            "export-tenant",
+            "nobody",
+            "--out",
+            "/nonexistent/nobody.bundle",
+            "--to-master-key",
+        ],
+        Some(3),
+    ),
     (
         "snapshot-rollback-not-newest",
         &["snapshot", "rollback", "acme/voicemail@before"],
@@ -947,7 +991,7 @@ fn completions_are_printed_for_each_shell() {
 fn help_documents_the_exit_codes() {
     let out = blockseal_ok(&["--help"]);
     for line in [
-        "3  no such tenant, volume or snapshot",
+        "3  no such tenant, volume, snapshot, file or backup key",
         "4  conflict",
         "5  refused",
     ] {
