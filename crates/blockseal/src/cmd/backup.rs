@@ -418,32 +418,116 @@ impl<R: Read> Read for Tee<'_, R> {
     }
 }
 
-/// Where a backup goes: a file written whole or not at all, or stdout.
-enum Sink {
+/// Bytes handed to the writer thread at a time.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Chunks waiting for the writer thread.
+const WRITE_DEPTH: usize = 4;
+
+/// Where a backup goes: a file written whole or not at all, or stdout. The
+/// writes happen on a thread of their own, a few MiB behind, so that
+/// receiving and checking the stream overlap with writing it.
+struct Sink {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<Output>>>,
+}
+
+/// What the writer thread writes to.
+enum Output {
     File(AtomicFile),
-    Stdout(std::io::BufWriter<std::io::Stdout>),
+    Stdout(std::io::Stdout),
 }
 
 impl Sink {
     fn open(target: Option<&Path>) -> anyhow::Result<Sink> {
-        Ok(match target {
-            Some(path) => Sink::File(AtomicFile::create(path)?),
-            None => Sink::Stdout(std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::io::stdout(),
-            )),
+        let mut output = match target {
+            Some(path) => Output::File(AtomicFile::create(path)?),
+            None => Output::Stdout(std::io::stdout()),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("blockseal-backup-writer".into())
+            .spawn(move || {
+                for chunk in rx {
+                    match &mut output {
+                        Output::File(f) => f.write_all(&chunk)?,
+                        Output::Stdout(o) => o.write_all(&chunk)?,
+                    }
+                }
+                Ok(output)
+            })
+            .context("cannot start the writer thread")?;
+        Ok(Sink {
+            buf: Vec::with_capacity(WRITE_CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
         })
     }
 
-    fn commit(self) -> anyhow::Result<()> {
-        match self {
-            Sink::File(file) => {
+    /// Hands the buffered bytes to the writer thread.
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(WRITE_CHUNK));
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The thread stopped: it failed, and says why.
+        Err(match self.join() {
+            Ok(Err(e)) => e,
+            _ => std::io::Error::other("the writer thread stopped"),
+        })
+    }
+
+    /// Waits for the writer thread to finish what it was given.
+    fn join(&mut self) -> std::thread::Result<std::io::Result<Output>> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(thread) => thread.join(),
+            None => Ok(Err(std::io::Error::other("the writer thread stopped"))),
+        }
+    }
+
+    /// Writes the rest, then gives the file its name (or flushes stdout).
+    fn commit(mut self) -> anyhow::Result<()> {
+        self.send().context("cannot write the backup")?;
+        let output = match self.join() {
+            Ok(output) => output.context("cannot write the backup")?,
+            Err(_) => bail!("the writer thread panicked"),
+        };
+        match output {
+            Output::File(file) => {
                 let path = file.path().to_owned();
                 file.commit()
                     .with_context(|| format!("cannot finish {}", path.display()))
             }
-            Sink::Stdout(mut out) => out.flush().context("cannot write the backup to stdout"),
+            Output::Stdout(mut out) => out.flush().context("cannot write the backup to stdout"),
         }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        // Not committed: the thread ends, and an unfinished file is removed
+        // before this returns.
+        let _ = self.join();
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() >= WRITE_CHUNK {
+            self.send()?;
+        }
+        let n = data.len().min(WRITE_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -474,22 +558,6 @@ impl Write for LazySink<'_> {
         match &mut self.sink {
             Some(sink) => sink.flush(),
             None => Ok(()),
-        }
-    }
-}
-
-impl Write for Sink {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sink::File(f) => f.write(data),
-            Sink::Stdout(o) => o.write(data),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sink::File(f) => f.flush(),
-            Sink::Stdout(o) => o.flush(),
         }
     }
 }
