@@ -516,3 +516,22 @@ fn backups_restore_on_another_host_and_refuse_damage() {
     );
     drop(server2);
 }
+
+/// `scripts/backup-throughput.sh --smoke` runs end to end with this build's
+/// binary and writes its table.
+#[test]
+fn the_throughput_script_runs_at_its_smoke_size() {
+    require_all(&["fio", "nbdcopy"]);
+    let results = temp_dir();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/backup-throughput.sh");
+    run_ok(Command::new("bash").arg(script).args([
+        "--smoke",
+        "--bin",
+        path_str(&binary()),
+        "--results",
+        path_str(results.path()),
+    ]));
+    let summary = std::fs::read_to_string(results.path().join("summary.md")).unwrap();
+    assert!(summary.contains("| ratio backup / nbdcopy |"), "{summary}");
+    assert!(summary.contains("% of the full backup"), "{summary}");
+}
