@@ -71,6 +71,9 @@ pub const MAC_INPUT_LEN: usize = 4 + MAC_LABEL.len() + DIGEST_LEN + 8 + 8;
 
 /// Frame type of a block run.
 const FRAME_BLOCKS: u8 = b'B';
+/// Bytes of a block run frame before its tags: type, LBA, count, DEK
+/// version, writer, nonce counter, checksum.
+const BLOCK_RUN_HEAD: usize = 31;
 /// Frame type of an unmapped range.
 const FRAME_UNMAPPED: u8 = b'Z';
 /// Frame type of the trailer.
@@ -181,7 +184,7 @@ impl BackupHeader {
     /// would refuse is refused here, with the same error.
     fn encode_checked(&self) -> Result<Vec<u8>, BackupFormatError> {
         let out = self.encode();
-        let mut input = Input::new(out.as_slice());
+        let mut input = Input::new(out.as_slice(), false);
         let decoded = read_header(&mut input)?;
         if decoded != *self || !input.inner.is_empty() {
             return Err(BackupFormatError::InvalidHeader {
@@ -495,6 +498,16 @@ pub enum BackupFormatError {
         /// The count of what was read.
         actual: u64,
     },
+    /// A block run's ciphertext does not match its checksum.
+    #[error(
+        "backup file damaged: the ciphertext of the block run at block {lba} (byte {offset}) does not match its checksum"
+    )]
+    ChecksumMismatch {
+        /// Where the ciphertext starts.
+        offset: u64,
+        /// The run's first block.
+        lba: u64,
+    },
     /// The trailer's digest is not the SHA-256 of the bytes before it.
     #[error(
         "backup file digest mismatch: the bytes before the trailer at byte {offset} are not \
@@ -645,24 +658,52 @@ impl Rules {
     }
 }
 
-/// The reading side: counts and hashes every byte it hands out.
+/// The reading side: counts and hashes every byte it hands out (unless the
+/// reader checks framing only).
 struct Input<R> {
     inner: R,
-    digest: digest::Context,
+    digest: Hasher,
     offset: u64,
 }
 
+/// The running digest, or nothing for a reader that checks framing only.
+struct Hasher(Option<digest::Context>);
+
+impl Hasher {
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(d) = self.0.as_mut() {
+            d.update(bytes);
+        }
+    }
+
+    /// The digest so far, or `None` when not hashing.
+    fn finish(&self) -> Option<digest::Digest> {
+        self.0.as_ref().map(|d| d.clone().finish())
+    }
+}
+
 impl<R: Read> Input<R> {
-    fn new(inner: R) -> Input<R> {
+    fn new(inner: R, hashed: bool) -> Input<R> {
         Input {
             inner,
-            digest: digest::Context::new(&digest::SHA256),
+            digest: Hasher(hashed.then(|| digest::Context::new(&digest::SHA256))),
             offset: 0,
         }
     }
 
     /// Fills `buf` from the stream and hashes it.
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), BackupFormatError> {
+        self.fill_unhashed(buf, what)?;
+        self.digest.update(buf);
+        Ok(())
+    }
+
+    /// Fills `buf` from the stream (counted, not hashed).
+    fn fill_unhashed(
+        &mut self,
+        buf: &mut [u8],
+        what: &'static str,
+    ) -> Result<(), BackupFormatError> {
         let mut filled = 0;
         while filled < buf.len() {
             let at = self.offset + filled as u64;
@@ -676,7 +717,6 @@ impl<R: Read> Input<R> {
                 Err(source) => return Err(BackupFormatError::Io { offset: at, source }),
             }
         }
-        self.digest.update(buf);
         self.offset += buf.len() as u64;
         Ok(())
     }
@@ -725,14 +765,26 @@ impl<R: Read> Input<R> {
         Ok(u64::from_be_bytes(self.array(what)?))
     }
 
-    /// `len` bytes (already checked against the format's bounds), the buffer
-    /// growing only as they arrive.
+    /// `len` bytes (already checked against the format's bounds), hashed.
     fn bytes(&mut self, len: usize, what: &'static str) -> Result<Vec<u8>, BackupFormatError> {
+        let out = self.unhashed_bytes(len, what)?;
+        self.digest.update(&out);
+        Ok(out)
+    }
+
+    /// `len` bytes (already checked against the format's bounds), the buffer
+    /// growing only as they arrive; not hashed (a block run's ciphertext,
+    /// which its checksum covers).
+    fn unhashed_bytes(
+        &mut self,
+        len: usize,
+        what: &'static str,
+    ) -> Result<Vec<u8>, BackupFormatError> {
         let mut out = Vec::with_capacity(len.min(READ_CHUNK));
         while out.len() < len {
             let start = out.len();
             out.resize(start + (len - start).min(READ_CHUNK), 0);
-            self.fill(&mut out[start..], what)?;
+            self.fill_unhashed(&mut out[start..], what)?;
         }
         Ok(out)
     }
@@ -985,7 +1037,21 @@ pub struct BackupReader<R> {
 impl<R: Read> BackupReader<R> {
     /// Reads and checks the header.
     pub fn new(input: R) -> Result<BackupReader<R>, BackupFormatError> {
-        let mut input = Input::new(input);
+        Self::with_digest(input, true)
+    }
+
+    /// A reader that checks everything but the trailer's digest: the
+    /// framing, every rule of the header and frames, the counts, that the
+    /// trailer is there and nothing follows it. For a stream whose producer
+    /// is trusted (a backup on its way from the server that wrote it to a
+    /// file), where only completeness is in question: it does not hash the
+    /// bytes. Anything that must detect damage uses [`Self::new`].
+    pub fn framing_only(input: R) -> Result<BackupReader<R>, BackupFormatError> {
+        Self::with_digest(input, false)
+    }
+
+    fn with_digest(input: R, hashed: bool) -> Result<BackupReader<R>, BackupFormatError> {
+        let mut input = Input::new(input, hashed);
         let header = read_header(&mut input)?;
         let rules = Rules::new(&header);
         Ok(BackupReader {
@@ -1059,15 +1125,20 @@ impl<R: Read> BackupReader<R> {
                 let dek_version = self.input.u32("block run's DEK version")?;
                 let writer = self.input.u32("block run's writer")?;
                 let nonce = self.input.u64("block run's nonce counter")?;
+                let checksum = self.input.u32("block run's checksum")?;
                 self.rules
                     .block_run(offset, lba, u64::from(count), dek_version, writer, nonce)?;
                 let mut tags = Vec::with_capacity(usize::from(count));
                 for _ in 0..count {
                     tags.push(self.input.array("block run's tags")?);
                 }
+                let at = self.input.offset;
                 let ciphertext = self
                     .input
-                    .bytes(self.rules.run_bytes(count), "block run's ciphertext")?;
+                    .unhashed_bytes(self.rules.run_bytes(count), "block run's ciphertext")?;
+                if crc32c::crc32c(&ciphertext) != checksum {
+                    return Err(BackupFormatError::ChecksumMismatch { offset: at, lba });
+                }
                 Ok(Some(Frame::Blocks {
                     lba,
                     dek_version,
@@ -1086,12 +1157,12 @@ impl<R: Read> BackupReader<R> {
             }
             FRAME_END => {
                 // The digest covers every byte before the trailer's type byte.
-                let computed = self.input.digest.clone().finish();
+                let computed = self.input.digest.finish();
                 let frames = self.input.u64("trailer's frame count")?;
                 let mapped_blocks = self.input.u64("trailer's mapped block count")?;
                 let digest: [u8; DIGEST_LEN] = self.input.array("trailer's digest")?;
                 let mac = self.input.array("trailer's MAC")?;
-                if computed.as_ref() != digest {
+                if computed.is_some_and(|c| c.as_ref() != digest) {
                     return Err(BackupFormatError::DigestMismatch { offset });
                 }
                 for (what, recorded, actual) in [
@@ -1213,16 +1284,17 @@ impl<W: Write> BackupWriter<W> {
             .map_err(invalid_input)?;
         // At most MAX_RUN_BLOCKS, checked above.
         let count = tags.len() as u16;
-        let mut head = [0u8; 27];
+        let mut head = [0u8; BLOCK_RUN_HEAD];
         head[0] = FRAME_BLOCKS;
         head[1..9].copy_from_slice(&lba.to_be_bytes());
         head[9..11].copy_from_slice(&count.to_be_bytes());
         head[11..15].copy_from_slice(&dek_version.to_be_bytes());
         head[15..19].copy_from_slice(&writer.to_be_bytes());
         head[19..27].copy_from_slice(&nonce.to_be_bytes());
+        head[27..31].copy_from_slice(&crc32c::crc32c(ciphertext).to_be_bytes());
         self.put(&head)?;
         self.put(tags.as_flattened())?;
-        self.put(ciphertext)
+        self.put_unhashed(ciphertext)
     }
 
     /// Writes an unmapped range: blocks `lba..lba + count` hold no data
@@ -1280,8 +1352,14 @@ impl<W: Write> BackupWriter<W> {
 
     /// Writes and hashes `bytes`.
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.check_usable()?;
         self.digest.update(bytes);
+        self.put_unhashed(bytes)
+    }
+
+    /// Writes `bytes` without hashing them (a block run's ciphertext, which
+    /// its checksum covers).
+    fn put_unhashed(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.check_usable()?;
         if let Err(e) = self.out.write_all(bytes) {
             self.failed = true;
             return Err(e);
@@ -1450,10 +1528,7 @@ mod tests {
     /// `body` (header and frames) followed by a trailer with a correct digest,
     /// as anyone can make without the MAC key.
     fn reseal(body: &[u8], frames: u64, mapped: u64) -> Vec<u8> {
-        let digest: [u8; 32] = digest::digest(&digest::SHA256, body)
-            .as_ref()
-            .try_into()
-            .unwrap();
+        let digest = digest_of(body);
         let mut out = body.to_vec();
         out.push(FRAME_END);
         out.extend_from_slice(&frames.to_be_bytes());
@@ -1471,11 +1546,38 @@ mod tests {
         out.extend_from_slice(&dek.to_be_bytes());
         out.extend_from_slice(&writer.to_be_bytes());
         out.extend_from_slice(&nonce.to_be_bytes());
-        out.resize(
-            out.len() + usize::from(count) * (TAG_LEN + BS as usize),
-            0x3c,
-        );
+        let ciphertext = vec![0x3c; usize::from(count) * BS as usize];
+        out.extend_from_slice(&crc32c::crc32c(&ciphertext).to_be_bytes());
+        out.resize(out.len() + usize::from(count) * TAG_LEN, 0x3c);
+        out.extend_from_slice(&ciphertext);
         out
+    }
+
+    /// The digest of `body` (a header and frames of block size `BS`, or the
+    /// header's): SHA-256 of every byte but the block runs' ciphertext.
+    fn digest_of(body: &[u8]) -> [u8; 32] {
+        let mut reader = BackupReader::framing_only(body).unwrap();
+        let bs = reader.header().block_size as usize;
+        let mut at = reader.offset() as usize;
+        let _ = reader.next_frame();
+        let mut d = digest::Context::new(&digest::SHA256);
+        d.update(&body[..at]);
+        while at < body.len() {
+            match body[at] {
+                FRAME_BLOCKS if at + 11 <= body.len() => {
+                    let n = usize::from(u16::from_be_bytes([body[at + 9], body[at + 10]]));
+                    let hashed = (at + BLOCK_RUN_HEAD + n * TAG_LEN).min(body.len());
+                    d.update(&body[at..hashed]);
+                    at = (hashed + n * bs).min(body.len());
+                }
+                _ => {
+                    let end = (at + 17).min(body.len());
+                    d.update(&body[at..end]);
+                    at = end;
+                }
+            }
+        }
+        d.finish().as_ref().try_into().unwrap()
     }
 
     fn raw_unmapped(lba: u64, count: u64) -> Vec<u8> {
@@ -1513,7 +1615,7 @@ mod tests {
             assert_eq!(starts[0], 122 + 4 + 9 + 18 + 64 * 2 + 40 * 2);
             for (frame, pair) in frames.iter().zip(starts.windows(2)) {
                 let len = match frame {
-                    Frame::Blocks { tags, .. } => 27 + tags.len() * (16 + BS as usize),
+                    Frame::Blocks { tags, .. } => BLOCK_RUN_HEAD + tags.len() * (16 + BS as usize),
                     Frame::Unmapped { .. } => 17,
                 };
                 assert_eq!(pair[1] - pair[0], len);
@@ -1538,8 +1640,10 @@ mod tests {
             }
             assert_eq!(&bytes[..8], b"BSBACKUP");
             assert_eq!(bytes[10], kind.code());
-            let digest = digest::digest(&digest::SHA256, &bytes[..bytes.len() - 81]);
-            assert_eq!(summary.trailer.digest, digest.as_ref());
+            assert_eq!(
+                summary.trailer.digest,
+                digest_of(&bytes[..bytes.len() - 81])
+            );
         }
         // No frames at all is a valid (empty) backup.
         let (bytes, summary, _) = write(&header(BackupKind::Full), &[]);
@@ -1593,6 +1697,50 @@ mod tests {
     }
 
     #[test]
+    fn a_framing_only_reader_finds_cuts_and_extra_bytes_but_not_damage() {
+        let (bytes, _, _) = write(&header(BackupKind::Incremental), &incremental_frames());
+        let framing = |b: &[u8]| -> Result<u64, BackupFormatError> {
+            let mut r = BackupReader::framing_only(b)?;
+            let mut n = 0;
+            while r.next_frame()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        };
+        assert_eq!(framing(&bytes).unwrap(), incremental_frames().len() as u64);
+        for len in 0..bytes.len() {
+            assert!(
+                matches!(
+                    framing(&bytes[..len]),
+                    Err(BackupFormatError::Truncated { .. })
+                ),
+                "{len}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            framing(&longer),
+            Err(BackupFormatError::TrailingBytes { .. })
+        ));
+        // A changed ciphertext byte fails its run's checksum either way.
+        let mut damaged = bytes.clone();
+        damaged[bytes.len() - 200] ^= 1;
+        assert!(matches!(
+            framing(&damaged),
+            Err(BackupFormatError::ChecksumMismatch { .. })
+        ));
+        // A changed digest passes framing (the full reader finds it).
+        let mut damaged = bytes.clone();
+        damaged[bytes.len() - 40] ^= 1;
+        assert!(framing(&damaged).is_ok());
+        assert!(matches!(
+            read_all(&damaged),
+            Err(BackupFormatError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
     fn every_changed_byte_is_refused_or_fails_the_mac() {
         let frames = full_frames();
         let (bytes, _, starts) = write(&header(BackupKind::Full), &frames);
@@ -1614,8 +1762,18 @@ mod tests {
                         assert!(position < mac_at, "{position}: {e}");
                         // Bytes nothing checks but the digest: a block's tags
                         // and ciphertext, and the trailer's digest.
+                        // A run's checksum and ciphertext: the checksum.
                         let (run, tail) = (starts[2] + 27, starts[3]);
-                        if (run..tail).contains(&position) || position >= trailer + 17 {
+                        let tags = starts[2] + BLOCK_RUN_HEAD;
+                        let ciphertext = tags + TAG_LEN * (tail - tags) / (TAG_LEN + BS as usize);
+                        if (run..tags).contains(&position) || (ciphertext..tail).contains(&position)
+                        {
+                            assert!(
+                                matches!(e, BackupFormatError::ChecksumMismatch { .. }),
+                                "{position}: {e}"
+                            );
+                        }
+                        if (tags..ciphertext).contains(&position) || position >= trailer + 17 {
                             match &e {
                                 BackupFormatError::DigestMismatch { offset } => {
                                     assert_eq!(*offset, trailer as u64);

@@ -64,6 +64,9 @@ use crate::seal::{BlockCipher, Tag};
 /// reported per batch).
 const PROGRESS_BLOCKS: u64 = 4096;
 
+/// Extents a backup reads ahead of the one it is writing.
+const READ_AHEAD: usize = 8;
+
 /// What [`Store::create_backup`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -381,24 +384,47 @@ impl Store {
         let mut done = 0u64;
         let mut reported = 0u64;
         progress(0, total);
-        let mut buf = Zeroizing::new(Vec::new());
+        // One thread reads the ciphertext from the segments while this one
+        // hashes and writes what was read before: the two overlap.
         let mut gaps = unmapped.iter().peekable();
-        for e in &extents {
-            while let Some(&&(lba, n)) = gaps.peek().filter(|g| g.0 < e.lba) {
-                writer.unmapped(lba, n).map_err(BackupError::Io)?;
-                gaps.next();
+        let streamed: Result<(), BackupError> = std::thread::scope(|scope| {
+            let (full_tx, full_rx) =
+                std::sync::mpsc::sync_channel::<Result<Vec<u8>, VolumeError>>(READ_AHEAD);
+            let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            let frozen = &frozen;
+            let extents = &extents;
+            scope.spawn(move || {
+                for e in extents {
+                    let mut buf = empty_rx.try_recv().unwrap_or_default();
+                    buf.resize(e.tags.len() * bs as usize, 0);
+                    let read = frozen.read_ciphertext(e, &mut buf).map(|()| buf);
+                    let failed = read.is_err();
+                    if full_tx.send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for e in extents {
+                while let Some(&&(lba, n)) = gaps.peek().filter(|g| g.0 < e.lba) {
+                    writer.unmapped(lba, n).map_err(BackupError::Io)?;
+                    gaps.next();
+                }
+                let buf = full_rx.recv().map_err(|_| {
+                    BackupError::Io(std::io::Error::other("the segment reader stopped"))
+                })??;
+                writer
+                    .block_run(e.lba, e.dek_version, e.writer, e.nonce, &e.tags, &buf)
+                    .map_err(BackupError::Io)?;
+                let _ = empty_tx.send(buf);
+                done += e.tags.len() as u64;
+                if done - reported >= PROGRESS_BLOCKS {
+                    progress(done, total);
+                    reported = done;
+                }
             }
-            buf.resize(e.tags.len() * bs as usize, 0);
-            frozen.read_ciphertext(e, &mut buf)?;
-            writer
-                .block_run(e.lba, e.dek_version, e.writer, e.nonce, &e.tags, &buf)
-                .map_err(BackupError::Io)?;
-            done += e.tags.len() as u64;
-            if done - reported >= PROGRESS_BLOCKS {
-                progress(done, total);
-                reported = done;
-            }
-        }
+            Ok(())
+        });
+        streamed?;
         for &(lba, n) in gaps {
             writer.unmapped(lba, n).map_err(BackupError::Io)?;
         }
