@@ -48,6 +48,73 @@ pub fn blockseal_ok(args: &[&str]) -> String {
     run_ok(Command::new(binary()).args(args))
 }
 
+/// Which store a CLI command works on.
+#[derive(Clone, Copy, Debug)]
+pub enum StoreArg<'a> {
+    /// `--data-dir DIR`.
+    DataDir(&'a Path),
+    /// `--config FILE`, run in the file's directory (paths in it are relative).
+    Config(&'a Path),
+}
+
+/// The lossy UTF-8 text of a command's output.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `blockseal ARGS` on `store` (through the server's admin socket when one
+/// runs there).
+pub fn cli_on(store: StoreArg<'_>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    match store {
+        StoreArg::DataDir(dir) => {
+            cmd.arg("--data-dir").arg(dir);
+        }
+        StoreArg::Config(file) => {
+            cmd.arg("--config").arg(file);
+            if let Some(dir) = file.parent() {
+                cmd.current_dir(dir);
+            }
+        }
+    }
+    blockseal_test_support::run(&mut cmd)
+}
+
+/// [`cli_on`] that must succeed; returns stdout.
+#[track_caller]
+pub fn cli_on_ok(store: StoreArg<'_>, args: &[&str]) -> String {
+    let out = cli_on(store, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// [`cli_on`] that must fail with exit `code` and an `error: ` line; returns
+/// stderr.
+#[track_caller]
+pub fn cli_on_fails(store: StoreArg<'_>, code: i32, args: &[&str]) -> String {
+    let out = cli_on(store, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
 /// A running `blockseal serve`. Dropping it stops the server with SIGTERM.
 pub struct ServerProcess {
     child: Option<Child>,

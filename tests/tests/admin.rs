@@ -11,44 +11,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 use blockseal_test_support::{path_str, python, require, run, run_ok};
-use blockseal_tests::{ServerProcess, binary, blockseal_ok};
+use blockseal_tests::{
+    ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_fails, cli_on_ok, text,
+};
 
-/// `blockseal ARGS` with `--data-dir DIR` appended.
 fn cli(dir: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", path_str(dir)]);
-    run(Command::new(binary()).args(&all))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    cli_on(StoreArg::DataDir(dir), args)
 }
 
 #[track_caller]
 fn cli_ok(dir: &Path, args: &[&str]) -> String {
-    let out = cli(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli_on_ok(StoreArg::DataDir(dir), args)
 }
 
 /// Fails with exit `code`; returns stderr.
 #[track_caller]
 fn cli_fails(dir: &Path, code: i32, args: &[&str]) -> String {
-    let out = cli(dir, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{args:?}\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli_on_fails(StoreArg::DataDir(dir), code, args)
 }
 
 /// Replaces what differs between runs: the store directory, timestamps, key

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use blockseal_test_support::{path_str, require_all, run, run_ok, temp_dir};
-use blockseal_tests::{ServerProcess, binary, blockseal_ok, read_file};
+use blockseal_tests::{
+    ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_fails, cli_on_ok, read_file, text,
+};
 
 /// A store directory with a configuration file (Unix socket `nbd.sock`,
 /// store `data/`, key `master.key`) in `dir`; the key is created, or copied
@@ -41,49 +43,19 @@ fn configure(dir: &Path, key: Option<&Path>) -> PathBuf {
     config
 }
 
-/// `blockseal ARGS --config CONFIG`, in `cwd`.
 fn cli(config: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--config", path_str(config)]);
-    run(Command::new(binary())
-        .args(&all)
-        .current_dir(config.parent().unwrap()))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    cli_on(StoreArg::Config(config), args)
 }
 
 #[track_caller]
 fn cli_ok(config: &Path, args: &[&str]) -> String {
-    let out = cli(config, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli_on_ok(StoreArg::Config(config), args)
 }
 
 /// Fails with exit `code`; returns stderr.
 #[track_caller]
 fn cli_fails(config: &Path, code: i32, args: &[&str]) -> String {
-    let out = cli(config, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{args:?}\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stderr).starts_with("error: "),
-        "{}",
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli_on_fails(StoreArg::Config(config), code, args)
 }
 
 fn json(config: &Path, args: &[&str]) -> serde_json::Value {

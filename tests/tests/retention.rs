@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use blockseal_test_support::{path_str, require, run, run_ok, wait_until};
-use blockseal_tests::{ServerProcess, binary, blockseal_ok};
+use blockseal_tests::{ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_ok, text};
 
 const DAY: u64 = 86_400;
 /// 2020-09-13T12:26:40Z: the test clock runs in the past, where the store's
@@ -21,29 +21,13 @@ const DAY: u64 = 86_400;
 const T0: u64 = 1_600_000_000;
 const TEST_CLOCK: (&str, &str) = ("BLOCKSEAL_TEST_CLOCK", "1");
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// `blockseal ARGS --data-dir DIR` (through the server's admin socket when
-/// one runs).
 fn cli(dir: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", path_str(dir)]);
-    run(Command::new(binary()).args(&all))
+    cli_on(StoreArg::DataDir(dir), args)
 }
 
 #[track_caller]
 fn cli_ok(dir: &Path, args: &[&str]) -> String {
-    let out = cli(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli_on_ok(StoreArg::DataDir(dir), args)
 }
 
 #[track_caller]

@@ -10,51 +10,26 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use blockseal_test_support::{
     Pki, nbdsh, path_str, python, require_all, require_python_nbd, run, run_ok, temp_dir,
 };
-use blockseal_tests::{ServerProcess, binary, blockseal_ok, random_file, read_file};
+use blockseal_tests::{
+    ServerProcess, StoreArg, blockseal_ok, cli_on_fails, cli_on_ok, random_file, read_file, text,
+};
 
 const MIB: u64 = 1 << 20;
 
-/// `blockseal ARGS --data-dir DIR`.
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", path_str(dir)]);
-    run(Command::new(binary()).args(&all))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 #[track_caller]
 fn cli_ok(dir: &Path, args: &[&str]) -> String {
-    let out = cli(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    cli_on_ok(StoreArg::DataDir(dir), args)
 }
 
 /// Fails with exit `code`; returns stderr.
 #[track_caller]
 fn cli_fails(dir: &Path, code: i32, args: &[&str]) -> String {
-    let out = cli(dir, args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{args:?}\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    cli_on_fails(StoreArg::DataDir(dir), code, args)
 }
 
 fn json(dir: &Path, args: &[&str]) -> serde_json::Value {
