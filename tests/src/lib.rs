@@ -84,7 +84,19 @@ pub fn cli_on(store: StoreArg<'_>, args: &[&str]) -> Output {
 /// [`cli_on`] that must succeed; returns stdout.
 #[track_caller]
 pub fn cli_on_ok(store: StoreArg<'_>, args: &[&str]) -> String {
-    let out = cli_on(store, args);
+    succeeded(cli_on(store, args), args)
+}
+
+/// [`cli_on`] that must fail with exit `code` and an `error: ` line; returns
+/// stderr.
+#[track_caller]
+pub fn cli_on_fails(store: StoreArg<'_>, code: i32, args: &[&str]) -> String {
+    failed(cli_on(store, args), code, args)
+}
+
+/// The stdout of a `blockseal ARGS` run that must have succeeded.
+#[track_caller]
+pub fn succeeded(out: Output, args: &[&str]) -> String {
     assert!(
         out.status.success(),
         "{args:?}: {:?}\nstdout: {}\nstderr: {}",
@@ -95,11 +107,10 @@ pub fn cli_on_ok(store: StoreArg<'_>, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
-/// [`cli_on`] that must fail with exit `code` and an `error: ` line; returns
-/// stderr.
+/// The stderr of a `blockseal ARGS` run that must have failed with exit
+/// `code` and an `error: ` line.
 #[track_caller]
-pub fn cli_on_fails(store: StoreArg<'_>, code: i32, args: &[&str]) -> String {
-    let out = cli_on(store, args);
+pub fn failed(out: Output, code: i32, args: &[&str]) -> String {
     assert_eq!(
         out.status.code(),
         Some(code),
@@ -107,12 +118,9 @@ pub fn cli_on_fails(store: StoreArg<'_>, code: i32, args: &[&str]) -> String {
         text(&out.stdout),
         text(&out.stderr)
     );
-    assert!(
-        text(&out.stderr).starts_with("error: "),
-        "{args:?}: {}",
-        text(&out.stderr)
-    );
-    text(&out.stderr)
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    stderr
 }
 
 /// A running `blockseal serve`. Dropping it stops the server with SIGTERM.
@@ -394,4 +402,86 @@ pub fn read_file(path: &Path) -> Vec<u8> {
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     bytes
+}
+
+/// A host directory (created) with a configuration file: Unix socket
+/// `nbd.sock`, store `data/`, key `master.key`. The key is generated, or
+/// copied from `key` (a second host with the same master key).
+pub fn configure_host(dir: &Path, key: Option<&Path>) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("cannot create the host directory");
+    let key_file = dir.join("master.key");
+    match key {
+        Some(from) => {
+            std::fs::copy(from, &key_file).expect("cannot copy the master key");
+        }
+        None => {
+            blockseal_ok(&["key", "init", "--out", &key_file.to_string_lossy()]);
+        }
+    }
+    let config = dir.join("blockseal.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n\n[master_key]\nfile = \"master.key\"\n\n[unix]\npath = \"nbd.sock\"\n",
+    )
+    .expect("cannot write the configuration");
+    config
+}
+
+/// The key id `blockseal key inspect` shows for a key file.
+pub fn key_id(file: &Path) -> String {
+    let out = blockseal_ok(&["key", "inspect", &file.to_string_lossy()]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("key id:"))
+        .expect("key inspect shows the key id")
+        .trim()
+        .to_owned()
+}
+
+/// Runs qemu-io with `options` (`-r` for a read-only snapshot export) and
+/// `commands` on `uri`; fails unless every command worked (qemu-io exits 0
+/// on a failed command or a pattern mismatch). Returns its output.
+#[track_caller]
+pub fn qemu_io_with(options: &[&str], uri: &str, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(options).args(["-f", "raw", uri]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = run_ok(&mut cmd);
+    let lower = out.to_lowercase();
+    assert!(
+        !lower.contains("fail") && !lower.contains("error"),
+        "qemu-io {commands:?} on {uri}:\n{out}"
+    );
+    out
+}
+
+/// [`qemu_io_with`] without options.
+#[track_caller]
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    qemu_io_with(&[], uri, commands)
+}
+
+/// `qemu-img compare` of two raw images (files or NBD URIs): whether they
+/// hold the same bytes (exit 0) or not (exit 1; anything else fails).
+#[track_caller]
+pub fn same_contents(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsStr>) -> bool {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let out = blockseal_test_support::run(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(a)
+            .arg(b),
+    );
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {} {} failed: {}\n{}",
+            a.to_string_lossy(),
+            b.to_string_lossy(),
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+    }
 }

@@ -13,35 +13,14 @@
 //! exported before (which is why bundles must be destroyed too).
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use blockseal_test_support::{path_str, require_all, run, run_ok, temp_dir};
+use blockseal_test_support::{path_str, require_all, run_ok, temp_dir};
 use blockseal_tests::{
-    ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_fails, cli_on_ok, read_file, text,
+    ServerProcess, StoreArg, binary, cli_on, cli_on_fails, cli_on_ok, configure_host, read_file,
+    same_contents, text,
 };
-
-/// A store directory with a configuration file (Unix socket `nbd.sock`,
-/// store `data/`, key `master.key`) in `dir`; the key is created, or copied
-/// from `key` (a second host with the same master key).
-fn configure(dir: &Path, key: Option<&Path>) -> PathBuf {
-    let key_file = dir.join("master.key");
-    match key {
-        Some(from) => {
-            std::fs::copy(from, &key_file).unwrap();
-        }
-        None => {
-            blockseal_ok(&["key", "init", "--out", path_str(&key_file)]);
-        }
-    }
-    let config = dir.join("blockseal.toml");
-    std::fs::write(
-        &config,
-        "data_dir = \"data\"\n\n[master_key]\nfile = \"master.key\"\n\n[unix]\npath = \"nbd.sock\"\n",
-    )
-    .unwrap();
-    config
-}
 
 fn cli(config: &Path, args: &[&str]) -> Output {
     cli_on(StoreArg::Config(config), args)
@@ -84,21 +63,6 @@ fn fio(dir: &Path, uri: &str, args: &[&str]) {
     assert!(!out.contains("verify:"), "{out}");
 }
 
-/// `qemu-img compare` of two NBD exports: whether they hold the same bytes.
-#[track_caller]
-fn same_contents(a: &str, b: &str) -> bool {
-    let out = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
-    match out.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "qemu-img compare {a} {b} failed: {}\n{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        ),
-    }
-}
-
 /// Whether `export` exists on the store (`volume show` exits 0, or 3).
 fn volume_exists(config: &Path, export: &str) -> bool {
     match cli(config, &["volume", "show", export]).status.code() {
@@ -122,7 +86,7 @@ fn backups_restore_on_another_host_and_refuse_damage() {
     let f = |name: &str| path_str(&files.join(name)).to_owned();
 
     // Host 1: a tenant with one volume, served, written by fio.
-    let c1 = configure(&host1, None);
+    let c1 = configure_host(&host1, None);
     cli_ok(&c1, &["tenant", "create", "acme"]);
     cli_ok(&c1, &["volume", "create", "acme/disk", "--size", "64M"]);
     let mut server1 = ServerProcess::with_config(&host1, &c1);
@@ -309,7 +273,7 @@ fn backups_restore_on_another_host_and_refuse_damage() {
     );
 
     // Host 2: a fresh store with the same master key.
-    let c2 = configure(&host2, Some(&host1.join("master.key")));
+    let c2 = configure_host(&host2, Some(&host1.join("master.key")));
     let mut server2 = ServerProcess::with_config(&host2, &c2);
     // Its store holds no key for host 1's backups: the bundle is needed.
     let e = cli_fails(&c2, 3, &["backup", "verify", &f("full.bsb")]);
@@ -365,10 +329,10 @@ fn backups_restore_on_another_host_and_refuse_damage() {
         "{out}"
     );
     let s2 = server1.uri("acme/disk@s2");
-    assert!(same_contents(&server2.uri("acme/disk"), &s2));
+    assert!(same_contents(server2.uri("acme/disk"), &s2));
     assert!(!same_contents(
-        &server2.uri("acme/disk"),
-        &server1.uri("acme/disk@s1")
+        server2.uri("acme/disk"),
+        server1.uri("acme/disk@s1")
     ));
     // And with the bundle sealed to the shared master key.
     cli_ok(
@@ -383,7 +347,7 @@ fn backups_restore_on_another_host_and_refuse_damage() {
             &f("acme-master.bundle"),
         ],
     );
-    assert!(same_contents(&server2.uri("acme/copy"), &s2));
+    assert!(same_contents(server2.uri("acme/copy"), &s2));
     // The target exists now: a conflict.
     let e = cli_fails(
         &c2,
@@ -421,7 +385,7 @@ fn backups_restore_on_another_host_and_refuse_damage() {
     );
     cli_ok(&c2, &["restore", &f("copy.bsb"), "--as", "acme/copy2"]);
     server2.restart();
-    assert!(same_contents(&server2.uri("acme/copy2"), &s2));
+    assert!(same_contents(server2.uri("acme/copy2"), &s2));
 
     // A backup to stdout that the server's death cuts off: the command
     // fails, and what it passed on is not a backup.

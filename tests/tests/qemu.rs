@@ -5,25 +5,7 @@
 use std::process::Command;
 
 use blockseal_test_support::{require, run_ok};
-use blockseal_tests::{ServerProcess, random_file, read_file};
-
-/// Runs qemu-io with `commands` on `uri`; fails on any failed command or
-/// pattern mismatch (qemu-io itself exits 0 on those).
-#[track_caller]
-fn qemu_io(uri: &str, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd);
-    let lower = out.to_lowercase();
-    assert!(
-        !lower.contains("fail") && !lower.contains("error"),
-        "qemu-io {commands:?}:\n{out}"
-    );
-    out
-}
+use blockseal_tests::{ServerProcess, qemu_io, random_file, read_file};
 
 #[test]
 fn qemu_io_commands() {

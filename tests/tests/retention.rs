@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use blockseal_test_support::{path_str, require, run, run_ok, wait_until};
-use blockseal_tests::{ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_ok, text};
+use blockseal_tests::{
+    ServerProcess, StoreArg, binary, blockseal_ok, cli_on, cli_on_ok, qemu_io, qemu_io_with, text,
+};
 
 const DAY: u64 = 86_400;
 /// 2020-09-13T12:26:40Z: the test clock runs in the past, where the store's
@@ -173,28 +175,6 @@ impl Setup {
             })
             .collect()
     }
-}
-
-/// Runs qemu-io `commands` on `uri`; fails unless every one worked (a
-/// pattern that does not match is a failure).
-#[track_caller]
-fn qemu_io(uri: &str, commands: &[&str]) {
-    qemu_io_with(&[], uri, commands);
-}
-
-/// [`qemu_io`] with options first (`-r`: read-only, for snapshot exports).
-#[track_caller]
-fn qemu_io_with(options: &[&str], uri: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(options).args(["-f", "raw", uri]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd).to_lowercase();
-    assert!(
-        !out.contains("fail") && !out.contains("error"),
-        "qemu-io {commands:?} on {uri}:\n{out}"
-    );
 }
 
 fn names(actions: &[(String, String, String)]) -> Vec<(&str, &str)> {

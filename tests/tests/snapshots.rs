@@ -16,7 +16,8 @@ use blockseal_test_support::{
     Pki, nbdsh, path_str, python, require_all, require_python_nbd, run, run_ok, temp_dir,
 };
 use blockseal_tests::{
-    ServerProcess, StoreArg, blockseal_ok, cli_on_fails, cli_on_ok, random_file, read_file, text,
+    ServerProcess, StoreArg, blockseal_ok, cli_on_fails, cli_on_ok, qemu_io, random_file,
+    read_file, same_contents, text,
 };
 
 const MIB: u64 = 1 << 20;
@@ -37,46 +38,10 @@ fn json(dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
-/// `qemu-img compare` of a raw file with a raw NBD export: whether they
-/// hold the same bytes (exit 0) or not (exit 1; anything else fails).
-#[track_caller]
-fn same_contents(file: &Path, uri: &str) -> bool {
-    let out = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(file)
-        .arg(uri));
-    match out.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "qemu-img compare {} {uri} failed: {}\n{}",
-            file.display(),
-            text(&out.stdout),
-            text(&out.stderr)
-        ),
-    }
-}
-
 /// Copies an export to a new file with nbdcopy and returns its bytes.
 fn copy_out(uri: &str, to: &Path) -> Vec<u8> {
     run_ok(Command::new("nbdcopy").arg(uri).arg(to));
     read_file(to)
-}
-
-/// Runs qemu-io with `commands` on `uri`; fails unless every command worked
-/// (qemu-io exits 0 on a failed command or pattern mismatch).
-#[track_caller]
-fn qemu_io(uri: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd).to_lowercase();
-    assert!(
-        !out.contains("fail") && !out.contains("error"),
-        "qemu-io {commands:?}:\n{out}"
-    );
 }
 
 /// A python3-libnbd client holding one connection open; on each request it

@@ -102,11 +102,11 @@ pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
 pub use store::{
     AuditEntry, AuditRecord, AuditVerification, BackupCheck, BackupError, BackupKeyInfo,
-    BackupKeys, BackupReport, CatalogError, CatalogReport, DataKeyRotation, DrillReport,
-    DrillVolume, FORMAT_VERSION, MAX_AUDIT_ENTRY_BYTES, MAX_SNAPSHOT_NAME, MAX_VOLUME_BYTES,
-    MasterRotation, RecoveryReport, RotateError, ShredReport, SnapshotReader, Store, StoreOptions,
-    TenantInfo, TenantState, VolumeInfo, VolumeOptions, VolumeUsage, check_snapshot_name,
-    rebuild_store,
+    BackupKeys, BackupReport, CATALOG_HEADER_LEN, CatalogError, CatalogFramed, CatalogFraming,
+    CatalogHeader, CatalogReport, DataKeyRotation, DrillReport, DrillVolume, FORMAT_VERSION,
+    MAX_AUDIT_ENTRY_BYTES, MAX_SNAPSHOT_NAME, MAX_VOLUME_BYTES, MasterRotation, RecoveryReport,
+    RotateError, ShredReport, SnapshotReader, Store, StoreOptions, TenantInfo, TenantState,
+    VolumeInfo, VolumeOptions, VolumeUsage, check_snapshot_name, rebuild_store,
 };
 pub use volume::{
     BlockStatus, CompactionReport, DataKeyStatus, DataKeyUsage, ReencryptionProgress,

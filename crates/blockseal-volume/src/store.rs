@@ -51,7 +51,10 @@ pub use audit::{AuditEntry, AuditRecord, AuditVerification, MAX_AUDIT_ENTRY_BYTE
 pub use backup::{
     BackupCheck, BackupError, BackupKeyInfo, BackupKeys, BackupReport, DrillReport, DrillVolume,
 };
-pub use catalog::{CatalogError, CatalogReport, rebuild_store};
+pub use catalog::{
+    CATALOG_HEADER_LEN, CatalogError, CatalogFramed, CatalogFraming, CatalogHeader, CatalogReport,
+    rebuild_store,
+};
 pub use rotation::{DataKeyRotation, RotateError};
 pub(crate) use rotation::{HeldForJobs, commit_rotation, lock_held};
 pub use snapshot::{MAX_SNAPSHOT_NAME, SnapshotReader, check_snapshot_name};

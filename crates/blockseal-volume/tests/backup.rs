@@ -15,7 +15,8 @@ use std::path::Path;
 use blockseal_keys::{Argon2Params, BundleOpener, Passphrase, TenantBundle};
 use blockseal_volume::meta::{self, BackendKind};
 use blockseal_volume::{
-    AdminErrorKind, BackupError, BackupKeys, BackupReport, Store, StoreOptions, Volume,
+    AdminErrorKind, BackupError, BackupKeys, BackupReport, CATALOG_HEADER_LEN, CatalogError,
+    CatalogFramed, CatalogFraming, CatalogHeader, Store, StoreOptions, Volume,
 };
 use common::volume::*;
 
@@ -765,4 +766,62 @@ fn a_store_rebuilds_from_its_catalogue_and_segments() {
         matches!(e, blockseal_volume::CatalogError::MissingSegments { .. }),
         "{e}"
     );
+}
+
+/// Feeds a catalogue to the keyless framing check in pieces of `piece`
+/// bytes.
+fn framing(bytes: &[u8], piece: usize) -> Result<CatalogFramed, CatalogError> {
+    let mut check = CatalogFraming::new();
+    for p in bytes.chunks(piece) {
+        check.feed(p)?;
+    }
+    check.finish()
+}
+
+#[test]
+fn the_framing_of_a_whole_catalogue_holds_and_a_cut_one_does_not() {
+    let s = setup();
+    s.volume.flush().unwrap();
+    let mut catalogue = Vec::new();
+    s.store.write_catalog(&mut catalogue, None).unwrap();
+    for piece in [1, 7, CATALOG_HEADER_LEN, 4096, catalogue.len()] {
+        let framed = framing(&catalogue, piece).unwrap();
+        assert_eq!(framed.bytes, catalogue.len() as u64);
+        assert_eq!(framed.header.master_key, s.store.master_key_id());
+        assert_eq!(framed.header.backend, s.store.backend());
+        assert!(framed.chunks >= 2 && framed.segments >= 1, "{framed:?}");
+    }
+    let header = CatalogHeader::parse(&catalogue).unwrap();
+    assert_eq!(header.master_key, s.store.master_key_id());
+    // Cut anywhere: in the header, in a chunk head, in a ciphertext, just
+    // before the end chunk's last byte.
+    let len = CATALOG_HEADER_LEN;
+    for cut in [0, 10, len, len + 3, catalogue.len() / 2] {
+        let e = framing(&catalogue[..cut], 1000).unwrap_err();
+        assert!(e.to_string().contains("ends "), "{cut}: {e}");
+    }
+    let e = framing(&catalogue[..catalogue.len() - 1], 1000).unwrap_err();
+    assert!(e.to_string().contains("without its end chunk"), "{e}");
+    // A byte too many.
+    let mut long = catalogue.clone();
+    long.push(0);
+    let e = framing(&long, 1000).unwrap_err();
+    assert!(e.to_string().contains("bytes follow"), "{e}");
+    // A chunk kind or length that is no catalogue's, a header that is not one.
+    let mut bad = catalogue.clone();
+    bad[len] = 9;
+    let e = framing(&bad, 1000).unwrap_err();
+    assert!(e.to_string().contains("chunk 0 is damaged (kind 9"), "{e}");
+    let mut bad = catalogue.clone();
+    bad[len + 1] = 0xff;
+    let e = framing(&bad, 1000).unwrap_err();
+    assert!(e.to_string().contains("chunk 0 is damaged (length"), "{e}");
+    let mut bad = catalogue.clone();
+    bad[0] = b'X';
+    let e = framing(&bad, 1000).unwrap_err();
+    assert!(e.to_string().contains("bad magic"), "{e}");
+    let mut bad = catalogue.clone();
+    bad[10] = 7;
+    let e = CatalogHeader::parse(&bad).unwrap_err();
+    assert!(e.to_string().contains("unknown metadata backend 7"), "{e}");
 }

@@ -53,7 +53,9 @@ pub(crate) enum Command {
     Restore(RestoreArgs),
     /// The audit log of admin actions: show it, or verify its chain.
     Audit(AuditArgs),
-    /// Store maintenance (opens the store directly; no server may run).
+    /// The whole store: its catalogue for rebuilding a host (`backup`,
+    /// through the server or not), rebuilding it (`rebuild`), and
+    /// accepting metadata loss (both offline only).
     #[command(subcommand)]
     Store(StoreCommand),
     /// Scheduled snapshots, backups and data retention (`[retention]` in the
@@ -131,6 +133,18 @@ pub(crate) enum AuditCommand {
 /// `blockseal store ...`
 #[derive(Debug, Subcommand)]
 pub(crate) enum StoreCommand {
+    /// Write the store's catalogue: every tenant, volume, wrapped key,
+    /// mapping, snapshot, backup key and the audit log, sealed under the
+    /// master key, as committed at one instant (what a crash then would
+    /// have left). With --segments-to, the segment files it needs are
+    /// hard-linked into DIR (copied across file systems). Together they
+    /// rebuild the store on another host (`store rebuild`). Works while the
+    /// server serves; audited.
+    Backup(StoreBackupArgs),
+    /// Rebuild a store from a catalogue and its segment files into a new
+    /// directory (absent or empty), with the master key the catalogue was
+    /// written with. Offline: serve the new store afterwards.
+    Rebuild(StoreRebuildArgs),
     /// Open a store whose metadata lost commits it had acknowledged (damaged,
     /// or restored from an older copy), accepting the loss: mappings that no
     /// longer hang together are dropped, live counts recounted, segments of
@@ -145,6 +159,60 @@ pub(crate) enum StoreCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+/// Arguments of `blockseal store backup`.
+#[derive(Debug, Args)]
+pub(crate) struct StoreBackupArgs {
+    /// The catalogue file to write (mode 0600; written under a temporary
+    /// name and renamed when complete, never overwriting), or - for stdout.
+    #[arg(long, value_name = "FILE|-")]
+    pub(crate) out: String,
+    /// Hard-link (or copy) the segment files the catalogue references into
+    /// DIR, laid out as the store's `segments/`; DIR must be absent or empty
+    /// and outside the store. A path on the server's host: the server makes
+    /// the links. On the store's file system the links take no time and no
+    /// space.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) segments_to: Option<PathBuf>,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+/// Arguments of `blockseal store rebuild`.
+#[derive(Debug, Args)]
+pub(crate) struct StoreRebuildArgs {
+    /// The catalogue (`store backup --out`).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) catalog: PathBuf,
+    /// The segment files taken with it (`store backup --segments-to`),
+    /// laid out as a store's `segments/`. They are hard-linked into the new
+    /// store (copied across file systems).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) segments: PathBuf,
+    /// Take the new store's directory, master key file and passphrase
+    /// source from the configuration file the new store is to be served
+    /// with.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "master_key"])]
+    pub(crate) config: Option<PathBuf>,
+    /// The new store directory: absent, or empty but for the master key
+    /// file.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// The master key file the catalogue was written with [default:
+    /// DIR/master.key].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) master_key: Option<PathBuf>,
+    /// Where the master key's passphrase comes from, if its key file has one.
+    #[command(flatten)]
+    pub(crate) passphrase: PassphraseArgs,
+    /// Output format.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 /// `blockseal retention ...`
@@ -209,8 +277,8 @@ pub(crate) struct ServeArgs {
 /// The exit codes, shown by `blockseal --help`.
 const EXIT_CODES: &str = "\
 Admin commands (status, tenant, volume, snapshot, backup, restore, key rotate-*|status|
-export-tenant, audit) talk to the running server through DIR/admin.sock, and open the
-store directly when no server runs.
+export-tenant, audit, store backup) talk to the running server through DIR/admin.sock,
+and open the store directly when no server runs.
 
 Exit codes:
   0  success
@@ -218,8 +286,9 @@ Exit codes:
   2  bad usage or a bad argument
   3  no such tenant, volume, snapshot, file or backup key
   4  conflict: exists already, in use, still holds volumes or data, newer snapshots
-  5  refused: the caller may not use the admin API; or a backup file or recovery
-     bundle failed its checks (damaged, edited, spliced, truncated, wrong key)";
+  5  refused: the caller may not use the admin API; or a backup file, recovery
+     bundle or catalogue failed its checks (damaged, edited, spliced, truncated,
+     wrong key)";
 
 /// Which store an admin command opens, and with which master key.
 #[derive(Debug, Args)]

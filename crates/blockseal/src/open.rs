@@ -112,7 +112,8 @@ impl StoreLocation {
             .map_err(|e| explain_open_error(e, &self.dir))
     }
 
-    fn options(&self) -> StoreOptions {
+    /// The store options the configuration asks for.
+    pub(crate) fn options(&self) -> StoreOptions {
         let mut options = StoreOptions::new().backend(self.backend);
         if let Some(bytes) = self.space_reserve {
             options = options.space_reserve(bytes);

@@ -60,6 +60,23 @@ impl fmt::Display for Size {
     }
 }
 
+/// Bytes to one decimal in the largest binary unit that fits, for people:
+/// `8.0 MiB`, `1023 B`.
+pub(crate) fn approx(bytes: u64) -> String {
+    let mut value = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if value < 1024.0 {
+            return if unit == "B" {
+                format!("{bytes} B")
+            } else {
+                format!("{value:.1} {unit}")
+            };
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.1} TiB")
+}
+
 impl<'de> serde::Deserialize<'de> for Size {
     /// A TOML integer (bytes) or string (`"64M"`).
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Size, D::Error> {
@@ -114,6 +131,15 @@ mod tests {
         ] {
             assert!(text.parse::<Size>().is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn approximates_for_people() {
+        assert_eq!(approx(0), "0 B");
+        assert_eq!(approx(1023), "1023 B");
+        assert_eq!(approx(8 << 20), "8.0 MiB");
+        assert_eq!(approx(1536 << 20), "1.5 GiB");
+        assert_eq!(approx(3 << 40), "3.0 TiB");
     }
 
     #[test]

@@ -45,9 +45,17 @@ use crate::segment::{SegmentId, SegmentStore};
 
 const MAGIC: [u8; 8] = *b"BSCATLOG";
 const VERSION: u16 = 1;
-const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 16 + CATALOG_SALT_LEN + 8;
+/// Bytes of a catalogue's header.
+pub const CATALOG_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 16 + CATALOG_SALT_LEN + 8;
+const HEADER_LEN: usize = CATALOG_HEADER_LEN;
 const CHUNK_RECORDS: u8 = 1;
 const CHUNK_END: u8 = 2;
+/// Kind, plaintext length and nonce: what precedes a chunk's ciphertext.
+const CHUNK_HEAD_LEN: usize = 1 + 4 + CATALOG_NONCE_LEN;
+/// The end chunk's plaintext: record and segment counts (u64 each), then
+/// this many bytes per segment file.
+const END_FIXED: usize = 16;
+const END_PER_SEGMENT: usize = 16;
 /// Plaintext bytes per records chunk (a record larger than this gets a chunk
 /// of its own).
 const CHUNK_BYTES: usize = 1 << 20;
@@ -258,17 +266,8 @@ impl Store {
         let mut linked = 0u64;
         if let Some(to) = segments_to {
             let from = self.dir().join(super::SEGMENTS_DIR);
-            for &(volume, index, _) in &segments {
-                let rel = Path::new(&volume.to_string()).join(index.to_string());
-                let target = to.join(&rel);
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                if std::fs::hard_link(from.join(&rel), &target).is_err() {
-                    std::fs::copy(from.join(&rel), &target)?;
-                }
-                linked += 1;
-            }
+            let ids: Vec<(u32, u32)> = segments.iter().map(|&(v, i, _)| (v, i)).collect();
+            linked = link_segments(&from, to, &ids)?;
         }
         Ok(CatalogReport {
             records,
@@ -328,41 +327,23 @@ pub fn rebuild_store(
     options: StoreOptions,
 ) -> Result<Store, CatalogError> {
     let mut header = [0u8; HEADER_LEN];
-    catalog
-        .read_exact(&mut header)
-        .map_err(|_| CatalogError::Format("the file is too short to be a catalogue".into()))?;
-    if header[..8] != MAGIC {
-        return Err(CatalogError::Format(
-            "not a blockseal catalogue (bad magic)".into(),
-        ));
-    }
-    let version = u16::from_be_bytes([header[8], header[9]]);
-    if version != VERSION {
-        return Err(CatalogError::Format(format!(
-            "catalogue version {version}; this build reads version {VERSION}"
-        )));
-    }
-    let backend = match header[10] {
-        1 => BackendKind::Sled,
-        2 => BackendKind::Redb,
-        b => {
-            return Err(CatalogError::Format(format!(
-                "unknown metadata backend {b}"
-            )));
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match catalog.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
-    };
-    if header[11] != 0 {
-        return Err(CatalogError::Format(
-            "reserved header byte is not zero".into(),
-        ));
     }
-    let id = KeyId::from_bytes(header[12..28].try_into().expect("16 bytes"));
-    if id != master.id() {
+    let parsed = CatalogHeader::parse(&header[..got])?;
+    if parsed.master_key != master.id() {
         return Err(CatalogError::OtherMasterKey {
-            expected: id,
+            expected: parsed.master_key,
             actual: master.id(),
         });
     }
+    let backend = parsed.backend;
     let salt: [u8; CATALOG_SALT_LEN] = header[28..60].try_into().expect("32 bytes");
     let key = master.catalog_key(&salt);
 
@@ -371,7 +352,7 @@ pub fn rebuild_store(
     let mut segments: Vec<(u32, u32, u64)> = Vec::new();
     let mut index = 0u64;
     loop {
-        let mut head = [0u8; 1 + 4 + CATALOG_NONCE_LEN];
+        let mut head = [0u8; CHUNK_HEAD_LEN];
         catalog.read_exact(&mut head).map_err(|_| {
             CatalogError::Format(format!(
                 "the catalogue ends before its end chunk (chunk {index})"
@@ -407,11 +388,11 @@ pub fn rebuild_store(
                 return Err(damaged());
             }
             let n = u64::from_be_bytes(data.get(8..16).ok_or_else(damaged)?.try_into().expect("8"));
-            let list = &data[16..];
-            if list.len() as u64 != n * 16 {
+            let list = &data[END_FIXED..];
+            if list.len() as u64 != n * END_PER_SEGMENT as u64 {
                 return Err(damaged());
             }
-            for s in list.chunks_exact(16) {
+            for s in list.chunks_exact(END_PER_SEGMENT) {
                 segments.push((
                     u32::from_be_bytes(s[..4].try_into().expect("4")),
                     u32::from_be_bytes(s[4..8].try_into().expect("4")),
@@ -461,20 +442,227 @@ pub fn rebuild_store(
                 .map_err(|e| io::Error::other(e.to_string()))?;
             batch.wipe_values();
         }
-        let to = dir.join(super::SEGMENTS_DIR);
-        for &(volume, index, _) in &segments {
-            let rel = Path::new(&volume.to_string()).join(index.to_string());
-            let target = to.join(&rel);
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            if std::fs::hard_link(segments_from.join(&rel), &target).is_err() {
-                std::fs::copy(segments_from.join(&rel), &target)?;
-            }
-        }
+        // The segment files are durable before the FORMAT file says a store
+        // is here: a crash in between leaves a directory that is no store.
+        let ids: Vec<(u32, u32)> = segments.iter().map(|&(v, i, _)| (v, i)).collect();
+        link_segments(segments_from, &dir.join(super::SEGMENTS_DIR), &ids)?;
         super::write_format_file(dir, backend)?;
     }
     Ok(Store::open(dir, master, options)?)
+}
+
+/// What a catalogue's header says in the clear: enough to tell which master
+/// key rebuilds it before any key is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CatalogHeader {
+    /// The master key it is sealed under.
+    pub master_key: KeyId,
+    /// When it was written, Unix seconds.
+    pub created: u64,
+    /// The metadata backend of the store it was written from.
+    pub backend: BackendKind,
+}
+
+impl CatalogHeader {
+    /// Reads a header from a catalogue's first [`CATALOG_HEADER_LEN`] bytes
+    /// (more are ignored).
+    pub fn parse(bytes: &[u8]) -> Result<CatalogHeader, CatalogError> {
+        let format = |m: String| CatalogError::Format(m);
+        let Some(header) = bytes.get(..HEADER_LEN) else {
+            return Err(format(format!(
+                "the catalogue ends inside its header ({} of {HEADER_LEN} bytes)",
+                bytes.len()
+            )));
+        };
+        if header[..8] != MAGIC {
+            return Err(format("not a blockseal catalogue (bad magic)".into()));
+        }
+        let version = u16::from_be_bytes([header[8], header[9]]);
+        if version != VERSION {
+            return Err(format(format!(
+                "catalogue version {version}; this build reads version {VERSION}"
+            )));
+        }
+        let backend = match header[10] {
+            1 => BackendKind::Sled,
+            2 => BackendKind::Redb,
+            b => {
+                return Err(format(format!(
+                    "unknown metadata backend {b} in the header"
+                )));
+            }
+        };
+        if header[11] != 0 {
+            return Err(format("reserved header byte is not zero".into()));
+        }
+        Ok(CatalogHeader {
+            master_key: KeyId::from_bytes(header[12..28].try_into().expect("16 bytes")),
+            created: u64::from_be_bytes(header[60..68].try_into().expect("8 bytes")),
+            backend,
+        })
+    }
+}
+
+/// A catalogue whose framing held from its header to its end chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CatalogFramed {
+    /// Its header.
+    pub header: CatalogHeader,
+    /// Chunks, the end chunk included.
+    pub chunks: u64,
+    /// Segment files the end chunk lists.
+    pub segments: u64,
+    /// Its length.
+    pub bytes: u64,
+}
+
+/// Checks a catalogue's framing, without a key, as its bytes pass in pieces
+/// of any size: the header, each chunk's kind and length, an end chunk of a
+/// possible length, and nothing after it. This tells a catalogue that
+/// arrived whole from one cut short; what needs the key (every chunk opens,
+/// the counts match) is checked when the store is rebuilt.
+#[derive(Debug, Default)]
+pub struct CatalogFraming {
+    /// The header or chunk head being gathered.
+    pending: Vec<u8>,
+    header: Option<CatalogHeader>,
+    /// The chunk whose ciphertext is passing: its kind and the bytes left.
+    body: Option<(u8, u64)>,
+    chunks: u64,
+    segments: u64,
+    bytes: u64,
+    /// Where the header or chunk head being gathered starts.
+    start: u64,
+    done: bool,
+}
+
+impl CatalogFraming {
+    /// A check at the start of a catalogue.
+    pub fn new() -> CatalogFraming {
+        CatalogFraming::default()
+    }
+
+    /// Takes the next bytes.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), CatalogError> {
+        while !data.is_empty() {
+            if self.done {
+                return Err(CatalogError::Format(format!(
+                    "bytes follow the catalogue's end chunk (at byte {})",
+                    self.bytes
+                )));
+            }
+            let taken = if let Some((kind, left)) = &mut self.body {
+                let n = data.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                if *left == 0 {
+                    self.done = *kind == CHUNK_END;
+                    self.body = None;
+                    self.chunks += 1;
+                }
+                n
+            } else {
+                let want = if self.header.is_none() {
+                    HEADER_LEN
+                } else {
+                    CHUNK_HEAD_LEN
+                };
+                if self.pending.is_empty() {
+                    self.start = self.bytes;
+                }
+                let n = data.len().min(want - self.pending.len());
+                self.pending.extend_from_slice(&data[..n]);
+                if self.pending.len() == want {
+                    if self.header.is_none() {
+                        self.header = Some(CatalogHeader::parse(&self.pending)?);
+                    } else {
+                        self.chunk_head()?;
+                    }
+                    self.pending.clear();
+                }
+                n
+            };
+            self.bytes += taken as u64;
+            data = &data[taken..];
+        }
+        Ok(())
+    }
+
+    /// The catalogue ends here: its framing, if it is complete.
+    pub fn finish(&self) -> Result<CatalogFramed, CatalogError> {
+        match &self.header {
+            Some(header) if self.done => Ok(CatalogFramed {
+                header: header.clone(),
+                chunks: self.chunks,
+                segments: self.segments,
+                bytes: self.bytes,
+            }),
+            None => Err(CatalogError::Format(format!(
+                "the catalogue ends inside its header ({} of {HEADER_LEN} bytes)",
+                self.bytes
+            ))),
+            Some(_) => Err(CatalogError::Format(format!(
+                "the catalogue ends {} chunk {} without its end chunk (after {} bytes)",
+                if self.body.is_some() || !self.pending.is_empty() {
+                    "inside"
+                } else {
+                    "before"
+                },
+                self.chunks,
+                self.bytes
+            ))),
+        }
+    }
+
+    fn chunk_head(&mut self) -> Result<(), CatalogError> {
+        let kind = self.pending[0];
+        let len = u32::from_be_bytes(self.pending[1..5].try_into().expect("4 bytes")) as usize;
+        let damaged = |why: String| {
+            CatalogError::Format(format!(
+                "catalogue chunk {} is damaged ({why}, at byte {})",
+                self.chunks, self.start
+            ))
+        };
+        match kind {
+            CHUNK_RECORDS if len <= MAX_CHUNK => {}
+            CHUNK_END if len >= END_FIXED && (len - END_FIXED).is_multiple_of(END_PER_SEGMENT) => {
+                self.segments = ((len - END_FIXED) / END_PER_SEGMENT) as u64;
+            }
+            CHUNK_RECORDS | CHUNK_END => return Err(damaged(format!("length {len}"))),
+            other => return Err(damaged(format!("kind {other}"))),
+        }
+        self.body = Some((kind, (len + CATALOG_TAG_LEN) as u64));
+        Ok(())
+    }
+}
+
+/// Hard-links (or, across file systems, copies) the segment files `ids`
+/// (volume, index) from the segments directory `from` into `to`, laid out
+/// the same way; returns how many. Copies are synced, and so is every
+/// directory an entry was made in: the files are there after a crash.
+fn link_segments(from: &Path, to: &Path, ids: &[(u32, u32)]) -> io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut dirs = std::collections::BTreeSet::new();
+    for &(volume, index) in ids {
+        let rel = Path::new(&volume.to_string()).join(index.to_string());
+        let target = to.join(&rel);
+        let parent = to.join(volume.to_string());
+        if dirs.insert(parent.clone()) {
+            std::fs::create_dir_all(&parent)?;
+        }
+        if std::fs::hard_link(from.join(&rel), &target).is_err() {
+            std::fs::copy(from.join(&rel), &target)?;
+            std::fs::File::open(&target)?.sync_all()?;
+        }
+    }
+    for dir in dirs.iter().map(PathBuf::as_path).chain([to]) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(ids.len() as u64)
 }
 
 fn take_field(p: &[u8]) -> Option<(&[u8], &[u8])> {

@@ -170,6 +170,13 @@ pub(crate) enum Op {
         /// Sealed under this passphrase; `None`: to the store's master key.
         passphrase: Option<Zeroizing<String>>,
     },
+    /// `POST /v1/store/backup` `{"segments_to"?}`: the store's catalogue is
+    /// the response body, its summary a trailer (see `admin::stream`).
+    BackupStore {
+        /// An absolute path on the server's host, absent or an empty
+        /// directory: the segment files are hard-linked (or copied) there.
+        segments_to: Option<String>,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -251,14 +258,21 @@ impl Op {
                 | Op::RetentionStatus
                 | Op::VerifyBackups { .. }
                 | Op::ListBackupKeys { .. }
+                | Op::BackupStore { .. }
         )
     }
 
     /// Whether the operation goes to the audit log: everything that changes
-    /// something, and exporting a tenant's keys, which changes nothing but
-    /// hands out a copy of them.
+    /// something, and exporting a tenant's keys or the store's catalogue,
+    /// which change nothing but hand out a copy of keys (sealed).
     pub(crate) fn audited(&self) -> bool {
-        self.mutates() || matches!(self, Op::ExportTenantKeys { .. })
+        self.mutates() || self.hands_out_keys()
+    }
+
+    /// Whether the operation hands out a copy of keys, sealed: a tenant's
+    /// recovery bundle, or the whole store's catalogue.
+    pub(crate) fn hands_out_keys(&self) -> bool {
+        matches!(self, Op::ExportTenantKeys { .. } | Op::BackupStore { .. })
     }
 
     /// A stable name of the operation, for the audit log.
@@ -295,6 +309,7 @@ impl Op {
             Op::DrillBackups { .. } => "backup.drill",
             Op::Restore { .. } => "backup.restore",
             Op::ExportTenantKeys { .. } => "key.export-tenant",
+            Op::BackupStore { .. } => "store.backup",
         }
     }
 
@@ -393,6 +408,10 @@ impl Op {
                     "the master key"
                 }
             ),
+            Op::BackupStore { segments_to } => match segments_to {
+                Some(dir) => format!("segments_to={dir}"),
+                None => "catalogue only".to_owned(),
+            },
             _ => String::new(),
         }
     }
@@ -625,6 +644,13 @@ impl Op {
                     secret_json(body),
                 )
             }
+            Op::BackupStore { segments_to } => {
+                let body = match segments_to {
+                    Some(dir) => serde_json::json!({ "segments_to": dir }),
+                    None => serde_json::json!({}),
+                };
+                (Method::POST, "/store/backup".to_owned(), json(body))
+            }
         };
         // Callers pass checked tenant and volume names (`a-z 0-9 . _ -`), so
         // nothing here can add a path segment or a query.
@@ -844,6 +870,14 @@ impl Op {
                     passphrase,
                 }
             }
+            (&Method::POST, ["store", "backup"]) => {
+                let segments_to = if body.iter().all(u8::is_ascii_whitespace) {
+                    None
+                } else {
+                    decode::<StoreBackupBody>(body)?.segments_to
+                };
+                Op::BackupStore { segments_to }
+            }
             (_, segments) if is_known_path(segments) => {
                 return Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -966,6 +1000,7 @@ fn is_known_path(segments: &[&str]) -> bool {
             | ["backups", "drill"]
             | ["restore"]
             | ["tenants", _, "export-keys"]
+            | ["store", "backup"]
     )
 }
 
@@ -1103,6 +1138,13 @@ struct RestoreBody {
     bundle: Option<String>,
     #[serde(default)]
     passphrase: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreBackupBody {
+    #[serde(default)]
+    segments_to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1612,6 +1654,28 @@ pub(crate) struct BundleView {
     pub(crate) bundle: String,
 }
 
+/// What `store backup` wrote: sent as the catalogue stream's trailer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CatalogView {
+    /// The master key the catalogue is sealed under (it rebuilds only with
+    /// that key), 32 hex digits.
+    pub(crate) master_key_id: String,
+    /// When it was written: the store it rebuilds is the store as it was
+    /// then.
+    pub(crate) created: String,
+    /// Metadata records it holds.
+    pub(crate) records: u64,
+    /// Its length.
+    pub(crate) bytes: u64,
+    /// Segment files its volumes reference, and their bytes.
+    pub(crate) segments: u64,
+    pub(crate) segment_bytes: u64,
+    /// Segment files hard-linked (or copied) into `segments_to`.
+    pub(crate) segments_linked: u64,
+    pub(crate) segments_to: Option<String>,
+}
+
 /// The reply of one operation; its JSON is the variant's content alone (the
 /// operation says which variant to expect).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1639,6 +1703,7 @@ pub(crate) enum Reply {
     Drilled(DrillView),
     Restored(RestoreView),
     TenantKeysExported(BundleView),
+    StoreBackedUp(CatalogView),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1706,6 +1771,7 @@ impl Reply {
             Reply::Drilled(v) => serde_json::to_vec_pretty(v),
             Reply::Restored(v) => serde_json::to_vec_pretty(v),
             Reply::TenantKeysExported(v) => serde_json::to_vec_pretty(v),
+            Reply::StoreBackedUp(v) => serde_json::to_vec_pretty(v),
         };
         value.expect("replies always serialize")
     }
@@ -1754,6 +1820,7 @@ impl Reply {
             Op::DrillBackups { .. } => Reply::Drilled(serde_json::from_slice(body)?),
             Op::Restore { .. } => Reply::Restored(serde_json::from_slice(body)?),
             Op::ExportTenantKeys { .. } => Reply::TenantKeysExported(serde_json::from_slice(body)?),
+            Op::BackupStore { .. } => Reply::StoreBackedUp(serde_json::from_slice(body)?),
         })
     }
 
@@ -1941,6 +2008,10 @@ mod tests {
                 tenant: t(),
                 passphrase: Some(Zeroizing::new("hunter2".to_owned())),
             },
+            Op::BackupStore { segments_to: None },
+            Op::BackupStore {
+                segments_to: Some("/srv/rebuild/segments".to_owned()),
+            },
         ]
     }
 
@@ -2001,10 +2072,12 @@ mod tests {
         for op in every_op() {
             assert_eq!(
                 op.audited(),
-                op.mutates() || matches!(op, Op::ExportTenantKeys { .. }),
+                op.mutates() || matches!(op, Op::ExportTenantKeys { .. } | Op::BackupStore { .. }),
                 "{op:?}"
             );
         }
+        let catalogue = Op::BackupStore { segments_to: None };
+        assert!(catalogue.audited() && !catalogue.mutates());
         let export = Op::ExportTenantKeys {
             tenant: "acme".to_owned(),
             passphrase: None,
@@ -2046,6 +2119,30 @@ mod tests {
         assert_eq!(e.code, "invalid_field");
         let e = error(Method::GET, "/v1/backups/drill", None, "");
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn a_store_backup_takes_an_optional_segments_directory() {
+        for body in ["", "{}"] {
+            let op = Op::parse(&Method::POST, "/v1/store/backup", None, body.as_bytes()).unwrap();
+            assert_eq!(op, Op::BackupStore { segments_to: None });
+        }
+        let e = error(
+            Method::POST,
+            "/v1/store/backup",
+            None,
+            "{\"segments_to\": \"/s\", \"overwrite\": true}",
+        );
+        assert_eq!(e.code, "invalid_field");
+        let e = error(Method::GET, "/v1/store/backup", None, "");
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let op = Op::BackupStore {
+            segments_to: Some("/s".to_owned()),
+        };
+        assert_eq!(
+            (op.action(), op.detail().as_str()),
+            ("store.backup", "segments_to=/s")
+        );
     }
 
     fn error(method: Method, path: &str, query: Option<&str>, body: &str) -> ApiError {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, TE};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -97,10 +97,12 @@ async fn send(
         let _ = connection.await;
     });
     let request = op.to_request();
+    // Trailers are welcome: a catalogue's summary comes as one.
     let mut builder = Request::builder()
         .method(request.method)
         .uri(request.path)
-        .header(HOST, "localhost");
+        .header(HOST, "localhost")
+        .header(TE, HeaderValue::from_static("trailers"));
     let body = match request.body {
         Some(body) => {
             builder = builder.header(CONTENT_TYPE, "application/json");
@@ -168,6 +170,8 @@ pub(crate) struct Streamed {
 /// What the connection thread hands over.
 enum Chunk {
     Data(Bytes),
+    /// The body's trailer fields; it ended as HTTP says it should.
+    Trailers(hyper::HeaderMap),
     /// The body ended as HTTP says it should.
     End,
     /// The body broke off (the server failed mid-stream, or the connection
@@ -181,6 +185,14 @@ pub(crate) struct BodyReader {
     rx: tokio::sync::mpsc::Receiver<Chunk>,
     current: Bytes,
     ended: bool,
+    trailers: Option<hyper::HeaderMap>,
+}
+
+impl BodyReader {
+    /// The body's trailer fields, once it has ended cleanly with some.
+    pub(crate) fn trailers(&self) -> Option<&hyper::HeaderMap> {
+        self.trailers.as_ref()
+    }
 }
 
 impl std::io::Read for BodyReader {
@@ -196,6 +208,10 @@ impl std::io::Read for BodyReader {
             }
             match self.rx.blocking_recv() {
                 Some(Chunk::Data(bytes)) => self.current = bytes,
+                Some(Chunk::Trailers(fields)) => {
+                    self.trailers = Some(fields);
+                    self.ended = true;
+                }
                 Some(Chunk::End) => self.ended = true,
                 Some(Chunk::Broken(why)) => {
                     return Err(std::io::Error::other(format!(
@@ -217,13 +233,26 @@ impl BodyReader {
     /// A body made of `chunks` that ends cleanly when `complete`, and
     /// breaks off after them otherwise.
     pub(crate) fn of(chunks: Vec<Bytes>, complete: bool) -> BodyReader {
+        BodyReader::with_trailers(chunks, complete, None)
+    }
+
+    /// [`BodyReader::of`], ending with `trailers` when complete.
+    pub(crate) fn with_trailers(
+        chunks: Vec<Bytes>,
+        complete: bool,
+        trailers: Option<hyper::HeaderMap>,
+    ) -> BodyReader {
         let (tx, rx) = tokio::sync::mpsc::channel(chunks.len() + 1);
         for chunk in chunks {
             tx.try_send(Chunk::Data(chunk))
                 .expect("the channel holds every chunk");
         }
         if complete {
-            tx.try_send(Chunk::End).expect("the channel has room");
+            let last = match trailers {
+                Some(fields) => Chunk::Trailers(fields),
+                None => Chunk::End,
+            };
+            tx.try_send(last).expect("the channel has room");
         } else {
             tx.try_send(Chunk::Broken("connection reset".to_owned()))
                 .expect("the channel has room");
@@ -232,6 +261,7 @@ impl BodyReader {
             rx,
             current: Bytes::new(),
             ended: false,
+            trailers: None,
         }
     }
 }
@@ -274,6 +304,7 @@ pub(crate) fn open_stream(socket: &Path, op: &Op) -> Result<Streamed, CallError>
             rx,
             current: Bytes::new(),
             ended: false,
+            trailers: None,
         },
     })
 }
@@ -336,8 +367,10 @@ async fn receive(
         let chunk = match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => Chunk::Data(data),
-                // Trailers: none are sent; nothing to pass on.
-                Err(_) => continue,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(fields) => Chunk::Trailers(fields),
+                    Err(_) => continue,
+                },
             },
             Some(Err(e)) => Chunk::Broken(crate::exports::error_chain(&e)),
             None => Chunk::End,

@@ -8,11 +8,13 @@
 //! - [`server`]: the socket, peer credentials, limits;
 //! - [`client`]: the CLI's request;
 //! - [`backup`]: backups, restores, drills and recovery bundles;
+//! - [`catalog`]: the store's catalogue (`store backup`);
 //! - [`stream`]: replies streamed as they are produced (a backup file, a
-//!   restore's progress).
+//!   catalogue, a restore's progress).
 
 pub(crate) mod api;
 pub(crate) mod backup;
+pub(crate) mod catalog;
 pub(crate) mod client;
 pub(crate) mod server;
 pub(crate) mod service;

@@ -11,8 +11,9 @@
 //! Resource limits: at most [`MAX_CONNECTIONS`] admin connections at once (more
 //! wait in the listen queue), request headers within [`HEADER_TIMEOUT`] and at
 //! most 16 KiB, bodies at most [`MAX_BODY_BYTES`]. Operations run on blocking
-//! threads, never on the runtime's. A backup and a restore answer with a
-//! stream ([`super::stream`]) instead of one JSON document.
+//! threads, never on the runtime's. A backup, the store's catalogue and a
+//! restore answer with a stream ([`super::stream`]) instead of one JSON
+//! document.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -296,6 +297,9 @@ async fn handle(
     match op {
         Op::CreateBackup { .. } => {
             return stream::backup(service, caller, op, error_response).await;
+        }
+        Op::BackupStore { .. } => {
+            return stream::catalog(service, caller, op, error_response).await;
         }
         Op::Restore { .. } => {
             return stream::restore(service, caller, op, json_response, error_response).await;

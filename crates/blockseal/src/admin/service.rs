@@ -25,6 +25,7 @@ use super::api::{
     ShredView, SnapshotView, StatusView, TenantView, VolumeView,
 };
 use super::backup::{self, OpIo};
+use super::catalog;
 use crate::exports::{Reach, RetireError, StoreCatalog};
 use crate::retention::{self, Retention};
 use crate::time::rfc3339_utc;
@@ -196,12 +197,15 @@ impl Service {
     }
 
     /// Runs an operation: the backup operations in `admin::backup`, the
-    /// rest here.
+    /// store's catalogue in `admin::catalog`, the rest here.
     fn dispatch(&self, op: &Op, io: &mut OpIo<'_>) -> Result<Reply, ApiError> {
-        match backup::run(self, op, io) {
-            Some(result) => result,
-            None => self.execute(op),
+        if let Some(result) = backup::run(self, op, io) {
+            return result;
         }
+        if let Some(result) = catalog::run(self, op, io) {
+            return result;
+        }
+        self.execute(op)
     }
 
     fn execute(&self, op: &Op) -> Result<Reply, ApiError> {
@@ -519,6 +523,9 @@ impl Service {
                 "{} is run by admin::backup",
                 op.action()
             ))),
+            Op::BackupStore { .. } => {
+                Err(ApiError::internal("store.backup is run by admin::catalog"))
+            }
         }
     }
 

@@ -1,6 +1,6 @@
-//! The admin API's streamed replies: a backup file as the response body
-//! (`application/octet-stream`), and a restore's progress as JSON lines
-//! (`application/x-ndjson`). Both are produced on a blocking thread and
+//! The admin API's streamed replies: a backup file or the store's
+//! catalogue as the response body (`application/octet-stream`), and a
+//! restore's progress as JSON lines (`application/x-ndjson`). Both are produced on a blocking thread and
 //! reach the connection through a bounded channel of [`DEPTH`] chunks of at
 //! most [`CHUNK`] bytes: the server holds at most a few MiB per stream, a
 //! slow reader holds the producer back, and a reader that goes away stops it
@@ -15,6 +15,9 @@
 //! - a backup that fails ends its body abruptly (the chunked encoding never
 //!   gets its last chunk): the client sees a broken body, and a backup file
 //!   without its trailer, which the codec refuses anyway;
+//! - a catalogue likewise; one that succeeds ends with the HTTP trailer
+//!   [`CATALOG_TRAILER`] (its summary as JSON), sent to clients that ask for
+//!   trailers (`TE: trailers`), as the CLI does;
 //! - a restore always ends with one JSON line: `{"done": Restore}`, or
 //!   `{"error": {...}, "status": N}`.
 
@@ -27,8 +30,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
+use hyper::HeaderMap;
 use hyper::body::{Body, Frame};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue, TRAILER};
 use hyper::{Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,6 +47,9 @@ pub(crate) const DEPTH: usize = 8;
 /// The response header that gives the number of blocks a backup stream
 /// holds, for a progress bar.
 pub(crate) const BLOCKS_HEADER: &str = "blockseal-blocks";
+/// The HTTP trailer that carries the summary of a catalogue stream
+/// (`CatalogView` as JSON), once the catalogue is complete.
+pub(crate) const CATALOG_TRAILER: &str = "blockseal-catalog";
 /// The content type of a restore's progress lines.
 pub(crate) const NDJSON: &str = "application/x-ndjson";
 /// Least time between two progress lines of a restore.
@@ -54,6 +61,8 @@ pub(crate) type AdminBody = Either<Full<Bytes>, ChannelBody>;
 /// One piece of a stream.
 enum Piece {
     Data(Bytes),
+    /// The stream's trailer fields (the stream is complete).
+    Trailers(HeaderMap),
     /// The stream is complete.
     End,
     /// The producer failed after the head was sent.
@@ -85,6 +94,11 @@ impl Body for ChannelBody {
         };
         Poll::Ready(match piece {
             Some(Piece::Data(bytes)) => Some(Ok(Frame::data(bytes))),
+            Some(Piece::Trailers(fields)) => {
+                // Trailers are a body's last frame.
+                self.done = true;
+                Some(Ok(Frame::trailers(fields)))
+            }
             Some(Piece::End) => {
                 self.done = true;
                 None
@@ -156,9 +170,13 @@ impl ChannelWriter<'_> {
         })
     }
 
-    fn finish(mut self) -> io::Result<()> {
+    /// Sends what is buffered, then `trailers` if any, and ends the stream.
+    fn finish(mut self, trailers: Option<HeaderMap>) -> io::Result<()> {
         self.flush()?;
-        self.send(Piece::End)
+        match trailers {
+            Some(fields) => self.send(Piece::Trailers(fields)),
+            None => self.send(Piece::End),
+        }
     }
 }
 
@@ -188,6 +206,51 @@ pub(crate) async fn backup(
     op: Op,
     error_response: fn(&ApiError) -> Response<AdminBody>,
 ) -> Response<AdminBody> {
+    octet_stream(service, caller, op, error_response, None).await
+}
+
+/// Answers [`Op::BackupStore`]: the catalogue as the response body, its
+/// summary in the trailer [`CATALOG_TRAILER`].
+pub(crate) async fn catalog(
+    service: Arc<Service>,
+    caller: Caller,
+    op: Op,
+    error_response: fn(&ApiError) -> Response<AdminBody>,
+) -> Response<AdminBody> {
+    octet_stream(
+        service,
+        caller,
+        op,
+        error_response,
+        Some(Trailer {
+            name: HeaderName::from_static(CATALOG_TRAILER),
+            value: |reply| match reply {
+                Reply::StoreBackedUp(view) => serde_json::to_string(view).ok(),
+                _ => None,
+            },
+        }),
+    )
+    .await
+}
+
+/// A trailer field a stream ends with: its name, and its value made from
+/// the operation's reply.
+struct Trailer {
+    name: HeaderName,
+    value: fn(&Reply) -> Option<String>,
+}
+
+/// An operation's output as the response body, and `trailer` after it if
+/// the operation succeeds.
+async fn octet_stream(
+    service: Arc<Service>,
+    caller: Caller,
+    op: Op,
+    error_response: fn(&ApiError) -> Response<AdminBody>,
+    trailer: Option<Trailer>,
+) -> Response<AdminBody> {
+    let trailer_name = trailer.as_ref().map(|t| t.name.clone());
+    let op_action = op.action();
     let (tx, rx) = mpsc::channel(DEPTH);
     let (head_tx, head_rx) = oneshot::channel();
     tokio::task::spawn_blocking(move || {
@@ -208,10 +271,23 @@ pub(crate) async fn backup(
                 progress: Some(&mut progress),
             },
         );
-        let result = result.and_then(|_| {
+        let result = result.and_then(|reply| {
+            let fields = match &trailer {
+                Some(t) => {
+                    let value = (t.value)(&reply)
+                        .and_then(|v| HeaderValue::from_str(&v).ok())
+                        .ok_or_else(|| {
+                            ApiError::internal("the stream's summary does not encode")
+                        })?;
+                    let mut fields = HeaderMap::new();
+                    fields.insert(t.name.clone(), value);
+                    Some(fields)
+                }
+                None => None,
+            };
             writer
-                .finish()
-                .map_err(|e| ApiError::internal(format!("the backup stream failed: {e}")))
+                .finish(fields)
+                .map_err(|e| ApiError::internal(format!("the stream failed: {e}")))
         });
         if let Err(e) = result
             && !head.send(Head::Failed(e.clone()))
@@ -230,12 +306,17 @@ pub(crate) async fn backup(
             if let Some(blocks) = blocks {
                 headers.insert(BLOCKS_HEADER, HeaderValue::from(blocks));
             }
+            if let Some(name) = trailer_name {
+                // Announced, or the connection leaves the trailer out.
+                headers.insert(TRAILER, HeaderValue::from(name));
+            }
             response
         }
         Ok(Head::Failed(e)) => error_response(&e),
-        Ok(Head::Finished(_)) | Err(_) => error_response(&ApiError::internal(
-            "the backup ended before it wrote anything",
-        )),
+        Ok(Head::Finished(_)) | Err(_) => error_response(&ApiError::internal(format!(
+            "{} ended before it wrote anything",
+            op_action
+        ))),
     }
 }
 

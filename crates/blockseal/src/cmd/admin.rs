@@ -748,6 +748,7 @@ pub(crate) fn render(
         | Reply::Drilled(_)
         | Reply::Restored(_)
         | Reply::TenantKeysExported(_) => out += &super::backup::render(reply, style),
+        Reply::StoreBackedUp(_) => out += &super::store::render(reply),
     }
     out
 }
@@ -937,6 +938,8 @@ fn audit_verdict(v: &AuditVerifyView, style: Style) -> String {
 /// Runs a `blockseal store` subcommand.
 pub(crate) fn store(command: StoreCommand) -> anyhow::Result<()> {
     match command {
+        StoreCommand::Backup(args) => super::store::backup(args),
+        StoreCommand::Rebuild(args) => super::store::rebuild(args),
         StoreCommand::AcceptMetadataLoss {
             yes_i_understand,
             store,

@@ -8,6 +8,7 @@ mod backup;
 mod key;
 mod retention;
 mod serve;
+mod store;
 
 use crate::cli::{Cli, Command};
 
