@@ -22,7 +22,10 @@ use std::io::{BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use blockseal_volume::{AuditEntry, CatalogError, rebuild_store};
+use blockseal_volume::{
+    AuditEntry, CATALOG_HEADER_LEN, CatalogError, CatalogFramed, CatalogFraming, CatalogHeader,
+    rebuild_store,
+};
 use hyper::StatusCode;
 
 use super::admin::usage;
@@ -36,7 +39,6 @@ use crate::open::{IfMissing, StoreLocation};
 use crate::outfile::AtomicFile;
 use crate::size::approx;
 use crate::time::rfc3339_utc;
-use blockseal_volume::{CATALOG_HEADER_LEN, CatalogFramed, CatalogFraming, CatalogHeader};
 
 /// Bytes read from the server's stream at a time.
 const READ_CHUNK: usize = 256 * 1024;
@@ -288,6 +290,7 @@ fn summary(reply: &Reply, file: &Path) -> String {
 /// checking its framing as it passes; returns its summary.
 fn receive(streamed: Streamed, mut output: Output) -> anyhow::Result<CatalogView> {
     let mut body = streamed.body;
+    let bar = bytes_spinner("receiving the catalogue");
     let mut check = CatalogFraming::new();
     let mut buf = vec![0u8; READ_CHUNK];
     let incomplete = |why: &dyn std::fmt::Display, output: &Output| {
@@ -306,7 +309,9 @@ fn receive(streamed: Streamed, mut output: Output) -> anyhow::Result<CatalogView
         output
             .write_all(&buf[..n])
             .with_context(|| format!("cannot write the catalogue to {}", output.name()))?;
+        bar.inc(n as u64);
     }
+    bar.finish_and_clear();
     let framed = check.finish().map_err(|e| incomplete(&e, &output))?;
     let view = body
         .trailers()
@@ -327,6 +332,7 @@ fn receive(streamed: Streamed, mut output: Output) -> anyhow::Result<CatalogView
 fn offline(location: &StoreLocation, op: &Op, output: Output) -> anyhow::Result<CatalogView> {
     let (service, caller) = admin::offline(location, IfMissing::Fail)?;
     let mut checked = Checked {
+        bar: bytes_spinner("writing the catalogue"),
         check: CatalogFraming::new(),
         output,
         framing: None,
@@ -339,6 +345,7 @@ fn offline(location: &StoreLocation, op: &Op, output: Output) -> anyhow::Result<
             progress: None,
         },
     );
+    checked.bar.finish_and_clear();
     if let Some(e) = checked.framing {
         bail!("the catalogue the store wrote does not frame: {e}; no file was written");
     }
@@ -435,6 +442,8 @@ impl Write for Output {
 /// An [`Output`] behind a framing check: bytes that break the framing are
 /// not passed on.
 struct Checked {
+    /// Bytes written, on a terminal.
+    bar: indicatif::ProgressBar,
     check: CatalogFraming,
     output: Output,
     /// The framing broke: why.
@@ -452,6 +461,7 @@ impl Write for Checked {
             ));
         }
         self.output.write_all(data)?;
+        self.bar.inc(data.len() as u64);
         Ok(data.len())
     }
 
@@ -614,6 +624,21 @@ fn count_segment_files(dir: &Path) -> usize {
         .filter_map(|v| std::fs::read_dir(v.path()).ok())
         .map(|files| files.count())
         .sum()
+}
+
+/// A spinner with the bytes done, on stderr when it is a terminal (hidden
+/// otherwise).
+fn bytes_spinner(what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix}: {bytes} ({elapsed})")
+            .expect("the template is valid"),
+    );
+    bar.set_prefix(what.to_owned());
+    bar
 }
 
 #[cfg(test)]
