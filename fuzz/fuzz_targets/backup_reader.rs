@@ -35,8 +35,8 @@ use std::io;
 use std::sync::LazyLock;
 
 use blockseal_volume::backup_format::{
-    BackupFormatError, BackupHeader, BackupKind, BackupReader, BackupTrailer, BackupWriter,
-    DekEntry, Frame, MAC_LEN, MAX_RUN_BLOCKS, TAG_LEN, WRAPPED_DEK_LEN, WriterEntry,
+    BackupFormatError, BackupHeader, BackupKind, BackupReader, BackupTrailer, BackupWriter, Frame,
+    MAC_LEN, MAX_RUN_BLOCKS, TAG_LEN, sample_header,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -45,44 +45,7 @@ const BLOCKS: u64 = 64;
 const TRAILER_LEN: usize = 81;
 
 fn header(kind: BackupKind) -> BackupHeader {
-    let incremental = kind == BackupKind::Incremental;
-    BackupHeader {
-        kind,
-        backup_id: [0xb1; 16],
-        created: 1_700_000_000,
-        tenant: "acme".into(),
-        volume: "voicemail".into(),
-        block_size: BS,
-        volume_size: BLOCKS * u64::from(BS),
-        snapshot_uid: [0x51; 16],
-        snapshot_epoch: 7,
-        snapshot_name: "nightly".into(),
-        base_snapshot_uid: if incremental { [0x50; 16] } else { [0; 16] },
-        base_backup_id: if incremental { [0xb0; 16] } else { [0; 16] },
-        kek_version: 3,
-        deks: vec![
-            DekEntry {
-                version: 1,
-                wrapped: [0xd1; WRAPPED_DEK_LEN],
-            },
-            DekEntry {
-                version: 2,
-                wrapped: [0xd2; WRAPPED_DEK_LEN],
-            },
-        ],
-        writers: vec![
-            WriterEntry {
-                number: 1,
-                dek_version: 1,
-                salt: [1; 32],
-            },
-            WriterEntry {
-                number: 4,
-                dek_version: 2,
-                salt: [4; 32],
-            },
-        ],
-    }
+    sample_header(kind, BS, BLOCKS)
 }
 
 /// A stand-in for the caller's keyed MAC: any function of the input will do.

@@ -15,6 +15,8 @@ mod outfile;
 mod passphrase;
 mod retention;
 mod size;
+#[cfg(test)]
+mod testing;
 mod time;
 
 use std::io::IsTerminal;

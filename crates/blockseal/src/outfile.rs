@@ -4,14 +4,19 @@
 //! complete, without replacing anything there, then the directory is synced.
 //! A file that is not committed is removed: nothing partial is ever left
 //! under the final name. A large file is synced as it grows, every
-//! [`SYNC_EVERY`] bytes, and the synced part dropped from the page cache: the
-//! final sync has little left to do, and a backup does not push the store's
-//! own data out of the cache.
+//! [`SYNC_EVERY`] bytes, on a thread of its own so that writing goes on
+//! meanwhile (at most [`SYNCS_AHEAD`] syncs are asked for ahead of the one
+//! running, which bounds the dirty pages), and the synced part is dropped
+//! from the page cache: the final sync has little left to do, and a backup
+//! does not push the store's own data out of the cache.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use anyhow::Context;
 
@@ -21,15 +26,97 @@ use crate::admin::api::ApiError;
 const BUFFER: usize = 1 << 20;
 /// Bytes written between two syncs.
 pub(crate) const SYNC_EVERY: u64 = 64 << 20;
+/// Syncs asked for and not yet started; a writer further ahead waits.
+const SYNCS_AHEAD: usize = 1;
 
 /// A file being written under a temporary name.
 pub(crate) struct AtomicFile {
     path: PathBuf,
     temp: PathBuf,
     file: Option<BufWriter<File>>,
-    /// Bytes written so far, and how many of them are synced.
+    /// Bytes written so far, and up to where a sync was asked for.
     written: u64,
     synced: u64,
+    /// The thread that syncs what was written, started with the first sync.
+    syncer: Option<Syncer>,
+}
+
+/// A thread syncing a file up to the offsets it is sent, dropping each
+/// synced range from the page cache.
+struct Syncer {
+    to: Option<SyncSender<u64>>,
+    thread: Option<JoinHandle<()>>,
+    /// The first sync that failed.
+    failed: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl Syncer {
+    fn start(file: File) -> Syncer {
+        let (to, from) = sync_channel(SYNCS_AHEAD);
+        let failed = Arc::new(Mutex::new(None));
+        let report = Arc::clone(&failed);
+        let thread = std::thread::Builder::new()
+            .name("file-sync".to_owned())
+            .spawn(move || sync_loop(&file, &from, &report))
+            .ok();
+        Syncer {
+            to: thread.is_some().then_some(to),
+            thread,
+            failed,
+        }
+    }
+
+    /// Asks for everything before `offset` to be synced; waits while
+    /// [`SYNCS_AHEAD`] syncs are pending. The error of an earlier sync, if
+    /// one failed.
+    fn sync_to(&mut self, offset: u64) -> io::Result<()> {
+        self.take_error()?;
+        if let Some(to) = &self.to {
+            // A thread that stopped has left its error for `finish`.
+            let _ = to.send(offset);
+        }
+        Ok(())
+    }
+
+    /// Waits for the syncs asked for; the first error among them.
+    fn finish(&mut self) -> io::Result<()> {
+        self.to = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.take_error()
+    }
+
+    fn take_error(&self) -> io::Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+fn sync_loop(file: &File, offsets: &Receiver<u64>, failed: &Mutex<Option<io::Error>>) {
+    let mut synced = 0;
+    while let Ok(offset) = offsets.recv() {
+        if let Err(e) = rustix::fs::fdatasync(file) {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.into());
+            return;
+        }
+        // Advice only: its failure changes nothing.
+        let _ = rustix::fs::fadvise(
+            file,
+            synced,
+            std::num::NonZeroU64::new(offset - synced),
+            rustix::fs::Advice::DontNeed,
+        );
+        synced = offset;
+    }
 }
 
 impl AtomicFile {
@@ -63,6 +150,7 @@ impl AtomicFile {
             file: Some(BufWriter::with_capacity(BUFFER, file)),
             written: 0,
             synced: 0,
+            syncer: None,
         })
     }
 
@@ -75,6 +163,11 @@ impl AtomicFile {
     /// that name meanwhile) and syncs the directory.
     pub(crate) fn commit(mut self) -> anyhow::Result<()> {
         let writer = self.file.take().expect("an uncommitted file is open");
+        if let Some(mut syncer) = self.syncer.take() {
+            syncer
+                .finish()
+                .with_context(|| format!("cannot write {}", self.temp.display()))?;
+        }
         let file = writer
             .into_inner()
             .map_err(|e| e.into_error())
@@ -106,21 +199,25 @@ impl Write for AtomicFile {
 }
 
 impl AtomicFile {
-    /// Syncs what was written so far and drops it from the page cache.
+    /// Has what was written so far synced and dropped from the page cache,
+    /// on the syncer's thread.
     fn sync_written(&mut self) -> io::Result<()> {
-        let (from, len) = (self.synced, self.written - self.synced);
+        let written = self.written;
         let writer = self.writer()?;
         writer.flush()?;
-        let file = writer.get_ref();
-        rustix::fs::fdatasync(file)?;
-        // Advice only: its failure changes nothing.
-        let _ = rustix::fs::fadvise(
-            file,
-            from,
-            std::num::NonZeroU64::new(len),
-            rustix::fs::Advice::DontNeed,
-        );
-        self.synced += len;
+        if self.syncer.is_none() {
+            let clone = self.writer()?.get_ref().try_clone()?;
+            self.syncer = Some(Syncer::start(clone));
+        }
+        let syncer = self.syncer.as_mut().expect("started above");
+        if syncer.thread.is_none() {
+            // No thread could be started: sync here.
+            let file = self.file.as_ref().expect("open").get_ref();
+            rustix::fs::fdatasync(file)?;
+        } else {
+            syncer.sync_to(written)?;
+        }
+        self.synced = written;
         Ok(())
     }
 
@@ -134,6 +231,7 @@ impl AtomicFile {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.temp.as_os_str().is_empty() {
+            self.syncer = None;
             self.file = None;
             let _ = std::fs::remove_file(&self.temp);
         }
@@ -223,5 +321,34 @@ mod tests {
         assert!(f.commit().is_err());
         assert_eq!(std::fs::read(&other).unwrap(), b"theirs");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_file_larger_than_the_sync_interval_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let mut f = AtomicFile::create(&path).unwrap();
+        // Pieces of a size that does not divide the interval, so that syncs
+        // are asked for mid-buffer; each piece's bytes say where it is.
+        let piece = 1_000_003usize;
+        let pieces = (2 * SYNC_EVERY as usize) / piece + 2;
+        for i in 0..pieces {
+            f.write_all(&vec![(i % 251) as u8; piece]).unwrap();
+        }
+        assert!(f.syncer.is_some(), "the syncer thread took the syncs");
+        f.commit().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), pieces * piece);
+        for (i, chunk) in bytes.chunks(piece).enumerate() {
+            assert!(chunk.iter().all(|&b| b == (i % 251) as u8), "piece {i}");
+        }
+        // Dropped before commit after syncs began: nothing is left behind.
+        let other = dir.path().join("other.bin");
+        let mut f = AtomicFile::create(&other).unwrap();
+        for _ in 0..pieces {
+            f.write_all(&vec![1; piece]).unwrap();
+        }
+        drop(f);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -218,34 +218,12 @@ fn dir_error(name: &str, e: &io::Error) -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use blockseal_keys::{MasterKey, TenantId, VolumeId};
-    use blockseal_volume::{StoreOptions, VolumeOptions};
 
     use super::*;
 
     /// A store with a tenant, a volume with some data, and its catalogue.
     fn a_catalogue() -> (tempfile::TempDir, Store, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(
-            dir.path().join("store"),
-            MasterKey::generate().unwrap(),
-            StoreOptions::new().background_compaction(false),
-        )
-        .unwrap();
-        let (t, v) = (
-            TenantId::new("acme").unwrap(),
-            VolumeId::new("disk").unwrap(),
-        );
-        store.create_tenant(&t).unwrap();
-        store
-            .create_volume(&t, &v, 4 << 20, VolumeOptions::default())
-            .unwrap();
-        let volume = store.open_volume(&t, &v).unwrap();
-        for i in 0..64u64 {
-            volume.write_at(i * 40_960, &[i as u8 + 1; 4096]).unwrap();
-        }
-        volume.flush().unwrap();
-        drop(volume);
+        let (dir, store, _, _) = crate::testing::small_store();
         let mut out = Vec::new();
         store.write_catalog(&mut out, None).unwrap();
         (dir, store, out)

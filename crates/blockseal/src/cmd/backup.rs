@@ -433,6 +433,8 @@ const WRITE_DEPTH: usize = 4;
 struct Sink {
     buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Buffers the writer thread is done with, for reuse.
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<Output>>>,
 }
 
@@ -449,6 +451,7 @@ impl Sink {
             None => Output::Stdout(std::io::stdout()),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_DEPTH);
+        let (back, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_DEPTH + 1);
         let thread = std::thread::Builder::new()
             .name("blockseal-backup-writer".into())
             .spawn(move || {
@@ -457,6 +460,8 @@ impl Sink {
                         Output::File(f) => f.write_all(&chunk)?,
                         Output::Stdout(o) => o.write_all(&chunk)?,
                     }
+                    // Full: the buffer is dropped instead.
+                    let _ = back.try_send(chunk);
                 }
                 Ok(output)
             })
@@ -464,6 +469,7 @@ impl Sink {
         Ok(Sink {
             buf: Vec::with_capacity(WRITE_CHUNK),
             tx: Some(tx),
+            free,
             thread: Some(thread),
         })
     }
@@ -473,7 +479,14 @@ impl Sink {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(WRITE_CHUNK));
+        let next = match self.free.try_recv() {
+            Ok(mut used) => {
+                used.clear();
+                used
+            }
+            Err(_) => Vec::with_capacity(WRITE_CHUNK),
+        };
+        let chunk = std::mem::replace(&mut self.buf, next);
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
         if sent {
             return Ok(());
@@ -970,8 +983,6 @@ fn approx(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use blockseal_keys::{MasterKey, TenantId, VolumeId};
-    use blockseal_volume::{Store, StoreOptions, VolumeOptions};
     use bytes::Bytes;
 
     use super::*;
@@ -979,27 +990,7 @@ mod tests {
 
     /// A full backup of a small volume with some data, as bytes.
     fn a_backup() -> Vec<u8> {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(
-            dir.path().join("store"),
-            MasterKey::generate().unwrap(),
-            StoreOptions::new().background_compaction(false),
-        )
-        .unwrap();
-        let (t, v) = (
-            TenantId::new("acme").unwrap(),
-            VolumeId::new("disk").unwrap(),
-        );
-        store.create_tenant(&t).unwrap();
-        store
-            .create_volume(&t, &v, 4 << 20, VolumeOptions::default())
-            .unwrap();
-        let volume = store.open_volume(&t, &v).unwrap();
-        for i in 0..64u64 {
-            volume.write_at(i * 40_960, &[i as u8 + 1; 4096]).unwrap();
-        }
-        volume.flush().unwrap();
-        drop(volume);
+        let (_dir, store, t, v) = crate::testing::small_store();
         store.create_snapshot(&t, &v, "s1").unwrap();
         let mut out = Vec::new();
         store
