@@ -699,7 +699,7 @@ fn a_store_rebuilds_from_its_catalogue_and_segments() {
 
     let opts = || options();
     let rebuilt = blockseal_volume::rebuild_store(
-        &mut &catalog[..],
+        &mut std::io::Cursor::new(&catalog[..]),
         &segs,
         &tmp.path().join("new"),
         master(1),
@@ -726,7 +726,13 @@ fn a_store_rebuilds_from_its_catalogue_and_segments() {
     drop((r, v, rebuilt));
 
     let rebuild = |bytes: &[u8], m, dir: &str| {
-        blockseal_volume::rebuild_store(&mut &bytes[..], &segs, &tmp.path().join(dir), m, opts())
+        blockseal_volume::rebuild_store(
+            &mut std::io::Cursor::new(bytes),
+            &segs,
+            &tmp.path().join(dir),
+            m,
+            opts(),
+        )
     };
     // Another master key, a damaged chunk, a cut-off end: refused, nothing made.
     let e = rebuild(&catalog, master(2), "x1").unwrap_err();
@@ -824,4 +830,65 @@ fn the_framing_of_a_whole_catalogue_holds_and_a_cut_one_does_not() {
     bad[10] = 7;
     let e = CatalogHeader::parse(&bad).unwrap_err();
     assert!(e.to_string().contains("unknown metadata backend 7"), "{e}");
+}
+
+/// Reads `first` until the first seek to a position from the start, then
+/// `second`: a catalogue that changes between a rebuild's two passes.
+struct ChangesOnRewind {
+    first: std::io::Cursor<Vec<u8>>,
+    second: std::io::Cursor<Vec<u8>>,
+    rewound: bool,
+}
+
+impl Read for ChangesOnRewind {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.rewound {
+            false => self.first.read(buf),
+            true => self.second.read(buf),
+        }
+    }
+}
+
+impl std::io::Seek for ChangesOnRewind {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        if matches!(pos, std::io::SeekFrom::Start(_)) {
+            self.rewound = true;
+        }
+        match self.rewound {
+            false => self.first.seek(pos),
+            true => self.second.seek(pos),
+        }
+    }
+}
+
+#[test]
+fn a_catalogue_that_changes_during_a_rebuild_leaves_no_store() {
+    let s = setup();
+    s.volume.flush().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let segs = tmp.path().join("segs");
+    let mut catalogue = Vec::new();
+    s.store.write_catalog(&mut catalogue, Some(&segs)).unwrap();
+    let mut changed = catalogue.clone();
+    let at = changed.len() / 2;
+    changed[at] ^= 1;
+    let target = tmp.path().join("new");
+    let e = blockseal_volume::rebuild_store(
+        &mut ChangesOnRewind {
+            first: std::io::Cursor::new(catalogue.clone()),
+            second: std::io::Cursor::new(changed),
+            rewound: false,
+        },
+        &segs,
+        &target,
+        master(1),
+        options(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, CatalogError::Damaged { .. }), "{e}");
+    assert!(
+        !target.join("FORMAT").exists(),
+        "a half-rebuilt directory is no store"
+    );
+    assert!(Store::open(&target, master(1), options()).is_err());
 }

@@ -28,7 +28,7 @@
 //!
 //! This module must never write a record outside a sealed chunk.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockWriteGuard};
 
@@ -319,13 +319,14 @@ fn chunk_aad(header: &[u8], index: u64, kind: u8) -> Vec<u8> {
 /// with the master key the catalogue was written with; the segment files are
 /// hard-linked (or copied) into place. Then opens it (which runs every check
 /// an open runs).
-pub fn rebuild_store(
-    catalog: &mut dyn Read,
+pub fn rebuild_store<C: Read + Seek>(
+    catalog: &mut C,
     segments_from: &Path,
     dir: &Path,
     master: MasterKey,
     options: StoreOptions,
 ) -> Result<Store, CatalogError> {
+    let start = catalog.stream_position()?;
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -347,68 +348,13 @@ pub fn rebuild_store(
     let salt: [u8; CATALOG_SALT_LEN] = header[28..60].try_into().expect("32 bytes");
     let key = master.catalog_key(&salt);
 
-    // Every chunk is read and opened before anything is written.
-    let mut records: Vec<(Vec<u8>, Zeroizing<Vec<u8>>)> = Vec::new();
-    let mut segments: Vec<(u32, u32, u64)> = Vec::new();
-    let mut index = 0u64;
-    loop {
-        let mut head = [0u8; CHUNK_HEAD_LEN];
-        catalog.read_exact(&mut head).map_err(|_| {
-            CatalogError::Format(format!(
-                "the catalogue ends before its end chunk (chunk {index})"
-            ))
-        })?;
-        let kind = head[0];
-        let len = u32::from_be_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
-        if !matches!(kind, CHUNK_RECORDS | CHUNK_END) || len > MAX_CHUNK {
-            return Err(CatalogError::Damaged { index });
-        }
-        let nonce: [u8; CATALOG_NONCE_LEN] = head[5..].try_into().expect("12 bytes");
-        let mut data = Zeroizing::new(vec![0u8; len + CATALOG_TAG_LEN]);
-        catalog.read_exact(&mut data).map_err(|_| {
-            CatalogError::Format(format!("the catalogue ends inside chunk {index}"))
-        })?;
-        let n = key
-            .open(&chunk_aad(&header, index, kind), &nonce, &mut data)
-            .map_err(|_| CatalogError::Damaged { index })?;
-        data.truncate(n);
-        let damaged = || CatalogError::Damaged { index };
-        if kind == CHUNK_RECORDS {
-            let mut p = &data[..];
-            while !p.is_empty() {
-                let (k, rest) = take_field(p).ok_or_else(damaged)?;
-                let (v, rest) = take_field(rest).ok_or_else(damaged)?;
-                records.push((k.to_vec(), Zeroizing::new(v.to_vec())));
-                p = rest;
-            }
-        } else {
-            let count = data.get(..8).ok_or_else(damaged)?;
-            let count = u64::from_be_bytes(count.try_into().expect("8 bytes"));
-            if count != records.len() as u64 {
-                return Err(damaged());
-            }
-            let n = u64::from_be_bytes(data.get(8..16).ok_or_else(damaged)?.try_into().expect("8"));
-            let list = &data[END_FIXED..];
-            if list.len() as u64 != n * END_PER_SEGMENT as u64 {
-                return Err(damaged());
-            }
-            for s in list.chunks_exact(END_PER_SEGMENT) {
-                segments.push((
-                    u32::from_be_bytes(s[..4].try_into().expect("4")),
-                    u32::from_be_bytes(s[4..8].try_into().expect("4")),
-                    u64::from_be_bytes(s[8..].try_into().expect("8")),
-                ));
-            }
-            break;
-        }
-        index += 1;
-    }
-    let mut extra = [0u8; 1];
-    if catalog.read(&mut extra)? != 0 {
-        return Err(CatalogError::Format(
-            "bytes follow the catalogue's end chunk".into(),
-        ));
-    }
+    // First pass: every chunk is read and opened, and the records counted,
+    // before anything is written; only the segment list is kept.
+    let mut records = 0u64;
+    let segments = read_chunks(catalog, &key, &header, &mut |entries| {
+        records += entries.len() as u64;
+        Ok(())
+    })?;
     let missing: Vec<String> = segments
         .iter()
         .filter(|&&(v, i, size)| {
@@ -433,14 +379,29 @@ pub fn rebuild_store(
         let raw = super::open_meta(dir, backend, &options)?;
         let meta = crate::marker::Sequenced::new(dir, raw, 0)
             .map_err(|e| CatalogError::Io(io::Error::other(e.to_string())))?;
-        for batch_records in records.chunks(REBUILD_BATCH) {
-            let mut batch = Batch::new();
-            for (k, v) in batch_records {
-                batch.put(k.clone(), v.to_vec());
+        // Second pass: the records are committed a batch at a time, so a
+        // catalogue of any size rebuilds in bounded memory. A catalogue that
+        // changed since the first pass fails here; the store is not complete
+        // until its FORMAT file is written below.
+        catalog.seek(io::SeekFrom::Start(start + HEADER_LEN as u64))?;
+        let mut committed = 0u64;
+        let again = read_chunks(catalog, &key, &header, &mut |entries| {
+            for batch_records in entries.chunks(REBUILD_BATCH) {
+                let mut batch = Batch::new();
+                for (k, v) in batch_records {
+                    batch.put(k.to_vec(), v.to_vec());
+                }
+                crate::meta::MetaStore::commit(&meta, &batch)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                batch.wipe_values();
             }
-            crate::meta::MetaStore::commit(&meta, &batch)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            batch.wipe_values();
+            committed += entries.len() as u64;
+            Ok(())
+        })?;
+        if committed != records || again != segments {
+            return Err(CatalogError::Format(
+                "the catalogue changed while the store was rebuilt from it".into(),
+            ));
         }
         // The segment files are durable before the FORMAT file says a store
         // is here: a crash in between leaves a directory that is no store.
@@ -449,6 +410,85 @@ pub fn rebuild_store(
         super::write_format_file(dir, backend)?;
     }
     Ok(Store::open(dir, master, options)?)
+}
+
+/// A record in a catalogue: key and value.
+type Entry<'a> = (&'a [u8], &'a [u8]);
+
+/// Reads a catalogue's chunks from just after its header to the end: opens
+/// each, hands each records chunk's entries to `records`, checks the end
+/// chunk's record count and that nothing follows it, and returns the segment
+/// files it lists (volume, index, size).
+fn read_chunks(
+    catalog: &mut dyn Read,
+    key: &CatalogKey,
+    header: &[u8],
+    records: &mut dyn FnMut(&[Entry<'_>]) -> io::Result<()>,
+) -> Result<Vec<(u32, u32, u64)>, CatalogError> {
+    let mut count = 0u64;
+    let mut index = 0u64;
+    loop {
+        let mut head = [0u8; CHUNK_HEAD_LEN];
+        catalog.read_exact(&mut head).map_err(|_| {
+            CatalogError::Format(format!(
+                "the catalogue ends before its end chunk (chunk {index})"
+            ))
+        })?;
+        let kind = head[0];
+        let len = u32::from_be_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+        if !matches!(kind, CHUNK_RECORDS | CHUNK_END) || len > MAX_CHUNK {
+            return Err(CatalogError::Damaged { index });
+        }
+        let nonce: [u8; CATALOG_NONCE_LEN] = head[5..].try_into().expect("12 bytes");
+        let mut data = Zeroizing::new(vec![0u8; len + CATALOG_TAG_LEN]);
+        catalog.read_exact(&mut data).map_err(|_| {
+            CatalogError::Format(format!("the catalogue ends inside chunk {index}"))
+        })?;
+        let n = key
+            .open(&chunk_aad(header, index, kind), &nonce, &mut data)
+            .map_err(|_| CatalogError::Damaged { index })?;
+        data.truncate(n);
+        let damaged = || CatalogError::Damaged { index };
+        if kind == CHUNK_END {
+            let recorded = data.get(..8).ok_or_else(damaged)?;
+            if u64::from_be_bytes(recorded.try_into().expect("8 bytes")) != count {
+                return Err(damaged());
+            }
+            let n = u64::from_be_bytes(data.get(8..16).ok_or_else(damaged)?.try_into().expect("8"));
+            let list = &data[END_FIXED..];
+            if list.len() as u64 != n * END_PER_SEGMENT as u64 {
+                return Err(damaged());
+            }
+            let segments = list
+                .chunks_exact(END_PER_SEGMENT)
+                .map(|s| {
+                    (
+                        u32::from_be_bytes(s[..4].try_into().expect("4")),
+                        u32::from_be_bytes(s[4..8].try_into().expect("4")),
+                        u64::from_be_bytes(s[8..].try_into().expect("8")),
+                    )
+                })
+                .collect();
+            let mut extra = [0u8; 1];
+            if catalog.read(&mut extra)? != 0 {
+                return Err(CatalogError::Format(
+                    "bytes follow the catalogue's end chunk".into(),
+                ));
+            }
+            return Ok(segments);
+        }
+        let mut entries: Vec<Entry<'_>> = Vec::new();
+        let mut p = &data[..];
+        while !p.is_empty() {
+            let (k, rest) = take_field(p).ok_or_else(damaged)?;
+            let (v, rest) = take_field(rest).ok_or_else(damaged)?;
+            entries.push((k, v));
+            p = rest;
+        }
+        count += entries.len() as u64;
+        records(&entries)?;
+        index += 1;
+    }
 }
 
 /// What a catalogue's header says in the clear: enough to tell which master

@@ -18,7 +18,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufReader, IsTerminal, Read, Write};
+use std::io::{BufReader, IsTerminal, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -159,8 +159,8 @@ pub(crate) fn rebuild(args: StoreRebuildArgs) -> anyhow::Result<()> {
         .options()
         .background_compaction(false)
         .background_reencryption(false);
-    let mut input = std::io::Cursor::new(head).chain(reader);
-    let store = rebuild_store(&mut input, &args.segments, dir, key, options)
+    reader.rewind().map_err(|e| file_error(&catalog_name, &e))?;
+    let store = rebuild_store(&mut reader, &args.segments, dir, key, options)
         .map_err(|e| rebuild_error(e, &catalog_name, &location.key_file, dir))?;
     target.done = true;
 
