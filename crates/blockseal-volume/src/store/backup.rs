@@ -89,7 +89,7 @@ pub struct BackupReport {
     pub expires: Option<u64>,
 }
 
-/// What [`Store::verify_backup`] and [`Store::restore_backups`] checked.
+/// What [`Store::verify_backups`] and [`Store::restore_backups`] checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackupCheck {
