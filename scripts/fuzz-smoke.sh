@@ -16,7 +16,8 @@
 #   FUZZ_TOOLCHAIN    force "nightly" or "stable" instead of detecting
 #   CARGO_TARGET_DIR  where to build (default: fuzz/target)
 # Each target's libFuzzer output goes to fuzz/artifacts/smoke-TARGET.log; a
-# target with a dictionary in fuzz/dict/TARGET.dict runs with it.
+# target with a dictionary in fuzz/dict/TARGET.dict runs with it. Inputs that
+# once made a target fail are kept in fuzz/regressions/TARGET/ and run first.
 set -euo pipefail
 
 budget="${1:-${FUZZ_SECONDS:-120}}"
@@ -79,6 +80,15 @@ for target in $targets; do
 	args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1)
 	if [ -f "$root/fuzz/dict/$target.dict" ]; then
 		args+=(-dict="$root/fuzz/dict/$target.dict")
+	fi
+	# Inputs that once failed (fuzz/regressions/TARGET/) run first, once each.
+	regressions=("$root/fuzz/regressions/$target"/*)
+	if [ -e "${regressions[0]}" ] &&
+		! "${fuzz[@]}" run "$target" "${regressions[@]}" >"$log" 2>&1; then
+		tail -n 60 "$log" >&2
+		echo "fuzz-smoke: $target FAILED on a regression input (fuzz/regressions/$target/)" >&2
+		status=1
+		continue
 	fi
 	if ! "${fuzz[@]}" run "$target" -- "${args[@]}" >"$log" 2>&1; then
 		tail -n 60 "$log" >&2

@@ -12,8 +12,9 @@
 //! - the fixed-size records (header, tenant, counter) decode exactly when the
 //!   length, version and enumerated fields are right;
 //! - an extent decodes exactly when its key is the 13 bytes `m`, volume, last
-//!   LBA, and its value is version 1 of `23 + 16 * n` bytes or version 2 of
-//!   `27 + 16 * n` bytes naming a writer other than 0, with a block count `n` in
+//!   LBA, and its value is version 1 of `23 + 16 * n` bytes, version 2 of
+//!   `27 + 16 * n` bytes naming a writer other than 0, or version 3 of
+//!   `31 + 16 * n` bytes naming a birth epoch other than 0, with a block count `n` in
 //!   `1..=256` that fits below the key's last LBA, and when every block's segment
 //!   offset and nonce counter fit their integers. A decoded extent has as many
 //!   tags as its header says, ends at the key's LBA, and starts `n - 1` blocks
@@ -95,10 +96,13 @@ fn check_extent(raw_key: bool, bytes: &[u8]) {
         .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
     let expected = (|| {
         let last = last?;
-        // Version 2 adds the writer (u32, never 0) before the nonce counter.
-        let header = match *value.first()? {
+        // Version 2 adds the writer (u32, never 0) before the nonce counter;
+        // version 3 adds the birth epoch (u32, never 0) after the writer.
+        let version = *value.first()?;
+        let header = match version {
             1 => 23,
             2 => 27,
+            3 => 31,
             _ => return None,
         };
         if value.len() < header {
@@ -106,7 +110,11 @@ fn check_extent(raw_key: bool, bytes: &[u8]) {
         }
         let n = u64::from(u16::from_be_bytes([value[1], value[2]]));
         let offset = u64::from(u32::from_be_bytes(value[7..11].try_into().unwrap()));
-        let writer_ok = header == 23 || value[15..19] != [0, 0, 0, 0];
+        let writer_ok = match version {
+            2 => value[15..19] != [0, 0, 0, 0],
+            3 => value[19..23] != [0, 0, 0, 0],
+            _ => true,
+        };
         let nonce = u64::from_be_bytes(value[header - 8..header].try_into().unwrap());
         let fits = (1..=MAX_EXTENT_BLOCKS as u64).contains(&n)
             && writer_ok
