@@ -140,6 +140,8 @@ pub struct ServerProcess {
     pub tcp: Option<SocketAddr>,
     /// The admin API's TCP address, from its readiness line.
     pub admin_tcp: Option<SocketAddr>,
+    /// The metrics address from the readiness line, when configured.
+    pub metrics: Option<SocketAddr>,
     /// The temporary directory holding data, socket and log (unless the caller
     /// gave its own).
     pub dir: PathBuf,
@@ -219,6 +221,7 @@ impl ServerProcess {
             socket: None,
             tcp: None,
             admin_tcp: None,
+            metrics: None,
             dir,
             _tmp: tmp,
         }
@@ -316,6 +319,8 @@ impl ServerProcess {
                         self.tcp = Some(addr.parse().expect("tcp= holds IP:PORT"));
                     } else if let Some(addr) = field.strip_prefix("admin_tcp=") {
                         self.admin_tcp = Some(addr.parse().expect("admin_tcp= holds IP:PORT"));
+                    } else if let Some(addr) = field.strip_prefix("metrics=") {
+                        self.metrics = Some(addr.parse().expect("metrics= holds IP:PORT"));
                     }
                 }
                 break;

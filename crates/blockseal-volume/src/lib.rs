@@ -88,6 +88,7 @@ pub mod seal;
 #[allow(unreachable_pub)]
 mod seal;
 pub mod segment;
+mod stats;
 mod store;
 mod volume;
 
@@ -100,6 +101,7 @@ pub use seal::{AuthError, BlockCipher, Nonce, Tag};
 #[cfg(feature = "testing")]
 pub use segment::{FaultOp, FaultySegments};
 pub use segment::{FileSegments, SegmentId, SegmentStore};
+pub use stats::{LATENCY_BUCKETS, LatencyHistogram, LatencySnapshot};
 pub use store::{
     AuditEntry, AuditRecord, AuditVerification, BackupCheck, BackupError, BackupKeyInfo,
     BackupKeys, BackupReport, CATALOG_HEADER_LEN, CatalogError, CatalogFramed, CatalogFraming,

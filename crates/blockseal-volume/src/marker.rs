@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::stats::LatencyHistogram;
+
 use crate::meta::{BackendKind, Batch, MetaError, MetaStore};
 
 /// The marker file's name inside the store directory.
@@ -98,6 +100,8 @@ pub(crate) struct Sequenced {
     durable: AtomicU64,
     marker: Mutex<MarkerFile>,
     path: PathBuf,
+    /// How long the backend's group commits take.
+    latency: Arc<LatencyHistogram>,
 }
 
 /// The queue of batches waiting for the next group commit.
@@ -171,7 +175,13 @@ impl Sequenced {
                 warned: false,
             }),
             path,
+            latency: Arc::default(),
         })
+    }
+
+    /// The latency of its group commits (each serves every batch queued).
+    pub(crate) fn latency(&self) -> Arc<LatencyHistogram> {
+        self.latency.clone()
     }
 }
 
@@ -270,7 +280,9 @@ impl Sequenced {
                 queued.wipe_values();
             }
             merged.put(SEQUENCE_KEY, sequence.to_be_bytes().to_vec());
+            let started = std::time::Instant::now();
             let committed = self.inner.commit(&merged);
+            self.latency.record(started.elapsed());
             merged.wipe_values();
             group = self.lock_group();
             // A failed commit may still have become durable: its number is

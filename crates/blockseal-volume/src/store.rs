@@ -42,6 +42,7 @@ use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, Extent, HeaderRecord, TenantRecord, VolumeRecord, WriterRecord};
 use crate::rekeyer::{Rekeyer, RekeyerConfig};
 use crate::segment::{FileSegments, SegmentStore};
+use crate::stats::{LatencyHistogram, LatencySnapshot};
 use crate::volume::IndexBudget;
 use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
 
@@ -354,6 +355,8 @@ pub struct Store {
     index_budget: Arc<IndexBudget>,
     dir: PathBuf,
     meta: Arc<dyn MetaStore>,
+    /// How long the metadata store's group commits take.
+    commit_latency: Arc<LatencyHistogram>,
     segments: Arc<dyn SegmentStore>,
     /// The same segment store, through which segment deletions can be held
     /// off (while a catalogue's segments are linked).
@@ -415,8 +418,9 @@ impl Store {
         check_no_store_data(&dir)?;
         let backend = options.backend;
         let raw = open_meta(&dir, backend, &options)?;
-        let meta: Arc<dyn MetaStore> =
-            Arc::new(Sequenced::new(&dir, raw, 0).map_err(io_error(&dir))?);
+        let sequenced = Arc::new(Sequenced::new(&dir, raw, 0).map_err(io_error(&dir))?);
+        let commit_latency = sequenced.latency();
+        let meta: Arc<dyn MetaStore> = sequenced;
         let salt = DeploymentSalt::generate()?;
         let header = HeaderRecord {
             salt: *salt.as_bytes(),
@@ -431,7 +435,7 @@ impl Store {
         // The header file goes last: a directory without it is not a store yet.
         write_format_file(&dir, backend)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store created");
-        Store::start(dir, lock, meta, master, salt, options)
+        Store::start(dir, lock, meta, commit_latency, master, salt, options)
     }
 
     /// Opens the store in `dir` with its master key. Fails with
@@ -535,8 +539,10 @@ impl Store {
             }
             report.orphan_volumes = move_aside(&dir, &orphans)?;
         }
-        let meta: Arc<dyn MetaStore> =
+        let sequenced =
             Arc::new(Sequenced::new(&dir, raw, sequence.unwrap_or(0)).map_err(io_error(&dir))?);
+        let commit_latency = sequenced.latency();
+        let meta: Arc<dyn MetaStore> = sequenced;
         if version < FORMAT_VERSION {
             write_format_file(&dir, backend)?;
             tracing::info!(dir = %dir.display(), from = version, to = FORMAT_VERSION, "store format upgraded");
@@ -554,7 +560,7 @@ impl Store {
         }
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store opened");
         let salt = DeploymentSalt::from_bytes(header.salt);
-        let store = Store::start(dir, lock, meta, master, salt, options)?;
+        let store = Store::start(dir, lock, meta, commit_latency, master, salt, options)?;
         store.resume_reencryption_jobs();
         Ok((store, report))
     }
@@ -565,6 +571,7 @@ impl Store {
         dir: PathBuf,
         lock: File,
         meta: Arc<dyn MetaStore>,
+        commit_latency: Arc<LatencyHistogram>,
         master: MasterKey,
         salt: DeploymentSalt,
         options: StoreOptions,
@@ -596,6 +603,7 @@ impl Store {
             index_budget,
             dir,
             meta,
+            commit_latency,
             segments,
             holding,
             master: RwLock::new(master),
@@ -624,6 +632,12 @@ impl Store {
     /// The metadata backend in use.
     pub fn backend(&self) -> BackendKind {
         self.meta.backend()
+    }
+
+    /// How long the metadata store's commits have taken since the store was
+    /// opened (a group commit serves every flush queued behind it).
+    pub fn metadata_commit_latency(&self) -> LatencySnapshot {
+        self.commit_latency.snapshot()
     }
 
     /// Compacts every open volume now, without the background throttle (see

@@ -126,6 +126,11 @@ pub struct VolumeStats {
     /// Data key rotations the volume's nonce budget triggered since it was
     /// opened (see [`nonce::dek_limit`](crate::nonce::dek_limit)).
     pub automatic_rotations: u64,
+    /// Nonces spent under the active data key (committed or reserved).
+    pub nonces_used: u64,
+    /// Nonces one data key may spend ([`nonce::dek_limit`](crate::nonce::dek_limit));
+    /// it is rotated when half are spent.
+    pub nonce_budget: u64,
 }
 
 /// Where a block's current version lives, or that it reads as zeros.
@@ -615,6 +620,8 @@ impl Volume {
             compaction_metadata_bytes: i.compaction_metadata_bytes.load(Ordering::Relaxed),
             reencrypted_blocks: i.rekey.reencrypted_blocks(),
             automatic_rotations: i.rekey.automatic_rotations(),
+            nonces_used: i.rekey.nonces_used(),
+            nonce_budget: i.rekey.nonce_budget(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Command-line definitions (clap derive). Each subcommand group is one variant of
 //! [`Command`] with its own arguments enum; `cmd` dispatches on them.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use blockseal_keys::Argon2Params;
@@ -253,7 +254,11 @@ pub(crate) struct ServeArgs {
     /// Serve as the configuration file says. Without it, serve the embedded
     /// default: a store in --data-dir with a generated master key beside it and a
     /// demo volume `demo/disk`, on a Unix socket. For trying blockseal out only.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "unix", "demo_size"])]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["data_dir", "unix", "demo_size", "metrics_address"]
+    )]
     pub(crate) config: Option<PathBuf>,
 
     /// Store directory of the embedded default (created if missing).
@@ -267,6 +272,12 @@ pub(crate) struct ServeArgs {
     /// Size of the demo volume when it is created (e.g. 1G, 512M, bytes).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub(crate) demo_size: Size,
+
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this
+    /// address (e.g. 127.0.0.1:9100) with the embedded default; with a
+    /// configuration file, `[metrics] address` says it.
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) metrics_address: Option<SocketAddr>,
 
     /// Where the master key's passphrase comes from, if its key file has one
     /// (overrides the configuration file).

@@ -61,6 +61,19 @@ pub(crate) struct Config {
     /// table).
     #[serde(default)]
     pub(crate) retention: Option<crate::retention::RetentionConfig>,
+    /// Prometheus metrics, health and readiness over HTTP (none without the
+    /// table).
+    pub(crate) metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, plain HTTP
+    /// (e.g. `127.0.0.1:9100`; a private address: the metrics name tenants
+    /// and volumes).
+    pub(crate) address: SocketAddr,
 }
 
 /// `[admin_tcp]`.

@@ -30,9 +30,11 @@ use blockseal_nbd::{
     Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope, Shutdown,
 };
 use blockseal_volume::{
-    AdminError, ErrorKind, SnapshotReader, Store, Volume, VolumeError, check_snapshot_name,
+    AdminError, ErrorKind, SnapshotReader, Store, Volume, VolumeError, VolumeStats,
+    check_snapshot_name,
 };
 
+use crate::metrics::{IoRegistry, IoStats, Measured};
 use crate::size::Size;
 
 /// Largest zero buffer written at once for write-zeroes that must stay allocated.
@@ -274,6 +276,8 @@ struct Served {
     source: Source,
     revoked: Shutdown,
     handles: Arc<()>,
+    /// The export's request counters (they outlive this entry).
+    io: Arc<IoStats>,
 }
 
 /// What an export serves.
@@ -283,27 +287,34 @@ enum Source {
 }
 
 impl Served {
-    fn new(source: Source) -> Served {
+    fn new(source: Source, io: Arc<IoStats>) -> Served {
         Served {
             source,
             revoked: Shutdown::new(),
             handles: Arc::new(()),
+            io,
         }
     }
 
     /// A handle for one more connection.
     fn handle(&self) -> Arc<dyn Export> {
         match &self.source {
-            Source::Volume { volume, read_only } => Arc::new(VolumeExport {
-                volume: volume.clone(),
-                read_only: *read_only,
-                revoked: self.revoked.clone(),
-                _handle: self.handles.clone(),
+            Source::Volume { volume, read_only } => Arc::new(Measured {
+                inner: VolumeExport {
+                    volume: volume.clone(),
+                    read_only: *read_only,
+                    revoked: self.revoked.clone(),
+                    _handle: self.handles.clone(),
+                },
+                io: self.io.clone(),
             }),
-            Source::Snapshot(snapshot) => Arc::new(SnapshotExport {
-                snapshot: snapshot.clone(),
-                revoked: self.revoked.clone(),
-                _handle: self.handles.clone(),
+            Source::Snapshot(snapshot) => Arc::new(Measured {
+                inner: SnapshotExport {
+                    snapshot: snapshot.clone(),
+                    revoked: self.revoked.clone(),
+                    _handle: self.handles.clone(),
+                },
+                io: self.io.clone(),
             }),
         }
     }
@@ -361,6 +372,17 @@ pub(crate) struct StoreCatalog {
     /// Exports opened so far, kept open until shutdown so that all connections
     /// share one instance and shutdown can flush them all.
     registry: Mutex<Registry>,
+    /// Request counters by export, for the metrics.
+    io: IoRegistry,
+}
+
+/// An export in service, as the metrics see it.
+pub(crate) struct ServedSample {
+    /// `tenant/volume` or `tenant/volume@snapshot`.
+    pub(crate) name: String,
+    pub(crate) connections: usize,
+    /// The engine's counters, for a volume export.
+    pub(crate) volume: Option<VolumeStats>,
 }
 
 /// Why exports could not be taken out of service.
@@ -398,6 +420,7 @@ impl StoreCatalog {
             store,
             read_only,
             registry: Mutex::new(Registry::default()),
+            io: IoRegistry::default(),
         }
     }
 
@@ -487,6 +510,10 @@ impl StoreCatalog {
             }
             for name in &names {
                 registry.retired.insert(name.clone(), reach);
+                if reach == Reach::WithSnapshots {
+                    // Deleted (a volume, or a tenant's): its counters go too.
+                    self.io.forget(name, true);
+                }
             }
             for name in covered {
                 if let Some(served) = registry.open.remove(&name) {
@@ -519,6 +546,31 @@ impl StoreCatalog {
             }
         }
         Ok(retired)
+    }
+
+    /// The exports in service, in name order, with their connections and,
+    /// for volumes, the engine's counters.
+    pub(crate) fn served(&self) -> Vec<ServedSample> {
+        let registry = self.lock_registry();
+        let mut out: Vec<ServedSample> = registry
+            .open
+            .iter()
+            .map(|(name, served)| ServedSample {
+                name: name.clone(),
+                connections: served.connections(),
+                volume: match &served.source {
+                    Source::Volume { volume, .. } => Some(volume.stats()),
+                    Source::Snapshot(_) => None,
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Request counters by export.
+    pub(crate) fn io(&self) -> &IoRegistry {
+        &self.io
     }
 
     /// Connections (live handles) of the export `name`.
@@ -612,7 +664,7 @@ impl Catalog for StoreCatalog {
         let handle = registry
             .open
             .entry(name.to_owned())
-            .or_insert_with(|| Served::new(source))
+            .or_insert_with(|| Served::new(source, self.io.of(name)))
             .handle();
         Some(handle)
     }

@@ -10,6 +10,7 @@ mod cmd;
 mod config;
 mod exports;
 mod hardening;
+mod metrics;
 mod open;
 mod outfile;
 mod passphrase;
@@ -57,10 +58,25 @@ fn main() -> ExitCode {
 /// Logs to stderr, filtered by `BLOCKSEAL_LOG` (default `default_level`). Log
 /// lines never hold key material or data.
 fn init_logging(default_level: &str) {
-    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_level));
+    let spec = std::env::var(LOG_ENV).unwrap_or_else(|_| default_level.to_owned());
+    let filter = EnvFilter::try_new(quiet_client_quirks(&spec))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_client_quirks(default_level)));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// `spec` with rustls's warnings about a client's SNI extension turned off
+/// (unless `spec` says something about rustls itself): libnbd and other
+/// clients connecting to an IP address send it as the server name, which
+/// rustls ignores with a WARN on every connection, a line operators would
+/// only learn to skip.
+fn quiet_client_quirks(spec: &str) -> String {
+    if spec.contains("rustls") {
+        spec.to_owned()
+    } else {
+        format!("{spec},rustls::msgs::handshake=error")
+    }
 }

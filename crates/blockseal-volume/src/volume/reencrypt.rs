@@ -245,6 +245,14 @@ impl Rekey {
         self.automatic.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn nonces_used(&self) -> u64 {
+        self.usage.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn nonce_budget(&self) -> u64 {
+        self.limit
+    }
+
     fn lock_job(&self) -> MutexGuard<'_, Option<JobRecord>> {
         // A value replaced in one assignment: a poisoned lock still holds one.
         self.job.lock().unwrap_or_else(|e| e.into_inner())

@@ -165,7 +165,7 @@ pub(crate) async fn serve_tls(
 /// Waits for a free connection slot, then for a connection `accept` gives;
 /// `None` once `shutdown` triggers. Transient accept errors (such as running
 /// out of descriptors) are retried after a pause; others end the listener.
-async fn accept_in_slot<T, F, Fut>(
+pub(crate) async fn accept_in_slot<T, F, Fut>(
     slots: &Arc<Semaphore>,
     shutdown: &Shutdown,
     what: &str,

@@ -36,6 +36,7 @@ use crate::admin;
 use crate::cli::{DEFAULT_DATA_DIR, ServeArgs};
 use crate::config::{Config, FileMode};
 use crate::exports::StoreCatalog;
+use crate::metrics::Metrics;
 use crate::open::{IfMissing, StoreLocation};
 use crate::passphrase::Confirm;
 use crate::retention::{PASS_PERIOD, Retention, RetentionConfig, Scheduler};
@@ -73,6 +74,8 @@ struct Plan {
     hints: Vec<String>,
     /// `[retention]`, if configured.
     retention: Option<RetentionConfig>,
+    /// Where metrics, health and readiness are served over HTTP.
+    metrics: Option<SocketAddr>,
 }
 
 fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
@@ -110,6 +113,7 @@ fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
         admin_tcp,
         hints: Vec::new(),
         retention: config.retention.clone(),
+        metrics: config.metrics.as_ref().map(|m| m.address),
     })
 }
 
@@ -187,6 +191,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         admin_tcp: None,
         hints,
         retention: None,
+        metrics: args.metrics_address,
     })
 }
 
@@ -227,6 +232,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         admin_tcp,
         hints,
         retention,
+        metrics: metrics_address,
     } = plan;
     check_descriptor_limit(&server_config);
     let store = Arc::new(store);
@@ -249,6 +255,16 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             Ok((listener.local_addr()?, listener, tls))
         })
         .transpose()?;
+
+    let metrics_listener = metrics_address
+        .map(|address| -> anyhow::Result<_> {
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot listen on TCP {address} (metrics)"))?;
+            listener.set_nonblocking(true)?;
+            Ok((listener.local_addr()?, listener))
+        })
+        .transpose()?;
+    let metrics = Arc::new(Metrics::new(catalog.clone(), store.clone()));
 
     // Bound before the runtime starts, so every bind error is reported first.
     let unix = unix
@@ -332,6 +348,19 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             ready.push_str(&format!(" admin_tcp={bound}"));
             info!(address = %bound, "admin API listening on TCP with TLS");
         }
+        if let Some((bound, listener)) = metrics_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let metrics = metrics.clone();
+            let shutdown = server.shutdown_handle();
+            listeners.spawn(async move {
+                crate::metrics::serve(listener, metrics, shutdown)
+                    .await
+                    .context("the metrics listener failed")
+            });
+            ready.push_str(&format!(" metrics={bound}"));
+            info!(address = %bound, "metrics, /healthz and /readyz on HTTP");
+        }
+        metrics.set_ready(true);
         {
             let mut out = std::io::stdout().lock();
             for line in &hints {
@@ -350,6 +379,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
                 Err(e) => anyhow::Error::new(e).context("a listener failed"),
             }),
         };
+        metrics.set_ready(false);
         server.shutdown_handle().trigger();
         let signal_name = first?;
         info!("{signal_name}: shutting down; finishing in-flight requests");
