@@ -441,6 +441,8 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         scheduler.stop();
     }
     drop(retention);
+    // The metrics read the catalog and the store: let go of both.
+    drop(metrics);
     catalog.close_all();
     drop(admin_service);
     drop(server);
