@@ -465,6 +465,20 @@ mod tests {
         format!("{:#}", load(text).unwrap_err())
     }
 
+    #[test]
+    fn the_packaged_configuration_loads() {
+        let config = load(include_str!("../../../packaging/blockseal.toml")).unwrap();
+        assert_eq!(config.data_dir, Path::new("/var/lib/blockseal"));
+        assert_eq!(
+            config.unix.as_ref().map(|u| u.path.clone()),
+            Some(PathBuf::from("/run/blockseal/nbd.sock"))
+        );
+        assert_eq!(
+            config.metrics.as_ref().map(|m| m.address.to_string()),
+            Some("127.0.0.1:9100".to_owned())
+        );
+    }
+
     const MINIMAL: &str = r#"
         data_dir = "data"
         [master_key]

@@ -11,6 +11,7 @@ mod config;
 mod exports;
 mod hardening;
 mod metrics;
+mod notify;
 mod open;
 mod outfile;
 mod passphrase;

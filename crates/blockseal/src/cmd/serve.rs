@@ -369,6 +369,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             writeln!(out, "{ready}")?;
             out.flush()?;
         }
+        crate::notify::notify("READY=1\nSTATUS=serving");
 
         let first = tokio::select! {
             _ = term.recv() => Ok("SIGTERM"),
@@ -380,6 +381,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             }),
         };
         metrics.set_ready(false);
+        crate::notify::notify("STOPPING=1\nSTATUS=stopping: finishing requests, flushing volumes");
         server.shutdown_handle().trigger();
         let signal_name = first?;
         info!("{signal_name}: shutting down; finishing in-flight requests");
