@@ -2,8 +2,8 @@
 # Installs what the test suite needs on a fresh Debian machine: the NBD peers the
 # interop tests drive (libnbd tools, python3-libnbd, qemu-utils, fio, nbdkit,
 # nbdfuse), filesystem tools, openssl for test certificates, systemd-analyze for
-# the service unit, rustfmt/clippy and cargo-fuzz. Safe to run again: it
-# installs only what is missing.
+# the service unit, man-db to render the manual pages, rustfmt/clippy and
+# cargo-fuzz. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 need_apt=()
@@ -17,6 +17,7 @@ have mkfs.ext4 || need_apt+=(e2fsprogs)
 have fusermount3 || need_apt+=(fuse3)
 have openssl || need_apt+=(openssl)
 have systemd-analyze || need_apt+=(systemd)
+have man || need_apt+=(man-db)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_apt+=(python3-libnbd)
 
 if ((${#need_apt[@]})); then

@@ -97,3 +97,43 @@ fn the_packaged_unit_verifies_and_is_hardened() {
         );
     }
 }
+
+#[test]
+fn manual_pages_cover_every_command_and_render() {
+    require("man");
+    let tmp = temp_dir();
+    let dir = tmp.path().join("man1");
+    let out = run(Command::new(binary()).args(["manpages", "--out"]).arg(&dir));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in [
+        "blockseal.1",
+        "blockseal-serve.1",
+        "blockseal-volume-create.1",
+        "blockseal-snapshot-rollback.1",
+        "blockseal-backup-create.1",
+        "blockseal-restore.1",
+        "blockseal-store-rebuild.1",
+        "blockseal-key-rotate-master.1",
+        "blockseal-retention-status.1",
+    ] {
+        assert!(dir.join(page).is_file(), "{page} missing");
+    }
+    let rendered = run(Command::new("man")
+        .env("MANWIDTH", "100")
+        .args(["-P", "cat", "-l"])
+        .arg(dir.join("blockseal-serve.1")));
+    assert!(rendered.status.success(), "{}", text(&rendered.stderr));
+    // Bold and underline come as overstrikes (`X\bX`, `_\bX`): keep the
+    // last character of each.
+    let mut page = String::new();
+    for c in text(&rendered.stdout).chars() {
+        if c == '\u{8}' {
+            page.pop();
+        } else {
+            page.push(c);
+        }
+    }
+    for section in ["NAME", "SYNOPSIS", "--metrics-address", "--config"] {
+        assert!(page.contains(section), "{section} not in:\n{page}");
+    }
+}

@@ -70,6 +70,15 @@ pub(crate) enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (blockseal.1 and one per subcommand, such as
+    /// blockseal-volume-create.1) into DIR, for packaging (e.g.
+    /// /usr/share/man/man1).
+    Manpages {
+        /// The directory (created if missing); existing pages of the same
+        /// names are replaced.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 /// How an admin command prints its result.
