@@ -33,7 +33,7 @@ use crate::cli::{BackupCommand, BundleArgs, KeyExportArgs, OutputArgs, RestoreAr
 use crate::open::{IfMissing, StoreLocation};
 use crate::outfile::AtomicFile;
 use crate::passphrase::{self, Confirm};
-use crate::size::Size;
+use crate::size::{Size, approx};
 use crate::time::{Period, rfc3339_utc, utc_stamp};
 
 /// Runs a `blockseal backup` subcommand.
@@ -963,22 +963,6 @@ fn restore_text(r: &RestoreView) -> String {
         r.blocks,
         approx(r.bytes)
     )
-}
-
-/// Bytes to one decimal in the largest binary unit that fits: `8.0 MiB`.
-fn approx(bytes: u64) -> String {
-    let mut value = bytes as f64;
-    for unit in ["B", "KiB", "MiB", "GiB"] {
-        if value < 1024.0 {
-            return if unit == "B" {
-                format!("{bytes} B")
-            } else {
-                format!("{value:.1} {unit}")
-            };
-        }
-        value /= 1024.0;
-    }
-    format!("{value:.1} TiB")
 }
 
 #[cfg(test)]

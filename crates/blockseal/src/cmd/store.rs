@@ -643,8 +643,6 @@ fn bytes_spinner(what: &str) -> indicatif::ProgressBar {
 
 #[cfg(test)]
 mod tests {
-    use blockseal_keys::{MasterKey, TenantId, VolumeId};
-    use blockseal_volume::{Store, StoreOptions, VolumeOptions};
     use bytes::Bytes;
 
     use super::*;
@@ -652,25 +650,7 @@ mod tests {
 
     /// A catalogue of a small store, and its summary.
     fn a_catalogue() -> (Vec<u8>, CatalogView) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::create(
-            dir.path().join("store"),
-            MasterKey::generate().unwrap(),
-            StoreOptions::new().background_compaction(false),
-        )
-        .unwrap();
-        let (t, v) = (
-            TenantId::new("acme").unwrap(),
-            VolumeId::new("disk").unwrap(),
-        );
-        store.create_tenant(&t).unwrap();
-        store
-            .create_volume(&t, &v, 4 << 20, VolumeOptions::default())
-            .unwrap();
-        let volume = store.open_volume(&t, &v).unwrap();
-        volume.write_at(0, &[7; 65536]).unwrap();
-        volume.flush().unwrap();
-        drop(volume);
+        let (_dir, store, _, _) = crate::testing::small_store();
         let mut out = Vec::new();
         let report = store.write_catalog(&mut out, None).unwrap();
         let header = CatalogHeader::parse(&out).unwrap();
