@@ -164,33 +164,33 @@ mkdir -p "$CACHE/debs"
 CACHE="$(cd "$CACHE" && pwd)"
 
 # ------------------------------------------------------------ packages --
-# The candidate version of a package, from apt's lists (no network).
-candidate() {
-	local v
-	v=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }')
-	[[ -n $v && $v != "(none)" ]] ||
-		die "apt has no candidate for $1 (run apt-get update first)"
-	echo "$v"
-}
-# The library packages a package depends on directly (its candidate's
-# Depends and Pre-Depends, first alternatives, libc6 left to the host).
-lib_depends() {
-	apt-cache show --no-all-versions "$1" |
-		sed -n 's/^\(Pre-\)\{0,1\}Depends: //p' | tr ',' '\n' |
-		sed 's/^ *//; s/[ |].*//' | grep '^lib' | grep -vx 'libc6' || true
-}
-kernel_pkg=$(apt-cache show --no-all-versions linux-image-amd64 |
-	sed -n 's/^Depends: //p' | tr ',' '\n' | sed 's/^ *//; s/[ |].*//' | grep '^linux-image-' | head -n 1)
-[[ -n $kernel_pkg ]] || die "cannot tell which kernel linux-image-amd64 depends on (run apt-get update first)"
+# From apt's lists (no network; each apt-cache run reads them all, so they
+# are asked once): the kernel the metapackage depends on, the library
+# packages the tools depend on directly (first alternatives, libc6 left to
+# the host), and every package's candidate version.
 tools=(busybox-static nbd-client socat e2fsprogs)
+records=$(apt-cache show --no-all-versions linux-image-amd64 "${tools[@]}" 2>/dev/null) ||
+	die "apt has no record of linux-image-amd64 or ${tools[*]} (run apt-get update first)"
+# depends PACKAGE: the first alternative of each of its (Pre-)Depends.
+depends() {
+	awk -v RS= -v p="$1" '$0 ~ "(^|\n)Package: " p "(\n|$)"' <<<"$records" |
+		sed -n 's/^\(Pre-\)\{0,1\}Depends: //p' | tr ',' '\n' | sed 's/^ *//; s/[ |].*//'
+}
+kernel_pkg=$(depends linux-image-amd64 | grep '^linux-image-' | head -n 1)
+[[ -n $kernel_pkg ]] || die "cannot tell which kernel linux-image-amd64 depends on (run apt-get update first)"
 packages=("$kernel_pkg" "${tools[@]}")
 for p in nbd-client socat e2fsprogs; do
-	mapfile -t -O "${#packages[@]}" packages < <(lib_depends "$p")
+	mapfile -t -O "${#packages[@]}" packages < <(depends "$p" | grep '^lib' | grep -vx 'libc6')
 done
 mapfile -t packages < <(printf '%s\n' "${packages[@]}" | awk '!seen[$0]++')
 declare -A version
+while read -r p v; do
+	version[$p]=$v
+done < <(apt-cache policy "${packages[@]}" 2>/dev/null |
+	awk '/^[^ ]/ { p = $1; sub(/:$/, "", p) } /^  Candidate:/ { print p, $2 }')
 for p in "${packages[@]}"; do
-	version[$p]=$(candidate "$p")
+	[[ -n ${version[$p]:-} && ${version[$p]} != "(none)" ]] ||
+		die "apt has no candidate for $p (run apt-get update first)"
 done
 deb_file() { echo "$CACHE/debs/${1}_${version[$1]//:/%3a}.deb"; }
 
