@@ -673,7 +673,12 @@ for i in "${!names[@]}"; do
 done
 exports_arg=$(IFS=,; echo "${spec[*]}")
 args+=(-append "console=ttyS0 quiet panic=-1 kc.exports=$exports_arg kc.mib=$FILE_MIB")
-note "qemu: $(printf '%q ' "${args[@]}")"
+shown=
+for a in "${args[@]}"; do
+	[[ $a == *' '* ]] && a="'$a'"
+	shown+="$a "
+done
+note "qemu: timeout -k 10 $TIMEOUT $shown"
 
 start=$(date +%s.%N)
 timeout -k 10 "$TIMEOUT" "${args[@]}" </dev/null >"$WORK/qemu.log" 2>&1 &
