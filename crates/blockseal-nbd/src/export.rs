@@ -112,6 +112,14 @@ pub trait Export: Send + Sync + 'static {
         None
     }
 
+    /// The rate limits this export's requests are charged to (see
+    /// [`Throttle`](crate::Throttle)). Read once when a client enters the
+    /// transmission phase; the limits themselves may change later. Default:
+    /// `None`, unlimited.
+    fn throttle(&self) -> Option<crate::Throttle> {
+        None
+    }
+
     /// Hints that the client will soon read the range. Default: nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         let _ = (offset, len);

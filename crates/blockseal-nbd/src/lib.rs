@@ -154,6 +154,7 @@ pub mod fuzzing;
 mod handshake;
 mod limits;
 mod proto;
+mod rate;
 mod server;
 mod tls;
 mod transmission;
@@ -161,6 +162,7 @@ mod transmission;
 pub use error::{ErrorClass, ExportError, errno};
 pub use export::{Catalog, Export, ExportInfo, Extent, Scope};
 pub use proto::errno as nbd_errno;
+pub use rate::{BURST, RateLimit, RateLimiter, Throttle};
 pub use server::{ServeError, Server, ServerConfig, ServerStats, Shutdown};
 pub use tls::{
     ADMIN_URI_PREFIX, ClientIdentityError, TENANT_URI_PREFIX, TlsConfig, TlsConfigError,

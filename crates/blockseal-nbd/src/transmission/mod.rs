@@ -131,6 +131,7 @@ where
     let inline = config.inline_requests;
     let inline_max = u64::from(config.inline_max_bytes);
     let status_block = status_block_size(session.export.as_ref());
+    let throttle = session.export.throttle();
     let rules = Rules::new(&session, max_payload);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let conn = Arc::new(Conn::new(
@@ -178,6 +179,10 @@ where
     // set once the write is admitted and waits for it, so a client cannot hold
     // what the write reserved by sending its header alone (or trickling).
     let mut payload_deadline: Option<Instant> = None;
+    // Whether the request at the head of `input` has been charged to the
+    // export's rate limits, and until when they hold it back.
+    let mut charged = false;
+    let mut throttled_until: Option<Instant> = None;
     let mut eof = false;
     // The input left at the last round after end of file (see the loop's end).
     let mut input_at_eof_round = usize::MAX;
@@ -272,6 +277,26 @@ where
                 // wait on the metadata store: only on a blocking thread.
                 *sparse = offload && session.structured && !*df && *len >= SPARSE_READ_MIN;
             }
+            // Rate limits come first: a request they hold back holds no
+            // memory, and its connection stops reading meanwhile.
+            if let Some(throttle) = &throttle {
+                if !charged {
+                    charged = true;
+                    let now = Instant::now();
+                    let at =
+                        Instant::from_std(throttle.admit(now.into_std(), op.rate_bytes(payload)));
+                    if at > now {
+                        throttled_until = Some(at);
+                    }
+                }
+                if let Some(at) = throttled_until {
+                    if Instant::now() < at {
+                        blocked = true;
+                        break;
+                    }
+                    throttled_until = None;
+                }
+            }
             let cost = op.cost(payload, max_payload, status_block);
             if offload {
                 // Backpressure: a request larger than the connection's byte limit
@@ -305,6 +330,7 @@ where
                 break;
             }
             payload_deadline = None;
+            charged = false;
             input.advance(REQUEST_HEADER_LEN);
             log_request(&req);
             let op = match op {
@@ -344,6 +370,7 @@ where
             // No new request will be admitted: give back what was set aside.
             reserved = None;
             acquiring = None;
+            throttled_until = None;
         }
         // Collect whatever offloaded requests have finished meanwhile.
         let held_before = out.held_bytes;
@@ -360,7 +387,7 @@ where
         if stop != Stop::Now && !out.buf.is_empty() && !out.flush(&conn).await {
             stop = Stop::Now;
         }
-        let drained = in_flight == 0 && acquiring.is_none();
+        let drained = in_flight == 0 && acquiring.is_none() && throttled_until.is_none();
         if stop == Stop::Now || (stop == Stop::Drain && drained) {
             break 'conn;
         }
@@ -419,6 +446,15 @@ where
             }, if acquiring.is_some() => {
                 acquiring = None;
                 reserved = Some(reservation);
+            }
+            _ = async {
+                match throttled_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            }, if throttled_until.is_some() => {
+                // The rate limits let the waiting request through: the loop
+                // takes it in.
             }
             _ = async {
                 match payload_deadline {

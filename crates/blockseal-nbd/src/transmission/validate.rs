@@ -110,6 +110,21 @@ impl Op {
         }
     }
 
+    /// Bytes this request is charged under a bytes-per-second rate limit:
+    /// the data it moves (a read's, a write's or a cache request's length, a
+    /// write zeroes' that must write real zero blocks), nothing otherwise.
+    pub(super) fn rate_bytes(&self, payload: usize) -> u64 {
+        match self {
+            Op::Read { len, .. } => u64::from(*len),
+            Op::Write { .. } => payload as u64,
+            Op::Cache { len, .. }
+            | Op::WriteZeroes {
+                len, no_hole: true, ..
+            } => *len,
+            _ => 0,
+        }
+    }
+
     /// Bytes this request holds while offloaded and until its reply is written:
     /// its write payload (`payload`, read or not yet), its read data, one piece
     /// of sealed zeroes, or its block status reply (`block`: the export's block
