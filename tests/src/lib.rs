@@ -490,3 +490,42 @@ pub fn same_contents(a: impl AsRef<std::ffi::OsStr>, b: impl AsRef<std::ffi::OsS
         ),
     }
 }
+
+/// fio (nbd engine) on `uri` with `args` (each `--name=value`), run in
+/// `dir` (fio leaves state files in its working directory); its JSON report.
+pub fn fio_json(dir: &Path, uri: &str, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(
+        Command::new("fio")
+            .current_dir(dir)
+            .args([
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--output-format=json",
+            ])
+            .args(args),
+    );
+    // fio may print notes before the JSON document.
+    let start = out
+        .find('{')
+        .unwrap_or_else(|| panic!("fio printed no JSON: {out}"));
+    serde_json::from_str(&out[start..]).unwrap_or_else(|e| panic!("fio's JSON: {e}\n{out}"))
+}
+
+/// Completed I/Os per second of `direction` (`read` or `write`) of the first
+/// job of a [`fio_json`] report: its total over its run time.
+pub fn fio_iops(report: &serde_json::Value, direction: &str) -> f64 {
+    let d = &report["jobs"][0][direction];
+    let ios = d["total_ios"].as_f64().expect("fio reports total_ios");
+    let ms = d["runtime"].as_f64().expect("fio reports runtime");
+    assert!(ms > 0.0, "fio ran no {direction}s: {report}");
+    ios / (ms / 1000.0)
+}
+
+/// A completion-latency percentile of `direction` of the first job of a
+/// [`fio_json`] report (such as `"99.000000"`), in microseconds.
+pub fn fio_clat_us(report: &serde_json::Value, direction: &str, percentile: &str) -> f64 {
+    report["jobs"][0][direction]["clat_ns"]["percentile"][percentile]
+        .as_f64()
+        .unwrap_or_else(|| panic!("fio reports no {direction} clat percentile {percentile}"))
+        / 1000.0
+}

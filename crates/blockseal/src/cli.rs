@@ -63,6 +63,10 @@ pub(crate) enum Command {
     /// configuration): what is due when, and running a pass.
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// I/O rate limits per tenant and per volume (requests and bytes per
+    /// second): show them, or change one while the server runs.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
     /// Print a shell completion script (e.g. `blockseal completions bash >
     /// /etc/bash_completion.d/blockseal`).
     Completions {
@@ -223,6 +227,90 @@ pub(crate) struct StoreRebuildArgs {
     /// Output format.
     #[command(flatten)]
     pub(crate) output: OutputArgs,
+}
+
+/// `blockseal limits ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum LimitsCommand {
+    /// Show the default limits (`[limits]` in the configuration) and every
+    /// tenant's and volume's override, with the limits in force.
+    Show {
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Change the limits of a tenant (all its volumes together) or of one
+    /// volume. The running server applies them at once to the connections it
+    /// has; they are kept in the store directory and hold after a restart.
+    Set {
+        /// TENANT or TENANT/VOLUME.
+        target: String,
+        /// Requests per second: a number, `unlimited`, or `default` (the
+        /// configuration's).
+        #[arg(long, value_name = "N|unlimited|default")]
+        iops: Option<RateArg>,
+        /// Bytes per second read and written: a size such as 20M, `unlimited`
+        /// or `default`.
+        #[arg(long, value_name = "SIZE|unlimited|default")]
+        bandwidth: Option<BandwidthArg>,
+        /// The store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+/// A rate on the command line: `Some(n)`, `Some(0)` for `unlimited`, `None`
+/// for `default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RateArg(pub(crate) Option<u64>);
+
+impl std::str::FromStr for RateArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RateArg, String> {
+        match text {
+            "unlimited" => Ok(RateArg(Some(0))),
+            "default" => Ok(RateArg(None)),
+            _ => match text.parse::<u64>() {
+                Ok(0) => Err("0 requests per second would stop all I/O; use `unlimited` \
+                             for no limit"
+                    .to_owned()),
+                Ok(n) => Ok(RateArg(Some(n))),
+                Err(_) => Err(format!(
+                    "{text:?} is not a number of requests per second, `unlimited` or `default`"
+                )),
+            },
+        }
+    }
+}
+
+/// A bandwidth on the command line, as [`RateArg`] in bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BandwidthArg(pub(crate) Option<u64>);
+
+impl std::str::FromStr for BandwidthArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<BandwidthArg, String> {
+        match text {
+            "unlimited" => Ok(BandwidthArg(Some(0))),
+            "default" => Ok(BandwidthArg(None)),
+            _ => match text.parse::<Size>()? {
+                Size(0) => Err(
+                    "0 bytes per second would stop all I/O; use `unlimited` for \
+                                no limit"
+                        .to_owned(),
+                ),
+                Size(n) => Ok(BandwidthArg(Some(n))),
+            },
+        }
+    }
 }
 
 /// `blockseal retention ...`

@@ -200,6 +200,31 @@ pub(crate) struct Limits {
     pub(crate) reply_timeout_secs: Option<u64>,
     /// Seconds a client has to send a write's whole payload after its header.
     pub(crate) payload_timeout_secs: Option<u64>,
+    /// Requests per second each tenant's volumes may make together (default:
+    /// unlimited; `blockseal limits set` overrides it per tenant).
+    pub(crate) tenant_iops: Option<u64>,
+    /// Bytes per second each tenant's volumes may read and write together.
+    pub(crate) tenant_bytes_per_sec: Option<Size>,
+    /// Requests per second each volume may make.
+    pub(crate) volume_iops: Option<u64>,
+    /// Bytes per second each volume may read and write.
+    pub(crate) volume_bytes_per_sec: Option<Size>,
+}
+
+impl Limits {
+    /// The default I/O rate limits of tenants and volumes.
+    pub(crate) fn io_defaults(&self) -> crate::iolimits::Defaults {
+        use std::num::NonZeroU64;
+        let rate = |iops: Option<u64>, bytes: Option<Size>| blockseal_nbd::RateLimit {
+            iops: iops.and_then(NonZeroU64::new),
+            bytes_per_sec: bytes.and_then(|Size(n)| NonZeroU64::new(n)),
+        };
+        crate::iolimits::Defaults {
+            tenant: rate(self.tenant_iops, self.tenant_bytes_per_sec),
+            volume: rate(self.volume_iops, self.volume_bytes_per_sec),
+            known: true,
+        }
+    }
 }
 
 /// Unix permission bits: a TOML integer (`0o660`) or an octal string (`"0660"`).
@@ -435,6 +460,22 @@ impl Config {
                 bail!("limits.{name}: must be at least 1");
             }
         }
+        for (name, value) in [
+            ("tenant_iops", l.tenant_iops),
+            ("volume_iops", l.volume_iops),
+            (
+                "tenant_bytes_per_sec",
+                l.tenant_bytes_per_sec.map(|Size(n)| n),
+            ),
+            (
+                "volume_bytes_per_sec",
+                l.volume_bytes_per_sec.map(|Size(n)| n),
+            ),
+        ] {
+            if value == Some(0) {
+                bail!("limits.{name}: must be at least 1 (leave it out for no limit)");
+            }
+        }
         Ok(())
     }
 }
@@ -544,6 +585,8 @@ mod tests {
             shutdown_timeout_secs = 3
             reply_timeout_secs = 30
             payload_timeout_secs = 20
+            tenant_iops = 2000
+            volume_bytes_per_sec = "20M"
             "#,
         )
         .unwrap();
@@ -575,6 +618,11 @@ mod tests {
         assert_eq!(server.shutdown_timeout, Duration::from_secs(3));
         assert_eq!(server.reply_timeout, Duration::from_secs(30));
         assert_eq!(server.payload_timeout, Duration::from_secs(20));
+        let io = config.limits.io_defaults();
+        assert_eq!(io.tenant.iops.map(|n| n.get()), Some(2000));
+        assert_eq!(io.tenant.bytes_per_sec, None);
+        assert_eq!(io.volume.iops, None);
+        assert_eq!(io.volume.bytes_per_sec.map(|n| n.get()), Some(20 << 20));
     }
 
     #[test]
@@ -646,6 +694,14 @@ mod tests {
             (
                 format!("{MINIMAL}[limits]\npayload_timeout_secs = 0"),
                 "limits.payload_timeout_secs",
+            ),
+            (
+                format!("{MINIMAL}[limits]\ntenant_iops = 0"),
+                "limits.tenant_iops: must be at least 1 (leave it out for no limit)",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nvolume_bytes_per_sec = \"0M\""),
+                "limits.volume_bytes_per_sec",
             ),
             (
                 MINIMAL.replace(

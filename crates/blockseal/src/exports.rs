@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 
 use blockseal_keys::{TenantId, VolumeId};
 use blockseal_nbd::{
-    Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope, Shutdown,
+    Catalog, ErrorClass, Export, ExportError, ExportInfo, Extent, Scope, Shutdown, Throttle,
 };
 use blockseal_volume::{
     AdminError, ErrorKind, SnapshotReader, Store, Volume, VolumeError, VolumeStats,
     check_snapshot_name,
 };
 
+use crate::iolimits::IoLimits;
 use crate::metrics::{IoRegistry, IoStats, Measured};
 use crate::size::Size;
 
@@ -278,6 +279,8 @@ struct Served {
     handles: Arc<()>,
     /// The export's request counters (they outlive this entry).
     io: Arc<IoStats>,
+    /// The rate limits its requests are charged to.
+    throttle: Option<Throttle>,
 }
 
 /// What an export serves.
@@ -287,12 +290,13 @@ enum Source {
 }
 
 impl Served {
-    fn new(source: Source, io: Arc<IoStats>) -> Served {
+    fn new(source: Source, io: Arc<IoStats>, throttle: Option<Throttle>) -> Served {
         Served {
             source,
             revoked: Shutdown::new(),
             handles: Arc::new(()),
             io,
+            throttle,
         }
     }
 
@@ -307,6 +311,7 @@ impl Served {
                     _handle: self.handles.clone(),
                 },
                 io: self.io.clone(),
+                throttle: self.throttle.clone(),
             }),
             Source::Snapshot(snapshot) => Arc::new(Measured {
                 inner: SnapshotExport {
@@ -315,6 +320,7 @@ impl Served {
                     _handle: self.handles.clone(),
                 },
                 io: self.io.clone(),
+                throttle: self.throttle.clone(),
             }),
         }
     }
@@ -374,6 +380,8 @@ pub(crate) struct StoreCatalog {
     registry: Mutex<Registry>,
     /// Request counters by export, for the metrics.
     io: IoRegistry,
+    /// The I/O rate limits, when the server has them.
+    io_limits: Option<Arc<IoLimits>>,
 }
 
 /// An export in service, as the metrics see it.
@@ -421,7 +429,19 @@ impl StoreCatalog {
             read_only,
             registry: Mutex::new(Registry::default()),
             io: IoRegistry::default(),
+            io_limits: None,
         }
+    }
+
+    /// The same catalog, charging its exports' requests to `limits`.
+    pub(crate) fn with_io_limits(mut self, limits: Arc<IoLimits>) -> StoreCatalog {
+        self.io_limits = Some(limits);
+        self
+    }
+
+    /// The I/O rate limits its exports are charged to, if any.
+    pub(crate) fn io_limits(&self) -> Option<&Arc<IoLimits>> {
+        self.io_limits.as_ref()
     }
 
     /// Flushes every volume export opened so far (snapshots have nothing to
@@ -664,7 +684,7 @@ impl Catalog for StoreCatalog {
         let handle = registry
             .open
             .entry(name.to_owned())
-            .or_insert_with(|| Served::new(source, self.io.of(name)))
+            .or_insert_with(|| Served::new(source, self.io.of(name), self.throttle_of(name)))
             .handle();
         Some(handle)
     }
@@ -693,6 +713,15 @@ impl Catalog for StoreCatalog {
 }
 
 impl StoreCatalog {
+    /// The throttle of the export `name` (`tenant/volume` or
+    /// `tenant/volume@snapshot`): its tenant's and its volume's limits.
+    fn throttle_of(&self, name: &str) -> Option<Throttle> {
+        let limits = self.io_limits.as_ref()?;
+        let volume = snapshot_export(name).map_or(name, |(volume, _)| volume);
+        let (tenant, volume) = volume.split_once('/')?;
+        Some(limits.throttle(tenant, volume))
+    }
+
     /// The volume of the export `tenant/volume`, opened; `None` when there
     /// is none (or the name is not one).
     fn open_volume(&self, name: &str) -> Option<Volume> {

@@ -10,6 +10,7 @@ mod cmd;
 mod config;
 mod exports;
 mod hardening;
+mod iolimits;
 mod metrics;
 mod notify;
 mod open;

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blockseal_nbd::{Export, ExportError, Extent, Shutdown};
+use blockseal_nbd::{Export, ExportError, Extent, Shutdown, Throttle};
 use blockseal_volume::{LATENCY_BUCKETS, LatencyHistogram, LatencySnapshot, Store};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -115,6 +115,8 @@ impl IoStats {
 pub(crate) struct Measured<E> {
     pub(crate) inner: E,
     pub(crate) io: Arc<IoStats>,
+    /// The rate limits the export's requests are charged to.
+    pub(crate) throttle: Option<Throttle>,
 }
 
 impl<E: Export> Measured<E> {
@@ -183,6 +185,10 @@ impl<E: Export> Export for Measured<E> {
 
     fn revoked(&self) -> Option<Shutdown> {
         self.inner.revoked()
+    }
+
+    fn throttle(&self) -> Option<Throttle> {
+        self.throttle.clone()
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
@@ -416,6 +422,40 @@ impl Metrics {
                 &[("tenant", tenant)],
                 *n as f64,
             );
+        }
+        // Rate limits: how often and how long they held requests back (for
+        // the limiters that limit, or did).
+        let limiters = self
+            .catalog
+            .io_limits()
+            .map(|l| l.limiters())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, _, l)| !l.limit().is_unlimited() || l.throttled_requests() > 0)
+            .collect::<Vec<_>>();
+        for (name, help, value) in [
+            (
+                "blockseal_throttled_requests_total",
+                "Requests held back by an I/O rate limit, by tenant (tenant limits) or tenant and volume (volume limits).",
+                (|l: &blockseal_nbd::RateLimiter| l.throttled_requests() as f64)
+                    as fn(&blockseal_nbd::RateLimiter) -> f64,
+            ),
+            (
+                "blockseal_throttle_delay_seconds_total",
+                "Time requests were held back by an I/O rate limit, in all.",
+                |l: &blockseal_nbd::RateLimiter| l.delayed().as_secs_f64(),
+            ),
+        ] {
+            x.family(name, "counter", help);
+            for (target, tenant_wide, limiter) in &limiters {
+                let l = match target.split_once('/') {
+                    Some((t, v)) if !tenant_wide => {
+                        vec![("tenant", t.to_owned()), ("volume", v.to_owned())]
+                    }
+                    _ => vec![("tenant", target.clone())],
+                };
+                x.sample_owned(name, &l, value(limiter));
+            }
         }
         let volumes: Vec<_> = served
             .iter()

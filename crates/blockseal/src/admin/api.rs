@@ -20,6 +20,7 @@ use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::iolimits::LimitsView;
 use crate::retention::{RetentionView, RunView};
 
 /// The API version every path starts with.
@@ -177,6 +178,18 @@ pub(crate) enum Op {
         /// directory: the segment files are hard-linked (or copied) there.
         segments_to: Option<String>,
     },
+    /// `GET /v1/limits`: the default I/O rate limits and every override
+    ShowLimits,
+    /// `PATCH /v1/limits/tenants/{tenant}` or
+    /// `PATCH /v1/limits/tenants/{tenant}/volumes/{volume}`
+    /// `{"iops"?, "bytes_per_sec"?}`: per rate, absent leaves it, `null`
+    /// goes back to the default, 0 lifts the limit, n sets n per second
+    SetLimits {
+        tenant: String,
+        volume: Option<String>,
+        iops: Option<Option<u64>>,
+        bytes_per_sec: Option<Option<u64>>,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -259,6 +272,7 @@ impl Op {
                 | Op::VerifyBackups { .. }
                 | Op::ListBackupKeys { .. }
                 | Op::BackupStore { .. }
+                | Op::ShowLimits
         )
     }
 
@@ -310,6 +324,8 @@ impl Op {
             Op::Restore { .. } => "backup.restore",
             Op::ExportTenantKeys { .. } => "key.export-tenant",
             Op::BackupStore { .. } => "store.backup",
+            Op::ShowLimits => "limits.show",
+            Op::SetLimits { .. } => "limits.set",
         }
     }
 
@@ -368,6 +384,16 @@ impl Op {
             | Op::ExportTenantKeys { tenant, .. } => tenant.clone(),
             Op::Restore { tenant, volume, .. } => format!("{tenant}/{volume}"),
             Op::DrillBackups { dir } => dir.clone(),
+            Op::SetLimits {
+                tenant,
+                volume: Some(volume),
+                ..
+            } => format!("{tenant}/{volume}"),
+            Op::SetLimits {
+                tenant,
+                volume: None,
+                ..
+            } => tenant.clone(),
             _ => "-".to_owned(),
         }
     }
@@ -408,6 +434,19 @@ impl Op {
                     "the master key"
                 }
             ),
+            Op::SetLimits {
+                iops,
+                bytes_per_sec,
+                ..
+            } => {
+                let word = |rate: &Option<Option<u64>>| match rate {
+                    None => "unchanged".to_owned(),
+                    Some(None) => "default".to_owned(),
+                    Some(Some(0)) => "unlimited".to_owned(),
+                    Some(Some(n)) => n.to_string(),
+                };
+                format!("iops={} bytes_per_sec={}", word(iops), word(bytes_per_sec))
+            }
             Op::BackupStore { segments_to } => match segments_to {
                 Some(dir) => format!("segments_to={dir}"),
                 None => "catalogue only".to_owned(),
@@ -570,6 +609,26 @@ impl Op {
                 None,
             ),
             Op::RetentionStatus => (Method::GET, "/retention".to_owned(), None),
+            Op::ShowLimits => (Method::GET, "/limits".to_owned(), None),
+            Op::SetLimits {
+                tenant,
+                volume,
+                iops,
+                bytes_per_sec,
+            } => {
+                let mut body = serde_json::json!({});
+                if let Some(rate) = iops {
+                    body["iops"] = (*rate).into();
+                }
+                if let Some(rate) = bytes_per_sec {
+                    body["bytes_per_sec"] = (*rate).into();
+                }
+                let path = match volume {
+                    Some(volume) => format!("/limits/tenants/{tenant}/volumes/{volume}"),
+                    None => format!("/limits/tenants/{tenant}"),
+                };
+                (Method::PATCH, path, json(body))
+            }
             Op::RetentionRun { now } => (
                 Method::POST,
                 "/retention/run".to_owned(),
@@ -805,6 +864,25 @@ impl Op {
                 }
             }
             (&Method::GET, ["retention"]) => Op::RetentionStatus,
+            (&Method::GET, ["limits"]) => Op::ShowLimits,
+            (&Method::PATCH, ["limits", "tenants", t]) => {
+                let body: LimitsBody = decode(body)?;
+                Op::SetLimits {
+                    tenant: name(t),
+                    volume: None,
+                    iops: body.iops,
+                    bytes_per_sec: body.bytes_per_sec,
+                }
+            }
+            (&Method::PATCH, ["limits", "tenants", t, "volumes", v]) => {
+                let body: LimitsBody = decode(body)?;
+                Op::SetLimits {
+                    tenant: name(t),
+                    volume: Some(name(v)),
+                    iops: body.iops,
+                    bytes_per_sec: body.bytes_per_sec,
+                }
+            }
             (&Method::POST, ["retention", "run"]) => {
                 let now = if body.iter().all(u8::is_ascii_whitespace) {
                     None
@@ -1069,6 +1147,23 @@ struct CreateVolumeBody {
     size: u64,
     #[serde(default)]
     block_size: Option<u32>,
+}
+
+/// A change of I/O limits: per rate, absent leaves it, `null` goes back to
+/// the default, a number sets it (0: unlimited).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    #[serde(default, deserialize_with = "present")]
+    iops: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    bytes_per_sec: Option<Option<u64>>,
+}
+
+/// A field that is present, `null` or not: `Some(None)` for `null`, while
+/// `#[serde(default)]` leaves an absent one `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -1704,6 +1799,7 @@ pub(crate) enum Reply {
     Restored(RestoreView),
     TenantKeysExported(BundleView),
     StoreBackedUp(CatalogView),
+    Limits(LimitsView),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1772,6 +1868,7 @@ impl Reply {
             Reply::Restored(v) => serde_json::to_vec_pretty(v),
             Reply::TenantKeysExported(v) => serde_json::to_vec_pretty(v),
             Reply::StoreBackedUp(v) => serde_json::to_vec_pretty(v),
+            Reply::Limits(v) => serde_json::to_vec_pretty(v),
         };
         value.expect("replies always serialize")
     }
@@ -1821,6 +1918,7 @@ impl Reply {
             Op::Restore { .. } => Reply::Restored(serde_json::from_slice(body)?),
             Op::ExportTenantKeys { .. } => Reply::TenantKeysExported(serde_json::from_slice(body)?),
             Op::BackupStore { .. } => Reply::StoreBackedUp(serde_json::from_slice(body)?),
+            Op::ShowLimits | Op::SetLimits { .. } => Reply::Limits(serde_json::from_slice(body)?),
         })
     }
 
@@ -1951,6 +2049,19 @@ mod tests {
                 force: true,
             },
             Op::RetentionStatus,
+            Op::ShowLimits,
+            Op::SetLimits {
+                tenant: t(),
+                volume: None,
+                iops: Some(Some(500)),
+                bytes_per_sec: None,
+            },
+            Op::SetLimits {
+                tenant: t(),
+                volume: Some(v()),
+                iops: Some(None),
+                bytes_per_sec: Some(Some(0)),
+            },
             Op::RetentionRun { now: None },
             Op::RetentionRun {
                 now: Some(1_700_000_000),

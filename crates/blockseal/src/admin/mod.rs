@@ -57,16 +57,26 @@ pub(crate) fn execute(
     op: &Op,
     if_missing: IfMissing,
 ) -> anyhow::Result<(Reply, Mode)> {
-    execute_with(location, op, if_missing, None)
+    execute_with(location, op, if_missing, Settings::default())
 }
 
-/// As [`execute`], with `retention` (the configuration's `[retention]`) for
-/// the store opened directly; a running server has its own.
+/// What the configuration (`--config`) gives the admin operations on a store
+/// opened directly; a running server has its own.
+#[derive(Default)]
+pub(crate) struct Settings {
+    /// `[retention]`.
+    pub(crate) retention: Option<Arc<crate::retention::Retention>>,
+    /// `[limits]`' default I/O rate limits.
+    pub(crate) io_defaults: Option<crate::iolimits::Defaults>,
+}
+
+/// As [`execute`], with `settings` from the configuration for the store
+/// opened directly.
 pub(crate) fn execute_with(
     location: &StoreLocation,
     op: &Op,
     if_missing: IfMissing,
-    retention: Option<Arc<crate::retention::Retention>>,
+    settings: Settings,
 ) -> anyhow::Result<(Reply, Mode)> {
     let socket = socket_path(&location.dir);
     match client::call(&socket, op) {
@@ -83,7 +93,11 @@ pub(crate) fn execute_with(
     let store = location
         .open_for_admin(if_missing)
         .context("no server answers on the admin socket, so the store was opened directly")?;
-    let service = Service::offline(Arc::new(store)).with_retention(retention);
+    let mut service = Service::offline(Arc::new(store)).with_retention(settings.retention);
+    if let Some(defaults) = settings.io_defaults {
+        let limits = crate::iolimits::IoLimits::load(service.store().dir(), defaults)?;
+        service = service.with_io_limits(Arc::new(limits));
+    }
     let caller = Caller {
         actor: format!("local:uid:{}", rustix::process::geteuid().as_raw()),
     };

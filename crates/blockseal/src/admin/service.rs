@@ -27,6 +27,7 @@ use super::api::{
 use super::backup::{self, OpIo};
 use super::catalog;
 use crate::exports::{Reach, RetireError, StoreCatalog};
+use crate::iolimits::{Change, Defaults as IoDefaults, IoLimits, Target};
 use crate::retention::{self, Retention};
 use crate::time::rfc3339_utc;
 
@@ -50,6 +51,10 @@ pub(crate) struct Service {
     catalog: Option<Arc<StoreCatalog>>,
     /// Retention's settings and clock, when `[retention]` is configured.
     retention: Option<Arc<Retention>>,
+    /// The I/O rate limits (a running server's, or the configuration's
+    /// defaults with the store's overrides); when `None`, the store's
+    /// overrides are read when asked for, with the defaults unknown.
+    io_limits: Option<Arc<IoLimits>>,
     /// Operations running, and whether new ones are refused (shutdown).
     running: Mutex<Running>,
     idle: Condvar,
@@ -81,6 +86,7 @@ impl Service {
             store,
             catalog: None,
             retention: None,
+            io_limits: None,
             running: Mutex::default(),
             idle: Condvar::new(),
         }
@@ -92,6 +98,7 @@ impl Service {
             store,
             catalog: Some(catalog),
             retention: None,
+            io_limits: None,
             running: Mutex::default(),
             idle: Condvar::new(),
         }
@@ -100,6 +107,12 @@ impl Service {
     /// The same service with retention (`retention status` and `run`).
     pub(crate) fn with_retention(mut self, retention: Option<Arc<Retention>>) -> Service {
         self.retention = retention;
+        self
+    }
+
+    /// The same service with the I/O rate limits `limits`.
+    pub(crate) fn with_io_limits(mut self, limits: Arc<IoLimits>) -> Service {
+        self.io_limits = Some(limits);
         self
     }
 
@@ -232,6 +245,7 @@ impl Service {
             Op::DeleteTenant { tenant } => {
                 let tenant = tenant_id(tenant)?;
                 self.store.delete_tenant(&tenant).map_err(admin_error)?;
+                self.forget_limits(&tenant, None);
                 Ok(Reply::Deleted(DeletedView {
                     deleted: tenant.to_string(),
                     connections_closed: 0,
@@ -333,6 +347,7 @@ impl Service {
                 let retired =
                     self.retire(vec![name.clone()], Reach::WithSnapshots, *force, until)?;
                 self.until_closed(until, || self.store.delete_volume(&tenant, &volume))?;
+                self.forget_limits(&tenant, Some(&volume));
                 Ok(Reply::Deleted(DeletedView {
                     deleted: name,
                     connections_closed: retired.map_or(0, |r| r.connections_closed),
@@ -513,6 +528,38 @@ impl Service {
                 force,
             } => self.rollback(tenant, volume, snapshot, *force),
             Op::RetentionStatus => retention::status_reply(self, self.retention.as_deref()),
+            Op::ShowLimits => Ok(Reply::Limits(self.io_limits()?.view())),
+            Op::SetLimits {
+                tenant,
+                volume,
+                iops,
+                bytes_per_sec,
+            } => {
+                let tenant = tenant_id(tenant)?;
+                let target = match volume {
+                    Some(volume) => {
+                        let volume = volume_id(volume)?;
+                        self.volume_info(&tenant, &volume)?;
+                        Target::Volume {
+                            tenant: tenant.to_string(),
+                            volume: volume.to_string(),
+                        }
+                    }
+                    None => {
+                        self.tenant_info(&tenant)?;
+                        Target::Tenant(tenant.to_string())
+                    }
+                };
+                let change = Change {
+                    iops: *iops,
+                    bytes_per_sec: *bytes_per_sec,
+                };
+                let view = self
+                    .io_limits()?
+                    .set(&target, change)
+                    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+                Ok(Reply::Limits(view))
+            }
             Op::RetentionRun { now } => retention::run_reply(self, self.retention.as_deref(), *now),
             Op::CreateBackup { .. }
             | Op::VerifyBackups { .. }
@@ -631,6 +678,7 @@ impl Service {
         let until = Instant::now() + CLOSE_DEADLINE;
         let retired = self.retire(names, Reach::WithSnapshots, true, until)?;
         let report = self.until_closed(until, || self.store.shred_tenant(&tenant))?;
+        self.forget_limits(&tenant, None);
         Ok(Reply::Shredded(ShredView {
             tenant: tenant.to_string(),
             volumes: report.volumes,
@@ -735,6 +783,37 @@ impl Service {
                 running: j.running,
             }),
         })
+    }
+
+    /// The I/O rate limits: the service's, or the store's overrides read now
+    /// (defaults unknown).
+    fn io_limits(&self) -> Result<Arc<IoLimits>, ApiError> {
+        match &self.io_limits {
+            Some(limits) => Ok(limits.clone()),
+            None => IoLimits::load(self.store.dir(), IoDefaults::default())
+                .map(Arc::new)
+                .map_err(|e| ApiError::internal(format!("{e:#}"))),
+        }
+    }
+
+    /// Drops the I/O limit overrides of a tenant (and its volumes) or a
+    /// volume that is gone. The deletion stands if this fails: a stale
+    /// override only limits a later namesake, and the warning says so.
+    fn forget_limits(&self, tenant: &TenantId, volume: Option<&VolumeId>) {
+        let volume = volume.map(VolumeId::as_str);
+        if let Err(e) = self
+            .io_limits()
+            .map_err(|e| anyhow::anyhow!(e.message))
+            .and_then(|limits| limits.forget(tenant.as_str(), volume))
+        {
+            tracing::warn!(
+                tenant = %tenant,
+                volume = volume.unwrap_or("-"),
+                error = %format!("{e:#}"),
+                "the I/O limits of a deleted tenant or volume stay in the limits file; \
+                 a tenant or volume created later under the name would inherit them"
+            );
+        }
     }
 
     fn tenant_info(&self, tenant: &TenantId) -> Result<TenantInfo, ApiError> {

@@ -749,6 +749,7 @@ pub(crate) fn render(
         | Reply::Restored(_)
         | Reply::TenantKeysExported(_) => out += &super::backup::render(reply, style),
         Reply::StoreBackedUp(_) => out += &super::store::render(reply),
+        Reply::Limits(view) => out += &super::limits::render(view),
     }
     out
 }

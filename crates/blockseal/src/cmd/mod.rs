@@ -6,6 +6,7 @@
 mod admin;
 mod backup;
 mod key;
+mod limits;
 mod retention;
 mod serve;
 mod store;
@@ -26,6 +27,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => admin::audit(args),
         Command::Store(command) => admin::store(command),
         Command::Retention(command) => retention::run(command),
+        Command::Limits(command) => limits::run(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut command = Cli::command();

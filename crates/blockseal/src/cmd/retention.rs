@@ -43,7 +43,11 @@ fn execute(store: &StoreArgs, op: Op, output: &OutputArgs) -> anyhow::Result<Rep
             .map(|c| Arc::new(Retention::new(c, Retention::test_clock_from_env()))),
         None => None,
     };
-    let (reply, mode) = admin::execute_with(&location, &op, IfMissing::Fail, retention)?;
+    let settings = admin::Settings {
+        retention,
+        io_defaults: None,
+    };
+    let (reply, mode) = admin::execute_with(&location, &op, IfMissing::Fail, settings)?;
     let mut out = std::io::stdout().lock();
     if output.json {
         out.write_all(&reply.to_json())?;

@@ -36,6 +36,7 @@ use crate::admin;
 use crate::cli::{DEFAULT_DATA_DIR, ServeArgs};
 use crate::config::{Config, FileMode};
 use crate::exports::StoreCatalog;
+use crate::iolimits::{Defaults as IoDefaults, IoLimits};
 use crate::metrics::Metrics;
 use crate::open::{IfMissing, StoreLocation};
 use crate::passphrase::Confirm;
@@ -76,6 +77,8 @@ struct Plan {
     retention: Option<RetentionConfig>,
     /// Where metrics, health and readiness are served over HTTP.
     metrics: Option<SocketAddr>,
+    /// The default I/O rate limits (`[limits]`).
+    io_defaults: IoDefaults,
 }
 
 fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
@@ -114,6 +117,7 @@ fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
         hints: Vec::new(),
         retention: config.retention.clone(),
         metrics: config.metrics.as_ref().map(|m| m.address),
+        io_defaults: config.limits.io_defaults(),
     })
 }
 
@@ -192,6 +196,10 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         hints,
         retention: None,
         metrics: args.metrics_address,
+        io_defaults: IoDefaults {
+            known: true,
+            ..IoDefaults::default()
+        },
     })
 }
 
@@ -233,16 +241,20 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         hints,
         retention,
         metrics: metrics_address,
+        io_defaults,
     } = plan;
     check_descriptor_limit(&server_config);
+    let io_limits = Arc::new(IoLimits::load(store.dir(), io_defaults)?);
     let store = Arc::new(store);
-    let catalog = Arc::new(StoreCatalog::new(store.clone(), read_only));
+    let catalog =
+        Arc::new(StoreCatalog::new(store.clone(), read_only).with_io_limits(io_limits.clone()));
     let server = Server::new(catalog.clone(), server_config);
     let retention =
         retention.map(|config| Arc::new(Retention::new(config, Retention::test_clock_from_env())));
     let admin_service = Arc::new(
         admin::service::Service::online(store.clone(), catalog.clone())
-            .with_retention(retention.clone()),
+            .with_retention(retention.clone())
+            .with_io_limits(io_limits),
     );
     let admin_path = admin::socket_path(store.dir());
     // Owner only: the peer check in the admin server comes on top of this.

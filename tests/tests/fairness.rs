@@ -1,0 +1,168 @@
+//! Fairness under load: one tenant saturating its volume (fio, nbd engine,
+//! 64 KiB random writes at queue depth 32) while held to its I/O limit (16
+//! MiB/s, set through the admin API) must not push another tenant's 4 KiB
+//! latency p99 (fio at a steady 200 reads and 200 writes per second, queue
+//! depth 1) above twice its value with the server otherwise idle. The same
+//! load with the limit lifted is measured and printed, not asserted: it shows
+//! what the limit buys.
+//!
+//! One test in its own binary, so that no other test of the suite runs beside
+//! it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use blockseal_test_support::{require, temp_dir};
+use blockseal_tests::{
+    ServerProcess, StoreArg, cli_on_ok, configure_host, fio_clat_us, fio_iops, fio_json,
+};
+
+/// Seconds of each measured phase of the quiet tenant.
+const PHASE_SECS: u32 = 8;
+
+/// The quiet tenant's phase: 4 KiB random reads and writes, 200 of each per
+/// second, queue depth 1; its read and write p99 in microseconds.
+fn quiet_phase(server: &ServerProcess) -> (f64, f64) {
+    let report = fio_json(
+        &server.dir,
+        &server.uri("quiet/disk"),
+        &[
+            "--name=quiet",
+            "--rw=randrw",
+            "--rwmixread=50",
+            "--bs=4k",
+            "--iodepth=1",
+            "--rate_iops=200",
+            "--size=64M",
+            "--ramp_time=1",
+            "--time_based",
+            &format!("--runtime={PHASE_SECS}"),
+        ],
+    );
+    (
+        fio_clat_us(&report, "read", "99.000000"),
+        fio_clat_us(&report, "write", "99.000000"),
+    )
+}
+
+/// The noisy tenant: fio writing 64 KiB blocks at queue depth 32 for a
+/// little longer than a quiet phase, as fast as it may.
+struct Noisy(Option<Child>);
+
+impl Noisy {
+    fn start(server: &ServerProcess) -> Noisy {
+        let child = Command::new("fio")
+            .current_dir(&server.dir)
+            .args([
+                "--name=noisy",
+                "--ioengine=nbd",
+                &format!("--uri={}", server.uri("noisy/disk")),
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=32",
+                "--size=192M",
+                "--time_based",
+                &format!("--runtime={}", PHASE_SECS + 4),
+                "--output-format=json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start fio");
+        Noisy(Some(child))
+    }
+
+    /// Waits for fio to end; the MiB/s it wrote.
+    fn finish(mut self) -> f64 {
+        let out = self
+            .0
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("fio");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "noisy fio failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let start = stdout.find('{').expect("fio's JSON report");
+        let report: serde_json::Value = serde_json::from_str(&stdout[start..]).expect("fio's JSON");
+        fio_iops(&report, "write") / 16.0
+    }
+}
+
+impl Drop for Noisy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
+    require("fio");
+    let tmp = temp_dir();
+    let host = tmp.path().join("host");
+    let config = configure_host(&host, None);
+    let store = StoreArg::Config(&config);
+    for tenant in ["noisy", "quiet"] {
+        cli_on_ok(store, &["tenant", "create", tenant]);
+        cli_on_ok(
+            store,
+            &[
+                "volume",
+                "create",
+                &format!("{tenant}/disk"),
+                "--size",
+                "256M",
+            ],
+        );
+    }
+    let server = ServerProcess::with_config_and_log(&host, &config, "info");
+    let attached = |times| {
+        server.wait_for_log(
+            "export attached export=noisy/disk",
+            times,
+            Duration::from_secs(30),
+        )
+    };
+
+    let (idle_read, idle_write) = quiet_phase(&server);
+
+    // Held to its share: 16 MiB/s, a PBX tenant's 2000 concurrent G.711
+    // recordings, set online through the admin API.
+    cli_on_ok(store, &["limits", "set", "noisy", "--bandwidth", "16M"]);
+    let noisy = Noisy::start(&server);
+    attached(1);
+    let (held_read, held_write) = quiet_phase(&server);
+    let held_mib = noisy.finish();
+
+    // Lifted: measured, not asserted.
+    cli_on_ok(
+        store,
+        &["limits", "set", "noisy", "--bandwidth", "unlimited"],
+    );
+    let noisy = Noisy::start(&server);
+    attached(2);
+    let (free_read, free_write) = quiet_phase(&server);
+    let free_mib = noisy.finish();
+
+    eprintln!(
+        "quiet tenant p99 (µs)            read   write\n\
+         server idle                   {idle_read:>7.0} {idle_write:>7.0}\n\
+         noisy at 16 MiB/s ({held_mib:>4.1} MiB/s) {held_read:>7.0} {held_write:>7.0}\n\
+         noisy unlimited ({free_mib:>5.0} MiB/s) {free_read:>7.0} {free_write:>7.0}"
+    );
+    assert!(
+        held_mib <= 16.0 * 1.1,
+        "the noisy tenant wrote {held_mib:.1} MiB/s under a 16 MiB/s limit"
+    );
+    assert!(
+        held_read <= 2.0 * idle_read && held_write <= 2.0 * idle_write,
+        "with the noisy tenant at its limit the quiet tenant's p99 went from \
+         {idle_read:.0}/{idle_write:.0} µs (read/write) to {held_read:.0}/{held_write:.0} µs"
+    );
+}
