@@ -14,6 +14,11 @@
 //! With `[retention]` configured, a thread runs a retention pass at start and
 //! then every minute (`retention`); at shutdown it stops after the action
 //! under way, before the final flush.
+//!
+//! With `[tracing]` (or `--otlp-endpoint`), spans go to an OpenTelemetry
+//! collector (`otlp`). That is decided before logging starts, so `main`
+//! calls [`tracing_settings`] first, which reads the configuration file and
+//! keeps it in the arguments for [`run`].
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, Permissions};
