@@ -351,6 +351,9 @@ where
         if sampled {
             recording.start_unix_nanos = unix_nanos(SystemTime::now());
             recording.started = Some(Instant::now());
+            // Room for every field the span declares: one allocation.
+            let declared = attrs.metadata().fields().len().min(MAX_ATTRIBUTES);
+            recording.attributes.values.reserve_exact(declared);
             attrs.record(&mut recording.attributes);
         }
         span.extensions_mut().insert(recording);
