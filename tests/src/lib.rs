@@ -158,9 +158,15 @@ impl ServerProcess {
     /// [`ServerProcess::demo`] with `BLOCKSEAL_LOG` set to `filter`, for tests
     /// that wait on what the server logs.
     pub fn demo_with_log(demo_size: &str, filter: &str) -> ServerProcess {
+        ServerProcess::demo_with_args(demo_size, &[], filter)
+    }
+
+    /// [`ServerProcess::demo_with_log`] with more arguments for `serve`
+    /// (such as `--otlp-endpoint URL`).
+    pub fn demo_with_args(demo_size: &str, extra: &[&str], filter: &str) -> ServerProcess {
         let tmp = tempfile::tempdir().expect("cannot create a temporary directory");
         let dir = tmp.path().to_path_buf();
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "serve".into(),
             "--data-dir".into(),
             dir.join("data").into(),
@@ -169,6 +175,7 @@ impl ServerProcess {
             "--demo-size".into(),
             demo_size.into(),
         ];
+        args.extend(extra.iter().map(OsString::from));
         ServerProcess::start_in(dir, Some(tmp), args, filter.to_owned())
     }
 

@@ -76,6 +76,23 @@ pub(crate) fn class_text(class: ErrorClass) -> &'static str {
     }
 }
 
+/// A stable name of `class` for a request's tracing span (`error` field):
+/// lower case, one token, never the export's message.
+pub(crate) fn class_name(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::Io => "io",
+        ErrorClass::Authentication => "authentication",
+        ErrorClass::Poisoned => "poisoned",
+        ErrorClass::OutOfRange => "out_of_range",
+        ErrorClass::InvalidInput => "invalid_input",
+        ErrorClass::NoSpace => "no_space",
+        ErrorClass::ReadOnly => "read_only",
+        ErrorClass::Overflow => "overflow",
+        ErrorClass::NotSupported => "not_supported",
+        ErrorClass::ShuttingDown => "shutting_down",
+    }
+}
+
 /// A failed export operation: an [`ErrorClass`], a short message and, when the
 /// failure has a cause, that cause as [`source`](std::error::Error::source).
 ///

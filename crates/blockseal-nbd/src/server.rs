@@ -1,8 +1,15 @@
 //! Listeners, connections and shutdown.
 //!
 //! A [`Server`] accepts connections on any number of Unix and TCP listeners,
-//! gives each a task and a tracing span (`conn`, `peer`, `export`), runs the
-//! handshake under a time limit, and hands the stream to the transmission phase.
+//! gives each a task and a tracing span, runs the handshake under a time
+//! limit, and hands the stream to the transmission phase.
+//!
+//! The connection's span, `nbd` at INFO, is the root of everything the
+//! connection does: `conn` (a number unique in the process), `peer`, and once
+//! known `tenant` (from the client certificate, or the export name's) and
+//! `export`. Each request's span (`nbd.request`, DEBUG, see `transmission`)
+//! is its child, so a trace groups a connection's requests. Fields hold
+//! names and numbers only, never data or key material.
 //!
 //! Connections in the handshake hold one of [`ServerConfig::max_handshakes`]
 //! slots: past it a new connection is closed at once, unless the oldest
@@ -425,7 +432,13 @@ where
                         continue;
                     };
                     let (peer, connection) = start(stream, peer, slot);
-                    let span = info_span!("nbd", conn = id, peer = %peer, export = tracing::field::Empty);
+                    let span = info_span!(
+                        "nbd",
+                        conn = id,
+                        peer = %peer,
+                        tenant = tracing::field::Empty,
+                        export = tracing::field::Empty,
+                    );
                     let active = ActiveConnection::enter(shared.clone());
                     connections.spawn(
                         async move {
@@ -687,6 +700,7 @@ fn tcp_connection(
                     return Ok(Outcome::Close);
                 }
             };
+            tracing::Span::current().record("tenant", tenant.as_str());
             info!(tenant = %tenant, "TLS established");
             negotiation.tls_started(Scope::Tenant(tenant));
             let outcome = negotiation.negotiate(&mut stream).await;
@@ -752,7 +766,12 @@ fn finish_handshake(shared: &Shared, outcome: HandshakeEnd) -> Option<Session> {
             None
         }
         HandshakeEnd::Done(Ok(Outcome::Go(session))) => {
-            tracing::Span::current().record("export", session.name.as_str());
+            let span = tracing::Span::current();
+            // The export name's tenant: the one whose exports the client may
+            // see (for a TLS client, its certificate's, recorded already).
+            let tenant = session.name.split_once('/').map_or("", |(t, _)| t);
+            span.record("tenant", tenant);
+            span.record("export", session.name.as_str());
             info!(
                 export = %session.name,
                 size = session.size,

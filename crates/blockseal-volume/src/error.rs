@@ -602,6 +602,14 @@ impl From<QueryError> for AdminError {
     }
 }
 
+/// Records a failed job in its span's `error` field: the error and its
+/// causes, as in log lines (names and numbers, never key material or data).
+pub(crate) fn record_failure(span: &tracing::Span, error: &dyn std::error::Error) {
+    if !span.is_disabled() {
+        span.record("error", tracing::field::display(error_chain(error)));
+    }
+}
+
 /// An error and its causes on one line (`segment I/O failed: No space left on
 /// device`), for log lines: `Display` of most errors is their own message only.
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {

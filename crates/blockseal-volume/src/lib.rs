@@ -15,6 +15,11 @@
 //! that was written, every flushed write survives, and no block fails
 //! authentication. Logs never contain key material or plaintext.
 //!
+//! Long jobs are `tracing` spans at INFO, named `compaction`, `reencryption`,
+//! `backup`, `restore` and `store.rebuild`, with the tenant and volume (or the
+//! directories) and, when they end, their counts or their error: as in log
+//! lines, names and numbers only.
+//!
 //! Space comes back by compaction: a [`Store`] runs a background thread that moves
 //! the live blocks of mostly dead segments forward and deletes segments nothing
 //! references ([`StoreOptions::compaction_threshold`], [`Volume::compact_now`]).

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use blockseal_keys::Argon2Params;
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::Config;
+use crate::otlp::Endpoint;
 use crate::passphrase::PassphraseArgs;
 use crate::size::Size;
 
@@ -354,7 +356,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with_all = ["data_dir", "unix", "demo_size", "metrics_address"]
+        conflicts_with_all = ["data_dir", "unix", "demo_size", "metrics_address", "otlp_endpoint"]
     )]
     pub(crate) config: Option<PathBuf>,
 
@@ -375,6 +377,17 @@ pub(crate) struct ServeArgs {
     /// configuration file, `[metrics] address` says it.
     #[arg(long, value_name = "IP:PORT")]
     pub(crate) metrics_address: Option<SocketAddr>,
+
+    /// Send tracing spans to this OpenTelemetry collector, OTLP over plain
+    /// HTTP with JSON (e.g. http://127.0.0.1:4318), with the embedded
+    /// default; with a configuration file, `[tracing] otlp_endpoint` says it.
+    #[arg(long, value_name = "URL")]
+    pub(crate) otlp_endpoint: Option<Endpoint>,
+
+    /// The configuration file once read: it is read before logging starts,
+    /// because its `[tracing]` table decides where spans go.
+    #[arg(skip)]
+    pub(crate) loaded: Option<Box<Config>>,
 
     /// Where the master key's passphrase comes from, if its key file has one
     /// (overrides the configuration file).

@@ -18,6 +18,7 @@ use blockseal_nbd::ServerConfig;
 use blockseal_volume::meta::BackendKind;
 use serde::Deserialize;
 
+use crate::otlp::{self, Endpoint};
 use crate::passphrase::PassphraseArgs;
 use crate::size::Size;
 
@@ -64,6 +65,44 @@ pub(crate) struct Config {
     /// Prometheus metrics, health and readiness over HTTP (none without the
     /// table).
     pub(crate) metrics: Option<MetricsConfig>,
+    /// Tracing spans to an OpenTelemetry collector (none without the table).
+    pub(crate) tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL (`http://127.0.0.1:4318`): spans
+    /// are posted to `/v1/traces` under it, as JSON. Plain HTTP only.
+    pub(crate) otlp_endpoint: Endpoint,
+    /// The `service.name` resource attribute (default `blockseal`).
+    pub(crate) service_name: Option<String>,
+    /// The fraction of traces exported, 0 to 1 (default 1): a connection
+    /// with all its requests, an admin operation, a job.
+    pub(crate) sample_ratio: Option<f64>,
+    /// Which spans, in `tracing_subscriber` target directives (default
+    /// `info,blockseal_nbd=debug`: `info` leaves out the per-request spans).
+    pub(crate) spans: Option<String>,
+}
+
+impl TracingConfig {
+    /// The exporter's settings (checked by [`Config::check`]).
+    pub(crate) fn settings(&self) -> anyhow::Result<otlp::Settings> {
+        let mut settings = otlp::Settings::with_defaults(self.otlp_endpoint.clone());
+        if let Some(name) = &self.service_name {
+            settings.service_name = name.clone();
+        }
+        if let Some(ratio) = self.sample_ratio {
+            settings.sample_ratio = ratio;
+        }
+        if let Some(spans) = &self.spans {
+            settings.spans = spans
+                .parse()
+                .map_err(|e| anyhow::anyhow!("tracing.spans: {spans:?}: {e}"))?;
+        }
+        Ok(settings)
+    }
 }
 
 /// `[metrics]`.
@@ -404,6 +443,17 @@ impl Config {
         if let Some(retention) = &self.retention {
             retention.check(&self.data_dir)?;
         }
+        if let Some(tracing) = &self.tracing {
+            if let Some(ratio) = tracing.sample_ratio
+                && !(0.0..=1.0).contains(&ratio)
+            {
+                bail!("tracing.sample_ratio: {ratio} is outside 0..=1");
+            }
+            if tracing.service_name.as_ref().is_some_and(|n| n.is_empty()) {
+                bail!("tracing.service_name: must not be empty");
+            }
+            tracing.settings()?;
+        }
         Ok(())
     }
 }
@@ -721,6 +771,63 @@ mod tests {
             let message = error(&text);
             assert!(message.contains("blockseal.toml"), "{message}");
             assert!(message.contains(field), "{field}: {message}");
+        }
+    }
+
+    #[test]
+    fn tracing_table() {
+        let config = load(&format!(
+            "{MINIMAL}[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n"
+        ))
+        .unwrap();
+        let settings = config.tracing.as_ref().unwrap().settings().unwrap();
+        assert_eq!(settings.endpoint.to_string(), "http://127.0.0.1:4318");
+        assert_eq!(settings.service_name, otlp::DEFAULT_SERVICE_NAME);
+        assert_eq!(settings.sample_ratio, 1.0);
+        let config = load(&format!(
+            "{MINIMAL}[tracing]\notlp_endpoint = \"http://collector:4318/otlp\"\n\
+             service_name = \"storage-7\"\nsample_ratio = 0.25\nspans = \"info\"\n"
+        ))
+        .unwrap();
+        let settings = config.tracing.as_ref().unwrap().settings().unwrap();
+        assert_eq!(settings.endpoint.to_string(), "http://collector:4318/otlp");
+        assert_eq!(settings.service_name, "storage-7");
+        assert_eq!(settings.sample_ratio, 0.25);
+        assert!(
+            !settings
+                .spans
+                .would_enable("blockseal_nbd", &tracing::Level::DEBUG)
+        );
+        assert!(load(MINIMAL).unwrap().tracing.is_none());
+
+        let table = |body: &str| format!("{MINIMAL}[tracing]\n{body}\n");
+        for (text, says) in [
+            (
+                table("otlp_endpoint = \"https://c:4318\""),
+                "https is not supported",
+            ),
+            (table("otlp_endpoint = \"c:4318\""), "http://"),
+            (table("service_name = \"x\""), "otlp_endpoint"),
+            (
+                table("otlp_endpoint = \"http://c:4318\"\nsample_ratio = 1.5"),
+                "tracing.sample_ratio",
+            ),
+            (
+                table("otlp_endpoint = \"http://c:4318\"\nservice_name = \"\""),
+                "tracing.service_name",
+            ),
+            (
+                table("otlp_endpoint = \"http://c:4318\"\nspans = \"blockseal=loud\""),
+                "tracing.spans",
+            ),
+            (
+                table("otlp_endpoint = \"http://c:4318\"\nheaders = \"x\""),
+                "headers",
+            ),
+        ] {
+            let message = error(&text);
+            assert!(message.contains("blockseal.toml"), "{message}");
+            assert!(message.contains(says), "{says}: {message}");
         }
     }
 

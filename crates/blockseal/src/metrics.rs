@@ -8,7 +8,8 @@
 //!   data key's nonce budget; per tenant, connections; for the store, tenants,
 //!   volumes, segment files and their live ratio (refreshed at most every
 //!   [`USAGE_EVERY`]), and the metadata commit latency; for the process,
-//!   resident memory, open file descriptors and CPU time.
+//!   resident memory, open file descriptors and CPU time; with `[tracing]`,
+//!   the OTLP exporter's spans exported and dropped and its failed requests.
 //! - `GET /healthz`: `200 ok` while the process serves HTTP.
 //! - `GET /readyz`: `200 ready` once every listener is up (the moment the
 //!   readiness line is printed) and until shutdown begins; `503` otherwise.
@@ -585,8 +586,35 @@ impl Metrics {
         );
         x.histogram(name, &[], &self.store.metadata_commit_latency());
 
+        if let Some(otlp) = crate::otlp::installed_stats() {
+            tracing_exporter(&mut x, &otlp);
+        }
         process(&mut x);
         x.out
+    }
+}
+
+/// The OTLP exporter's counters (only when `[tracing]` is configured).
+fn tracing_exporter(x: &mut Exposition, stats: &crate::otlp::Stats) {
+    for (name, help, value) in [
+        (
+            "blockseal_otlp_exported_spans_total",
+            "Tracing spans the OpenTelemetry collector accepted.",
+            &stats.exported,
+        ),
+        (
+            "blockseal_otlp_dropped_spans_total",
+            "Tracing spans dropped: queue full, collector down or refusing, or left at exit.",
+            &stats.dropped,
+        ),
+        (
+            "blockseal_otlp_failed_requests_total",
+            "Requests to the OpenTelemetry collector that failed.",
+            &stats.failed_requests,
+        ),
+    ] {
+        x.family(name, "counter", help);
+        x.sample(name, &[], value.load(Ordering::Relaxed) as f64);
     }
 }
 

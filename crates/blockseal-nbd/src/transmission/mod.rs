@@ -62,6 +62,17 @@
 //! error is always known before its reply starts: a simple reply never needs the
 //! hard disconnect the spec demands for a late error. Data never appears in logs.
 //!
+//! Each request taken in gets a DEBUG span, `nbd.request`, a child of the
+//! connection's span: `op` (`read`, `write`, `flush`, `trim`, `write_zeroes`,
+//! `block_status`, `cache`), `handle`, `offset`, `len`, `fua`, and when it
+//! ends `outcome` (`ok`, `error`, `refused` by validation, or `dropped` unrun
+//! with its connection) and for the last three but `dropped`, `error` (the
+//! [`ErrorClass`](crate::ErrorClass) name such as `io` or `no_space`,
+//! `shutting_down`, or the refusal's reason). It lasts from admission to
+//! the end of the export call, so an offloaded request's time in its queue
+//! counts; it is entered while the export runs. Nobody wanting DEBUG spans
+//! of this crate, the span is never built: the hot path pays one level check.
+//!
 //! The code is split by what it owns: `validate` checks request headers
 //! (pure functions), `workers` runs requests against the export and owns the
 //! per-connection queues of blocking threads, `replies` encodes replies and
@@ -91,7 +102,7 @@ use crate::proto::*;
 use crate::server::Shared;
 use replies::{Replies, WRITE_BATCH, error_reply, no_data_reply};
 use validate::{Op, Rules, Verdict, command_name, validate};
-use workers::{Conn, Done, Job, status_block_size};
+use workers::{Conn, Done, Job, record_outcome, status_block_size};
 
 /// Oversized or refused writes up to this length have their payload read and
 /// discarded so the stream stays in sync; a longer one closes the connection
@@ -228,12 +239,15 @@ where
                 Verdict::Done | Verdict::Refuse(..) => {
                     input.advance(REQUEST_HEADER_LEN);
                     log_request(&req);
+                    let span = request_span(&conn.span, &req);
                     let reply_to = if req.kind == CMD_WRITE && req.len > 0 {
                         if req.len > MAX_DRAINED_WRITE {
                             warn!(
                                 len = req.len,
                                 "refused write payload too large to skip; closing"
                             );
+                            span.record("outcome", "refused");
+                            span.record("error", "payload too large to skip");
                             stop = Stop::Drain;
                             break;
                         }
@@ -245,9 +259,14 @@ where
                     match verdict {
                         Verdict::Refuse(error, message) => {
                             debug!(handle = req.handle, error, message, "request refused");
+                            span.record("outcome", "refused");
+                            span.record("error", message);
                             error_reply(session.structured, req.handle, error, message, reply_to);
                         }
-                        _ => no_data_reply(session.structured, req.kind, req.handle, reply_to),
+                        _ => {
+                            record_outcome(&span, Ok(()));
+                            no_data_reply(session.structured, req.kind, req.handle, reply_to);
+                        }
                     }
                     continue;
                 }
@@ -333,6 +352,7 @@ where
             charged = false;
             input.advance(REQUEST_HEADER_LEN);
             log_request(&req);
+            let span = request_span(&conn.span, &req);
             let op = match op {
                 Op::Write { offset, fua, .. } => {
                     let data = input.split_to(payload).freeze();
@@ -357,9 +377,11 @@ where
                         bytes: cost,
                         _reservation: reserved.take(),
                     },
+                    span,
                 });
             } else {
-                conn.execute(req.handle, op, &mut out.buf);
+                conn.execute(req.handle, op, &span, &mut out.buf);
+                drop(span);
                 if out.buf.len() >= WRITE_BATCH && !out.flush(&conn).await {
                     stop = Stop::Now;
                     break;
@@ -531,6 +553,23 @@ impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.close();
     }
+}
+
+/// The span of one request taken in, a child of the connection's `conn` span
+/// (see the module docs). A disabled span (nobody wants DEBUG spans here)
+/// costs nothing to build, carry or record into.
+fn request_span(conn: &Span, req: &Request) -> Span {
+    tracing::debug_span!(
+        parent: conn,
+        "nbd.request",
+        op = command_name(req.kind),
+        handle = req.handle,
+        offset = req.offset,
+        len = req.len,
+        fua = req.flags & CMD_FLAG_FUA != 0,
+        outcome = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
 }
 
 /// One debug line per request taken in (filtered out at the call site unless

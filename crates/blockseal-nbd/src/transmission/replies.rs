@@ -114,6 +114,7 @@ async fn write_all<W: AsyncWrite + Unpin>(
 
 /// `NBD_CMD_READ`: a simple reply with the data, or structured chunks (with
 /// holes when `sparse`). The data is read straight into the output buffer.
+/// The error class of a failed read.
 pub(super) fn read_reply(
     conn: &Conn,
     handle: u64,
@@ -121,29 +122,38 @@ pub(super) fn read_reply(
     len: u32,
     sparse: bool,
     out: &mut Vec<u8>,
-) {
+) -> Result<(), ErrorClass> {
     let start = out.len();
     let n = len as usize;
     if !conn.structured {
         // "Simple replies": header, then exactly len bytes; an error sends no data.
         out.resize(start + SIMPLE_REPLY_LEN + n, 0);
-        match conn
+        return match conn
             .export
             .read(offset, &mut out[start + SIMPLE_REPLY_LEN..])
         {
-            Ok(()) => put_simple_reply(&mut &mut out[start..start + SIMPLE_REPLY_LEN], 0, handle),
+            Ok(()) => {
+                put_simple_reply(&mut &mut out[start..start + SIMPLE_REPLY_LEN], 0, handle);
+                Ok(())
+            }
             Err(e) => {
                 out.truncate(start);
-                export_error_reply(conn, handle, offset, u64::from(len), &e, out);
+                Err(export_error_reply(
+                    conn,
+                    handle,
+                    offset,
+                    u64::from(len),
+                    &e,
+                    out,
+                ))
             }
-        }
-        return;
+        };
     }
     // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk"
     // (such reads are never sparse); every read up to the maximum payload fits
     // in one, so EOVERFLOW never arises.
-    if sparse && sparse_read_reply(conn, handle, offset, len, out) {
-        return;
+    if sparse && let Some(outcome) = sparse_read_reply(conn, handle, offset, len, out) {
+        return outcome;
     }
     // One NBD_REPLY_TYPE_OFFSET_DATA chunk, final: the data is complete before the
     // chunk is sent, so no error can follow it.
@@ -160,21 +170,35 @@ pub(super) fn read_reply(
                 8 + len,
             );
             head.put_u64(offset);
+            Ok(())
         }
         Err(e) => {
             out.truncate(start);
-            export_error_reply(conn, handle, offset, u64::from(len), &e, out);
+            Err(export_error_reply(
+                conn,
+                handle,
+                offset,
+                u64::from(len),
+                &e,
+                out,
+            ))
         }
     }
 }
 
 /// A structured read that sends zero ranges as `NBD_REPLY_TYPE_OFFSET_HOLE`
-/// chunks. `false` when block status finds nothing worth skipping (or fails):
-/// the caller then sends plain data.
-fn sparse_read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, out: &mut Vec<u8>) -> bool {
+/// chunks; how it ended. `None` when block status finds nothing worth
+/// skipping (or fails): the caller then sends plain data.
+fn sparse_read_reply(
+    conn: &Conn,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    out: &mut Vec<u8>,
+) -> Option<Result<(), ErrorClass>> {
     let end = offset + u64::from(len);
     let Ok(extents) = conn.export.block_status(offset, u64::from(len)) else {
-        return false;
+        return None;
     };
     // Runs of (start, length, reads-as-zero), merged and clipped to the request.
     let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -200,7 +224,7 @@ fn sparse_read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, out: &mut 
         push(&mut runs, pos, end - pos, false);
     }
     if !runs.iter().any(|r| r.2) {
-        return false;
+        return None;
     }
     let start_of_reply = out.len();
     let data: u64 = runs.iter().filter(|r| !r.2).map(|r| r.1).sum();
@@ -223,12 +247,13 @@ fn sparse_read_reply(conn: &Conn, handle: u64, offset: u64, len: u32, out: &mut 
             out.resize(at + length as usize, 0);
             if let Err(e) = conn.export.read(start, &mut out[at..]) {
                 out.truncate(start_of_reply);
-                export_error_reply(conn, handle, start, length, &e, out);
-                return true;
+                return Some(Err(export_error_reply(
+                    conn, handle, start, length, &e, out,
+                )));
             }
         }
     }
-    true
+    Some(Ok(()))
 }
 
 /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: one `NBD_REPLY_TYPE_BLOCK_STATUS`
@@ -244,7 +269,7 @@ pub(super) fn block_status_reply(
     req_one: bool,
     context: u32,
     out: &mut Vec<u8>,
-) {
+) -> Result<(), ErrorClass> {
     let block = status_block_size(conn.export.as_ref());
     // Ends on a block boundary past `offset`, so it describes at least a byte.
     let limit = (offset / block + MAX_STATUS_BLOCKS) * block;
@@ -252,7 +277,16 @@ pub(super) fn block_status_reply(
     let len = (end - offset) as u32;
     let extents = match conn.export.block_status(offset, u64::from(len)) {
         Ok(extents) => extents,
-        Err(e) => return export_error_reply(conn, handle, offset, u64::from(len), &e, out),
+        Err(e) => {
+            return Err(export_error_reply(
+                conn,
+                handle,
+                offset,
+                u64::from(len),
+                &e,
+                out,
+            ));
+        }
     };
     let mut descriptors: Vec<(u32, u32)> = Vec::new();
     let mut pos = offset;
@@ -299,9 +333,11 @@ pub(super) fn block_status_reply(
         out.put_u32(length);
         out.put_u32(status);
     }
+    Ok(())
 }
 
-/// Logs an export error at the level its kind deserves and appends its reply.
+/// Logs an export error at the level its kind deserves and appends its reply;
+/// returns the error's class.
 pub(super) fn export_error_reply(
     conn: &Conn,
     handle: u64,
@@ -309,7 +345,7 @@ pub(super) fn export_error_reply(
     len: u64,
     e: &ExportError,
     out: &mut Vec<u8>,
-) {
+) -> ErrorClass {
     let span = &conn.span;
     // The message and every cause: the client sees none of it.
     let detail = chain(e);
@@ -339,6 +375,7 @@ pub(super) fn export_error_reply(
         class_text(e.class()),
         out,
     );
+    e.class()
 }
 
 /// Appends an error reply: a structured error chunk when negotiated ("The server

@@ -20,7 +20,7 @@ use super::replies::{
     WRITE_BATCH, block_status_reply, error_reply, export_error_reply, read_reply,
 };
 use super::validate::Op;
-use crate::error::{ErrorClass, ExportError, class_text, errno};
+use crate::error::{ErrorClass, ExportError, class_name, class_text, errno};
 use crate::export::Export;
 use crate::handshake::Session;
 use crate::limits::Held;
@@ -73,6 +73,8 @@ pub(super) struct Job {
     pub(super) handle: u64,
     pub(super) op: Op,
     pub(super) held: Held,
+    /// The request's span (disabled unless someone wants it).
+    pub(super) span: Span,
 }
 
 /// A finished offloaded request: its encoded reply and the budget it holds
@@ -168,6 +170,7 @@ impl Conn {
     fn run(&self, job: Job) {
         if self.is_closed() {
             // Dropping the job gives back the budget it held.
+            job.span.record("outcome", "dropped");
             return;
         }
         let mut reply = self.buffer();
@@ -175,6 +178,7 @@ impl Conn {
             // Not started before the shutdown: answered at once rather than
             // run, so the connection drains within the shutdown deadline.
             debug!(parent: &self.span, handle = job.handle, "request not started before shutdown");
+            record_outcome(&job.span, Err(ErrorClass::ShuttingDown));
             error_reply(
                 self.structured,
                 job.handle,
@@ -183,8 +187,11 @@ impl Conn {
                 &mut reply,
             );
         } else {
-            self.execute(job.handle, job.op, &mut reply);
+            self.execute(job.handle, job.op, &job.span, &mut reply);
         }
+        // The span ends with the export call, before the reply waits for
+        // its batch.
+        drop(job.span);
         // The connection task may be gone with its client; nothing to do then.
         let _ = self.done.send(Done {
             reply,
@@ -203,6 +210,9 @@ impl Conn {
         self.closed.store(true, Ordering::Release);
         for lane in &self.lanes {
             let jobs = std::mem::take(&mut lane.lock().expect(LOCK).jobs);
+            for job in &jobs {
+                job.span.record("outcome", "dropped");
+            }
             drop(jobs);
         }
     }
@@ -217,21 +227,48 @@ impl Conn {
         self.shared.limits.buffers.give(buf);
     }
 
-    /// Runs a request against the export and appends its reply to `out`.
-    pub(super) fn execute(&self, handle: u64, op: Op, out: &mut Vec<u8>) {
+    /// Runs a request against the export and appends its reply to `out`,
+    /// inside the request's `span`, where it records the outcome.
+    pub(super) fn execute(&self, handle: u64, op: Op, span: &Span, out: &mut Vec<u8>) {
+        let _entered = span.enter();
         let start = out.len();
         // A panicking export must not leave the client waiting forever.
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| execute(self, handle, op, out)));
-        if run.is_err() {
-            error!(parent: &self.span, export = %self.name, "export panicked");
-            out.truncate(start);
-            error_reply(self.structured, handle, EIO, "internal server error", out);
+        match run {
+            Ok(outcome) => record_outcome(span, outcome),
+            Err(_) => {
+                error!(parent: &self.span, export = %self.name, "export panicked");
+                out.truncate(start);
+                error_reply(self.structured, handle, EIO, "internal server error", out);
+                if !span.is_disabled() {
+                    span.record("outcome", "error");
+                    span.record("error", "panic");
+                }
+            }
         }
     }
 }
 
-/// Runs one request against the export and appends its reply to `out`.
-fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) {
+/// Records how a request ended in its span: `outcome` `ok`, or `error` with
+/// the error class's name in `error`. Nothing to do for a disabled span.
+pub(super) fn record_outcome(span: &Span, outcome: Result<(), ErrorClass>) {
+    if span.is_disabled() {
+        return;
+    }
+    match outcome {
+        Ok(()) => {
+            span.record("outcome", "ok");
+        }
+        Err(class) => {
+            span.record("outcome", "error");
+            span.record("error", class_name(class));
+        }
+    }
+}
+
+/// Runs one request against the export and appends its reply to `out`; the
+/// error class of a failure, whose reply is then an error.
+fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) -> Result<(), ErrorClass> {
     let export = conn.export.as_ref();
     let (offset, len, result) = match op {
         Op::Read {
@@ -266,8 +303,11 @@ fn execute(conn: &Conn, handle: u64, op: Op, out: &mut Vec<u8>) {
         Op::Cache { offset, len } => (offset, len, export.cache(offset, len)),
     };
     match result {
-        Ok(()) => put_simple_reply(out, 0, handle),
-        Err(e) => export_error_reply(conn, handle, offset, len, &e, out),
+        Ok(()) => {
+            put_simple_reply(out, 0, handle);
+            Ok(())
+        }
+        Err(e) => Err(export_error_reply(conn, handle, offset, len, &e, out)),
     }
 }
 

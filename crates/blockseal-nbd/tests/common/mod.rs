@@ -8,6 +8,7 @@
 pub mod mem;
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +22,8 @@ pub use blockseal_test_support::*;
 use blockseal_nbd::{Server, ServerConfig, TlsConfig};
 use mem::MemCatalog;
 use tracing_subscriber::Layer;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 
 /// How long a test waits for something that must happen.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -40,6 +42,7 @@ pub struct TestServer {
     pub catalog: Arc<MemCatalog>,
     pub server: Server,
     log: Log,
+    spans: SpanLog,
     runtime: Option<tokio::runtime::Runtime>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), blockseal_nbd::ServeError>>>,
 }
@@ -59,7 +62,8 @@ impl TestServer {
         let dir = temp_dir();
         let socket = dir.path().join("nbd.sock");
         let log = Log::default();
-        let dispatch = log.dispatch();
+        let spans = SpanLog::default();
+        let dispatch = log.dispatch(&spans);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -99,6 +103,7 @@ impl TestServer {
             catalog,
             server,
             log,
+            spans,
             runtime: Some(runtime),
             tasks,
         }
@@ -115,6 +120,12 @@ impl TestServer {
     /// Everything the server logged so far, debug level included.
     pub fn log(&self) -> String {
         self.log.text()
+    }
+
+    /// The spans (DEBUG and above) that have closed so far, in the order
+    /// they closed.
+    pub fn closed_spans(&self) -> Vec<ClosedSpan> {
+        self.spans.0.lock().unwrap().clone()
     }
 
     /// Waits until the server has logged `message` `times` times in all.
@@ -174,7 +185,7 @@ thread_local! {
 struct Log(Arc<Mutex<Vec<u8>>>);
 
 impl Log {
-    fn dispatch(&self) -> tracing::Dispatch {
+    fn dispatch(&self, spans: &SpanLog) -> tracing::Dispatch {
         let log = self.clone();
         let subscriber = tracing_subscriber::registry()
             .with(
@@ -187,6 +198,11 @@ impl Log {
                 tracing_subscriber::fmt::layer()
                     .with_test_writer()
                     .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+            )
+            .with(
+                spans
+                    .clone()
+                    .with_filter(tracing_subscriber::filter::LevelFilter::DEBUG),
             );
         tracing::Dispatch::new(subscriber)
     }
@@ -204,6 +220,86 @@ impl Write for Log {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A span that has closed, as the test server's dispatcher saw it.
+#[derive(Debug, Clone)]
+pub struct ClosedSpan {
+    pub name: &'static str,
+    /// The dispatcher's id; unique among the spans open at the same time.
+    pub id: u64,
+    /// The parent's id and name.
+    pub parent: Option<(u64, &'static str)>,
+    /// Every field recorded, as text (`Debug` of the value; strings bare).
+    pub fields: BTreeMap<&'static str, String>,
+}
+
+/// Records every span's fields and parent, and keeps each span once it closes.
+#[derive(Clone, Default)]
+struct SpanLog(Arc<Mutex<Vec<ClosedSpan>>>);
+
+/// The fields of a span still open (a span extension).
+struct OpenFields(BTreeMap<&'static str, String>);
+
+struct FieldText<'a>(&'a mut BTreeMap<&'static str, String>);
+
+impl tracing::field::Visit for FieldText<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name(), value.to_owned());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name(), format!("{value:?}"));
+    }
+}
+
+impl<S> Layer<S> for SpanLog
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut FieldText(&mut fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(OpenFields(fields));
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id)
+            && let Some(open) = span.extensions_mut().get_mut::<OpenFields>()
+        {
+            values.record(&mut FieldText(&mut open.0));
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else {
+            return;
+        };
+        let fields = span
+            .extensions_mut()
+            .remove::<OpenFields>()
+            .map(|f| f.0)
+            .unwrap_or_default();
+        let closed = ClosedSpan {
+            name: span.name(),
+            id: id.into_u64(),
+            parent: span.parent().map(|p| (p.id().into_u64(), p.name())),
+            fields,
+        };
+        self.0.lock().unwrap().push(closed);
     }
 }
 

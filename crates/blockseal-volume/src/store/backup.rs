@@ -258,8 +258,47 @@ impl Store {
     ///
     /// Compaction and re-encryption of the volume wait while the backup runs;
     /// writes and reads do not.
+    ///
+    /// The backup is a `backup` span (INFO): `tenant`, `volume`, `snapshot`,
+    /// `base`, and when it ends the backup's id, blocks and bytes, or the
+    /// `error`.
     #[allow(clippy::too_many_arguments)]
     pub fn create_backup(
+        &self,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        snapshot: &str,
+        base: Option<&str>,
+        expires: Option<u64>,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<BackupReport, BackupError> {
+        let span = tracing::info_span!(
+            "backup",
+            tenant = %tenant,
+            volume = %volume,
+            snapshot,
+            base = base.unwrap_or(""),
+            backup = tracing::field::Empty,
+            blocks = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let result = self.write_backup(tenant, volume, snapshot, base, expires, out, progress);
+        match &result {
+            Ok(report) => {
+                span.record("backup", tracing::field::display(&report.id));
+                span.record("blocks", report.mapped_blocks);
+                span.record("bytes", report.bytes);
+            }
+            Err(e) => crate::error::record_failure(&span, e),
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_backup(
         &self,
         tenant: &TenantId,
         volume: &VolumeId,
@@ -662,7 +701,40 @@ impl Store {
     /// Restores a chain of backup files (a full backup, then incrementals in
     /// order) into the new volume `tenant/volume`, creating the tenant when
     /// missing. On any failure nothing of the restore remains.
+    ///
+    /// The restore is a `restore` span (INFO): `tenant`, `volume`, `files`,
+    /// and when it ends the blocks authenticated and bytes read, or the
+    /// `error`.
     pub fn restore_backups(
+        &self,
+        inputs: Vec<(String, Box<dyn Read + '_>)>,
+        tenant: &TenantId,
+        volume: &VolumeId,
+        keys: BackupKeys<'_>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<BackupCheck, BackupError> {
+        let span = tracing::info_span!(
+            "restore",
+            tenant = %tenant,
+            volume = %volume,
+            files = inputs.len(),
+            blocks = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let result = self.restore_chain(inputs, tenant, volume, keys, progress);
+        match &result {
+            Ok(check) => {
+                span.record("blocks", check.blocks_authenticated);
+                span.record("bytes", check.bytes);
+            }
+            Err(e) => crate::error::record_failure(&span, e),
+        }
+        result
+    }
+
+    fn restore_chain(
         &self,
         inputs: Vec<(String, Box<dyn Read + '_>)>,
         tenant: &TenantId,

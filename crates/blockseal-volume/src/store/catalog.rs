@@ -319,7 +319,31 @@ fn chunk_aad(header: &[u8], index: u64, kind: u8) -> Vec<u8> {
 /// with the master key the catalogue was written with; the segment files are
 /// hard-linked (or copied) into place. Then opens it (which runs every check
 /// an open runs).
+///
+/// The rebuild is a `store.rebuild` span (INFO): `dir`, `segments_from`,
+/// and the `error` if it fails.
 pub fn rebuild_store<C: Read + Seek>(
+    catalog: &mut C,
+    segments_from: &Path,
+    dir: &Path,
+    master: MasterKey,
+    options: StoreOptions,
+) -> Result<Store, CatalogError> {
+    let span = tracing::info_span!(
+        "store.rebuild",
+        dir = %dir.display(),
+        segments_from = %segments_from.display(),
+        error = tracing::field::Empty,
+    );
+    let _entered = span.enter();
+    let result = rebuild(catalog, segments_from, dir, master, options);
+    if let Err(e) = &result {
+        crate::error::record_failure(&span, e);
+    }
+    result
+}
+
+fn rebuild<C: Read + Seek>(
     catalog: &mut C,
     segments_from: &Path,
     dir: &Path,

@@ -140,7 +140,39 @@ impl VolumeInner {
     /// Compacts sealed segments below `threshold`. `pace` is called after each
     /// step with the bytes it copied; it may sleep, and returning `false` ends
     /// the pass early (every step is whole on its own).
+    ///
+    /// The pass is a `compaction` span (INFO): `tenant`, `volume`, and when
+    /// it ends the report's counts or the `error`.
     pub(crate) fn compact(
+        &self,
+        threshold: f64,
+        pace: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<CompactionReport, VolumeError> {
+        let span = tracing::info_span!(
+            "compaction",
+            tenant = %self.tenant,
+            volume = %self.name,
+            segments_compacted = tracing::field::Empty,
+            segments_deleted = tracing::field::Empty,
+            blocks_moved = tracing::field::Empty,
+            bytes_reclaimed = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let result = self.compact_pass(threshold, pace);
+        match &result {
+            Ok(report) => {
+                span.record("segments_compacted", report.segments_compacted);
+                span.record("segments_deleted", report.segments_deleted);
+                span.record("blocks_moved", report.blocks_moved);
+                span.record("bytes_reclaimed", report.bytes_reclaimed);
+            }
+            Err(e) => crate::error::record_failure(&span, e),
+        }
+        result
+    }
+
+    fn compact_pass(
         &self,
         threshold: f64,
         pace: &mut dyn FnMut(u64) -> bool,

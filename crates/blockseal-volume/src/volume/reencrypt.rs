@@ -532,7 +532,38 @@ impl VolumeInner {
     /// block), `pace` called after each step with the bytes it sealed (it may
     /// sleep; `false` ends the pass, every step being whole on its own), then
     /// the old DEKs are destroyed if nothing needs them any more.
+    ///
+    /// The pass is a `reencryption` span (INFO): `tenant`, `volume`, and when
+    /// it ends the blocks re-encrypted and left unreadable, whether the job
+    /// finished, or the `error`. Key versions, never keys.
     pub(crate) fn reencrypt(
+        &self,
+        step_bytes: u64,
+        pace: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<ReencryptionReport, VolumeError> {
+        let span = tracing::info_span!(
+            "reencryption",
+            tenant = %self.tenant,
+            volume = %self.name,
+            blocks_reencrypted = tracing::field::Empty,
+            blocks_unreadable = tracing::field::Empty,
+            finished = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let result = self.reencrypt_pass(step_bytes, pace);
+        match &result {
+            Ok(report) => {
+                span.record("blocks_reencrypted", report.blocks_reencrypted);
+                span.record("blocks_unreadable", report.blocks_unreadable);
+                span.record("finished", report.finished);
+            }
+            Err(e) => crate::error::record_failure(&span, e),
+        }
+        result
+    }
+
+    fn reencrypt_pass(
         &self,
         step_bytes: u64,
         pace: &mut dyn FnMut(u64) -> bool,

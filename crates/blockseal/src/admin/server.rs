@@ -8,6 +8,11 @@
 //! refused peer gets `403` and the connection is closed; the refusal is
 //! audited once per connection.
 //!
+//! Each request is an `admin.request` span (INFO): `method`, `path` (its
+//! first 200 characters), `actor`, and the response's `status`; the operation
+//! it runs is that span's child (`admin`, see `service`), on whichever thread
+//! it runs.
+//!
 //! Resource limits: at most [`MAX_CONNECTIONS`] admin connections at once (more
 //! wait in the listen queue), request headers within [`HEADER_TIMEOUT`] and at
 //! most 16 KiB, bodies at most [`MAX_BODY_BYTES`]. Operations run on blocking
@@ -28,6 +33,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::api::{ApiError, MAX_BODY_BYTES, Op, Reply};
@@ -214,7 +220,25 @@ fn spawn_connection<IO>(
             let caller = caller.clone();
             let audited = audited.clone();
             async move {
-                Ok::<_, Infallible>(handle(request, &service, caller, allowed, &audited).await)
+                // A path is the caller's text: only its start goes to the span.
+                let path: String = request
+                    .uri()
+                    .path()
+                    .chars()
+                    .take(MAX_AUDITED_PATH)
+                    .collect();
+                let span = tracing::info_span!(
+                    "admin.request",
+                    method = %request.method(),
+                    path,
+                    actor = %caller.actor,
+                    status = tracing::field::Empty,
+                );
+                let response = handle(request, &service, caller, allowed, &audited)
+                    .instrument(span.clone())
+                    .await;
+                span.record("status", response.status().as_u16());
+                Ok::<_, Infallible>(response)
             }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -306,8 +330,10 @@ async fn handle(
         }
         _ => {}
     }
+    // The operation's span is a child of the request's.
+    let span = tracing::Span::current();
     let outcome = tokio::task::spawn_blocking(move || {
-        let result = service.run(&caller, &op);
+        let result = span.in_scope(|| service.run(&caller, &op));
         (op, result)
     })
     .await;

@@ -159,12 +159,39 @@ impl Service {
 
     /// [`Service::run`] for an operation that writes a stream (a backup
     /// file) or reports progress (a backup, a restore) through `io`.
+    ///
+    /// The operation is an `admin` span (INFO), a child of whatever span is
+    /// current (the API request's, a retention pass's, or none from the
+    /// CLI): `action` and `target` as the audit log names them, `actor`,
+    /// and when it ends `outcome` (`ok` or `error`) and the error's stable
+    /// `error` code. Never a passphrase or a key.
     pub(crate) fn run_with(
         &self,
         caller: &Caller,
         op: &Op,
         io: &mut OpIo<'_>,
     ) -> Result<Reply, ApiError> {
+        let span = tracing::info_span!(
+            "admin",
+            action = op.action(),
+            target = %op.target(),
+            actor = %caller.actor,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let result = self.run_audited(caller, op, io);
+        match &result {
+            Ok(_) => span.record("outcome", "ok"),
+            Err(e) => {
+                span.record("outcome", "error");
+                span.record("error", e.code.as_str())
+            }
+        };
+        result
+    }
+
+    fn run_audited(&self, caller: &Caller, op: &Op, io: &mut OpIo<'_>) -> Result<Reply, ApiError> {
         let _running = self.begin()?;
         if !op.audited() {
             return self.dispatch(op, io);

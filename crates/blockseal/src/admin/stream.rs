@@ -253,7 +253,10 @@ async fn octet_stream(
     let op_action = op.action();
     let (tx, rx) = mpsc::channel(DEPTH);
     let (head_tx, head_rx) = oneshot::channel();
+    // The operation's span is a child of the request's.
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
         let head = HeadSlot(Cell::new(Some(head_tx)));
         let mut writer = ChannelWriter {
             tx: tx.clone(),
@@ -332,7 +335,10 @@ pub(crate) async fn restore(
     let (tx, rx) = mpsc::channel(DEPTH);
     let (head_tx, head_rx) = oneshot::channel();
     let status = Reply::status(&op);
+    // The operation's span is a child of the request's.
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
         let head = HeadSlot(Cell::new(Some(head_tx)));
         let mut last: Option<Instant> = None;
         // A client that went away does not stop the restore: it finishes

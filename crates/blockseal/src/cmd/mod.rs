@@ -12,6 +12,17 @@ mod serve;
 mod store;
 
 use crate::cli::{Cli, Command};
+use crate::otlp;
+
+/// Where `serve` sends tracing spans, if anywhere; read before logging
+/// starts (it reads the configuration file, see [`serve::tracing_settings`]).
+/// `None` for every other command.
+pub(crate) fn tracing_settings(cli: &mut Cli) -> anyhow::Result<Option<otlp::Settings>> {
+    match &mut cli.command {
+        Command::Serve(args) => serve::tracing_settings(args),
+        _ => Ok(None),
+    }
+}
 
 /// Runs the parsed command line.
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {

@@ -14,6 +14,11 @@
 //! With `[retention]` configured, a thread runs a retention pass at start and
 //! then every minute (`retention`); at shutdown it stops after the action
 //! under way, before the final flush.
+//!
+//! With `[tracing]` (or `--otlp-endpoint`), spans go to an OpenTelemetry
+//! collector (`otlp`). That is decided before logging starts, so `main`
+//! calls [`tracing_settings`] first, which reads the configuration file and
+//! keeps it in the arguments for [`run`].
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, Permissions};
@@ -39,6 +44,7 @@ use crate::exports::StoreCatalog;
 use crate::iolimits::{Defaults as IoDefaults, IoLimits};
 use crate::metrics::Metrics;
 use crate::open::{IfMissing, StoreLocation};
+use crate::otlp;
 use crate::passphrase::Confirm;
 use crate::retention::{PASS_PERIOD, Retention, RetentionConfig, Scheduler};
 use crate::size::Size;
@@ -53,10 +59,35 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10)
 const DEMO_TENANT: &str = "demo";
 const DEMO_VOLUME: &str = "disk";
 
+/// Reads the configuration file, if any, into `args` (for [`run`]) and says
+/// where tracing spans go: the file's `[tracing]`, or `--otlp-endpoint`.
+/// Called before logging starts, so its errors are only returned.
+pub(crate) fn tracing_settings(args: &mut ServeArgs) -> anyhow::Result<Option<otlp::Settings>> {
+    let Some(path) = &args.config else {
+        return Ok(args
+            .otlp_endpoint
+            .clone()
+            .map(otlp::Settings::with_defaults));
+    };
+    let config = Config::load(path)?;
+    let settings = match &config.tracing {
+        Some(tracing) => Some(tracing.settings()?),
+        None => None,
+    };
+    args.loaded = Some(Box::new(config));
+    Ok(settings)
+}
+
 /// Runs the server until a signal stops it.
-pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let plan = match &args.config {
-        Some(path) => from_config(path, &args)?,
+        Some(path) => {
+            let config = match args.loaded.take() {
+                Some(config) => *config,
+                None => Config::load(path)?,
+            };
+            from_config(path, config, &args)?
+        }
         None => embedded_default(&args)?,
     };
     serve(plan)
@@ -81,8 +112,7 @@ struct Plan {
     io_defaults: IoDefaults,
 }
 
-fn from_config(path: &Path, args: &ServeArgs) -> anyhow::Result<Plan> {
-    let config = Config::load(path)?;
+fn from_config(path: &Path, config: Config, args: &ServeArgs) -> anyhow::Result<Plan> {
     let tcp = match &config.tcp {
         None => None,
         Some(tcp) => {

@@ -74,14 +74,19 @@ fn run(service: &Service, retention: &Retention, period: Duration) {
     loop {
         let now = retention.clock.now();
         let started = Instant::now();
-        match retention.pass(service, now, &|key| backoff.waiting(key, Instant::now())) {
-            Ok(outcomes) => backoff.update(&outcomes, Instant::now()),
-            Err(e) => tracing::error!(error = %e, "retention pass failed; retried at the next"),
-        }
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "retention pass done"
-        );
+        // The pass's actions (admin operations) are its span's children.
+        tracing::info_span!("retention.pass", now).in_scope(|| {
+            match retention.pass(service, now, &|key| backoff.waiting(key, Instant::now())) {
+                Ok(outcomes) => backoff.update(&outcomes, Instant::now()),
+                Err(e) => {
+                    tracing::error!(error = %e, "retention pass failed; retried at the next")
+                }
+            }
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "retention pass done"
+            );
+        });
         if retention.sleep(period) {
             return;
         }
