@@ -245,7 +245,7 @@ def worker(spec_path):
     rng = random.Random(spec["seed"])
     out = {"connect_ms": [], "write": {}, "flush": {}, "read": {}, "writes": 0, "flushes": 0,
            "reads": 0, "missed": 0, "late_reads": 0, "late_flushes": 0, "errors": 0,
-           "chunks": 0}
+           "chunks": 0, "missed_by_second": {}}
     streams = []
     start = spec["start_at"]
     for kind, items in (("rec", spec["recorders"]), ("play", spec["readers"])):
@@ -320,6 +320,8 @@ def worker(spec_path):
                 out["chunks"] += 1
                 if now > chunk_due + period:
                     out["missed"] += 1
+                    second = str(int(chunk_due - t_start))
+                    out["missed_by_second"][second] = out["missed_by_second"].get(second, 0) + 1
                 st.since_flush += 1
                 if st.since_flush >= flush_every:
                     # The journal commit: asynchronous to the recorder's
@@ -472,6 +474,10 @@ def run(server, args, streams, duration, per_tenant, readers, workdir, nbd):
         for k in merged:
             hist_merge(merged[k], r[k])
     client_connect = sorted(t for r in results for t in r["connect_ms"])
+    by_second = {}
+    for r in results:
+        for k, v in r["missed_by_second"].items():
+            by_second[int(k)] = by_second.get(int(k), 0) + v
     requests = total["writes"] + total["flushes"] + total["reads"]
 
     def pick(times, q):
@@ -498,6 +504,8 @@ def run(server, args, streams, duration, per_tenant, readers, workdir, nbd):
                      "max": percentile(merged["flush"], 100)},
         "read_ms": {"p50": percentile(merged["read"], 50), "p99": percentile(merged["read"], 99)},
         "missed_deadlines": total["missed"],
+        # Seconds into the run (when the chunk was due): missed chunks.
+        "missed_by_second": dict(sorted(by_second.items())),
         "late_reads": total["late_reads"],
         "late_flushes": total["late_flushes"],
         "server_cpu_cores": round(cpu / elapsed, 3),

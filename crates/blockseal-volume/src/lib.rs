@@ -117,5 +117,5 @@ pub use store::{
 };
 pub use volume::{
     BlockStatus, CompactionReport, DataKeyStatus, DataKeyUsage, ReencryptionProgress,
-    ReencryptionReport, SnapshotInfo, Volume, VolumeStats,
+    ReencryptionReport, SMALL_WRITE_BYTES, SnapshotInfo, Volume, VolumeStats,
 };

@@ -84,6 +84,12 @@ const STRIPES: usize = 64;
 /// with one direct commit instead of one overlay entry per block.
 const DIRECT_TRIM_BLOCKS: u64 = 4096;
 
+/// The largest write [`Volume::write_may_block`] answers for: callers that
+/// run writes up to this size on their event loop (the NBD server's inline
+/// requests are at most 64 KiB by default) learn when one would open a
+/// segment file.
+pub const SMALL_WRITE_BYTES: u64 = 64 * 1024;
+
 /// A handle to an open volume. Cheap to clone; every clone (and every
 /// [`Store::open_volume`](crate::Store::open_volume) of the same volume while one is
 /// open) shares one instance, so a flush through any handle covers writes made
@@ -644,12 +650,19 @@ impl Volume {
 
     /// Whether a write may block on I/O beyond its own now: the overlay of
     /// uncommitted mappings is past twice its bound (the disk is not keeping
-    /// up), so the next write flushes before it returns. An async caller that
-    /// runs small writes on its event loop should run writes on a blocking
-    /// thread while this holds.
+    /// up), so the next write flushes before it returns; or a write of up to
+    /// [`SMALL_WRITE_BYTES`] would open a new segment file, which creates the
+    /// file and syncs its directory (under a busy disk, tens of milliseconds).
+    /// An async caller that runs small writes on its event loop should run
+    /// writes on a blocking thread while this holds.
     pub fn write_may_block(&self) -> bool {
         let i = &self.inner;
-        i.lock_overlay().map.len() >= i.overlay_limit.saturating_mul(2)
+        if i.lock_overlay().map.len() >= i.overlay_limit.saturating_mul(2) {
+            return true;
+        }
+        let small = SMALL_WRITE_BYTES.div_ceil(u64::from(i.block_size.get()));
+        let head = i.lock_head();
+        head.segment.is_none() || u64::from(i.segment_blocks - head.next_block) < small
     }
 
     /// Writes `data` at byte `offset`. Durable after the next [`flush`](Self::flush).

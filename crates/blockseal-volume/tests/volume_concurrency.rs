@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use blockseal_volume::meta::{self, BackendKind};
-use blockseal_volume::{FileSegments, SegmentId, SegmentStore, StoreOptions};
+use blockseal_volume::{FileSegments, SMALL_WRITE_BYTES, SegmentId, SegmentStore, StoreOptions};
 use common::gated_meta::GatedMeta;
 use common::volume::*;
 
@@ -150,8 +150,15 @@ fn a_backlogged_volume_says_its_writes_may_block() {
         .overlay_blocks(16)
         .metadata_store(gated.clone());
     let (_store, volume) = store_with_volume(&dir.path().join("store"), 4 << 20, options);
+    // The first write opens the volume's segment file: the volume says so.
+    assert!(
+        volume.write_may_block(),
+        "a fresh volume's first write makes a segment"
+    );
+    volume.write_at(0, &pattern(0, BS)).unwrap();
+    assert!(!volume.write_may_block());
     gated.arm();
-    let mut k = 0u64;
+    let mut k = 1u64;
     // The 17th write queues a background flush, whose commit then waits.
     while !volume.write_may_block() {
         assert!(k < 64, "the overlay never reached twice its bound");
@@ -165,4 +172,28 @@ fn a_backlogged_volume_says_its_writes_may_block() {
     gated.release();
     volume.flush().unwrap();
     assert!(!volume.write_may_block());
+}
+
+/// A write that would open a new segment file (create it, sync its
+/// directory) may block: the volume says so before the segment fills, by
+/// the largest write a caller runs on its event loop.
+#[test]
+fn a_write_that_opens_a_segment_may_block() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of 32 blocks: 16 blocks is the 64 KiB margin.
+    let options = StoreOptions::new()
+        .background_compaction(false)
+        .segment_bytes(32 * BS as u64);
+    let (_store, volume) = store_with_volume(&dir.path().join("store"), 4 << 20, options);
+    assert!(volume.write_may_block());
+    let mut said = Vec::new();
+    for k in 0..40u64 {
+        volume.write_at(k * BS as u64, &pattern(k, BS)).unwrap();
+        said.push(volume.write_may_block());
+    }
+    // After k + 1 blocks of a segment, 32 - (k + 1) are left: fewer than 16
+    // from the 17th write on, and a new segment opens at the 33rd.
+    let expected: Vec<bool> = (0..40u64).map(|k| k % 32 >= 16).collect();
+    assert_eq!(said, expected);
+    assert_eq!(SMALL_WRITE_BYTES, 16 * BS as u64);
 }
