@@ -21,6 +21,7 @@
 #   --ceiling           more streams after the main run, until one run misses a deadline
 #                       (fewer, halving, when the main run misses already)
 #   --ceiling-duration S, --ceiling-steps LIST   (30; 2,4,6,8,10,12,14 times --streams)
+#   --cold              no warm-up write per stream (fresh volumes open their first segment in the run)
 #   --smoke             a short run for the test suite (sizes above)
 #   --json FILE         the results as JSON too
 #   --bin PATH          this blockseal binary (no build); default: build the release one
@@ -48,7 +49,7 @@ while (($#)); do
 	case "$1" in
 	--bin) bin=$2; shift ;;
 	--smoke) args+=(--streams 60 --volumes 300 --readers 5 --duration 8) ;;
-	--ceiling) args+=("$1") ;;
+	--ceiling | --cold) args+=("$1") ;;
 	--streams | --volumes | --readers | --duration | --codec-rate | --chunk-ms | --flush-secs | \
 		--ceiling-duration | --ceiling-steps | --json)
 		(($# >= 2)) || die "$1 needs a value"

@@ -21,7 +21,10 @@ loop per client process driving up to 1500 streams on that schedule.
 Reported per run: write latency p50/p99/p99.9/max, missed deadlines, FLUSH
 latency, read latency, server CPU (share of one core and per request), the
 server's RSS and open file descriptors, and connection setup time (libnbd
-connect to GO, measured while the load runs). With --ceiling, runs with more
+connect to GO, measured while the load runs). Before a run each recording
+stream writes one page, as a volume in service has been written before;
+--cold leaves that out, and then the streams' first chunks open their
+volumes' first segment files all at once. With --ceiling, runs with more
 streams follow until the first one that misses a deadline (or, when the main
 run misses already, with half as many until one does not).
 """
@@ -257,16 +260,9 @@ def worker(spec_path):
             p = period if kind == "rec" else spec["read_period"]
             streams.append(Stream(h, kind, item["offset"], item["span"],
                                   bs if kind == "rec" else read_bs, p, 0.0))
-    # Every stream starts at its own point of its first period.
-    t_start = time.monotonic() + max(0.0, start - time.time())
-    end = t_start + spec["duration"]
-    due = []
-    for i, st in enumerate(streams):
-        st.next_due = t_start + rng.random() * st.period
-        heapq.heappush(due, (st.next_due, i))
     ep = select.epoll()
     by_fd = {}
-    for i, st in enumerate(streams):
+    for st in streams:
         by_fd[st.fd] = st
         st.mask = select.EPOLLIN
         ep.register(st.fd, st.mask)
@@ -277,6 +273,34 @@ def worker(spec_path):
             st.mask = want
             ep.modify(st.fd, want)
 
+    if spec["warm"]:
+        # Volumes in service: each recording volume has been written before
+        # (its segment file exists), so the run measures the steady state,
+        # not 600 volumes opening their first segment file in one instant.
+        warmed = []
+        for st in streams:
+            if st.kind == "rec":
+                st.h.aio_pwrite(write_buf, st.base,
+                                completion=lambda err, st=st: warmed.append(err.value) or 1)
+                watch(st)
+        want = sum(1 for st in streams if st.kind == "rec")
+        while len(warmed) < want:
+            for fd, ev in ep.poll(1.0):
+                st = by_fd[fd]
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    st.h.aio_notify_read()
+                if ev & select.EPOLLOUT:
+                    st.h.aio_notify_write()
+                watch(st)
+        if any(warmed):
+            raise SystemExit("a warm-up write failed")
+    # Every stream starts at its own point of its first period.
+    t_start = time.monotonic() + max(0.0, start - time.time())
+    end = t_start + spec["duration"]
+    due = []
+    for i, st in enumerate(streams):
+        st.next_due = t_start + rng.random() * st.period
+        heapq.heappush(due, (st.next_due, i))
     # Completion callbacks run inside libnbd with the handle locked: they
     # only note what finished; the loop acts on it after the call returns.
     finished = []
@@ -429,7 +453,7 @@ def run(server, args, streams, duration, per_tenant, readers, workdir, nbd):
     for w in range(workers):
         spec = {"period": period, "bs": bs, "read_bs": read_bs, "flush_every": flush_every,
                 "read_period": read_bs / args.read_rate, "duration": duration,
-                "start_at": start_at, "seed": w,
+                "start_at": start_at, "seed": w, "warm": not args.cold,
                 "recorders": recorders[w::workers], "readers": players if w == 0 else []}
         path = os.path.join(workdir, f"client-{streams}-{w}.json")
         with open(path, "w") as f:
@@ -557,6 +581,9 @@ def main():
     p.add_argument("--ceiling-steps", default="2,4,6,8,10,12,14",
                    help="multiples of --streams tried in turn")
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--cold", action="store_true",
+                   help="no warm-up write: each stream's first chunk opens its volume's "
+                   "first segment file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     if "--worker" in sys.argv:
         worker(sys.argv[sys.argv.index("--worker") + 1])
