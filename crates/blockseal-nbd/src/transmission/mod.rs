@@ -194,6 +194,9 @@ where
     // export's rate limits, and until when they hold it back.
     let mut charged = false;
     let mut throttled_until: Option<Instant> = None;
+    // Whether the limits held that request back: the connection is at its
+    // limit, and its requests then run on its own threads.
+    let mut held_back = false;
     let mut eof = false;
     // The input left at the last round after end of file (see the loop's end).
     let mut input_at_eof_round = usize::MAX;
@@ -277,10 +280,35 @@ where
             } else {
                 0
             };
+            // Rate limits come first: a request they hold back holds no
+            // memory, and its connection stops reading meanwhile.
+            if let Some(throttle) = &throttle {
+                if !charged {
+                    charged = true;
+                    let now = Instant::now();
+                    let at =
+                        Instant::from_std(throttle.admit(now.into_std(), op.rate_bytes(payload)));
+                    if at > now {
+                        throttled_until = Some(at);
+                        held_back = true;
+                    }
+                }
+                if let Some(at) = throttled_until {
+                    if Instant::now() < at {
+                        blocked = true;
+                        break;
+                    }
+                    throttled_until = None;
+                }
+            }
             // Block status reads the metadata store: never on the runtime's
             // threads; nor does a write the export says may block (one that
             // would commit a backlog of mappings before returning).
+            // Nor does a request its rate limits held back: a connection at
+            // its limit keeps its work on its own threads, away from the
+            // runtime's threads every other connection shares.
             let offload = !inline
+                || held_back
                 || matches!(op, Op::Flush | Op::BlockStatus { .. })
                 || op.fua()
                 || op.weight(payload) > inline_max
@@ -295,26 +323,6 @@ where
                 // Sending holes asks the export for block status, which may
                 // wait on the metadata store: only on a blocking thread.
                 *sparse = offload && session.structured && !*df && *len >= SPARSE_READ_MIN;
-            }
-            // Rate limits come first: a request they hold back holds no
-            // memory, and its connection stops reading meanwhile.
-            if let Some(throttle) = &throttle {
-                if !charged {
-                    charged = true;
-                    let now = Instant::now();
-                    let at =
-                        Instant::from_std(throttle.admit(now.into_std(), op.rate_bytes(payload)));
-                    if at > now {
-                        throttled_until = Some(at);
-                    }
-                }
-                if let Some(at) = throttled_until {
-                    if Instant::now() < at {
-                        blocked = true;
-                        break;
-                    }
-                    throttled_until = None;
-                }
             }
             let cost = op.cost(payload, max_payload, status_block);
             if offload {
@@ -350,6 +358,7 @@ where
             }
             payload_deadline = None;
             charged = false;
+            held_back = false;
             input.advance(REQUEST_HEADER_LEN);
             log_request(&req);
             let span = request_span(&conn.span, &req);
