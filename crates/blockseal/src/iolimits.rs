@@ -413,7 +413,7 @@ fn parse(bytes: &[u8]) -> Result<Overrides, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -558,11 +558,16 @@ mod tests {
             .unwrap_err();
         assert!(format!("{err:#}").contains("unchanged"), "{err:#}");
         assert!(limits.view().tenants.is_empty());
+        // 50 requests at 1000 a second take 39 ms (11 at once); at 1 a
+        // second they would take 49 s.
         let start = Instant::now();
         let mut at = start;
         for _ in 0..50 {
             at = throttle.admit(at, 0);
         }
-        assert_eq!(at, start, "1000 requests per second still");
+        assert!(
+            at - start < Duration::from_millis(100),
+            "1000 requests per second still"
+        );
     }
 }
