@@ -439,6 +439,24 @@ pub fn configure_host(dir: &Path, key: Option<&Path>) -> PathBuf {
     config
 }
 
+/// Creates each of `tenants` on `store` with one volume, `TENANT/disk`, of
+/// `size` (such as `"64M"`).
+pub fn tenants_with_disks(store: StoreArg<'_>, tenants: &[&str], size: &str) {
+    for tenant in tenants {
+        cli_on_ok(store, &["tenant", "create", tenant]);
+        cli_on_ok(
+            store,
+            &[
+                "volume",
+                "create",
+                &format!("{tenant}/disk"),
+                "--size",
+                size,
+            ],
+        );
+    }
+}
+
 /// The key id `blockseal key inspect` shows for a key file.
 pub fn key_id(file: &Path) -> String {
     let out = blockseal_ok(&["key", "inspect", &file.to_string_lossy()]);

@@ -19,6 +19,7 @@ use std::time::Duration;
 use blockseal_test_support::{require, temp_dir};
 use blockseal_tests::{
     ServerProcess, StoreArg, cli_on_ok, configure_host, fio_clat_us, fio_iops, fio_json,
+    tenants_with_disks,
 };
 
 /// Seconds of each measured phase of the quiet tenant.
@@ -112,19 +113,7 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
     let host = tmp.path().join("host");
     let config = configure_host(&host, None);
     let store = StoreArg::Config(&config);
-    for tenant in ["noisy", "quiet"] {
-        cli_on_ok(store, &["tenant", "create", tenant]);
-        cli_on_ok(
-            store,
-            &[
-                "volume",
-                "create",
-                &format!("{tenant}/disk"),
-                "--size",
-                "256M",
-            ],
-        );
-    }
+    tenants_with_disks(store, &["noisy", "quiet"], "256M");
     let server = ServerProcess::with_config_and_log(&host, &config, "info");
     let attached = |times| {
         server.wait_for_log(

@@ -9,7 +9,7 @@ use std::process::Command;
 use blockseal_test_support::{require, run, temp_dir};
 use blockseal_tests::{
     ServerProcess, StoreArg, binary, cli_on, cli_on_fails, cli_on_ok, configure_host, fio_iops,
-    fio_json, text,
+    fio_json, tenants_with_disks, text,
 };
 
 /// fio reading 4 KiB blocks at queue depth 8 for `secs` seconds on `export`;
@@ -45,19 +45,7 @@ fn limits_are_set_online_enforced_kept_and_forgotten() {
     text_config.push_str("\n[limits]\nvolume_bytes_per_sec = \"512M\"\n");
     std::fs::write(&config, text_config).unwrap();
     let store = StoreArg::Config(&config);
-    for tenant in ["acme", "other"] {
-        cli_on_ok(store, &["tenant", "create", tenant]);
-        cli_on_ok(
-            store,
-            &[
-                "volume",
-                "create",
-                &format!("{tenant}/disk"),
-                "--size",
-                "64M",
-            ],
-        );
-    }
+    tenants_with_disks(store, &["acme", "other"], "64M");
 
     // Offline: the configuration's defaults, no overrides yet.
     let shown = cli_on_ok(store, &["limits", "show"]);

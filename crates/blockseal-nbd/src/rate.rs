@@ -206,6 +206,14 @@ impl Throttle {
         Throttle { limiters }
     }
 
+    /// Whether any of its limiters limits anything now: when none does, a
+    /// request need not be charged (nor the clock read).
+    pub fn is_limited(&self) -> bool {
+        self.limiters
+            .iter()
+            .any(|l| l.limited.load(Ordering::Acquire))
+    }
+
     /// Charges one request of `bytes` to every limiter at `now`; returns
     /// when it may run (`now` when none of them is in debt).
     pub fn admit(&self, now: Instant, bytes: u64) -> Instant {
@@ -243,7 +251,12 @@ mod tests {
 
     #[test]
     fn unlimited_never_waits() {
-        let throttle = Throttle::new(vec![Arc::new(RateLimiter::new(RateLimit::UNLIMITED))]);
+        let limiter = Arc::new(RateLimiter::new(RateLimit::UNLIMITED));
+        let throttle = Throttle::new(vec![limiter.clone()]);
+        assert!(!throttle.is_limited());
+        limiter.set(limit(5, 0));
+        assert!(throttle.is_limited());
+        limiter.set(RateLimit::UNLIMITED);
         let start = Instant::now();
         assert_eq!(simulate(&throttle, start, 100_000, 1 << 20), Duration::ZERO);
         assert_eq!(

@@ -283,7 +283,7 @@ where
             // Rate limits come first: a request they hold back holds no
             // memory, and its connection stops reading meanwhile.
             if let Some(throttle) = &throttle {
-                if !charged {
+                if !charged && throttle.is_limited() {
                     charged = true;
                     let now = Instant::now();
                     let at =
