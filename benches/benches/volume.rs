@@ -14,7 +14,11 @@
 //! a 256 MiB volume written fully, sequentially in 128 KiB writes and randomly
 //! in 4 KiB writes (every block once, in random order), per backend: the record
 //! bytes the volume committed (`VolumeStats::metadata_bytes`) and the metadata
-//! store's size on disk. Set `BLOCKSEAL_BENCH_OVERHEAD=0` to skip it.
+//! store's size on disk. Set `BLOCKSEAL_BENCH_OVERHEAD=0` to skip it, or
+//! `BLOCKSEAL_BENCH_OVERHEAD_MIB=2048` to measure a 2 GiB volume as well (a
+//! commit of scattered blocks rewrites most of a small volume's metadata pages,
+//! so a copy-on-write store's file holds up to two spare copies of them; a
+//! larger volume shows the steady state).
 //!
 //! ```text
 //! cargo bench -p blockseal-benches --bench volume -- --warm-up-time 1 --measurement-time 3
@@ -56,7 +60,8 @@ fn backend_name(backend: BackendKind) -> &'static str {
     }
 }
 
-/// A store in a temporary directory with one volume of [`VOLUME_BYTES`].
+/// A store in a temporary directory with one volume of [`VOLUME_BYTES`] (or
+/// the size given to [`Fixture::sized`]).
 struct Fixture {
     volume: Volume,
     _store: Store,
@@ -65,6 +70,10 @@ struct Fixture {
 
 impl Fixture {
     fn new(backend: BackendKind) -> Fixture {
+        Fixture::sized(backend, VOLUME_BYTES)
+    }
+
+    fn sized(backend: BackendKind, bytes: u64) -> Fixture {
         let dir = tempfile::Builder::new()
             .prefix("blockseal-bench-")
             .tempdir_in(scratch_root())
@@ -82,7 +91,7 @@ impl Fixture {
         let name = VolumeId::new("bench").expect("valid name");
         store.create_tenant(&tenant).expect("a new tenant");
         store
-            .create_volume(&tenant, &name, VOLUME_BYTES, VolumeOptions::default())
+            .create_volume(&tenant, &name, bytes, VolumeOptions::default())
             .expect("a new volume");
         let volume = store.open_volume(&tenant, &name).expect("the volume opens");
         Fixture {
@@ -304,65 +313,95 @@ fn metadata_overhead() {
     if std::env::var("BLOCKSEAL_BENCH_OVERHEAD").as_deref() == Ok("0") {
         return;
     }
-    eprintln!(
-        "metadata overhead, {} MiB volume written fully, store in {}:",
-        VOLUME_BYTES >> 20,
-        scratch_root().display()
-    );
-    let blocks = VOLUME_BYTES / BLOCK as u64;
-    for backend in BACKENDS {
-        for random in [false, true] {
-            let f = Fixture::new(backend);
-            let started = std::time::Instant::now();
-            if random {
-                // Every block once, in random order (Fisher-Yates).
-                let mut order: Vec<u64> = (0..blocks).collect();
-                let mut rng = Xorshift(0x1234_5678_9abc_def1);
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i as u64 + 1) as usize);
-                }
-                let data = vec![0x5A; BLOCK];
-                for (n, lba) in order.into_iter().enumerate() {
-                    f.volume
-                        .write_at(lba * BLOCK as u64, &data)
-                        .expect("write succeeds");
-                    if n % 1024 == 1023 {
-                        f.volume.flush().expect("flush succeeds");
-                    }
-                }
-            } else {
-                let data = vec![0x5A; 32 * BLOCK];
-                for n in 0..blocks / 32 {
-                    f.volume
-                        .write_at(n * 32 * BLOCK as u64, &data)
-                        .expect("write succeeds");
-                    if n % 32 == 31 {
-                        f.volume.flush().expect("flush succeeds");
-                    }
-                }
+    let mut sizes = vec![VOLUME_BYTES];
+    if let Some(mib) = std::env::var("BLOCKSEAL_BENCH_OVERHEAD_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        sizes.push(mib << 20);
+    }
+    for volume_bytes in sizes {
+        eprintln!(
+            "metadata overhead, {} MiB volume written fully, store in {}:",
+            volume_bytes >> 20,
+            scratch_root().display()
+        );
+        for backend in BACKENDS {
+            for random in [false, true] {
+                overhead_of(backend, random, volume_bytes);
             }
-            f.volume.flush().expect("flush succeeds");
-            let records = f.volume.stats().metadata_bytes;
-            let (len, allocated) = tree_size(&f.dir.path().join("meta"));
-            let pct = |bytes: u64| bytes as f64 / VOLUME_BYTES as f64 * 100.0;
-            eprintln!(
-                "  {:<4} {:<22} records {:>10} B ({:.3}%), store on disk {:>10} B ({:.3}%), allocated {:>10} B ({:.3}%), {:.1?}",
-                backend_name(backend),
-                if random {
-                    "random 4 KiB"
-                } else {
-                    "sequential 128 KiB"
-                },
-                records,
-                pct(records),
-                len,
-                pct(len),
-                allocated,
-                pct(allocated),
-                started.elapsed()
-            );
         }
     }
+}
+
+fn overhead_of(backend: BackendKind, random: bool, volume_bytes: u64) {
+    let blocks = volume_bytes / BLOCK as u64;
+    let f = Fixture::sized(backend, volume_bytes);
+    let started = std::time::Instant::now();
+    if random {
+        // Every block once, in random order (Fisher-Yates).
+        let mut order: Vec<u64> = (0..blocks).collect();
+        let mut rng = Xorshift(0x1234_5678_9abc_def1);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let data = vec![0x5A; BLOCK];
+        for (n, lba) in order.into_iter().enumerate() {
+            f.volume
+                .write_at(lba * BLOCK as u64, &data)
+                .expect("write succeeds");
+            if n % 1024 == 1023 {
+                f.volume.flush().expect("flush succeeds");
+            }
+        }
+    } else {
+        let data = vec![0x5A; 32 * BLOCK];
+        for n in 0..blocks / 32 {
+            f.volume
+                .write_at(n * 32 * BLOCK as u64, &data)
+                .expect("write succeeds");
+            if n % 32 == 31 {
+                f.volume.flush().expect("flush succeeds");
+            }
+        }
+    }
+    f.volume.flush().expect("flush succeeds");
+    let elapsed = started.elapsed();
+    let records = f.volume.stats().metadata_bytes;
+    let Fixture {
+        volume,
+        _store: store,
+        dir,
+    } = f;
+    drop((volume, store));
+    let mut held = 0u64;
+    blockseal_volume::meta::open(backend, &dir.path().join("meta"))
+        .expect("the metadata store opens")
+        .scan_prefix(b"", &mut |key, value| {
+            held += (key.len() + value.len()) as u64;
+            true
+        })
+        .expect("a scan");
+    let (len, allocated) = tree_size(&dir.path().join("meta"));
+    let pct = |bytes: u64| bytes as f64 / volume_bytes as f64 * 100.0;
+    eprintln!(
+        "  {:<4} {:<18} held {:>10} B ({:.3}%), written {:>11} B ({:.3}%), store on disk {:>10} B ({:.3}%), allocated {:>10} B ({:.3}%), {:.1?}",
+        backend_name(backend),
+        if random {
+            "random 4 KiB"
+        } else {
+            "sequential 128 KiB"
+        },
+        held,
+        pct(held),
+        records,
+        pct(records),
+        len,
+        pct(len),
+        allocated,
+        pct(allocated),
+        elapsed
+    );
 }
 
 criterion_group!(

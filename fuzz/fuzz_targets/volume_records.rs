@@ -2,7 +2,8 @@
 //!
 //! The first byte picks the record: store header, tenant, volume, extent (the
 //! next 8 bytes are the last LBA its key carries, or with `0x80` set the key is
-//! taken raw: a length byte, then that many bytes) or counter. The rest is the
+//! taken raw: a length byte, then that many bytes), mapping page (the next 8
+//! bytes are the page number its key carries) or counter. The rest is the
 //! stored value.
 //!
 //! What must hold (layouts in `docs/FORMAT.md`):
@@ -18,12 +19,15 @@
 //!   `1..=256` that fits below the key's last LBA, and when every block's segment
 //!   offset and nonce counter fit their integers. A decoded extent has as many
 //!   tags as its header says, ends at the key's LBA, and starts `n - 1` blocks
-//!   before it.
+//!   before it;
+//! - a mapping page that decodes holds 1 to 32 extents in LBA order, none
+//!   overlapping the next, each ending inside the page its key names, each of
+//!   1 to 256 blocks.
 #![no_main]
 
 use blockseal_volume::fuzzing::{
-    MAX_EXTENT_BLOCKS, counter, extent_key, extent_record, header_record, tenant_record,
-    volume_record,
+    MAX_EXTENT_BLOCKS, PAGE_BLOCKS, counter, extent_key, extent_record, header_record,
+    mapping_page, page_key, tenant_record, volume_record,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -36,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
         1 => check_fixed(tenant_record(rest), rest, 46, |b| b[37] == 1),
         2 => check_volume(rest),
         3 => check_extent(kind & 0x80 != 0, rest),
+        4 => check_page(rest),
         _ => match counter(rest) {
             Ok(v) => assert_eq!(rest, v.to_be_bytes()),
             Err(_) => assert_ne!(rest.len(), 8, "refused an 8-byte counter"),
@@ -138,5 +143,25 @@ fn check_extent(raw_key: bool, bytes: &[u8]) {
         Err(message) => {
             assert_eq!(expected, None, "refused a well-formed extent: {message}");
         }
+    }
+}
+
+fn check_page(bytes: &[u8]) {
+    let Some((page, value)) = bytes.split_first_chunk::<8>() else {
+        return;
+    };
+    let page = u64::from_be_bytes(*page);
+    let Ok((extents, encoded)) = mapping_page(&page_key(1, page), value) else {
+        return;
+    };
+    assert_eq!(encoded, value, "mapping page did not round trip");
+    assert!((1..=PAGE_BLOCKS as usize).contains(&extents.len()));
+    let mut next = 0u64;
+    for (n, e) in extents.iter().enumerate() {
+        assert_eq!(e.last / PAGE_BLOCKS, page, "an extent ends outside its page");
+        assert!((1..=MAX_EXTENT_BLOCKS).contains(&e.tags));
+        assert_eq!(e.lba, e.last - (e.tags as u64 - 1));
+        assert!(n == 0 || e.lba >= next, "extents overlap");
+        next = e.last.saturating_add(1);
     }
 }

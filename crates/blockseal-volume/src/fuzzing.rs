@@ -96,6 +96,79 @@ pub fn extent_key(volume: u32, last_lba: u64) -> [u8; 13] {
     record::extent_key(volume, last_lba)
 }
 
+/// One extent of a decoded mapping page.
+#[derive(Debug)]
+pub struct PageExtent {
+    /// First LBA.
+    pub lba: u64,
+    /// Last LBA.
+    pub last: u64,
+    /// Segment index.
+    pub segment: u32,
+    /// First block's offset in the segment, in blocks.
+    pub offset: u32,
+    /// DEK version.
+    pub dek_version: u32,
+    /// The writer whose key sealed the blocks.
+    pub writer: u32,
+    /// First block's nonce counter.
+    pub nonce: u64,
+    /// Snapshot epoch the blocks were born in.
+    pub birth: u32,
+    /// Number of tags, one per block.
+    pub tags: usize,
+}
+
+/// Decodes the mapping page `value` stored under `key`, as a volume's scan
+/// does; returns its extents and the page encoded again.
+pub fn mapping_page(key: &[u8], value: &[u8]) -> Result<(Vec<PageExtent>, Vec<u8>), String> {
+    let extents = record::decode_page(key, value).map_err(|e| e.0)?;
+    let encoded = record::encode_page(&extents);
+    Ok((
+        extents
+            .iter()
+            .map(|e| PageExtent {
+                lba: e.lba,
+                last: e.last(),
+                segment: e.segment,
+                offset: e.offset,
+                dek_version: e.dek_version,
+                writer: e.writer,
+                nonce: e.nonce,
+                birth: e.birth,
+                tags: e.tags.len(),
+            })
+            .collect(),
+        encoded,
+    ))
+}
+
+/// A metadata record: key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The records a store of format 2 (one per extent, `m` keys) held for the
+/// mapping page `value` stored under `key`: what tests of the upgrade plant.
+pub fn format2_records(key: &[u8], value: &[u8]) -> Result<Vec<KeyValue>, String> {
+    let volume = key
+        .get(1..5)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or("mapping page key")?;
+    let extents = record::decode_page(key, value).map_err(|e| e.0)?;
+    Ok(extents
+        .iter()
+        .map(|e| (record::extent_key(volume, e.last()).to_vec(), e.encode()))
+        .collect())
+}
+
+/// The key of mapping page `page` of a volume.
+pub fn page_key(volume: u32, page: u64) -> [u8; 13] {
+    record::page_key(volume, page)
+}
+
+/// LBAs per mapping page.
+pub const PAGE_BLOCKS: u64 = record::PAGE_BLOCKS;
+
 /// Decodes a counter value (live-block count, nonce mark, next volume id).
 pub fn counter(bytes: &[u8]) -> Result<u64, String> {
     record::decode_u64(bytes, "counter").map_err(|e| e.0)

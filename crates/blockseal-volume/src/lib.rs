@@ -80,6 +80,7 @@ mod error;
 mod flusher;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
+mod mapping;
 mod marker;
 pub mod meta;
 pub mod nonce;

@@ -55,7 +55,9 @@ pub(crate) fn volume_key(tenant: &TenantId, volume: &VolumeId) -> Vec<u8> {
 
 /// Key of an extent record: `m`, internal volume id, LBA of the extent's LAST
 /// block. Keying by the last block lets a forward scan from `lba` find the extent
-/// covering `lba` first (the store has no reverse seek).
+/// covering `lba` first (the store has no reverse seek). Store format 3 keeps
+/// extents in mapping pages; these records are only read, to move them.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn extent_key(volume: u32, last_lba: u64) -> [u8; 13] {
     let mut key = [0u8; 13];
     key[0] = b'm';
@@ -70,6 +72,189 @@ pub(crate) fn extent_prefix(volume: u32) -> [u8; 5] {
     key[0] = b'm';
     key[1..5].copy_from_slice(&volume.to_be_bytes());
     key
+}
+
+/// Blocks of LBA space one mapping page covers, by its extents' last blocks
+/// (at most 255: positions and counts in a page are bytes).
+pub(crate) const PAGE_BLOCKS: u64 = 40;
+/// Version byte of mapping pages.
+pub(crate) const PAGE_V1: u8 = 1;
+
+/// The page holding the extent whose last block is `last`.
+pub(crate) fn page_of(last: u64) -> u64 {
+    last / PAGE_BLOCKS
+}
+
+/// Key of a mapping page: `M`, internal volume id, page number (the last LBAs
+/// of its extents divided by [`PAGE_BLOCKS`]). A forward scan from the page of `lba`
+/// meets the extent covering `lba` first, as with one record per extent.
+pub(crate) fn page_key(volume: u32, page: u64) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = b'M';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..13].copy_from_slice(&page.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's mapping pages.
+pub(crate) fn page_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'M';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// Encodes the extents of one mapping page: non-empty, sorted by last block,
+/// not overlapping, each ending in the same page. Blocks scattered by random
+/// writes share one record per 40 LBAs, with their DEK version, writer, birth
+/// epoch and the high half of their nonce counter (0 for every writer but the
+/// legacy writer 0: a writer key seals at most 2^32 blocks) stated once per
+/// page rather than once per block.
+pub(crate) fn encode_page(extents: &[Extent]) -> Vec<u8> {
+    let mut contexts: Vec<(u32, u32, u32, u32)> = Vec::new();
+    let mut refs = Vec::with_capacity(extents.len());
+    for e in extents {
+        let context = (e.dek_version, e.writer, e.birth, (e.nonce >> 32) as u32);
+        let n = match contexts.iter().position(|&c| c == context) {
+            Some(n) => n,
+            None => {
+                contexts.push(context);
+                contexts.len() - 1
+            }
+        };
+        refs.push(n as u8);
+    }
+    let tags: usize = extents.iter().map(|e| e.tags.len()).sum();
+    let mut out = Vec::with_capacity(3 + 16 * contexts.len() + 15 * extents.len() + TAG_LEN * tags);
+    out.push(PAGE_V1);
+    // At most 32 extents end in a page, so at most 32 contexts.
+    out.push(contexts.len() as u8);
+    for (dek_version, writer, birth, nonce_high) in &contexts {
+        out.extend_from_slice(&dek_version.to_be_bytes());
+        out.extend_from_slice(&writer.to_be_bytes());
+        out.extend_from_slice(&birth.to_be_bytes());
+        out.extend_from_slice(&nonce_high.to_be_bytes());
+    }
+    out.push(extents.len() as u8);
+    for (e, context) in extents.iter().zip(refs) {
+        out.push((e.last() % PAGE_BLOCKS) as u8);
+        // 1..=256 blocks, stored as count - 1.
+        out.push((e.tags.len() - 1) as u8);
+        out.push(context);
+        out.extend_from_slice(&e.segment.to_be_bytes());
+        out.extend_from_slice(&e.offset.to_be_bytes());
+        out.extend_from_slice(&(e.nonce as u32).to_be_bytes());
+        for tag in &e.tags {
+            out.extend_from_slice(tag);
+        }
+    }
+    out
+}
+
+/// Decodes the mapping page stored under `key`.
+pub(crate) fn decode_page(key: &[u8], bytes: &[u8]) -> Result<Vec<Extent>, Corrupt> {
+    let page = key
+        .get(5..13)
+        .filter(|_| key.len() == 13 && key[0] == b'M')
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .filter(|&page| page <= u64::MAX / PAGE_BLOCKS)
+        .ok_or_else(|| Corrupt("mapping page key".into()))?;
+    decode_page_at(page, bytes)
+}
+
+/// Decodes mapping page number `page`.
+pub(crate) fn decode_page_at(page: u64, bytes: &[u8]) -> Result<Vec<Extent>, Corrupt> {
+    let (mut r, _) = Reader::with_versions(bytes, "mapping page", &[PAGE_V1])?;
+    let context_count = r.u8()?;
+    if context_count == 0 || u64::from(context_count) > PAGE_BLOCKS {
+        return Err(Corrupt(format!(
+            "mapping page: bad context count {context_count}"
+        )));
+    }
+    let mut contexts = Vec::with_capacity(usize::from(context_count));
+    for _ in 0..context_count {
+        let (dek_version, writer, birth, nonce_high) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+        contexts.push((dek_version, writer, birth, nonce_high));
+    }
+    let count = r.u8()?;
+    if count == 0 || u64::from(count) > PAGE_BLOCKS {
+        return Err(Corrupt(format!("mapping page: bad extent count {count}")));
+    }
+    for (n, c) in contexts.iter().enumerate() {
+        if contexts[..n].contains(c) {
+            return Err(Corrupt("mapping page: a context repeats".into()));
+        }
+    }
+    let mut first_unused = 0usize;
+    let mut extents: Vec<Extent> = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let position = r.u8()?;
+        let blocks = u64::from(r.u8()?) + 1;
+        let context = usize::from(r.u8()?);
+        // Contexts are numbered in order of first use, as the encoder does.
+        if context > first_unused || context >= contexts.len() {
+            return Err(Corrupt(format!(
+                "mapping page: context {context} out of order"
+            )));
+        }
+        if context == first_unused {
+            first_unused += 1;
+        }
+        let (dek_version, writer, birth, nonce_high) = contexts[context];
+        if u64::from(position) >= PAGE_BLOCKS {
+            return Err(Corrupt(format!("mapping page: bad position {position}")));
+        }
+        // At most u64::MAX: the page is at most u64::MAX / PAGE_BLOCKS and
+        // the position below PAGE_BLOCKS, but the last page is partial.
+        let last = (page * PAGE_BLOCKS)
+            .checked_add(u64::from(position))
+            .ok_or_else(|| Corrupt(format!("mapping page: bad position {position}")))?;
+        // `blocks - 1 > last`, not `blocks > last + 1`: last may be u64::MAX.
+        if blocks - 1 > last {
+            return Err(Corrupt(format!(
+                "mapping page: {blocks} blocks end at block {last}"
+            )));
+        }
+        let lba = last - (blocks - 1);
+        if extents.last().is_some_and(|prev| prev.last() >= lba) {
+            return Err(Corrupt(format!(
+                "mapping page: extents overlap or are out of order at block {lba}"
+            )));
+        }
+        let segment = r.u32()?;
+        let offset = r.u32()?;
+        let nonce = u64::from(nonce_high) << 32 | u64::from(r.u32()?);
+        // Readers add a block's index to the offset and the nonce counter: the
+        // last block's must fit, or a read would overflow.
+        if u64::from(offset) + (blocks - 1) > u64::from(u32::MAX)
+            || nonce.checked_add(blocks - 1).is_none()
+        {
+            return Err(Corrupt(
+                "mapping page: blocks run past the segment or nonce range".into(),
+            ));
+        }
+        let mut tags = Vec::with_capacity(blocks as usize);
+        for _ in 0..blocks {
+            tags.push(r.array()?);
+        }
+        extents.push(Extent {
+            lba,
+            segment,
+            offset,
+            dek_version,
+            writer,
+            nonce,
+            birth,
+            tags,
+        });
+    }
+    r.finish()?;
+    // One encoding per page: every context is used (what the encoder writes).
+    if first_unused != contexts.len() {
+        return Err(Corrupt("mapping page: an unused context".into()));
+    }
+    Ok(extents)
 }
 
 /// Key of a segment's live-block count: `s`, internal volume id, segment index.
@@ -1089,6 +1274,96 @@ mod tests {
         assert!(decode_preserved(&preserved_key(5, 6, born.last()), &bytes).is_err());
         assert!(decode_preserved(&pkey[..16], &bytes).is_err());
         assert!(preserved_key(5, 7, u64::MAX) < preserved_key(5, 8, 0));
+    }
+
+    #[test]
+    fn mapping_pages_round_trip_and_refuse_what_no_writer_produces() {
+        let extent = |last: u64, blocks: usize, writer: u32, birth: u32| Extent {
+            lba: last - (blocks as u64 - 1),
+            segment: 9,
+            offset: 100 + (last % 1000) as u32,
+            dek_version: 2,
+            writer,
+            nonce: 1000 + last % 1000,
+            birth,
+            tags: vec![[last as u8; TAG_LEN]; blocks],
+        };
+        // Page 3 holds the extents ending at blocks 120..=159; the first may
+        // start in an earlier page.
+        let extents = vec![
+            extent(121, 40, 1, 0),
+            extent(124, 1, 2, 0),
+            extent(125, 1, 1, 0),
+            extent(159, 3, 1, 4),
+        ];
+        let key = page_key(5, 3);
+        let bytes = encode_page(&extents);
+        // Three contexts of 16 bytes, four extents of 15 bytes plus tags.
+        assert_eq!(bytes.len(), 3 + 48 + 4 * 15 + 45 * TAG_LEN);
+        assert_eq!(decode_page(&key, &bytes).unwrap(), extents);
+        // A single scattered block costs 31 bytes beside its page's header.
+        let one = encode_page(&[extent(120, 1, 1, 0)]);
+        assert_eq!(one.len(), 3 + 16 + 31);
+        // Nonce counters past 2^32 (legacy writer 0) keep their high half in
+        // the context.
+        let mut high = extent(122, 2, 0, 0);
+        high.nonce = (7 << 32) | 0xffff_ffff;
+        let mixed = vec![extent(120, 1, 0, 0), high];
+        assert_eq!(decode_page(&key, &encode_page(&mixed)).unwrap(), mixed);
+        assert!(page_key(5, 3) < page_key(5, 4) && page_key(5, u64::MAX) < page_key(6, 0));
+        assert_eq!(page_of(120), 3);
+        assert_eq!(page_of(119), 2);
+        // Truncated, trailing bytes, another version, a key of another kind.
+        assert!(decode_page(&key, &bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_page(&key, &[bytes.as_slice(), &[0]].concat()).is_err());
+        let mut forged = bytes.clone();
+        forged[0] = 2;
+        assert!(decode_page(&key, &forged).is_err());
+        assert!(decode_page(&extent_key(5, 3), &bytes).is_err());
+        // Out of order or overlapping extents.
+        let swapped = encode_page(&[extent(125, 1, 1, 0), extent(124, 1, 1, 0)]);
+        assert!(decode_page(&key, &swapped).is_err());
+        let overlapping = encode_page(&[extent(124, 1, 1, 0), extent(125, 2, 1, 0)]);
+        assert!(decode_page(&key, &overlapping).is_err());
+        // Contexts: used in order of first use, none repeated, none unused.
+        // Layout: version, context count, contexts (16 bytes) from byte 2,
+        // extent count,
+        // then the extents (position, count - 1, context, ...).
+        let mut forged = one.clone();
+        forged[1] = 2;
+        forged.splice(18..18, [7u8; 16]);
+        assert!(decode_page(&key, &forged).is_err(), "an unused context");
+        let two = encode_page(&[extent(120, 1, 1, 0), extent(121, 1, 2, 0)]);
+        assert_eq!(decode_page(&key, &two).unwrap().len(), 2);
+        let mut forged = two.clone();
+        forged[2..18].copy_from_slice(&two[18..34]);
+        forged[18..34].copy_from_slice(&two[2..18]);
+        forged[35 + 2] = 1;
+        forged[35 + 31 + 2] = 0;
+        assert!(decode_page(&key, &forged).is_err(), "contexts out of order");
+        let mut forged = two.clone();
+        forged[18..34].copy_from_slice(&two[2..18]);
+        assert!(decode_page(&key, &forged).is_err(), "a repeated context");
+        // The last block's segment offset and nonce counter must fit, and an
+        // extent cannot start before block 0.
+        let mut e = extent(121, 2, 1, 0);
+        e.offset = u32::MAX;
+        assert!(decode_page(&key, &encode_page(&[e])).is_err());
+        let mut e = extent(121, 2, 0, 0);
+        e.nonce = u64::MAX;
+        assert!(decode_page(&key, &encode_page(&[e])).is_err());
+        let mut forged = encode_page(&[extent(3, 1, 1, 0)]);
+        assert_eq!((forged[19], forged[20]), (3, 0));
+        forged[20] = 4;
+        forged.extend_from_slice(&[0; 4 * TAG_LEN]);
+        assert!(decode_page(&page_key(5, 0), &forged).is_err());
+        // The last page there is.
+        let last = extent(u64::MAX, 2, 1, 0);
+        let key = page_key(5, page_of(u64::MAX));
+        assert_eq!(
+            decode_page(&key, &encode_page(std::slice::from_ref(&last))).unwrap(),
+            vec![last]
+        );
     }
 
     #[test]

@@ -69,9 +69,11 @@ mod snapshot;
 
 /// The store format this build writes and the newest it reads. Version 2 added
 /// writer keys (extent records of version 2, writer records, the commit marker);
-/// a version 1 store is upgraded in place when this build opens it, so that an
-/// older build refuses it instead of misreading its new records.
-pub const FORMAT_VERSION: u32 = 2;
+/// version 3 keeps block mappings in pages of 40 LBAs instead of one record per
+/// extent. An older store is upgraded in place when this build opens it (its
+/// format file first, so that an older build refuses it from then on instead of
+/// misreading its new records, then its extent records move into pages).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The largest volume: 2^63 - 1 bytes rounded down to 64 KiB, so that every
 /// offset fits the signed 64-bit sizes of NBD clients and the kernel.
@@ -546,6 +548,13 @@ impl Store {
         if version < FORMAT_VERSION {
             write_format_file(&dir, backend)?;
             tracing::info!(dir = %dir.display(), from = version, to = FORMAT_VERSION, "store format upgraded");
+        }
+        // Run at every open, not only at the upgrade: an upgrade killed
+        // half-way finishes here. A store with no per-extent record left
+        // costs one empty scan.
+        let moved = crate::mapping::migrate_extent_records(meta.as_ref())?;
+        if moved > 0 {
+            tracing::info!(dir = %dir.display(), records = moved, "extent records moved into mapping pages");
         }
         if accept_loss {
             repair_volumes(meta.as_ref(), &mut report)?;
@@ -1430,23 +1439,39 @@ fn repair_volumes(meta: &dyn MetaStore, report: &mut RecoveryReport) -> Result<(
         let mut mapped: HashMap<u32, u64> = HashMap::new();
         let mut dropped = 0u64;
         let mut next_lba = 0u64;
-        meta.scan_prefix(&record::extent_prefix(id), &mut |key, value| {
-            // Kept: it decodes, follows the previous one without overlap, and
-            // names a DEK the volume holds and a writer it has a record of.
-            let keep = Extent::decode(key, value).ok().filter(|e| {
-                e.lba >= next_lba
-                    && deks.contains(&e.dek_version)
-                    && (e.writer == 0 || writers.get(&e.writer) == Some(&e.dek_version))
-            });
-            match keep {
-                Some(e) => {
-                    next_lba = e.last().saturating_add(1);
-                    *mapped.entry(e.segment).or_default() += e.tags.len() as u64;
-                }
-                None => {
-                    batch.delete(key.to_vec());
-                    dropped += 1;
-                }
+        // Per-extent records left by the move into pages do not decode: gone.
+        meta.scan_prefix(&record::extent_prefix(id), &mut |key, _| {
+            batch.delete(key.to_vec());
+            dropped += 1;
+            true
+        })?;
+        meta.scan_prefix(&record::page_prefix(id), &mut |key, value| {
+            let Ok(extents) = record::decode_page(key, value) else {
+                batch.delete(key.to_vec());
+                dropped += 1;
+                return true;
+            };
+            // Kept: it follows the previous extent without overlap, and names
+            // a DEK the volume holds and a writer it has a record of.
+            let held = extents.len();
+            let kept: Vec<Extent> = extents
+                .into_iter()
+                .filter(|e| {
+                    let keep = e.lba >= next_lba
+                        && deks.contains(&e.dek_version)
+                        && (e.writer == 0 || writers.get(&e.writer) == Some(&e.dek_version));
+                    if keep {
+                        next_lba = e.last().saturating_add(1);
+                        *mapped.entry(e.segment).or_default() += e.tags.len() as u64;
+                    }
+                    keep
+                })
+                .collect();
+            dropped += (held - kept.len()) as u64;
+            if kept.is_empty() {
+                batch.delete(key.to_vec());
+            } else if kept.len() < held {
+                batch.put(key.to_vec(), record::encode_page(&kept));
             }
             true
         })?;

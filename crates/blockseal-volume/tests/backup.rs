@@ -400,16 +400,15 @@ fn sealed_with(dir: &Path) -> Vec<([u8; 32], u64)> {
     })
     .unwrap();
     let mut out = Vec::new();
-    m.scan_prefix(b"m", &mut |key, value| {
+    m.scan_prefix(b"M", &mut |key, value| {
         let volume = u32::from_be_bytes(key[1..5].try_into().unwrap());
-        assert_ne!(value[0], 1, "restored blocks are never legacy");
-        let count = u64::from(u16::from_be_bytes([value[1], value[2]]));
-        let writer = u32::from_be_bytes(value[15..19].try_into().unwrap());
-        let at = if value[0] == 3 { 23 } else { 19 };
-        let nonce = u64::from_be_bytes(value[at..at + 8].try_into().unwrap());
-        let salt = salts[&(volume, writer)];
-        for k in 0..count {
-            out.push((salt, nonce + k));
+        let (extents, _) = blockseal_volume::fuzzing::mapping_page(key, value).unwrap();
+        for e in extents {
+            assert_ne!(e.writer, 0, "restored blocks are never legacy");
+            let salt = salts[&(volume, e.writer)];
+            for k in 0..e.tags as u64 {
+                out.push((salt, e.nonce + k));
+            }
         }
         true
     })

@@ -116,7 +116,7 @@ fn lost_mapping_records_refuse_the_volume_and_recovery_recounts() {
             let meta = meta::open(backend, &dir.join("meta")).unwrap();
             let mut batch = Batch::new();
             let mut n = 0;
-            meta.scan_prefix(b"m", &mut |key, _| {
+            meta.scan_prefix(b"M", &mut |key, _| {
                 n += 1;
                 if n % 2 == 0 {
                     batch.delete(key.to_vec());
@@ -339,7 +339,101 @@ fn a_format_1_store_is_upgraded_when_opened() {
     std::fs::write(dir.join("FORMAT"), &format).unwrap();
     drop(reopen(&dir, options(BackendKind::Redb)));
     let format = std::fs::read(dir.join("FORMAT")).unwrap();
-    assert_eq!(format[8..12], 2u32.to_be_bytes());
+    assert_eq!(
+        format[8..12],
+        blockseal_volume::FORMAT_VERSION.to_be_bytes()
+    );
+}
+
+/// Turns mapping pages back into the per-extent records of store format 2:
+/// every page when `every` is 1, every other page when 2 (an upgrade killed
+/// half-way).
+fn plant_format_2_records(dir: &Path, backend: BackendKind, every: usize) -> usize {
+    let meta = meta::open(backend, &dir.join("meta")).unwrap();
+    let mut pages = Vec::new();
+    meta.scan_prefix(b"M", &mut |key, value| {
+        pages.push((key.to_vec(), value.to_vec()));
+        true
+    })
+    .unwrap();
+    let mut batch = Batch::new();
+    let mut records = 0;
+    for (key, value) in pages.iter().step_by(every) {
+        batch.delete(key.clone());
+        for (k, v) in blockseal_volume::fuzzing::format2_records(key, value).unwrap() {
+            batch.put(k, v);
+            records += 1;
+        }
+    }
+    meta.commit(&batch).unwrap();
+    records
+}
+
+fn keys_with_prefix(dir: &Path, backend: BackendKind, prefix: &[u8]) -> usize {
+    let meta = meta::open(backend, &dir.join("meta")).unwrap();
+    let mut n = 0;
+    meta.scan_prefix(prefix, &mut |_, _| {
+        n += 1;
+        true
+    })
+    .unwrap();
+    n
+}
+
+#[test]
+fn a_format_2_store_moves_its_extent_records_into_pages_even_when_interrupted() {
+    for backend in BACKENDS {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        // Scattered single blocks (more records than one migration batch
+        // holds), and a long sequential run, across many pages.
+        let blocks = 16_384u64;
+        let expected: Vec<(u64, Vec<u8>)> = (0..blocks)
+            .step_by(3)
+            .map(|lba| (lba, pattern(lba, BS)))
+            .chain((0..600).map(|k| (9_000 + k, pattern(100_000 + k, BS))))
+            .collect();
+        {
+            let (_s, volume) = store_with_volume(&dir, blocks * BS as u64, options(backend));
+            for (lba, data) in &expected {
+                volume.write_at(lba * BS as u64, data).unwrap();
+            }
+            volume.flush().unwrap();
+        }
+        let check = |dir: &Path| {
+            let (_s, volume) = reopen(dir, options(backend));
+            let mut want: std::collections::BTreeMap<u64, &Vec<u8>> = Default::default();
+            for (lba, data) in &expected {
+                want.insert(*lba, data);
+            }
+            for lba in 0..blocks {
+                let got = read_block(&volume, lba);
+                match want.get(&lba) {
+                    Some(data) => assert_eq!(&got, *data, "{backend:?} block {lba}"),
+                    None => assert!(got.iter().all(|&b| b == 0), "{backend:?} block {lba}"),
+                }
+            }
+        };
+        // A format 2 store: every mapping in `m` records.
+        let records = plant_format_2_records(&dir, backend, 1);
+        assert!(records > 4096, "{records}");
+        let mut format = std::fs::read(dir.join("FORMAT")).unwrap();
+        format[8..12].copy_from_slice(&2u32.to_be_bytes());
+        std::fs::write(dir.join("FORMAT"), &format).unwrap();
+        check(&dir);
+        assert_eq!(keys_with_prefix(&dir, backend, b"m"), 0, "{backend:?}");
+        let format = std::fs::read(dir.join("FORMAT")).unwrap();
+        assert_eq!(
+            format[8..12],
+            blockseal_volume::FORMAT_VERSION.to_be_bytes()
+        );
+        // Killed half-way: some pages moved, the others still records. The
+        // next open finishes the move.
+        plant_format_2_records(&dir, backend, 2);
+        assert!(keys_with_prefix(&dir, backend, b"m") > 0);
+        check(&dir);
+        assert_eq!(keys_with_prefix(&dir, backend, b"m"), 0, "{backend:?}");
+    }
 }
 
 #[test]
@@ -354,11 +448,14 @@ fn recovery_repairs_damaged_writer_records_and_overlapping_mappings() {
     }
     {
         let (_s, volume) = reopen(&dir, options(backend));
-        volume.write_at(8 * BS as u64, &pattern(2, BS)).unwrap();
+        for lba in [8, 60, 90] {
+            volume.write_at(lba * BS as u64, &pattern(lba, BS)).unwrap();
+        }
         volume.flush().unwrap();
     }
-    // Damage: the first writer's record garbled, and a copy of the second
-    // writer's extent planted over blocks 0..1 (overlapping the first extent).
+    // Damage: the first writer's record garbled, and the extent of block 90
+    // (alone in its page, blocks 80..120) stretched to 31 blocks, 60..=90,
+    // over block 60's extent in the page before.
     {
         let meta = meta::open(backend, &dir.join("meta")).unwrap();
         let mut keys = Vec::new();
@@ -367,16 +464,21 @@ fn recovery_repairs_damaged_writer_records_and_overlapping_mappings() {
             true
         })
         .unwrap();
-        let mut extents = Vec::new();
-        meta.scan_prefix(b"m", &mut |key, value| {
-            extents.push((key.to_vec(), value.to_vec()));
+        let mut pages = Vec::new();
+        meta.scan_prefix(b"M", &mut |key, value| {
+            pages.push((key.to_vec(), value.to_vec()));
             true
         })
         .unwrap();
+        assert_eq!(pages.len(), 3);
         let mut batch = Batch::new();
         batch.put(keys[0].clone(), vec![9u8; 5]);
-        let (mut key, value) = extents.last().unwrap().clone();
-        key[5..13].copy_from_slice(&1u64.to_be_bytes());
+        // Version, one context (16 bytes), one extent: position 10 (block 90),
+        // count - 1 at byte 20.
+        let (key, mut value) = pages[2].clone();
+        assert_eq!((value[1], value[18], value[19], value[20]), (1, 1, 10, 0));
+        value[20] = 30;
+        value.extend_from_slice(&[0u8; 30 * 16]);
         batch.put(key, value);
         meta.commit(&batch).unwrap();
     }
@@ -389,12 +491,15 @@ fn recovery_repairs_damaged_writer_records_and_overlapping_mappings() {
     drop(store);
     let (store, report) =
         Store::danger_accept_metadata_loss(&dir, master(1), options(backend)).unwrap();
-    assert!(report.extents_dropped >= 1, "{report:?}");
+    assert_eq!(report.extents_dropped, 2, "{report:?}");
     let volume = store
         .open_volume(&tenant("acme"), &volume_id("disk"))
         .unwrap();
-    // The second writer's block survived; what the garbled record sealed is
-    // lost, and reads as zeros now that the loss is accepted.
-    assert_eq!(read_block(&volume, 8), pattern(2, BS));
+    // The second writer's blocks survived but the stretched one; what the
+    // garbled record sealed is lost, and reads as zeros now that the loss is
+    // accepted.
+    assert_eq!(read_block(&volume, 8), pattern(8, BS));
+    assert_eq!(read_block(&volume, 60), pattern(60, BS));
+    assert_eq!(read_block(&volume, 90), vec![0u8; BS]);
     assert_eq!(read_block(&volume, 0), vec![0u8; BS]);
 }

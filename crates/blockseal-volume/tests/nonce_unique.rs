@@ -192,7 +192,7 @@ fn scenario(backend: BackendKind) {
     }
     // ...and with every mapping gone too (nothing left to contradict), it opens
     // empty and new writes still never reuse a pair.
-    delete_keys(&dir, backend, &[b"m", b"s"]);
+    delete_keys(&dir, backend, &[b"M", b"s"]);
     {
         let (_store, volume) = reopen(&dir, options(backend));
         let mut buf = vec![1u8; BS];
@@ -271,7 +271,7 @@ fn lost_records_never_give_away_plaintext_xor() {
         volume.flush().unwrap();
     }
     let c1 = std::fs::read(&segment_files(&dir)[0]).unwrap()[..BS].to_vec();
-    delete_keys(&dir, BackendKind::Redb, &[b"w", b"m", b"s"]);
+    delete_keys(&dir, BackendKind::Redb, &[b"w", b"M", b"s"]);
     {
         let (_store, volume) = reopen(&dir, options(BackendKind::Redb));
         volume.write_at(0, &p2).unwrap();

@@ -186,7 +186,7 @@ fn delete_volume_removes_records_and_segments_and_leaves_others() {
         drop((fresh, kept, store));
 
         // Nothing of volume 1 is left in the metadata.
-        for first in [b'm', b's', b'w', b'r', b'u', b'D'] {
+        for first in [b'M', b'm', b's', b'w', b'r', b'u', b'D'] {
             let left: Vec<_> = raw_keys(&dir, backend, first)
                 .into_iter()
                 .filter(|k| first == b'D' || k[1..5] == gone_id.to_be_bytes())
@@ -270,7 +270,7 @@ fn a_deletion_interrupted_after_its_first_commit_finishes_at_open() {
         assert_eq!(segments_of(&segments, 2), kept);
         check_data(&store, "acme", "kept", 100, 2);
         drop(store);
-        for first in [b'D', b'm', b's', b'w'] {
+        for first in [b'D', b'M', b'm', b's', b'w'] {
             let left: Vec<_> = raw_keys(&dir, backend, first)
                 .into_iter()
                 .filter(|k| first == b'D' || k[1..5] == 1u32.to_be_bytes())
@@ -331,7 +331,7 @@ fn every_crash_state_of_a_deletion_opens_and_finishes() {
             drop(store);
             assert!(raw_keys(&dir, backend, b'D').is_empty());
             assert!(
-                raw_keys(&dir, backend, b'm')
+                raw_keys(&dir, backend, b'M')
                     .iter()
                     .all(|k| k[1..5] != 1u32.to_be_bytes())
             );

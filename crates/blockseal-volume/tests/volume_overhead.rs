@@ -1,15 +1,18 @@
 //! Measures metadata bytes per data byte for sequential and random 4 KiB writes
-//! and checks the budget (1.5% of logical record bytes).
+//! and checks the budget: the records the store holds for a volume come to at
+//! most 1% of the data they map (the 1.5% target for the store on disk leaves
+//! room for the backends' own overhead, measured in `cargo bench --bench
+//! volume`).
 //!
-//! Run with `-- --nocapture` to see the numbers, including the metadata store's
-//! size on disk.
+//! Run with `-- --nocapture` to see the numbers, including the record bytes
+//! commits wrote and the metadata store's size on disk.
 
 mod common {
     pub mod volume;
 }
 
 use blockseal_volume::StoreOptions;
-use blockseal_volume::meta::BackendKind;
+use blockseal_volume::meta::{self, BackendKind};
 use common::volume::*;
 use rand::Rng;
 
@@ -47,15 +50,18 @@ fn measure(backend: BackendKind, random: bool) -> f64 {
     let mut rng = rand::rng();
     let data = pattern(1, 32 * BS as usize);
     let mut written = 0u64;
+    let mut mapped = std::collections::HashSet::new();
     for i in 0..blocks {
         if random {
             let lba = rng.random_range(0..blocks);
             volume.write_at(lba * BS, &data[..BS as usize]).unwrap();
             written += BS;
+            mapped.insert(lba);
         } else if i % 32 == 0 {
             // 128 KiB sequential writes, as a recording stream does.
             volume.write_at(i * BS, &data).unwrap();
             written += 32 * BS;
+            mapped.extend(i..i + 32);
         }
         if i % 1024 == 1023 {
             volume.flush().unwrap();
@@ -63,27 +69,41 @@ fn measure(backend: BackendKind, random: bool) -> f64 {
     }
     volume.flush().unwrap();
     let stats = volume.stats();
-    let logical = stats.metadata_bytes as f64 / written as f64;
+    drop((volume, _store));
+    // Every record of the store: the volume's mappings and live counts, and
+    // the store's few fixed records.
+    let mut held = 0u64;
+    meta::open(backend, &dir.path().join("meta"))
+        .unwrap()
+        .scan_prefix(b"", &mut |key, value| {
+            held += (key.len() + value.len()) as u64;
+            true
+        })
+        .unwrap();
+    let data = mapped.len() as u64 * BS;
+    let ratio = held as f64 / data as f64;
     eprintln!(
-        "{backend:?} {}: {} data bytes, {} metadata record bytes written ({:.3}%), metadata store on disk {} bytes ({:.2}%)",
+        "{backend:?} {}: {data} data bytes mapped, {held} record bytes held ({:.3}%), {} written by commits for {written} data bytes written ({:.3}%), metadata store on disk {} bytes ({:.2}%)",
         if random {
             "random 4 KiB"
         } else {
             "sequential 128 KiB"
         },
-        written,
+        ratio * 100.0,
         stats.metadata_bytes,
-        logical * 100.0,
+        stats.metadata_bytes as f64 / written as f64 * 100.0,
         dir_size(&dir.path().join("meta")),
-        dir_size(&dir.path().join("meta")) as f64 / written as f64 * 100.0,
+        dir_size(&dir.path().join("meta")) as f64 / data as f64 * 100.0,
     );
-    logical
+    ratio
 }
 
 #[test]
 fn metadata_overhead_stays_within_budget() {
     for backend in [BackendKind::Redb, BackendKind::Sled] {
-        assert!(measure(backend, false) <= 0.015);
-        assert!(measure(backend, true) <= 0.015);
+        let sequential = measure(backend, false);
+        assert!(sequential <= 0.005, "{backend:?}: {sequential}");
+        let random = measure(backend, true);
+        assert!(random <= 0.010, "{backend:?}: {random}");
     }
 }

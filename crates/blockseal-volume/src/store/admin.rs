@@ -28,9 +28,10 @@ use super::{
     volume_info,
 };
 use crate::error::{AdminError, OpenError};
-use crate::meta::{Batch, MetaStore, prefix_end};
+use crate::mapping;
+use crate::meta::{Batch, MetaStore};
 use crate::record::{
-    self, AuditKeyRecord, Extent, HeaderRecord, TenantRecord, TombstoneRecord, VolumeRecord,
+    self, AuditKeyRecord, HeaderRecord, TenantRecord, TombstoneRecord, VolumeRecord,
 };
 use crate::segment::{SegmentId, SegmentStore};
 
@@ -658,7 +659,9 @@ fn remove_volume_data(
     // Mappings, live counts, writers, nonce windows, the re-encryption job,
     // the DEK usage counts, preserved extents, snapshots, the epoch and the
     // epochs' starts.
-    for kind in [b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E', b'e'] {
+    for kind in [
+        b'M', b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E', b'e',
+    ] {
         let prefix = [kind, id[0], id[1], id[2], id[3]];
         loop {
             let mut batch = Batch::new();
@@ -684,14 +687,13 @@ fn first_mapped_block(
     volume: u32,
     from: u64,
 ) -> Result<Option<u64>, AdminError> {
-    let start = record::extent_key(volume, from);
-    let end = prefix_end(&record::extent_prefix(volume));
     let mut found = None;
-    meta.scan(&start, end.as_deref(), &mut |key, value| {
-        found = Some(Extent::decode(key, value).map(|e| e.lba.max(from)));
+    mapping::scan_extents(meta, volume, from, &mut |extent| {
+        found = Some(extent.lba.max(from));
         false
-    })?;
-    found.transpose().map_err(corrupt)
+    })?
+    .map_err(corrupt)?;
+    Ok(found)
 }
 
 /// Rewraps every data key of a volume record from `old` to `new`; returns how

@@ -7,8 +7,9 @@ use blockseal_keys::DataKey;
 use super::corrupt;
 use super::index::ExtentIndex;
 use crate::error::VolumeError;
+use crate::mapping;
 use crate::meta::MetaStore;
-use crate::record::{self, Extent, WriterRecord};
+use crate::record::{self, WriterRecord};
 
 /// The volume's writer records, by number.
 pub(super) fn load_writers(
@@ -64,15 +65,8 @@ pub(super) fn check_extents(
     let mut next_lba = 0u64;
     // Built on the way; given up once it outgrows what the budget could hold.
     let mut index = Some(ExtentIndex::default());
-    meta.scan_prefix(&record::extent_prefix(volume), &mut |key, value| {
-        let extent = match Extent::decode(key, value) {
-            Ok(extent) => extent,
-            Err(e) => {
-                bad = Some(e.0);
-                return false;
-            }
-        };
-        // Keys sort by last LBA and extents never overlap: a record out of
+    let scanned = mapping::scan_extents(meta, volume, 0, &mut |extent| {
+        // Pages sort by last LBA and extents never overlap: an extent out of
         // that order is a damaged key, which a lookup would miss.
         if extent.lba < next_lba {
             bad = Some(format!(
@@ -108,6 +102,9 @@ pub(super) fn check_extents(
         }
         true
     })?;
+    if let Err(e) = scanned {
+        bad.get_or_insert(e.0);
+    }
     if let Some(what) = bad {
         return Err(VolumeError::Corrupt { what });
     }

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Epochs, FlushState, Slot, VolumeInner};
 use crate::error::VolumeError;
+use crate::mapping::{self, PageEdit};
 use crate::meta::Batch;
 use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
 
@@ -189,21 +190,8 @@ impl VolumeInner {
         if let Some(e) = current.take() {
             puts.push(e);
         }
-        // One operation per key, in key order: a record rewritten under the
-        // same last LBA (an overwritten block, most often) is one put, not a
-        // delete and a put, and the backend walks its tree once, in order.
-        let mut ops: BTreeMap<u64, Option<usize>> =
-            change.removed.iter().map(|&last| (last, None)).collect();
-        for (n, extent) in puts.iter().enumerate() {
+        for extent in &puts {
             *deltas.entry(extent.segment).or_default() += extent.tags.len() as i64;
-            ops.insert(extent.last(), Some(n));
-        }
-        for (last, put) in ops {
-            let key = record::extent_key(self.internal_id, last).to_vec();
-            match put {
-                Some(n) => batch.put(key, puts[n].encode()),
-                None => batch.delete(key),
-            }
         }
         change.added.extend(puts);
         Ok(())
@@ -225,6 +213,10 @@ impl VolumeInner {
             change,
             pinned,
         } = commit;
+        if let Err(e) = self.write_pages(&change, &mut batch) {
+            self.poison();
+            return Err(e);
+        }
         if batch.is_empty() {
             return Ok(());
         }
@@ -252,6 +244,56 @@ impl VolumeInner {
                 self.compaction_metadata_bytes
                     .fetch_add(bytes as u64, Ordering::Relaxed);
             }
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` the mapping pages `change` touches, rewritten whole
+    /// (the caller holds the flush lock, so the index, when the volume has
+    /// one, is what the store holds; otherwise the pages are read). Within a
+    /// page, removals come first and an added extent replaces one ending at
+    /// the same block.
+    fn write_pages(&self, change: &MappingChange, batch: &mut Batch) -> Result<(), VolumeError> {
+        let mut pages: BTreeMap<u64, (Vec<u64>, Vec<&Extent>)> = BTreeMap::new();
+        for &last in &change.removed {
+            pages.entry(record::page_of(last)).or_default().0.push(last);
+        }
+        for extent in &change.added {
+            pages
+                .entry(record::page_of(extent.last()))
+                .or_default()
+                .1
+                .push(extent);
+        }
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        for (page, (removed, added)) in pages {
+            let mut edit = match index.as_ref() {
+                Some(index) => {
+                    let from = page * record::PAGE_BLOCKS;
+                    let mut held = Vec::new();
+                    index.visit(
+                        from,
+                        from.saturating_add(record::PAGE_BLOCKS),
+                        &mut |view| {
+                            if record::page_of(view.last()) == page {
+                                held.push(view.to_extent());
+                            }
+                        },
+                    );
+                    PageEdit::new(held)
+                }
+                None => PageEdit::new(
+                    mapping::load_page(self.meta.as_ref(), self.internal_id, page)?
+                        .map_err(super::corrupt)?,
+                ),
+            };
+            for last in removed {
+                edit.remove(last);
+            }
+            for extent in added {
+                edit.put(extent.clone());
+            }
+            edit.write(self.internal_id, page, batch);
         }
         Ok(())
     }

@@ -63,7 +63,7 @@ use std::sync::atomic::Ordering;
 use super::index::ExtentView;
 use super::{CommitKind, Location, MappingCommit, VolumeInner};
 use crate::error::VolumeError;
-use crate::record::{self, Extent};
+use crate::record::Extent;
 
 /// What one compaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -434,12 +434,7 @@ impl VolumeInner {
         let by_lba: HashMap<u64, &Move> = moves.iter().map(|m| (m.lba, m)).collect();
         let old = self.committed_extents_at(moves.iter().map(|m| m.lba))?;
         let mut commit = MappingCommit::default();
-        let MappingCommit {
-            batch,
-            deltas,
-            change,
-            ..
-        } = &mut commit;
+        let MappingCommit { deltas, change, .. } = &mut commit;
         let mut moved = 0u64;
         for extent in old.values() {
             // The extent's blocks, each at its old place or its new one.
@@ -461,9 +456,8 @@ impl VolumeInner {
             if !changed {
                 continue;
             }
-            // The old record goes first: a piece keyed by the same last LBA,
-            // put later in the batch, wins.
-            batch.delete(record::extent_key(self.internal_id, extent.last()).to_vec());
+            // The old extent goes first: a piece ending at the same block,
+            // added later, replaces it.
             change.removed.push(extent.last());
             let mut start = 0;
             while start < places.len() {
@@ -484,10 +478,6 @@ impl VolumeInner {
                     birth: extent.birth,
                     tags: extent.tags[start..end].to_vec(),
                 };
-                batch.put(
-                    record::extent_key(self.internal_id, piece.last()).to_vec(),
-                    piece.encode(),
-                );
                 change.added.push(piece);
                 start = end;
             }

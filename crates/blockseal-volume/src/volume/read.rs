@@ -10,8 +10,9 @@ use super::index::ExtentView;
 use super::{Location, Slot, VolumeInner, corrupt};
 use crate::block::Lba;
 use crate::error::VolumeError;
+use crate::mapping;
 use crate::nonce::nonce_for;
-use crate::record::{self, Extent};
+use crate::record::Extent;
 use crate::seal::{BlockCipher, Tag};
 
 impl VolumeInner {
@@ -81,28 +82,15 @@ impl VolumeInner {
         to: u64,
         visit: &mut dyn FnMut(Extent),
     ) -> Result<(), VolumeError> {
-        let start = record::extent_key(self.internal_id, from);
-        let end = crate::meta::prefix_end(&record::extent_prefix(self.internal_id));
-        let mut bad = None;
-        self.meta.scan(
-            &start,
-            end.as_deref(),
-            &mut |key, value| match Extent::decode(key, value) {
-                Ok(extent) if extent.lba >= to => false,
-                Ok(extent) => {
-                    visit(extent);
-                    true
+        let outcome =
+            mapping::scan_extents(self.meta.as_ref(), self.internal_id, from, &mut |extent| {
+                if extent.lba >= to {
+                    return false;
                 }
-                Err(e) => {
-                    bad = Some(e);
-                    false
-                }
-            },
-        )?;
-        match bad {
-            Some(e) => Err(corrupt(e)),
-            None => Ok(()),
-        }
+                visit(extent);
+                true
+            })?;
+        outcome.map_err(corrupt)
     }
 
     /// The cipher that opens a block at `loc`, derived on first use; `None` when

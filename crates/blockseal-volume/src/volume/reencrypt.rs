@@ -78,6 +78,7 @@ use super::{CommitKind, Location, MappingCommit, Slot, Volume, VolumeInner, corr
 use crate::block::Lba;
 use crate::compactor::Wakeup;
 use crate::error::VolumeError;
+use crate::mapping;
 use crate::meta::{Batch, MetaStore};
 use crate::nonce::nonce_for;
 use crate::record::{self, Extent, JobRecord, MAX_EXTENT_BLOCKS, VolumeRecord, WriterRecord};
@@ -276,24 +277,12 @@ pub(crate) fn dek_blocks_in_store(
     volume: u32,
 ) -> Result<BTreeMap<u32, u64>, VolumeError> {
     let mut blocks: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut bad = None;
-    meta.scan_prefix(
-        &record::extent_prefix(volume),
-        &mut |key, value| match Extent::decode(key, value) {
-            Ok(extent) => {
-                *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
-                true
-            }
-            Err(e) => {
-                bad = Some(e);
-                false
-            }
-        },
-    )?;
-    match bad {
-        Some(e) => Err(corrupt(e)),
-        None => Ok(blocks),
-    }
+    mapping::scan_extents(meta, volume, 0, &mut |extent| {
+        *blocks.entry(extent.dek_version).or_default() += extent.tags.len() as u64;
+        true
+    })?
+    .map_err(corrupt)?;
+    Ok(blocks)
 }
 
 /// Builds a [`DataKeyStatus`] from the volume record's versions, the blocks
@@ -951,19 +940,13 @@ impl VolumeInner {
             if !changed {
                 continue;
             }
-            // The old record goes first: a piece keyed by the same last LBA,
-            // put later in the batch, wins.
-            commit
-                .batch
-                .delete(record::extent_key(self.internal_id, extent.last()).to_vec());
+            // The old extent goes first: a piece ending at the same block,
+            // added later, replaces it.
             commit.change.removed.push(extent.last());
-            for piece in pieces(extent.lba, extent.birth, &locations) {
-                commit.batch.put(
-                    record::extent_key(self.internal_id, piece.last()).to_vec(),
-                    piece.encode(),
-                );
-                commit.change.added.push(piece);
-            }
+            commit
+                .change
+                .added
+                .extend(pieces(extent.lba, extent.birth, &locations));
         }
         // Writers made since the last commit (the one that sealed these
         // blocks among them) go in with the extents naming them.

@@ -455,9 +455,6 @@ impl VolumeInner {
             }
         })?;
         for extent in later {
-            commit
-                .batch
-                .delete(record::extent_key(self.internal_id, extent.last()).to_vec());
             commit.change.removed.push(extent.last());
             *commit.deltas.entry(extent.segment).or_default() -= extent.tags.len() as i64;
         }
@@ -469,10 +466,6 @@ impl VolumeInner {
             commit
                 .batch
                 .delete(record::preserved_key(self.internal_id, epoch, extent.last()).to_vec());
-            commit.batch.put(
-                record::extent_key(self.internal_id, extent.last()).to_vec(),
-                extent.encode(),
-            );
             *commit.pinned.entry(extent.segment).or_default() -= extent.tags.len() as i64;
             commit.change.added.push(extent);
         }
