@@ -50,31 +50,27 @@ pub(crate) fn scan_extents(
     Ok(outcome)
 }
 
-/// The extents of one page, by last block, and the changes to them.
-pub(crate) struct PageEdit {
+/// The extents of one page, by last block, as the move of per-extent records
+/// builds it.
+struct PageEdit {
     extents: BTreeMap<u64, Extent>,
 }
 
 impl PageEdit {
     /// A page holding `extents` (each ending in the page).
-    pub(crate) fn new(extents: impl IntoIterator<Item = Extent>) -> PageEdit {
+    fn new(extents: impl IntoIterator<Item = Extent>) -> PageEdit {
         PageEdit {
             extents: extents.into_iter().map(|e| (e.last(), e)).collect(),
         }
     }
 
-    /// Forgets the extent ending at `last`, if any.
-    pub(crate) fn remove(&mut self, last: u64) {
-        self.extents.remove(&last);
-    }
-
     /// Adds `extent`, replacing one ending at the same block.
-    pub(crate) fn put(&mut self, extent: Extent) {
+    fn put(&mut self, extent: Extent) {
         self.extents.insert(extent.last(), extent);
     }
 
     /// Adds the page's new value (or its removal, when empty) to `batch`.
-    pub(crate) fn write(self, volume: u32, page: u64, batch: &mut Batch) {
+    fn write(self, volume: u32, page: u64, batch: &mut Batch) {
         let key = record::page_key(volume, page).to_vec();
         if self.extents.is_empty() {
             batch.delete(key);

@@ -11,6 +11,7 @@
 use blockseal_keys::{TenantId, VolumeId};
 
 use crate::seal::TAG_LEN;
+use crate::volume::ExtentView;
 
 /// Version byte of the records this build writes, except extents.
 pub(crate) const RECORD_V1: u8 = 1;
@@ -111,6 +112,12 @@ pub(crate) fn page_prefix(volume: u32) -> [u8; 5] {
 /// legacy writer 0: a writer key seals at most 2^32 blocks) stated once per
 /// page rather than once per block.
 pub(crate) fn encode_page(extents: &[Extent]) -> Vec<u8> {
+    let views: Vec<ExtentView<'_>> = extents.iter().map(ExtentView::from).collect();
+    encode_page_views(&views)
+}
+
+/// [`encode_page`] of extents borrowed from the index or a commit.
+pub(crate) fn encode_page_views(extents: &[ExtentView<'_>]) -> Vec<u8> {
     let mut contexts: Vec<(u32, u32, u32, u32)> = Vec::new();
     let mut refs = Vec::with_capacity(extents.len());
     for e in extents {
@@ -144,7 +151,7 @@ pub(crate) fn encode_page(extents: &[Extent]) -> Vec<u8> {
         out.extend_from_slice(&e.segment.to_be_bytes());
         out.extend_from_slice(&e.offset.to_be_bytes());
         out.extend_from_slice(&(e.nonce as u32).to_be_bytes());
-        for tag in &e.tags {
+        for tag in e.tags {
             out.extend_from_slice(tag);
         }
     }

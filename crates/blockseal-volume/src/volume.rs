@@ -51,7 +51,7 @@ mod snapshot;
 mod write;
 
 pub use compact::CompactionReport;
-pub(crate) use index::IndexBudget;
+pub(crate) use index::{ExtentView, IndexBudget};
 pub use reencrypt::{DataKeyStatus, DataKeyUsage, ReencryptionProgress, ReencryptionReport};
 pub(crate) use reencrypt::{RekeyParts, STEP_BYTES, dek_blocks_in_store, status_of};
 pub use snapshot::SnapshotInfo;

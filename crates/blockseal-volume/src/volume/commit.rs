@@ -8,9 +8,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
+use super::ExtentView;
 use super::{Epochs, FlushState, Slot, VolumeInner};
 use crate::error::VolumeError;
-use crate::mapping::{self, PageEdit};
+use crate::mapping;
 use crate::meta::Batch;
 use crate::record::{self, Extent, MAX_EXTENT_BLOCKS};
 
@@ -267,33 +268,39 @@ impl VolumeInner {
         }
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         for (page, (removed, added)) in pages {
-            let mut edit = match index.as_ref() {
+            let key = record::page_key(self.internal_id, page).to_vec();
+            // The page's extents after the change, by last block, borrowed
+            // from the index (or the page as stored) and from the commit.
+            let stored: Vec<Extent>;
+            let mut extents: BTreeMap<u64, ExtentView<'_>> = BTreeMap::new();
+            match index.as_ref() {
                 Some(index) => {
                     let from = page * record::PAGE_BLOCKS;
-                    let mut held = Vec::new();
-                    index.visit(
-                        from,
-                        from.saturating_add(record::PAGE_BLOCKS),
-                        &mut |view| {
-                            if record::page_of(view.last()) == page {
-                                held.push(view.to_extent());
-                            }
-                        },
-                    );
-                    PageEdit::new(held)
+                    let to = from.saturating_add(record::PAGE_BLOCKS);
+                    index.visit(from, to, &mut |view| {
+                        if record::page_of(view.last()) == page {
+                            extents.insert(view.last(), view);
+                        }
+                    });
                 }
-                None => PageEdit::new(
-                    mapping::load_page(self.meta.as_ref(), self.internal_id, page)?
-                        .map_err(super::corrupt)?,
-                ),
-            };
+                None => {
+                    stored = mapping::load_page(self.meta.as_ref(), self.internal_id, page)?
+                        .map_err(super::corrupt)?;
+                    extents.extend(stored.iter().map(|e| (e.last(), ExtentView::from(e))));
+                }
+            }
             for last in removed {
-                edit.remove(last);
+                extents.remove(&last);
             }
             for extent in added {
-                edit.put(extent.clone());
+                extents.insert(extent.last(), ExtentView::from(extent));
             }
-            edit.write(self.internal_id, page, batch);
+            if extents.is_empty() {
+                batch.delete(key);
+            } else {
+                let views: Vec<ExtentView<'_>> = extents.into_values().collect();
+                batch.put(key, record::encode_page_views(&views));
+            }
         }
         Ok(())
     }

@@ -78,7 +78,7 @@ pub(crate) struct ExtentView<'a> {
 
 impl ExtentView<'_> {
     /// Where block `k` of the extent lives and how it was sealed.
-    pub(crate) fn location(&self, k: usize) -> Location {
+    pub(super) fn location(&self, k: usize) -> Location {
         Location {
             segment: self.segment,
             offset: self.offset + k as u32,
@@ -191,7 +191,7 @@ impl ExtentIndex {
     }
 
     /// Visits the extents overlapping blocks `from..to`, in order.
-    pub(crate) fn visit(&self, from: u64, to: u64, visit: &mut dyn FnMut(ExtentView<'_>)) {
+    pub(crate) fn visit<'a>(&'a self, from: u64, to: u64, visit: &mut dyn FnMut(ExtentView<'a>)) {
         for (&last, entry) in self.map.range(from..) {
             let view = view(last, entry);
             if view.lba >= to {
