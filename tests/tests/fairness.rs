@@ -10,6 +10,11 @@
 //! work on the store's own thread, which its limit does not cover yet
 //! (docs/OPERATIONS.md, "Limits").
 //!
+//! The comparison is made three times, an idle phase and a held phase each,
+//! and the median of the three ratios is asserted: on a 2-core machine that
+//! also runs other work, a burst of outside latency lands in one phase of
+//! one round, while a fairness fault of the server lands in every held phase.
+//!
 //! One test in its own binary, so that no other test of the suite runs beside
 //! it.
 
@@ -24,6 +29,9 @@ use blockseal_tests::{
 
 /// Seconds of each measured phase of the quiet tenant.
 const PHASE_SECS: u32 = 8;
+
+/// Rounds of an idle and a held phase; odd, for a median.
+const ROUNDS: usize = 3;
 
 /// The quiet tenant's phase: 4 KiB random reads and writes, 200 of each per
 /// second, queue depth 1; its read and write p99 in microseconds.
@@ -115,23 +123,40 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
     let store = StoreArg::Config(&config);
     tenants_with_disks(store, &["noisy", "quiet"], "256M");
     let server = ServerProcess::with_config_and_log(&host, &config, "info");
-    let attached = |times| {
+    // fio's nbd engine attaches twice per run: once to learn the size, once
+    // for the job itself; the n-th noisy run is under way at attach 2n.
+    let attached = |run: usize| {
         server.wait_for_log(
             "export attached export=noisy/disk",
-            times,
+            2 * run,
             Duration::from_secs(30),
         )
     };
 
-    let (idle_read, idle_write) = quiet_phase(&server);
-
     // Held to its share: 4 MiB/s, a PBX tenant's 500 concurrent G.711
     // recordings, set online through the admin API.
     cli_on_ok(store, &["limits", "set", "noisy", "--bandwidth", "4M"]);
-    let noisy = Noisy::start(&server);
-    attached(1);
-    let (held_read, held_write) = quiet_phase(&server);
-    let held_mib = noisy.finish();
+    let mut rounds = Vec::new();
+    for round in 1..=ROUNDS {
+        let idle = quiet_phase(&server);
+        let noisy = Noisy::start(&server);
+        attached(round);
+        let held = quiet_phase(&server);
+        let held_mib = noisy.finish();
+        eprintln!(
+            "round {round}: quiet p99 read/write idle {:.0}/{:.0} µs, \
+             noisy at {held_mib:.1} MiB/s {:.0}/{:.0} µs",
+            idle.0, idle.1, held.0, held.1
+        );
+        assert!(
+            held_mib <= 4.0 * 1.1,
+            "the noisy tenant wrote {held_mib:.1} MiB/s under a 4 MiB/s limit"
+        );
+        rounds.push((idle, held));
+    }
+    let read_ratio = median(rounds.iter().map(|(idle, held)| held.0 / idle.0));
+    let write_ratio = median(rounds.iter().map(|(idle, held)| held.1 / idle.1));
+    let (idle_read, idle_write) = rounds[0].0;
 
     // Lifted: measured, not asserted.
     cli_on_ok(
@@ -139,23 +164,26 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
         &["limits", "set", "noisy", "--bandwidth", "unlimited"],
     );
     let noisy = Noisy::start(&server);
-    attached(2);
+    attached(ROUNDS + 1);
     let (free_read, free_write) = quiet_phase(&server);
     let free_mib = noisy.finish();
 
     eprintln!(
         "quiet tenant p99 (µs)            read   write\n\
-         server idle                   {idle_read:>7.0} {idle_write:>7.0}\n\
-         noisy at 4 MiB/s  ({held_mib:>4.1} MiB/s) {held_read:>7.0} {held_write:>7.0}\n\
-         noisy unlimited ({free_mib:>5.0} MiB/s) {free_read:>7.0} {free_write:>7.0}"
+         server idle (round 1)         {idle_read:>7.0} {idle_write:>7.0}\n\
+         noisy unlimited ({free_mib:>5.0} MiB/s) {free_read:>7.0} {free_write:>7.0}\n\
+         median ratio, noisy at 4 MiB/s to idle: read {read_ratio:.2}, write {write_ratio:.2}"
     );
     assert!(
-        held_mib <= 4.0 * 1.1,
-        "the noisy tenant wrote {held_mib:.1} MiB/s under a 4 MiB/s limit"
+        read_ratio <= 2.0 && write_ratio <= 2.0,
+        "with the noisy tenant at its limit the quiet tenant's p99 rose by a median \
+         {read_ratio:.2}x (read) and {write_ratio:.2}x (write) over {ROUNDS} rounds"
     );
-    assert!(
-        held_read <= 2.0 * idle_read && held_write <= 2.0 * idle_write,
-        "with the noisy tenant at its limit the quiet tenant's p99 went from \
-         {idle_read:.0}/{idle_write:.0} µs (read/write) to {held_read:.0}/{held_write:.0} µs"
-    );
+}
+
+/// The middle value of an odd number of ratios.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
