@@ -671,6 +671,16 @@ impl Volume {
             .write_range(offset, Some(data), data.len() as u64)
     }
 
+    /// Writes each buffer at its byte offset, in order, as
+    /// [`write_at`](Self::write_at) would one after another, but consecutive
+    /// writes of whole blocks share one allocation of segment space and one
+    /// segment write per run of it, where `write_at` makes one each. One
+    /// result per write, in order; durable after the next
+    /// [`flush`](Self::flush).
+    pub fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), VolumeError>> {
+        self.inner.write_batch(writes)
+    }
+
     /// Writes `data` at byte `offset` and makes it (and every write acknowledged
     /// before) durable before returning.
     pub fn write_at_fua(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {

@@ -33,6 +33,11 @@ enum Op {
         len: usize,
         seed: u64,
     },
+    /// Writes in one `write_batch`: aligned whole blocks mostly, so that
+    /// they make groups, with an unaligned one now and then.
+    Batch {
+        writes: Vec<(usize, usize, u64)>,
+    },
     Trim {
         offset: usize,
         len: usize,
@@ -59,9 +64,19 @@ fn range() -> impl Strategy<Value = (usize, usize)> {
     (0..SIZE, 1..3 * BS).prop_map(|(offset, len)| (offset, len.min(SIZE - offset)))
 }
 
+fn batch_write() -> impl Strategy<Value = (usize, usize, u64)> {
+    prop_oneof![
+        4 => (0..SIZE / BS, 1..3usize, any::<u64>()).prop_map(|(block, blocks, seed)| {
+            (block * BS, (blocks * BS).min(SIZE - block * BS), seed)
+        }),
+        1 => (range(), any::<u64>()).prop_map(|((offset, len), seed)| (offset, len, seed)),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (range(), any::<u64>()).prop_map(|((offset, len), seed)| Op::Write { offset, len, seed }),
+        2 => prop::collection::vec(batch_write(), 1..6).prop_map(|writes| Op::Batch { writes }),
         1 => range().prop_map(|(offset, len)| Op::Trim { offset, len }),
         1 => range().prop_map(|(offset, len)| Op::Zero { offset, len }),
         3 => range().prop_map(|(offset, len)| Op::Read { offset, len }),
@@ -125,6 +140,16 @@ impl Harness {
         for b in offset / BS..(offset + len).div_ceil(BS) {
             let now = self.model[b * BS..(b + 1) * BS].to_vec();
             self.candidates[b].push(now);
+        }
+    }
+
+    /// A failed write's blocks may read either way after a crash: its new
+    /// content is a candidate too.
+    fn failed_write_candidates(&mut self, offset: usize, data: &[u8]) {
+        let mut m = self.model.clone();
+        m[offset..offset + data.len()].copy_from_slice(data);
+        for b in offset / BS..(offset + data.len()).div_ceil(BS) {
+            self.candidates[b].push(m[b * BS..(b + 1) * BS].to_vec());
         }
     }
 
@@ -192,14 +217,47 @@ impl Harness {
                     self.model[offset..offset + len].copy_from_slice(&data);
                     self.touched(offset, len);
                 } else if !self.poisoned {
-                    // A failed write's blocks: the new content is a candidate too.
-                    let mut m = self.model.clone();
-                    m[offset..offset + len].copy_from_slice(&data);
-                    for b in offset / BS..(offset + len).div_ceil(BS) {
-                        self.candidates[b].push(m[b * BS..(b + 1) * BS].to_vec());
-                    }
+                    self.failed_write_candidates(offset, &data);
                 }
                 self.write_result(r, offset, len);
+            }
+            Op::Batch { writes } => {
+                let datas: Vec<Vec<u8>> = writes
+                    .iter()
+                    .map(|&(_, len, seed)| pattern(seed, len))
+                    .collect();
+                let batch: Vec<(u64, &[u8])> = writes
+                    .iter()
+                    .zip(&datas)
+                    .map(|(&(offset, _, _), data)| (offset as u64, &data[..]))
+                    .collect();
+                let results = self.volume().write_batch(&batch);
+                assert_eq!(results.len(), writes.len(), "one result per write");
+                // The volume's state before the batch decides: writes grouped
+                // together are installed together, before the commit a full
+                // overlay starts may fail and poison the volume.
+                let poisoned = self.poisoned;
+                for ((&(offset, _, _), data), r) in writes.iter().zip(&datas).zip(results) {
+                    match r {
+                        Ok(()) => {
+                            assert!(!poisoned, "a poisoned volume accepted a write");
+                            self.model[offset..offset + data.len()].copy_from_slice(data);
+                            self.touched(offset, data.len());
+                        }
+                        Err(e) => {
+                            assert!(
+                                matches!(e.kind(), ErrorKind::Poisoned | ErrorKind::Io),
+                                "unexpected {e}"
+                            );
+                            if poisoned {
+                                assert_eq!(e.kind(), ErrorKind::Poisoned);
+                            } else {
+                                self.failed_write_candidates(offset, data);
+                            }
+                        }
+                    }
+                }
+                self.poisoned = self.volume().is_poisoned();
             }
             Op::Trim { offset, len } | Op::Zero { offset, len } => {
                 let r = if matches!(op, Op::Trim { .. }) {
