@@ -196,6 +196,74 @@ const MAX_PAYLOAD: u32 = 64 * MIB;
 
 /// A server whose `acme/big` (160 MiB, never touched, so it costs no memory
 /// until written) is larger than the largest request.
+/// Aligned writes that arrive together run as one call of the export's
+/// `write_batch`, each answered on its own handle; an unaligned write among
+/// them, a read and a flush run on their own, in the order they came.
+#[test]
+fn aligned_writes_arriving_together_run_as_one_batch() {
+    let server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    let mut raw = server.raw();
+    go(&mut raw, "acme/disk");
+    let block = |n: u64| -> Vec<u8> { (0..4096u64).map(|i| ((i * 7 + n) % 251) as u8).collect() };
+    // 16 aligned 4 KiB writes (two to the same block, the later one wins), an
+    // unaligned write over part of the first, 8 more aligned, then a read of
+    // the first 64 KiB, all in one send.
+    let mut bytes = Vec::new();
+    let mut model = vec![0u8; 64 << 10];
+    let mut handle = 0u64;
+    let mut put = |bytes: &mut Vec<u8>, model: &mut Vec<u8>, offset: u64, data: &[u8]| {
+        handle += 1;
+        bytes.extend_from_slice(&request_header(
+            0,
+            CMD_WRITE,
+            handle,
+            offset,
+            data.len() as u32,
+        ));
+        bytes.extend_from_slice(data);
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    };
+    for n in 0..16u64 {
+        let lba = if n == 15 { 3 } else { n };
+        put(&mut bytes, &mut model, lba * 4096, &block(n));
+    }
+    put(&mut bytes, &mut model, 100, b"unaligned, on its own");
+    for n in 0..8u64 {
+        put(&mut bytes, &mut model, (4 + n) * 4096, &block(100 + n));
+    }
+    let writes = handle;
+    bytes.extend_from_slice(&request_header(0, CMD_READ, 1000, 0, 64 << 10));
+    raw.send(&bytes);
+    let mut answered: Vec<u64> = (0..writes)
+        .map(|_| {
+            let (error, handle) = raw.simple_reply();
+            assert_eq!(error, 0, "write {handle} failed");
+            handle
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        (1..=writes).collect::<Vec<_>>(),
+        "every write answered once"
+    );
+    assert_eq!(raw.simple_reply(), (0, 1000));
+    assert!(
+        raw.read_n(64 << 10) == model,
+        "the read sees every write, in order"
+    );
+    assert_eq!(
+        disk.writes.load(Ordering::SeqCst),
+        writes,
+        "every write reached the export"
+    );
+    assert!(
+        disk.most_batched.load(Ordering::SeqCst) > 1,
+        "aligned writes that arrived together ran as a batch"
+    );
+}
+
 fn big_server() -> TestServer {
     let mut catalog = MemCatalog::standard();
     catalog.add(

@@ -135,6 +135,14 @@ impl Export for VolumeExport {
         .map_err(failed("write"))
     }
 
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
+        self.volume
+            .write_batch(writes)
+            .into_iter()
+            .map(|result| result.map_err(failed("write")))
+            .collect()
+    }
+
     fn flush(&self) -> Result<(), ExportError> {
         self.volume.flush().map_err(failed("flush"))
     }

@@ -156,6 +156,17 @@ impl<E: Export> Export for Measured<E> {
         self.timed(Op::Write, data.len() as u64, |e| e.write(offset, data, fua))
     }
 
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
+        // Each write waited for the whole batch.
+        let started = Instant::now();
+        let results = self.inner.write_batch(writes);
+        for ((_, data), result) in writes.iter().zip(&results) {
+            self.io
+                .record(Op::Write, data.len() as u64, started, result);
+        }
+        results
+    }
+
     fn flush(&self) -> Result<(), ExportError> {
         self.timed(Op::Flush, 0, |e| e.flush())
     }

@@ -102,7 +102,7 @@ use crate::proto::*;
 use crate::server::Shared;
 use replies::{Replies, WRITE_BATCH, error_reply, no_data_reply};
 use validate::{Op, Rules, Verdict, command_name, validate};
-use workers::{Conn, Done, Job, record_outcome, status_block_size};
+use workers::{Conn, Done, Job, QueuedWrite, record_outcome, status_block_size};
 
 /// Oversized or refused writes up to this length have their payload read and
 /// discarded so the stream stays in sync; a longer one closes the connection
@@ -115,6 +115,9 @@ const MAX_DRAINED_WRITE: u32 = 256 * 1024 * 1024;
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 /// Input is read in pieces of at least this much free buffer space.
 const READ_CHUNK: usize = 256 * 1024;
+/// At most this many writes, or this many bytes, run as one batch.
+const BATCH_MAX_WRITES: usize = 64;
+const BATCH_MAX_BYTES: usize = 256 * 1024;
 
 /// Why the connection task stops taking requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +204,11 @@ where
     // The input left at the last round after end of file (see the loop's end).
     let mut input_at_eof_round = usize::MAX;
     let mut stop = Stop::No;
+    // Aligned writes run on this task, held back until the requests queued
+    // behind them are seen, to run as one batch; and their bytes.
+    let batch_block = u64::from(session.export.block_size().max(1));
+    let mut batch: Vec<QueuedWrite> = Vec::new();
+    let mut batch_bytes = 0usize;
 
     'conn: loop {
         // Handle every complete request already received.
@@ -376,6 +384,39 @@ where
                 }
                 op => op,
             };
+            if !offload
+                && let Op::Write {
+                    offset,
+                    data,
+                    fua: false,
+                } = &op
+                && !data.is_empty()
+                && offset.is_multiple_of(batch_block)
+                && (data.len() as u64).is_multiple_of(batch_block)
+            {
+                // Held back for the writes queued behind it (see `QueuedWrite`).
+                batch_bytes += data.len();
+                batch.push(QueuedWrite {
+                    handle: req.handle,
+                    offset: *offset,
+                    data: data.clone(),
+                    span,
+                });
+                if batch.len() >= BATCH_MAX_WRITES || batch_bytes >= BATCH_MAX_BYTES {
+                    batch_bytes = 0;
+                    conn.execute_writes(&mut batch, &mut out.buf);
+                    if out.buf.len() >= WRITE_BATCH && !out.flush(&conn).await {
+                        stop = Stop::Now;
+                        break;
+                    }
+                }
+                continue;
+            }
+            // Whatever runs next, the writes held back run first.
+            if !batch.is_empty() {
+                batch_bytes = 0;
+                conn.execute_writes(&mut batch, &mut out.buf);
+            }
             if offload {
                 in_flight += 1;
                 out.held_bytes += cost;
@@ -396,6 +437,11 @@ where
                     break;
                 }
             }
+        }
+        // The writes held back for a batch run before anything waits.
+        if !batch.is_empty() {
+            batch_bytes = 0;
+            conn.execute_writes(&mut batch, &mut out.buf);
         }
         if stop != Stop::No {
             // No new request will be admitted: give back what was set aside.

@@ -249,6 +249,78 @@ impl Conn {
     }
 }
 
+/// An aligned write run on the connection's task, held back so that the
+/// writes queued behind it join it in one [`Export::write_batch`].
+pub(super) struct QueuedWrite {
+    pub(super) handle: u64,
+    pub(super) offset: u64,
+    pub(super) data: bytes::Bytes,
+    pub(super) span: Span,
+}
+
+impl Conn {
+    /// Runs the queued writes (emptying `batch`) and appends their replies to
+    /// `out`: one alone as any request, several as one batch.
+    pub(super) fn execute_writes(&self, batch: &mut Vec<QueuedWrite>, out: &mut Vec<u8>) {
+        if batch.len() <= 1 {
+            if let Some(w) = batch.pop() {
+                let op = Op::Write {
+                    offset: w.offset,
+                    data: w.data,
+                    fua: false,
+                };
+                self.execute(w.handle, op, &w.span, out);
+            }
+            return;
+        }
+        let writes: Vec<(u64, &[u8])> = batch.iter().map(|w| (w.offset, &w.data[..])).collect();
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| self.export.write_batch(&writes)));
+        match run {
+            Ok(results) if results.len() == batch.len() => {
+                for (w, result) in batch.iter().zip(results) {
+                    let outcome = match result {
+                        Ok(()) => {
+                            put_simple_reply(out, 0, w.handle);
+                            Ok(())
+                        }
+                        Err(e) => Err(export_error_reply(
+                            self,
+                            w.handle,
+                            w.offset,
+                            w.data.len() as u64,
+                            &e,
+                            out,
+                        )),
+                    };
+                    record_outcome(&w.span, outcome);
+                }
+            }
+            outcome => {
+                match &outcome {
+                    Ok(results) => error!(
+                        parent: &self.span,
+                        export = %self.name,
+                        writes = batch.len(),
+                        results = results.len(),
+                        "export answered a write batch with the wrong number of results"
+                    ),
+                    Err(_) => error!(parent: &self.span, export = %self.name, "export panicked"),
+                }
+                let panicked = outcome.is_err();
+                for w in batch.iter() {
+                    error_reply(self.structured, w.handle, EIO, "internal server error", out);
+                    if !w.span.is_disabled() {
+                        w.span.record("outcome", "error");
+                        w.span
+                            .record("error", if panicked { "panic" } else { "internal" });
+                    }
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
 /// Records how a request ended in its span: `outcome` `ok`, or `error` with
 /// the error class's name in `error`. Nothing to do for a disabled span.
 pub(super) fn record_outcome(span: &Span, outcome: Result<(), ErrorClass>) {

@@ -31,6 +31,9 @@ pub struct MemExport {
     pub writes: AtomicU64,
     /// Reads, failed or not.
     pub reads: AtomicU64,
+    /// Calls of `write_batch`, and the most writes one of them carried.
+    pub batches: AtomicU64,
+    pub most_batched: AtomicUsize,
     /// Writes wait while the gate is closed; `waiting` counts them, and
     /// `most_waiting` is the most that ever waited at once.
     gate: Mutex<bool>,
@@ -57,6 +60,8 @@ impl MemExport {
             fua_writes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            most_batched: AtomicUsize::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
             waiting: AtomicUsize::new(0),
@@ -180,6 +185,15 @@ impl Export for MemExport {
             s.allocated[b as usize] = true;
         }
         Ok(())
+    }
+
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.most_batched.fetch_max(writes.len(), Ordering::SeqCst);
+        writes
+            .iter()
+            .map(|&(offset, data)| self.write(offset, data, false))
+            .collect()
     }
 
     fn flush(&self) -> Result<(), ExportError> {
