@@ -1,7 +1,8 @@
 //! kill -9 crash test of the whole write path: segments, overlay, flush, metadata.
 //!
 //! The test re-executes its own binary as a child (selected by an environment
-//! variable). The child opens a store, then writes random block patterns, trims
+//! variable). The child opens a store, then writes random block patterns (a
+//! fifth of them as batches of two to four writes, `Volume::write_batch`), trims
 //! now and then and flushes periodically, reporting on stdout each write's intent
 //! (`W`), its acknowledgement (`A`), and each flush's start (`F`) and completion
 //! (`D`). Compaction runs all the while: the store's background thread with an
@@ -140,6 +141,37 @@ fn crash_child() {
             0..5 => {
                 println!("W {id} {lba} {count} trim");
                 volume.trim(lba * BS as u64, count * BS as u64).unwrap();
+            }
+            5..25 => {
+                // Two to four writes in one batch, as the NBD server runs the
+                // writes a connection finds queued together: they land in
+                // order, and each is acknowledged once the batch returns (the
+                // last one below, with the single writes).
+                let mut batch = vec![(id, lba, count)];
+                for _ in 1..rng.random_range(2..=4) {
+                    id += 1;
+                    let lba = rng.random_range(0..BLOCKS);
+                    let count = rng.random_range(1..=16).min(BLOCKS - lba);
+                    batch.push((id, lba, count));
+                }
+                let datas: Vec<Vec<u8>> = batch
+                    .iter()
+                    .map(|&(id, lba, count)| {
+                        println!("W {id} {lba} {count}");
+                        (lba..lba + count).flat_map(|b| content(id, b)).collect()
+                    })
+                    .collect();
+                let writes: Vec<(u64, &[u8])> = batch
+                    .iter()
+                    .zip(&datas)
+                    .map(|(&(_, lba, _), data)| (lba * BS as u64, &data[..]))
+                    .collect();
+                for result in volume.write_batch(&writes) {
+                    result.unwrap();
+                }
+                for &(id, _, _) in &batch[..batch.len() - 1] {
+                    println!("A {id}");
+                }
             }
             _ => {
                 println!("W {id} {lba} {count}");
