@@ -68,10 +68,10 @@ pub trait Export: Send + Sync + 'static {
     /// Writes `data` at `offset`. With `fua`, the data is durable when this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
 
-    /// Writes each buffer at its offset (no FUA): requests of one connection
-    /// that arrived together and are in flight together, so they may land in
-    /// any order. One result per write, in order. The server hands over
-    /// aligned writes it finds queued back to back, so that an export can
+    /// Writes each buffer at its offset (no FUA), in order, as
+    /// [`write`](Self::write) would one after another; one result per write,
+    /// in order. The server hands over the aligned writes a connection finds
+    /// queued back to back, in the order they arrived, so that an export can
     /// store them with one operation; the default writes them one by one.
     fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
         writes

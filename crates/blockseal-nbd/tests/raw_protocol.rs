@@ -194,11 +194,9 @@ const MIB: u32 = 1024 * 1024;
 /// The largest read or write the server takes by default, as nbdkit.
 const MAX_PAYLOAD: u32 = 64 * MIB;
 
-/// A server whose `acme/big` (160 MiB, never touched, so it costs no memory
-/// until written) is larger than the largest request.
 /// Aligned writes that arrive together run as one call of the export's
 /// `write_batch`, each answered on its own handle; an unaligned write among
-/// them, a read and a flush run on their own, in the order they came.
+/// them and a read run on their own, in the order they came.
 #[test]
 fn aligned_writes_arriving_together_run_as_one_batch() {
     let server = TestServer::start();
@@ -264,6 +262,8 @@ fn aligned_writes_arriving_together_run_as_one_batch() {
     );
 }
 
+/// A server whose `acme/big` (160 MiB, never touched, so it costs no memory
+/// until written) is larger than the largest request.
 fn big_server() -> TestServer {
     let mut catalog = MemCatalog::standard();
     catalog.add(

@@ -31,8 +31,7 @@ pub struct MemExport {
     pub writes: AtomicU64,
     /// Reads, failed or not.
     pub reads: AtomicU64,
-    /// Calls of `write_batch`, and the most writes one of them carried.
-    pub batches: AtomicU64,
+    /// The most writes one call of `write_batch` carried.
     pub most_batched: AtomicUsize,
     /// Writes wait while the gate is closed; `waiting` counts them, and
     /// `most_waiting` is the most that ever waited at once.
@@ -60,7 +59,6 @@ impl MemExport {
             fua_writes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
             most_batched: AtomicUsize::new(0),
             gate: Mutex::new(true),
             gate_cv: Condvar::new(),
@@ -188,7 +186,6 @@ impl Export for MemExport {
     }
 
     fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
-        self.batches.fetch_add(1, Ordering::SeqCst);
         self.most_batched.fetch_max(writes.len(), Ordering::SeqCst);
         writes
             .iter()
