@@ -286,6 +286,16 @@ if ((PROFILE)); then
 	wait "$profile_pid" || echo "flush-load: the profile step failed" >&2
 	profile_pid=
 fi
+# The server's own view of the run: its metrics after the load (the
+# metadata group commits' count and time among them).
+metrics_addr=$(sed -n 's/^ready .*metrics=\([^ ]*\).*/\1/p' "$work/serve.out")
+if [[ -n $metrics_addr ]]; then
+	$PY - "$metrics_addr" "$RESULTS_DIR/metrics.txt" <<'PY' || echo "flush-load: could not read the server's metrics" >&2
+import sys, urllib.request
+with urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10) as r:
+    open(sys.argv[2], "wb").write(r.read())
+PY
+fi
 # fio writes a line per connection before the JSON document.
 sed -n '/^{/,$p' "$RESULTS_DIR/fio.out" >"$RESULTS_DIR/fio.json"
 

@@ -21,6 +21,10 @@ file = "master.key"
 [unix]
 path = "nbd.sock"
 
+[metrics]
+# Loopback, port picked at start (the ready line names it).
+address = "127.0.0.1:0"
+
 [limits]
 # Every volume's client may be connected at once.
 max_connections = $((volumes + 16))
