@@ -3,8 +3,8 @@
 //! The first byte picks the record: store header, tenant, volume, extent (the
 //! next 8 bytes are the last LBA its key carries, or with `0x80` set the key is
 //! taken raw: a length byte, then that many bytes), mapping page (the next 8
-//! bytes are the page number its key carries) or counter. The rest is the
-//! stored value.
+//! bytes are the page number its key carries), mapping journal record or
+//! counter. The rest is the stored value.
 //!
 //! What must hold (layouts in `docs/FORMAT.md`):
 //! - no decoder panics;
@@ -20,6 +20,7 @@
 //!   offset and nonce counter fit their integers. A decoded extent has as many
 //!   tags as its header says, ends at the key's LBA, and starts `n - 1` blocks
 //!   before it;
+//! - a mapping journal record that decodes encodes back to the same bytes;
 //! - a mapping page that decodes holds 1 to 32 extents in LBA order, none
 //!   overlapping the next, each ending inside the page its key names, each of
 //!   1 to 256 blocks.
@@ -27,7 +28,7 @@
 
 use blockseal_volume::fuzzing::{
     MAX_EXTENT_BLOCKS, PAGE_BLOCKS, counter, extent_key, extent_record, header_record,
-    mapping_page, page_key, tenant_record, volume_record,
+    journal_record, mapping_page, page_key, tenant_record, volume_record,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -41,6 +42,11 @@ fuzz_target!(|data: &[u8]| {
         2 => check_volume(rest),
         3 => check_extent(kind & 0x80 != 0, rest),
         4 => check_page(rest),
+        5 => {
+            if let Ok(encoded) = journal_record(rest) {
+                assert_eq!(encoded, rest, "a journal record re-encodes differently");
+            }
+        }
         _ => match counter(rest) {
             Ok(v) => assert_eq!(rest, v.to_be_bytes()),
             Err(_) => assert_ne!(rest.len(), 8, "refused an 8-byte counter"),

@@ -10,6 +10,9 @@
 //! the flush it is running, and is stopped and joined when the store drops, so no
 //! volume (and no metadata store handle) outlives its store because of it.
 //!
+//! Between requests it folds the volumes' mapping journals that are due,
+//! one volume per turn (see `volume/journal.rs`).
+//!
 //! Once a second it also moves the store's extent index budget to where reads
 //! are (see `volume/index.rs`): volumes without an index whose reads went to the
 //! metadata store get one, loaded here, after the indexes of volumes that
@@ -35,6 +38,9 @@ pub(crate) struct FlushQueue {
 #[derive(Default)]
 struct QueueState {
     volumes: Vec<Weak<VolumeInner>>,
+    /// Volumes that started a mapping journal since the flush thread last
+    /// looked (it keeps those whose journal it has not folded yet).
+    journals: Vec<Weak<VolumeInner>>,
     stop: bool,
 }
 
@@ -56,6 +62,12 @@ impl FlushQueue {
             self.cv.notify_all();
         }
         true
+    }
+
+    /// Notes that `volume` started a mapping journal, for the thread to fold
+    /// when it is due.
+    pub(crate) fn journaled(&self, volume: Weak<VolumeInner>) {
+        self.lock().journals.push(volume);
     }
 
     fn stop(&self) {
@@ -117,7 +129,8 @@ impl Drop for Flusher {
 
 fn run(queue: &FlushQueue, open: &OpenVolumes, budget: &IndexBudget) {
     let mut last_pass = Instant::now();
-    while let Some(volumes) = queue.take(REBALANCE_INTERVAL) {
+    let mut pause = REBALANCE_INTERVAL;
+    while let Some(volumes) = queue.take(pause) {
         for volume in volumes.iter().filter_map(Weak::upgrade) {
             volume.background_flush();
         }
@@ -125,7 +138,51 @@ fn run(queue: &FlushQueue, open: &OpenVolumes, budget: &IndexBudget) {
             rebalance(open, budget);
             last_pass = Instant::now();
         }
+        // One fold per turn, then a pause as long as it took (requested
+        // flushes end the pause): folds take at most about half of the
+        // store's commits when many journals are due at once.
+        pause = match fold_one(queue) {
+            Some(took) => took.clamp(Duration::from_millis(1), REBALANCE_INTERVAL),
+            None => REBALANCE_INTERVAL,
+        };
     }
+}
+
+/// Folds the mapping journal of the open volume whose journal is due and
+/// touches the most pages (see `volume/journal.rs`); returns how long that
+/// took, or `None` when no journal is due.
+fn fold_one(queue: &FlushQueue) -> Option<Duration> {
+    // Looked at outside the queue's lock: a volume dropped here closes (and
+    // may note a journal) on this thread.
+    let listed = std::mem::take(&mut queue.lock().journals);
+    let mut kept: Vec<Weak<VolumeInner>> = Vec::with_capacity(listed.len());
+    let mut seen = std::collections::HashSet::with_capacity(listed.len());
+    let mut due: Option<(usize, Arc<VolumeInner>)> = None;
+    for weak in listed {
+        if !seen.insert(weak.as_ptr()) {
+            continue;
+        }
+        let Some(volume) = weak.upgrade() else {
+            continue;
+        };
+        if !volume.has_journal() {
+            continue;
+        }
+        kept.push(weak);
+        if let Some(pages) = volume.journal_due()
+            && due.as_ref().is_none_or(|(most, _)| pages > *most)
+        {
+            due = Some((pages, volume));
+        }
+    }
+    queue.lock().journals.extend(kept);
+    let (_, volume) = due?;
+    let started = Instant::now();
+    if let Err(error) = volume.fold_journal() {
+        // Folded again at its next turn, or by a commit, or at the next open.
+        tracing::debug!(%error, "folding a mapping journal failed");
+    }
+    Some(started.elapsed())
 }
 
 /// Gives an index to the volumes whose reads went to the metadata store since

@@ -143,6 +143,13 @@ pub fn mapping_page(key: &[u8], value: &[u8]) -> Result<(Vec<PageExtent>, Vec<u8
     ))
 }
 
+/// Decodes a mapping journal record, as a volume's scan does; returns it
+/// encoded again.
+pub fn journal_record(value: &[u8]) -> Result<Vec<u8>, String> {
+    let change = record::decode_journal(value).map_err(|e| e.0)?;
+    Ok(record::encode_journal(&change.removed, &change.added))
+}
+
 /// A metadata record: key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 

@@ -105,6 +105,94 @@ pub(crate) fn page_prefix(volume: u32) -> [u8; 5] {
     key
 }
 
+/// Version byte of mapping journal records.
+pub(crate) const JOURNAL_V1: u8 = 1;
+
+/// Key of a mapping journal record: `J`, internal volume id, sequence number
+/// (increasing in commit order). A record holds one commit's change to the
+/// volume's mapping pages, applied on top of them until a fold writes the
+/// pages it touched and deletes it (`volume/journal.rs`).
+pub(crate) fn journal_key(volume: u32, sequence: u64) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = b'J';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key[5..13].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+/// Prefix of a volume's mapping journal records.
+pub(crate) fn journal_prefix(volume: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = b'J';
+    key[1..5].copy_from_slice(&volume.to_be_bytes());
+    key
+}
+
+/// The sequence number in a journal record's key.
+pub(crate) fn journal_key_sequence(key: &[u8]) -> Result<u64, Corrupt> {
+    key.get(5..13)
+        .filter(|_| key.len() == 13 && key[0] == b'J')
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Corrupt("mapping journal key".into()))
+}
+
+/// One commit's change to a volume's mapping pages: the extents removed (by
+/// last block) and the extents added. Applied to a page, removals first and
+/// an added extent replaces one ending at the same block.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct JournalChange {
+    pub(crate) removed: Vec<u64>,
+    pub(crate) added: Vec<Extent>,
+}
+
+/// Encodes a journal record: version, the removed last blocks, then each
+/// added extent as its last block, length and extent encoding.
+pub(crate) fn encode_journal(removed: &[u64], added: &[Extent]) -> Vec<u8> {
+    let tags: usize = added.iter().map(|e| e.tags.len()).sum();
+    let mut out = Vec::with_capacity(9 + 8 * removed.len() + 43 * added.len() + TAG_LEN * tags);
+    out.push(JOURNAL_V1);
+    out.extend_from_slice(&(removed.len() as u32).to_be_bytes());
+    for last in removed {
+        out.extend_from_slice(&last.to_be_bytes());
+    }
+    out.extend_from_slice(&(added.len() as u32).to_be_bytes());
+    for extent in added {
+        let bytes = extent.encode();
+        out.extend_from_slice(&extent.last().to_be_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// Decodes a journal record.
+pub(crate) fn decode_journal(bytes: &[u8]) -> Result<JournalChange, Corrupt> {
+    let (mut r, _) = Reader::with_versions(bytes, "mapping journal", &[JOURNAL_V1])?;
+    let removed_count = r.u32()? as usize;
+    // Counts are checked against what is left, so a bad one cannot reserve
+    // memory the record does not hold.
+    if removed_count > r.remaining() / 8 {
+        return Err(Corrupt("mapping journal: bad removal count".into()));
+    }
+    let mut removed = Vec::with_capacity(removed_count);
+    for _ in 0..removed_count {
+        removed.push(r.u64()?);
+    }
+    let added_count = r.u32()? as usize;
+    if added_count > r.remaining() / 12 {
+        return Err(Corrupt("mapping journal: bad extent count".into()));
+    }
+    let mut added = Vec::with_capacity(added_count);
+    for _ in 0..added_count {
+        let last = r.u64()?;
+        let len = r.u32()? as usize;
+        added.push(Extent::decode_last(last, r.bytes(len)?)?);
+    }
+    r.finish()?;
+    Ok(JournalChange { removed, added })
+}
+
 /// Encodes the extents of one mapping page: non-empty, sorted by last block,
 /// not overlapping, each ending in the same page. Blocks scattered by random
 /// writes share one record per 40 LBAs, with their DEK version, writer, birth
@@ -160,14 +248,17 @@ pub(crate) fn encode_page_views(extents: &[ExtentView<'_>]) -> Vec<u8> {
 
 /// Decodes the mapping page stored under `key`.
 pub(crate) fn decode_page(key: &[u8], bytes: &[u8]) -> Result<Vec<Extent>, Corrupt> {
-    let page = key
-        .get(5..13)
+    decode_page_at(page_key_number(key)?, bytes)
+}
+
+/// The page number in a mapping page's key.
+pub(crate) fn page_key_number(key: &[u8]) -> Result<u64, Corrupt> {
+    key.get(5..13)
         .filter(|_| key.len() == 13 && key[0] == b'M')
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
         .filter(|&page| page <= u64::MAX / PAGE_BLOCKS)
-        .ok_or_else(|| Corrupt("mapping page key".into()))?;
-    decode_page_at(page, bytes)
+        .ok_or_else(|| Corrupt("mapping page key".into()))
 }
 
 /// Decodes mapping page number `page`.
@@ -1199,6 +1290,11 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
+    /// Bytes not read yet.
+    fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
     fn finish(self) -> Result<(), Corrupt> {
         if self.bytes.is_empty() {
             Ok(())
@@ -1211,6 +1307,57 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_records_round_trip_and_damage_is_corrupt() {
+        let added = vec![
+            Extent {
+                lba: 80,
+                segment: 3,
+                offset: 9,
+                dek_version: 2,
+                writer: 4,
+                nonce: 77,
+                birth: 0,
+                tags: vec![[5; TAG_LEN]; 3],
+            },
+            Extent {
+                lba: 400,
+                segment: 1,
+                offset: 0,
+                dek_version: 2,
+                writer: 4,
+                nonce: 1,
+                birth: 6,
+                tags: vec![[6; TAG_LEN]],
+            },
+        ];
+        let bytes = encode_journal(&[82, 119], &added);
+        let decoded = decode_journal(&bytes).unwrap();
+        assert_eq!(decoded.removed, vec![82, 119]);
+        assert_eq!(decoded.added, added);
+        assert_eq!(
+            decode_journal(&encode_journal(&[], &[])).unwrap(),
+            JournalChange::default()
+        );
+        // Every truncation, a trailing byte, another version, a count past the
+        // record's end: corrupt, never a panic or a huge allocation.
+        for len in 0..bytes.len() {
+            assert!(decode_journal(&bytes[..len]).is_err(), "{len}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_journal(&long).is_err());
+        let mut version = bytes.clone();
+        version[0] = 2;
+        assert!(decode_journal(&version).is_err());
+        let mut count = bytes.clone();
+        count[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_journal(&count).is_err());
+        assert_eq!(journal_key_sequence(&journal_key(3, 41)).unwrap(), 41);
+        assert!(journal_key_sequence(&page_key(3, 41)).is_err());
+        assert!(journal_key_sequence(&journal_key(3, 41)[..12]).is_err());
+    }
 
     #[test]
     fn live_keys_round_trip_and_odd_lengths_are_corrupt() {

@@ -70,10 +70,11 @@ mod snapshot;
 /// The store format this build writes and the newest it reads. Version 2 added
 /// writer keys (extent records of version 2, writer records, the commit marker);
 /// version 3 keeps block mappings in pages of 40 LBAs instead of one record per
-/// extent. An older store is upgraded in place when this build opens it (its
+/// extent; version 4 adds the mapping journal (records a build before it would
+/// not read, so it must refuse the store). An older store is upgraded in place when this build opens it (its
 /// format file first, so that an older build refuses it from then on instead of
 /// misreading its new records, then its extent records move into pages).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The largest volume: 2^63 - 1 bytes rounded down to 64 KiB, so that every
 /// offset fits the signed 64-bit sizes of NBD clients and the kernel.
@@ -1423,6 +1424,18 @@ fn repair_volumes(meta: &dyn MetaStore, report: &mut RecoveryReport) -> Result<(
     for volume in volumes {
         let id = volume.internal_id;
         let deks: Vec<u32> = volume.keys.iter().map(|&(v, _)| v).collect();
+        // The mapping journal goes into the pages first; a journal that does
+        // not decode is dropped (its changes are lost, the pages stand).
+        let mut journal_dropped = 0u64;
+        if crate::mapping::fold_stored_journal(meta, id)?.is_err() {
+            let mut doomed = Batch::new();
+            meta.scan_prefix(&record::journal_prefix(id), &mut |key, _| {
+                doomed.delete(key.to_vec());
+                true
+            })?;
+            journal_dropped = doomed.len() as u64;
+            meta.commit(&doomed)?;
+        }
         let mut batch = Batch::new();
         // Writer records that do not decode are dropped (and the extents that
         // name them with them, below).
@@ -1437,7 +1450,7 @@ fn repair_volumes(meta: &dyn MetaStore, report: &mut RecoveryReport) -> Result<(
             true
         })?;
         let mut mapped: HashMap<u32, u64> = HashMap::new();
-        let mut dropped = 0u64;
+        let mut dropped = journal_dropped;
         let mut next_lba = 0u64;
         // Per-extent records left by the move into pages do not decode: gone.
         meta.scan_prefix(&record::extent_prefix(id), &mut |key, _| {

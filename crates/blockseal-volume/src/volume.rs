@@ -45,6 +45,7 @@ mod commit;
 
 mod compact;
 mod index;
+mod journal;
 mod read;
 mod reencrypt;
 mod snapshot;
@@ -59,7 +60,7 @@ pub(crate) use snapshot::{load_epoch, snapshot_infos};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use blockseal_keys::{DataKey, TenantId, VolumeId};
@@ -207,6 +208,8 @@ struct FlushState {
     live: HashMap<u32, u64>,
     /// The volume's snapshot state (see [`snapshot`]).
     snap: SnapState,
+    /// Mapping journal records not folded into the pages yet (see [`journal`]).
+    journal: journal::Journal,
 }
 
 /// The epoch new writes are born in, and the newest snapshot's.
@@ -269,6 +272,11 @@ pub(crate) struct VolumeInner {
     auth_failures: AtomicU64,
     commits: AtomicU64,
     metadata_bytes: AtomicU64,
+    /// Pages the mapping journal touches, and when its oldest record was
+    /// committed (0: no journal), for the flush thread to read without the
+    /// flush lock (see [`journal`]).
+    journal_pages: AtomicUsize,
+    journal_since: AtomicU64,
     /// Held by each step of a compaction or re-encryption pass of this
     /// volume, and by the destruction of old data keys (first in the lock
     /// order after `compacting`). Never held across a pacing sleep.
@@ -417,6 +425,13 @@ impl Volume {
             None => 1,
         };
 
+        // What a crash left in the mapping journal goes into the pages now:
+        // an open volume journals only on top of its index.
+        let folded =
+            crate::mapping::fold_stored_journal(meta.as_ref(), internal_id)?.map_err(corrupt)?;
+        if folded > 0 {
+            tracing::info!(%tenant, volume = %name, records = folded, "folded the mapping journal");
+        }
         let mut live = HashMap::new();
         let mut bad = None;
         meta.scan_prefix(&record::live_prefix(internal_id), &mut |key, value| {
@@ -542,6 +557,7 @@ impl Volume {
                         epochs: preserved.epochs,
                         pinned: preserved.per_segment,
                     },
+                    journal: journal::Journal::default(),
                 }),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 installing: RwLock::new(()),
@@ -549,6 +565,8 @@ impl Volume {
                 auth_failures: AtomicU64::new(0),
                 commits: AtomicU64::new(0),
                 metadata_bytes: AtomicU64::new(0),
+                journal_pages: AtomicUsize::new(0),
+                journal_since: AtomicU64::new(0),
                 compaction: Mutex::new(()),
                 compacting: Mutex::new(()),
                 compact_threshold: compact_threshold.clamp(0.0, 1.0),
@@ -823,8 +841,19 @@ impl Drop for VolumeInner {
                 "flushing a closing volume failed"
             );
         }
+        // A journal left here is folded at the next open.
+        if !self.poisoned.load(Ordering::Acquire)
+            && let Err(error) = self.fold_journal()
+        {
+            tracing::warn!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                %error,
+                "folding a closing volume's mapping journal failed"
+            );
+        }
         // Before the gate opens: the next instance charges its own.
-        self.drop_index();
+        self.release_index();
     }
 }
 
@@ -1071,12 +1100,13 @@ mod tests {
             let lba = rng.random_range(0..BLOCKS);
             let count = rng.random_range(1..=8u64).min(BLOCKS - lba);
             let (at, len) = ((lba * 512) as usize, (count * 512) as usize);
-            match rng.random_range(0..10) {
+            match rng.random_range(0..11) {
                 0..=5 => {
                     let fill = (round % 251) as u8 + 1;
                     volume.write_at(at as u64, &vec![fill; len]).unwrap();
                     model[at..at + len].fill(fill);
                 }
+                10 => volume.inner.fold_journal().unwrap(),
                 6 => {
                     volume.trim(at as u64, len as u64).unwrap();
                     model[at..at + len].fill(0);
@@ -1097,9 +1127,24 @@ mod tests {
             volume.read_at(0, &mut got).unwrap();
             assert!(got == model, "round {round}");
         }
-        // A reloaded index holds exactly what the store holds.
+        // The store's pages with its journal hold what the index holds.
         volume.flush().unwrap();
+        let (mut from_index, mut from_journal) = (Vec::new(), Vec::new());
+        volume
+            .inner
+            .visit_extents(0, BLOCKS, &mut |e| from_index.push(e.to_extent()))
+            .unwrap();
+        let meta = volume.inner.meta.as_ref();
+        crate::mapping::scan_extents(meta, volume.inner.internal_id, 0, &mut |e| {
+            from_journal.push(e);
+            true
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(from_index, from_journal);
+        // A reloaded index holds exactly what the store holds.
         volume.inner.drop_index();
+        assert!(volume.inner.state_journal_is_empty());
         assert!(volume.inner.load_index().unwrap());
         let mut from_index = Vec::new();
         volume
@@ -1116,6 +1161,69 @@ mod tests {
             volume.inner.budget.used(),
             volume.inner.index.read().unwrap().as_ref().unwrap().bytes()
         );
+    }
+
+    /// A flush of scattered blocks writes one journal record, not a page per
+    /// block; the flush thread's fold, an index given up and a close each
+    /// leave the pages alone holding the mappings.
+    #[test]
+    fn flushes_journal_and_folds_leave_the_pages_whole() {
+        let (_dir, store, volume) =
+            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), 4096);
+        let id = volume.inner.internal_id;
+        let meta = volume.inner.meta.clone();
+        let count = |prefix: &[u8]| {
+            let mut n = 0;
+            meta.scan_prefix(prefix, &mut |_, _| {
+                n += 1;
+                true
+            })
+            .unwrap();
+            n
+        };
+        for round in 0..3u64 {
+            for k in 0..50u64 {
+                volume
+                    .write_at((k * 80 + round) * 512, &[(k + round) as u8 + 1; 512])
+                    .unwrap();
+            }
+            volume.flush().unwrap();
+        }
+        assert_eq!(
+            count(&record::journal_prefix(id)),
+            3,
+            "one record per flush"
+        );
+        assert_eq!(count(&record::page_prefix(id)), 0, "no page written yet");
+        assert!(
+            volume.inner.journal_due().is_none(),
+            "young and small: not due"
+        );
+        volume.inner.fold_journal().unwrap();
+        assert_eq!(count(&record::journal_prefix(id)), 0);
+        assert_eq!(count(&record::page_prefix(id)), 50);
+        // Given up index: folded first, so the pages alone serve reads.
+        volume.write_at(3 * 512, &[9; 512]).unwrap();
+        volume.flush().unwrap();
+        assert_eq!(count(&record::journal_prefix(id)), 1);
+        volume.inner.drop_index();
+        assert_eq!(count(&record::journal_prefix(id)), 0);
+        let mut block = [0u8; 512];
+        volume.read_at(3 * 512, &mut block).unwrap();
+        assert_eq!(block, [9; 512]);
+        volume.read_at((49 * 80 + 2) * 512, &mut block).unwrap();
+        assert_eq!(block, [52; 512]);
+        // A close folds what the volume journaled.
+        assert!(volume.inner.load_index().unwrap());
+        volume.write_at(5 * 512, &[7; 512]).unwrap();
+        volume.flush().unwrap();
+        assert_eq!(count(&record::journal_prefix(id)), 1);
+        drop(volume);
+        assert_eq!(count(&record::journal_prefix(id)), 0);
+        let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
+        let volume = store.open_volume(&tenant, &name).unwrap();
+        volume.read_at(5 * 512, &mut block).unwrap();
+        assert_eq!(block, [7; 512]);
     }
 
     /// With room for one index, the volume being read gets it and the idle one

@@ -165,7 +165,7 @@ fn newer_format_is_refused_clearly() {
     let e = Store::open(dir.path(), master(1), StoreOptions::new()).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "store format v7 is newer than this build supports (v3)"
+        "store format v7 is newer than this build supports (v4)"
     );
     let e = Store::open(
         tempfile::tempdir().unwrap().path(),

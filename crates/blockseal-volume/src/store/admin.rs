@@ -657,10 +657,10 @@ fn remove_volume_data(
     segments.delete_volume(volume).map_err(AdminError::Io)?;
     let id = volume.to_be_bytes();
     // Mappings, live counts, writers, nonce windows, the re-encryption job,
-    // the DEK usage counts, preserved extents, snapshots, the epoch and the
-    // epochs' starts.
+    // the DEK usage counts, preserved extents, snapshots, the epoch, the
+    // epochs' starts and the mapping journal.
     for kind in [
-        b'M', b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E', b'e',
+        b'J', b'M', b'm', b's', b'w', b'n', b'r', b'u', b'P', b'S', b'E', b'e',
     ] {
         let prefix = [kind, id[0], id[1], id[2], id[3]];
         loop {

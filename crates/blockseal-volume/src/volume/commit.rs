@@ -214,10 +214,13 @@ impl VolumeInner {
             change,
             pinned,
         } = commit;
-        if let Err(e) = self.write_pages(&change, &mut batch) {
-            self.poison();
-            return Err(e);
-        }
+        let step = match self.journal_or_pages(state, &change, &mut batch) {
+            Ok(step) => step,
+            Err(e) => {
+                self.poison();
+                return Err(e);
+            }
+        };
         if batch.is_empty() {
             return Ok(());
         }
@@ -226,9 +229,10 @@ impl VolumeInner {
             self.poison();
             return Err(e.into());
         }
+        self.note_journal(state, step);
         apply_deltas(&mut state.live, &deltas);
         apply_deltas(&mut state.snap.pinned, &pinned);
-        self.apply_to_index(&change);
+        self.apply_to_index(state, &change);
         let bytes: usize = batch
             .ops()
             .iter()
@@ -249,13 +253,21 @@ impl VolumeInner {
         Ok(())
     }
 
-    /// Adds to `batch` the mapping pages `change` touches, rewritten whole
-    /// (the caller holds the flush lock, so the index, when the volume has
-    /// one, is what the store holds; otherwise the pages are read). Within a
-    /// page, removals come first and an added extent replaces one ending at
-    /// the same block.
-    fn write_pages(&self, change: &MappingChange, batch: &mut Batch) -> Result<(), VolumeError> {
+    /// Adds to `batch` the mapping pages `change` touches and pages `also`,
+    /// rewritten whole (the caller holds the flush lock, so the index, when
+    /// the volume has one, is the committed state; otherwise the pages are
+    /// read, and the volume has no journal). Within a page, removals come
+    /// first and an added extent replaces one ending at the same block.
+    pub(super) fn write_pages(
+        &self,
+        change: &MappingChange,
+        also: &[u64],
+        batch: &mut Batch,
+    ) -> Result<(), VolumeError> {
         let mut pages: BTreeMap<u64, (Vec<u64>, Vec<&Extent>)> = BTreeMap::new();
+        for &page in also {
+            pages.entry(page).or_default();
+        }
         for &last in &change.removed {
             pages.entry(record::page_of(last)).or_default().0.push(last);
         }

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Location, MappingChange, VolumeInner};
+use super::{FlushState, Location, MappingChange, VolumeInner};
 use crate::error::VolumeError;
 use crate::record::Extent;
 use crate::seal::TAG_LEN;
@@ -279,11 +279,37 @@ impl IndexBudget {
 impl VolumeInner {
     /// Applies a durable mapping commit to the index (the caller holds the flush
     /// lock, and the overlay still holds the entries committed). An index that
-    /// outgrows the store's budget is given up: reads then use the store.
-    pub(super) fn apply_to_index(&self, change: &MappingChange) {
+    /// outgrows the store's budget is given up, after the mapping journal it
+    /// stands for is folded: reads then use the store.
+    pub(super) fn apply_to_index(&self, state: &mut FlushState, change: &MappingChange) {
+        if self.apply_to_index_charged(change) {
+            return;
+        }
+        if let Err(error) = self.fold_journal_locked(state) {
+            // Kept over the budget until a fold succeeds: without it, reads
+            // of the pages alone would miss the journal.
+            tracing::warn!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                %error,
+                "folding the mapping journal failed: the extent index stays over the budget"
+            );
+            return;
+        }
+        self.release_index();
+        tracing::debug!(
+            tenant = %self.tenant,
+            volume = %self.name,
+            "extent index given up: the store's index budget is spent"
+        );
+    }
+
+    /// Applies `change` to the index and charges the budget for its growth;
+    /// `false` when the budget is now exceeded.
+    fn apply_to_index_charged(&self, change: &MappingChange) -> bool {
         let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
         let Some(index) = guard.as_mut() else {
-            return;
+            return true;
         };
         let before = index.bytes();
         for &last in &change.removed {
@@ -295,14 +321,9 @@ impl VolumeInner {
         let after = index.bytes();
         if after <= before {
             self.budget.release(before - after);
-        } else if !self.budget.charge(after - before) {
-            self.budget.release(after);
-            *guard = None;
-            tracing::debug!(
-                tenant = %self.tenant,
-                volume = %self.name,
-                "extent index given up: the store's index budget is spent"
-            );
+            true
+        } else {
+            self.budget.charge(after - before)
         }
     }
 
@@ -314,9 +335,28 @@ impl VolumeInner {
             .is_some()
     }
 
-    /// Drops the index (its memory goes back to the budget). Returns the bytes
-    /// released.
+    /// Drops the index (its memory goes back to the budget) after folding the
+    /// mapping journal, which the index stands for; keeps it when the fold
+    /// fails. Returns the bytes released.
     pub(crate) fn drop_index(&self) -> usize {
+        let mut state = self.flush.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.journal.is_empty()
+            && let Err(error) = self.fold_journal_locked(&mut state)
+        {
+            tracing::warn!(
+                tenant = %self.tenant,
+                volume = %self.name,
+                %error,
+                "folding the mapping journal failed: the extent index stays"
+            );
+            return 0;
+        }
+        self.release_index()
+    }
+
+    /// Drops the index without folding the journal: for a closing volume
+    /// only (the next open folds what is left). Returns the bytes released.
+    pub(super) fn release_index(&self) -> usize {
         let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
         let bytes = guard.take().map_or(0, |index| index.bytes());
         self.budget.release(bytes);

@@ -83,7 +83,7 @@ impl VolumeInner {
         visit: &mut dyn FnMut(Extent),
     ) -> Result<(), VolumeError> {
         let outcome =
-            mapping::scan_extents(self.meta.as_ref(), self.internal_id, from, &mut |extent| {
+            mapping::scan_pages(self.meta.as_ref(), self.internal_id, from, &mut |extent| {
                 if extent.lba >= to {
                     return false;
                 }
