@@ -53,7 +53,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockseal_volume::meta::BackendKind;
+use blockseal_volume::meta::{self, BackendKind};
 use blockseal_volume::{ErrorKind, Store, StoreOptions, Volume};
 use common::volume::*;
 use rand::rngs::StdRng;
@@ -218,6 +218,10 @@ struct Totals {
     moved_blocks: u64,
     deleted_segments: u64,
     rotations: u64,
+    /// Mapping journal records a kill left for the next open to fold.
+    journal_records: u64,
+    /// Kills after which there were some.
+    kills_with_journal: u64,
 }
 
 #[test]
@@ -252,7 +256,8 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
             "crash test ({backend:?}): {} kills, {} acknowledged writes, {} completed flushes, \
              {} blocks verified as flushed, {} block reads checked, {} lost flushed writes, \
              {} auth failures; in the children {} compaction passes moved {} blocks and \
-             deleted {} segments, {} data key rotations",
+             deleted {} segments, {} data key rotations; {} kills left {} mapping journal \
+             records to fold",
             totals.kills,
             totals.acked_writes,
             totals.flushes,
@@ -264,7 +269,16 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
             totals.moved_blocks,
             totals.deleted_segments,
             totals.rotations,
+            totals.kills_with_journal,
+            totals.journal_records,
         );
+        // The recovery of a journal a kill left must have been exercised.
+        if totals.kills >= 5 && totals.kills_with_journal == 0 {
+            failed.push(format!(
+                "{backend:?}: no kill in {} left a mapping journal to fold",
+                totals.kills
+            ));
+        }
         // One line per backend in a fixed form, for scripts/crash-heavy.sh.
         eprintln!(
             "crash summary: test=volume_crash backend={} seed={seed} kills={} \
@@ -314,6 +328,19 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
         totals.kills += 1;
         next_id += 10_000_000;
         apply_log(&lines, &mut blocks, totals);
+        // What the kill left in the mapping journal (the open folds it).
+        let journal = {
+            let meta = meta::open(backend, &dir.path().join("meta")).unwrap();
+            let mut n = 0u64;
+            meta.scan_prefix(b"J", &mut |_, _| {
+                n += 1;
+                true
+            })
+            .unwrap();
+            n
+        };
+        totals.journal_records += journal;
+        totals.kills_with_journal += u64::from(journal > 0);
         let store = Store::open(dir.path(), master(1), options(backend)).unwrap();
         let volume = store
             .open_volume(&tenant("acme"), &volume_id("disk"))
