@@ -281,6 +281,8 @@ fn metrics_count_what_clients_did_and_health_answers() {
     assert_eq!(value(&s, "blockseal_tenants", &[]), 2.0);
     assert_eq!(value(&s, "blockseal_volumes", &[]), 2.0);
     assert!(value(&s, "blockseal_metadata_commit_duration_seconds_count", &[]) >= 1.0);
+    // The writes above were flushed (commits counted), so their data was synced.
+    assert!(value(&s, "blockseal_segment_sync_duration_seconds_count", &[]) >= 1.0);
     assert!(value(&s, "process_resident_memory_bytes", &[]) > 1e6);
     assert!(value(&s, "process_open_fds", &[]) >= 3.0);
     assert_eq!(value(&s, "blockseal_export_connections", &acme), 0.0);

@@ -360,6 +360,8 @@ pub struct Store {
     meta: Arc<dyn MetaStore>,
     /// How long the metadata store's group commits take.
     commit_latency: Arc<LatencyHistogram>,
+    /// How long flushes take to sync their volume's segments.
+    sync_latency: Arc<LatencyHistogram>,
     segments: Arc<dyn SegmentStore>,
     /// The same segment store, through which segment deletions can be held
     /// off (while a catalogue's segments are linked).
@@ -614,6 +616,7 @@ impl Store {
             dir,
             meta,
             commit_latency,
+            sync_latency: Arc::default(),
             segments,
             holding,
             master: RwLock::new(master),
@@ -648,6 +651,12 @@ impl Store {
     /// opened (a group commit serves every flush queued behind it).
     pub fn metadata_commit_latency(&self) -> LatencySnapshot {
         self.commit_latency.snapshot()
+    }
+
+    /// How long flushes have taken to sync their volume's segments since the
+    /// store was opened (one sample per flush that had data to sync).
+    pub fn segment_sync_latency(&self) -> LatencySnapshot {
+        self.sync_latency.snapshot()
     }
 
     /// Compacts every open volume now, without the background throttle (see
@@ -953,6 +962,7 @@ impl Store {
             closed: closed.clone(),
             nonce_limit: self.options.writer_nonce_limit,
             index_budget: self.index_budget.clone(),
+            sync_latency: self.sync_latency.clone(),
             rekey: RekeyParts {
                 admin: self.admin.clone(),
                 kek: Some(kek),

@@ -73,6 +73,7 @@ use crate::meta::{Batch, MetaStore};
 use crate::record::{self, WriterRecord};
 use crate::seal::{BlockCipher, TAG_LEN};
 use crate::segment::{SegmentId, SegmentStore};
+use crate::stats::LatencyHistogram;
 use check::{check_extents, load_writers};
 use commit::{CommitKind, MappingChange, MappingCommit};
 use index::ExtentIndex;
@@ -277,6 +278,8 @@ pub(crate) struct VolumeInner {
     /// flush lock (see [`journal`]).
     journal_pages: AtomicUsize,
     journal_since: AtomicU64,
+    /// The store-wide histogram of flushes' segment syncs.
+    sync_latency: Arc<LatencyHistogram>,
     /// Held by each step of a compaction or re-encryption pass of this
     /// volume, and by the destruction of old data keys (first in the lock
     /// order after `compacting`). Never held across a pacing sleep.
@@ -342,6 +345,8 @@ pub(crate) struct VolumeParts {
     pub(crate) nonce_limit: Option<u64>,
     /// The store-wide budget of extent index memory.
     pub(crate) index_budget: Arc<IndexBudget>,
+    /// The store-wide histogram of flushes' segment syncs.
+    pub(crate) sync_latency: Arc<LatencyHistogram>,
     /// What DEK rotation and re-encryption need from the store.
     pub(crate) rekey: RekeyParts,
 }
@@ -407,6 +412,7 @@ impl Volume {
             closed,
             nonce_limit,
             index_budget,
+            sync_latency,
             rekey,
         } = parts;
         let active_dek = keys
@@ -580,6 +586,7 @@ impl Volume {
                 compaction_metadata_bytes: AtomicU64::new(0),
                 index: RwLock::new(index),
                 budget: index_budget,
+                sync_latency,
                 store_lookups: AtomicU64::new(0),
                 requests_at_pass: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
@@ -1087,7 +1094,8 @@ mod tests {
     #[test]
     fn reads_agree_with_and_without_the_index() {
         use rand::{Rng, SeedableRng};
-        const BLOCKS: u64 = 256;
+        // 25 mapping pages: a flush of a few scattered writes journals.
+        const BLOCKS: u64 = 1024;
         let options = StoreOptions::new()
             .background_compaction(false)
             .segment_bytes(32 * 512)
@@ -1096,6 +1104,7 @@ mod tests {
         assert!(volume.inner.has_index());
         let mut model = vec![0u8; (BLOCKS * 512) as usize];
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut journaled = false;
         for round in 0..400u32 {
             let lba = rng.random_range(0..BLOCKS);
             let count = rng.random_range(1..=8u64).min(BLOCKS - lba);
@@ -1123,10 +1132,12 @@ mod tests {
                     }
                 }
             }
+            journaled |= volume.inner.has_journal();
             let mut got = vec![0u8; model.len()];
             volume.read_at(0, &mut got).unwrap();
             assert!(got == model, "round {round}");
         }
+        assert!(journaled, "no commit went into the mapping journal");
         // The store's pages with its journal hold what the index holds.
         volume.flush().unwrap();
         let (mut from_index, mut from_journal) = (Vec::new(), Vec::new());
@@ -1169,7 +1180,7 @@ mod tests {
     #[test]
     fn flushes_journal_and_folds_leave_the_pages_whole() {
         let (_dir, store, volume) =
-            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), 4096);
+            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), 1 << 16);
         let id = volume.inner.internal_id;
         let meta = volume.inner.meta.clone();
         let count = |prefix: &[u8]| {
@@ -1202,8 +1213,14 @@ mod tests {
         volume.inner.fold_journal().unwrap();
         assert_eq!(count(&record::journal_prefix(id)), 0);
         assert_eq!(count(&record::page_prefix(id)), 50);
-        // Given up index: folded first, so the pages alone serve reads.
+        // A change of one run of pages rewrites its page at once.
         volume.write_at(3 * 512, &[9; 512]).unwrap();
+        volume.flush().unwrap();
+        assert_eq!(count(&record::journal_prefix(id)), 0);
+        // Given up index: folded first, so the pages alone serve reads.
+        for k in 0..10u64 {
+            volume.write_at((k * 400 + 7) * 512, &[11; 512]).unwrap();
+        }
         volume.flush().unwrap();
         assert_eq!(count(&record::journal_prefix(id)), 1);
         volume.inner.drop_index();
@@ -1215,7 +1232,9 @@ mod tests {
         assert_eq!(block, [52; 512]);
         // A close folds what the volume journaled.
         assert!(volume.inner.load_index().unwrap());
-        volume.write_at(5 * 512, &[7; 512]).unwrap();
+        for k in 0..10u64 {
+            volume.write_at((k * 400 + 5) * 512, &[7; 512]).unwrap();
+        }
         volume.flush().unwrap();
         assert_eq!(count(&record::journal_prefix(id)), 1);
         drop(volume);

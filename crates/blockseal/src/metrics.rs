@@ -596,6 +596,13 @@ impl Metrics {
             "Time of the store's metadata commits (a group commit serves many flushes).",
         );
         x.histogram(name, &[], &self.store.metadata_commit_latency());
+        let name = "blockseal_segment_sync_duration_seconds";
+        x.family(
+            name,
+            "histogram",
+            "Time of flushes' segment syncs (one sample per flush that had data to sync).",
+        );
+        x.histogram(name, &[], &self.store.segment_sync_latency());
 
         if let Some(otlp) = crate::otlp::installed_stats() {
             tracing_exporter(&mut x, &otlp);

@@ -52,11 +52,15 @@ impl VolumeInner {
         // Every entry above was installed after its segment was marked dirty, so
         // the set taken now covers them all (or an earlier flush synced them).
         let dirty = std::mem::take(&mut *self.lock_dirty());
+        let syncing = std::time::Instant::now();
         for &segment in &dirty {
             if let Err(e) = self.segments.sync(self.segment_id(segment)) {
                 self.poison();
                 return Err(VolumeError::Io(e));
             }
+        }
+        if !dirty.is_empty() {
+            self.sync_latency.record(syncing.elapsed());
         }
         if !entries.is_empty() {
             let runs = runs_of(&entries);

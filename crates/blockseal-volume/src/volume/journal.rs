@@ -25,6 +25,10 @@
 //!   covers. A failed fold changes nothing the reads depend on (either
 //!   outcome on disk is the same mapping), so it does not poison the volume;
 //!   the next one writes the same pages again.
+//! - A commit journals only a scattered change: at least [`MIN_RUNS`] runs
+//!   of consecutive pages, and at most [`SMALL_CHANGE_PAGES`] pages or a
+//!   quarter of the volume's. Other commits rewrite their pages (and fold the
+//!   journal with them) as before.
 //! - The journal is bounded: a commit that would take it past
 //!   [`MAX_RECORDS`] records or [`MAX_PAGES`] pages folds it in the same
 //!   batch instead (the commit rewrites its pages, as before the journal).
@@ -51,6 +55,16 @@ pub(crate) const MAX_PAGES: usize = 4096;
 pub(crate) const FOLD_PAGES: usize = 1024;
 /// Age of its oldest record at which the flush thread folds a journal.
 pub(crate) const FOLD_AGE: Duration = Duration::from_secs(30);
+/// Runs of consecutive pages a change must touch at least to be journaled:
+/// pages next to each other share the store's tree leaves, so a change of a
+/// few runs (sequential writes) costs few leaves written directly, and a
+/// journal record would only add its own bytes.
+pub(crate) const MIN_RUNS: usize = 4;
+/// Pages a change may always touch and be journaled; past this it must
+/// touch at most a quarter of the volume's pages. A change that rewrites
+/// much of a small volume's pages gains nothing from the journal (its fold
+/// rewrites about as many), and its records would only add to the store.
+pub(crate) const SMALL_CHANGE_PAGES: usize = 256;
 
 /// A volume's journal records not yet folded (under the flush lock).
 #[derive(Debug, Default)]
@@ -102,25 +116,29 @@ impl VolumeInner {
             return Ok(JournalStep::Nothing);
         }
         let journal = &state.journal;
-        let touched = change.removed.len() + change.added.len();
+        let mut pages: Vec<u64> = pages_of(change).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let runs = 1 + pages.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        let blocks = self.size.load(Ordering::Acquire) / u64::from(self.block_size.get());
+        let volume_pages = usize::try_from(blocks / record::PAGE_BLOCKS).unwrap_or(usize::MAX);
         let indexed = self.has_index();
         debug_assert!(
             indexed || journal.is_empty(),
             "a volume without an index journals"
         );
         if indexed
+            && runs >= MIN_RUNS
+            && (pages.len() <= SMALL_CHANGE_PAGES || pages.len() <= volume_pages / 4)
             && journal.records.len() < MAX_RECORDS
-            && journal.pages.len() + touched <= MAX_PAGES
+            && journal.pages.len() + pages.len() <= MAX_PAGES
         {
             let sequence = journal.next;
             batch.put(
                 record::journal_key(self.internal_id, sequence).to_vec(),
                 record::encode_journal(&change.removed, &change.added),
             );
-            return Ok(JournalStep::Recorded {
-                sequence,
-                pages: pages_of(change).collect(),
-            });
+            return Ok(JournalStep::Recorded { sequence, pages });
         }
         self.write_pages(change, &journal.pages, batch)?;
         for &sequence in &journal.records {
