@@ -100,6 +100,7 @@ pub struct StoreOptions {
     compaction_interval: Duration,
     space_reserve: u64,
     writer_nonce_limit: Option<u64>,
+    journal_min_runs: usize,
     index_memory: usize,
     reencrypt_rate: u64,
     background_reencryption: bool,
@@ -141,6 +142,7 @@ impl StoreOptions {
             compaction_interval: Self::DEFAULT_COMPACTION_INTERVAL,
             space_reserve: FileSegments::DEFAULT_RESERVE,
             writer_nonce_limit: None,
+            journal_min_runs: crate::volume::JOURNAL_MIN_RUNS,
             index_memory: Self::DEFAULT_INDEX_MEMORY,
             reencrypt_rate: Self::DEFAULT_REENCRYPT_RATE,
             background_reencryption: true,
@@ -246,6 +248,15 @@ impl StoreOptions {
     #[doc(hidden)]
     pub fn danger_writer_nonce_limit(mut self, blocks: u64) -> StoreOptions {
         self.writer_nonce_limit = Some(blocks.max(1));
+        self
+    }
+
+    /// Lowers the runs of nearby mapping pages a commit must touch to go into
+    /// the mapping journal (default 4; see `volume/journal.rs`), so that the
+    /// small volumes of tests journal. For tests only.
+    #[doc(hidden)]
+    pub fn danger_journal_min_runs(mut self, runs: usize) -> StoreOptions {
+        self.journal_min_runs = runs.max(1);
         self
     }
 
@@ -961,6 +972,7 @@ impl Store {
             flusher: Some(self.flusher.queue().clone()),
             closed: closed.clone(),
             nonce_limit: self.options.writer_nonce_limit,
+            journal_min_runs: self.options.journal_min_runs,
             index_budget: self.index_budget.clone(),
             sync_latency: self.sync_latency.clone(),
             rekey: RekeyParts {

@@ -53,6 +53,7 @@ mod write;
 
 pub use compact::CompactionReport;
 pub(crate) use index::{ExtentView, IndexBudget};
+pub(crate) use journal::MIN_RUNS as JOURNAL_MIN_RUNS;
 pub use reencrypt::{DataKeyStatus, DataKeyUsage, ReencryptionProgress, ReencryptionReport};
 pub(crate) use reencrypt::{RekeyParts, STEP_BYTES, dek_blocks_in_store, status_of};
 pub use snapshot::SnapshotInfo;
@@ -278,6 +279,8 @@ pub(crate) struct VolumeInner {
     /// flush lock (see [`journal`]).
     journal_pages: AtomicUsize,
     journal_since: AtomicU64,
+    /// Runs of nearby pages a commit must touch to be journaled.
+    journal_min_runs: usize,
     /// The store-wide histogram of flushes' segment syncs.
     sync_latency: Arc<LatencyHistogram>,
     /// Held by each step of a compaction or re-encryption pass of this
@@ -343,6 +346,8 @@ pub(crate) struct VolumeParts {
     pub(crate) closed: Arc<Closed>,
     /// A lower limit of seals per writer key (tests of writer turnover).
     pub(crate) nonce_limit: Option<u64>,
+    /// Runs of nearby pages a commit must touch to be journaled.
+    pub(crate) journal_min_runs: usize,
     /// The store-wide budget of extent index memory.
     pub(crate) index_budget: Arc<IndexBudget>,
     /// The store-wide histogram of flushes' segment syncs.
@@ -411,6 +416,7 @@ impl Volume {
             flusher,
             closed,
             nonce_limit,
+            journal_min_runs,
             index_budget,
             sync_latency,
             rekey,
@@ -573,6 +579,7 @@ impl Volume {
                 metadata_bytes: AtomicU64::new(0),
                 journal_pages: AtomicUsize::new(0),
                 journal_since: AtomicU64::new(0),
+                journal_min_runs,
                 compaction: Mutex::new(()),
                 compacting: Mutex::new(()),
                 compact_threshold: compact_threshold.clamp(0.0, 1.0),
@@ -1099,7 +1106,8 @@ mod tests {
         let options = StoreOptions::new()
             .background_compaction(false)
             .segment_bytes(32 * 512)
-            .overlay_blocks(64);
+            .overlay_blocks(64)
+            .danger_journal_min_runs(1);
         let (_dir, _store, volume) = volume_of_512_byte_blocks(options, BLOCKS);
         assert!(volume.inner.has_index());
         let mut model = vec![0u8; (BLOCKS * 512) as usize];
@@ -1195,7 +1203,7 @@ mod tests {
         for round in 0..3u64 {
             for k in 0..50u64 {
                 volume
-                    .write_at((k * 80 + round) * 512, &[(k + round) as u8 + 1; 512])
+                    .write_at((k * 400 + round) * 512, &[(k + round) as u8 + 1; 512])
                     .unwrap();
             }
             volume.flush().unwrap();
@@ -1219,7 +1227,7 @@ mod tests {
         assert_eq!(count(&record::journal_prefix(id)), 0);
         // Given up index: folded first, so the pages alone serve reads.
         for k in 0..10u64 {
-            volume.write_at((k * 400 + 7) * 512, &[11; 512]).unwrap();
+            volume.write_at((k * 1000 + 7) * 512, &[11; 512]).unwrap();
         }
         volume.flush().unwrap();
         assert_eq!(count(&record::journal_prefix(id)), 1);
@@ -1228,12 +1236,12 @@ mod tests {
         let mut block = [0u8; 512];
         volume.read_at(3 * 512, &mut block).unwrap();
         assert_eq!(block, [9; 512]);
-        volume.read_at((49 * 80 + 2) * 512, &mut block).unwrap();
+        volume.read_at((49 * 400 + 2) * 512, &mut block).unwrap();
         assert_eq!(block, [52; 512]);
         // A close folds what the volume journaled.
         assert!(volume.inner.load_index().unwrap());
         for k in 0..10u64 {
-            volume.write_at((k * 400 + 5) * 512, &[7; 512]).unwrap();
+            volume.write_at((k * 1000 + 5) * 512, &[7; 512]).unwrap();
         }
         volume.flush().unwrap();
         assert_eq!(count(&record::journal_prefix(id)), 1);

@@ -112,6 +112,9 @@ impl Harness {
             .background_compaction(false)
             .segment_store(Arc::new(self.segments.clone()))
             .index_memory(self.index_memory)
+            // A volume this small journals only this way; without an index
+            // (budget 0) its commits rewrite their pages.
+            .danger_journal_min_runs(1)
     }
 
     fn new(index_memory: usize) -> Harness {

@@ -26,7 +26,7 @@
 //!   outcome on disk is the same mapping), so it does not poison the volume;
 //!   the next one writes the same pages again.
 //! - A commit journals only a scattered change: at least [`MIN_RUNS`] runs
-//!   of consecutive pages, and at most [`SMALL_CHANGE_PAGES`] pages or a
+//!   of nearby pages (at most 7 apart), and at most [`SMALL_CHANGE_PAGES`] pages or a
 //!   quarter of the volume's. Other commits rewrite their pages (and fold the
 //!   journal with them) as before.
 //! - The journal is bounded: a commit that would take it past
@@ -55,11 +55,15 @@ pub(crate) const MAX_PAGES: usize = 4096;
 pub(crate) const FOLD_PAGES: usize = 1024;
 /// Age of its oldest record at which the flush thread folds a journal.
 pub(crate) const FOLD_AGE: Duration = Duration::from_secs(30);
-/// Runs of consecutive pages a change must touch at least to be journaled:
-/// pages next to each other share the store's tree leaves, so a change of a
-/// few runs (sequential writes) costs few leaves written directly, and a
-/// journal record would only add its own bytes.
+/// Runs of nearby pages a change must touch at least to be journaled: pages
+/// near each other share the store's tree leaves, so a change of a few runs
+/// (sequential writes) costs few leaves written directly, and a journal
+/// record would only add its own bytes.
 pub(crate) const MIN_RUNS: usize = 4;
+/// Pages at most this far apart are in one run: an extent of up to 256
+/// blocks spans 7 pages and is kept in the page of its last block only, so a
+/// sequential change touches every 7th page, adjacent keys.
+const RUN_GAP: u64 = (crate::record::MAX_EXTENT_BLOCKS as u64).div_ceil(record::PAGE_BLOCKS);
 /// Pages a change may always touch and be journaled; past this it must
 /// touch at most a quarter of the volume's pages. A change that rewrites
 /// much of a small volume's pages gains nothing from the journal (its fold
@@ -119,7 +123,7 @@ impl VolumeInner {
         let mut pages: Vec<u64> = pages_of(change).collect();
         pages.sort_unstable();
         pages.dedup();
-        let runs = 1 + pages.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        let runs = 1 + pages.windows(2).filter(|w| w[1] - w[0] > RUN_GAP).count();
         let blocks = self.size.load(Ordering::Acquire) / u64::from(self.block_size.get());
         let volume_pages = usize::try_from(blocks / record::PAGE_BLOCKS).unwrap_or(usize::MAX);
         let indexed = self.has_index();
@@ -128,7 +132,7 @@ impl VolumeInner {
             "a volume without an index journals"
         );
         if indexed
-            && runs >= MIN_RUNS
+            && runs >= self.journal_min_runs
             && (pages.len() <= SMALL_CHANGE_PAGES || pages.len() <= volume_pages / 4)
             && journal.records.len() < MAX_RECORDS
             && journal.pages.len() + pages.len() <= MAX_PAGES
