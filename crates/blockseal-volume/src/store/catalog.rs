@@ -44,7 +44,12 @@ use crate::record::VolumeRecord;
 use crate::segment::{SegmentId, SegmentStore};
 
 const MAGIC: [u8; 8] = *b"BSCATLOG";
-const VERSION: u16 = 1;
+/// The catalogue version this build writes: 2 since store format 4, whose
+/// mapping journal records a build before it would copy without reading
+/// (its volumes would miss the changes they hold). Version 1 is read too.
+const VERSION: u16 = 2;
+/// The oldest catalogue version this build reads.
+const OLDEST_VERSION: u16 = 1;
 /// Bytes of a catalogue's header.
 pub const CATALOG_HEADER_LEN: usize = 8 + 2 + 1 + 1 + 16 + CATALOG_SALT_LEN + 8;
 const HEADER_LEN: usize = CATALOG_HEADER_LEN;
@@ -543,9 +548,9 @@ impl CatalogHeader {
             return Err(format("not a blockseal catalogue (bad magic)".into()));
         }
         let version = u16::from_be_bytes([header[8], header[9]]);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(format(format!(
-                "catalogue version {version}; this build reads version {VERSION}"
+                "catalogue version {version}; this build reads versions {OLDEST_VERSION} to {VERSION}"
             )));
         }
         let backend = match header[10] {
