@@ -113,6 +113,14 @@ impl Batch {
         self.ops.is_empty()
     }
 
+    /// Bytes of the keys and values it writes (a measure of metadata written).
+    pub(crate) fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+
     /// Overwrites every value with zeros, for a batch that carried secrets (a
     /// tenant seed) once it has been committed.
     pub(crate) fn wipe_values(&mut self) {

@@ -237,11 +237,7 @@ impl VolumeInner {
         apply_deltas(&mut state.live, &deltas);
         apply_deltas(&mut state.snap.pinned, &pinned);
         self.apply_to_index(state, &change);
-        let bytes: usize = batch
-            .ops()
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
+        let bytes = batch.bytes();
         match kind {
             CommitKind::Foreground => {
                 self.note_dead_space(&state.live, &deltas);

@@ -230,11 +230,7 @@ impl VolumeInner {
         for &sequence in &state.journal.records {
             batch.delete(record::journal_key(self.internal_id, sequence).to_vec());
         }
-        let bytes: usize = batch
-            .ops()
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
+        let bytes = batch.bytes();
         // Not poisoned on failure: the store holds either the journal or its
         // pages, the same mappings, and the next fold writes them again.
         self.meta.commit(&batch)?;
