@@ -10,10 +10,12 @@
 //! work on the store's own thread, which its limit does not cover yet
 //! (docs/OPERATIONS.md, "Limits").
 //!
-//! The comparison is made three times, an idle phase and a held phase each,
-//! and the median of the three ratios is asserted: on a 2-core machine that
+//! The comparison is made five times, an idle phase and a held phase each,
+//! and the median of the five ratios is asserted: on a 2-core machine that
 //! also runs other work, a burst of outside latency lands in one phase of
 //! one round, while a fairness fault of the server lands in every held phase.
+//! (With three rounds the same binary gave medians from 1.19 to 2.78 in one
+//! sitting, a single bad round deciding the result.)
 //!
 //! One test in its own binary, so that no other test of the suite runs beside
 //! it.
@@ -31,7 +33,7 @@ use blockseal_tests::{
 const PHASE_SECS: u32 = 8;
 
 /// Rounds of an idle and a held phase; odd, for a median.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The quiet tenant's phase: 4 KiB random reads and writes, 200 of each per
 /// second, queue depth 1; its read and write p99 in microseconds.
