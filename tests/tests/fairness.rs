@@ -6,9 +6,11 @@
 //! otherwise idle. The same load with the limit lifted is measured and
 //! printed, not asserted: it shows what the limit buys.
 //!
-//! The noisy tenant writes sequentially: random overwrites make compaction
-//! work on the store's own thread, which its limit does not cover yet
-//! (docs/OPERATIONS.md, "Limits").
+//! The noisy tenant writes sequentially, each round into a region of its
+//! volume no earlier round wrote: overwrites make compaction work on the
+//! store's own thread, which its limit does not cover yet (docs/OPERATIONS.md,
+//! "Limits"). (Rounds that rewrote one region had the store compact about
+//! 28 MiB of the noisy volume during a later held phase.)
 //!
 //! The comparison is made five times, an idle phase and a held phase each,
 //! and the median of the five ratios is asserted: on a 2-core machine that
@@ -60,12 +62,22 @@ fn quiet_phase(server: &ServerProcess) -> (f64, f64) {
     )
 }
 
+/// MiB in each volume: room for a fresh region per round and the unlimited
+/// run.
+const VOLUME_MIB: usize = 1024;
+
+/// MiB of the noisy volume each round writes into, from `(round - 1) *
+/// REGION_MIB`: more than a held run writes at its limit (4 MiB/s for
+/// `PHASE_SECS + 4` seconds), so it never wraps onto its own blocks.
+const REGION_MIB: usize = 96;
+
 /// The noisy tenant: fio writing 64 KiB blocks in order at queue depth 32
-/// for a little longer than a quiet phase, as fast as it may.
+/// for a little longer than a quiet phase, as fast as it may, into the
+/// `size_mib` MiB at `offset_mib` of its volume.
 struct Noisy(Option<Child>);
 
 impl Noisy {
-    fn start(server: &ServerProcess) -> Noisy {
+    fn start(server: &ServerProcess, offset_mib: usize, size_mib: usize) -> Noisy {
         let child = Command::new("fio")
             .current_dir(&server.dir)
             .args([
@@ -75,7 +87,8 @@ impl Noisy {
                 "--rw=write",
                 "--bs=64k",
                 "--iodepth=32",
-                "--size=192M",
+                &format!("--offset={offset_mib}M"),
+                &format!("--size={size_mib}M"),
                 "--time_based",
                 &format!("--runtime={}", PHASE_SECS + 4),
                 "--output-format=json",
@@ -123,7 +136,7 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
     let host = tmp.path().join("host");
     let config = configure_host(&host, None);
     let store = StoreArg::Config(&config);
-    tenants_with_disks(store, &["noisy", "quiet"], "256M");
+    tenants_with_disks(store, &["noisy", "quiet"], &format!("{VOLUME_MIB}M"));
     let server = ServerProcess::with_config_and_log(&host, &config, "info");
     // fio's nbd engine attaches twice per run: once to learn the size, once
     // for the job itself; the n-th noisy run is under way at attach 2n.
@@ -141,7 +154,7 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
     let mut rounds = Vec::new();
     for round in 1..=ROUNDS {
         let idle = quiet_phase(&server);
-        let noisy = Noisy::start(&server);
+        let noisy = Noisy::start(&server, (round - 1) * REGION_MIB, REGION_MIB);
         attached(round);
         let held = quiet_phase(&server);
         let held_mib = noisy.finish();
@@ -165,7 +178,8 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
         store,
         &["limits", "set", "noisy", "--bandwidth", "unlimited"],
     );
-    let noisy = Noisy::start(&server);
+    let free_from = ROUNDS * REGION_MIB;
+    let noisy = Noisy::start(&server, free_from, VOLUME_MIB - free_from);
     attached(ROUNDS + 1);
     let (free_read, free_write) = quiet_phase(&server);
     let free_mib = noisy.finish();
