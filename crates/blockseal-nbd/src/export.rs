@@ -65,6 +65,17 @@ pub trait Export: Send + Sync + 'static {
     /// [`ErrorClass::Authentication`](crate::ErrorClass::Authentication), never garbage.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError>;
 
+    /// Reads like [`read`](Self::read) if that needs no wait on a device,
+    /// else returns `Ok(false)` at once (with `buf` unspecified). The server
+    /// runs small reads on the connection's task, which other connections
+    /// share: it tries this first there, and runs a read that would wait
+    /// with `read` on a blocking thread. The default reads, as an export
+    /// whose reads never wait (memory) would; an export on a disk overrides
+    /// it.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ExportError> {
+        self.read(offset, buf).map(|()| true)
+    }
+
     /// Writes `data` at `offset`. With `fua`, the data is durable when this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError>;
 

@@ -595,6 +595,36 @@ fn a_write_that_may_block_does_not_hold_up_the_connection() {
     assert_eq!(disk.peek(0, 4), vec![5; 4]);
 }
 
+/// A small read the export cannot answer without waiting on its device
+/// runs off the connection's task: a read sent after it, which the export
+/// answers from memory, is answered while the first one waits.
+#[test]
+fn a_read_that_would_wait_does_not_hold_up_the_connection() {
+    let server = TestServer::start();
+    let disk = server.catalog.get("acme/disk");
+    disk.fill(0, 4096, 7);
+    disk.fill(8192, 4096, 9);
+    disk.reads_wait.store(true, Ordering::SeqCst);
+    disk.close_gate();
+    let mut raw = server.raw();
+    go(&mut raw, "acme/disk");
+    raw.request(0, CMD_READ, 1, 0, 4096);
+    wait_until("the read to reach the export", WAIT, || {
+        disk.waiting.load(Ordering::SeqCst) == 1
+    });
+    disk.reads_wait.store(false, Ordering::SeqCst);
+    raw.request(0, CMD_READ, 2, 8192, 4096);
+    assert_eq!(
+        raw.simple_reply(),
+        (0, 2),
+        "the cached read is answered first"
+    );
+    assert_eq!(raw.read_n(4096), vec![9; 4096]);
+    disk.open_gate();
+    assert_eq!(raw.simple_reply(), (0, 1));
+    assert_eq!(raw.read_n(4096), vec![7; 4096]);
+}
+
 #[test]
 fn disconnect_finishes_in_flight_requests_first() {
     let server = TestServer::start();

@@ -67,6 +67,16 @@ pub trait SegmentStore: Send + Sync + 'static {
     fn write_at(&self, id: SegmentId, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Reads exactly `buf.len()` bytes at byte `offset` of the segment.
     fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads like [`read_at`](Self::read_at) if the bytes can be had without
+    /// waiting for a device (from a cache, or a backend that never waits);
+    /// `Ok(false)` instead of waiting, with `buf` unspecified. For callers on
+    /// an event loop, which hand a read that would wait to a thread. The
+    /// default always says it would wait: never wrong, only slower, so a
+    /// wrapper that forgets to pass this on never blocks an event loop.
+    fn read_cached(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let _ = (id, offset, buf);
+        Ok(false)
+    }
     /// Makes every completed write to the segment durable.
     fn sync(&self, id: SegmentId) -> io::Result<()>;
     /// Removes the segment durably.
@@ -381,6 +391,36 @@ impl SegmentStore for FileSegments {
 
     fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file(id, None)?.read_exact_at(buf, offset)
+    }
+
+    /// `preadv2` with `RWF_NOWAIT`: the page cache's bytes, or `Ok(false)`
+    /// where a page would have to come from the disk. A file system that
+    /// does not take the flag gets a plain read (it may wait).
+    fn read_cached(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        let file = self.file(id, None)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let mut slice = [io::IoSliceMut::new(&mut buf[done..])];
+            match preadv2(&*file, &mut slice, at, ReadWriteFlags::NOWAIT) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "read past segment end",
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(Errno::INTR) => {}
+                Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
+                    file.read_exact_at(&mut buf[done..], at)?;
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
     }
 
     fn sync(&self, id: SegmentId) -> io::Result<()> {
@@ -725,6 +765,35 @@ mod tests {
         .expect("every page of the range is still cached");
         assert_eq!(read, 2 << 20);
         assert!(buf.iter().all(|&b| b == 9));
+    }
+
+    /// A cached read gives the bytes when the page cache holds them, and
+    /// says it would wait when it does not; a plain read then brings them in.
+    #[test]
+    fn cached_reads_never_wait_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = FileSegments::new(dir.path().join("segments"))
+            .unwrap()
+            .background_writeback(false);
+        segments.create(id(0)).unwrap();
+        let data: Vec<u8> = (0..64 * 4096).map(|i| (i % 251) as u8).collect();
+        segments.write_at(id(0), 0, &data).unwrap();
+        let mut buf = vec![0u8; 8192];
+        assert!(segments.read_cached(id(0), 4096, &mut buf).unwrap());
+        assert_eq!(buf, data[4096..12288]);
+        // Clean and then dropped from the cache.
+        segments.sync(id(0)).unwrap();
+        let file = segments.file(id(0), None).unwrap();
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(!segments.read_cached(id(0), 4096, &mut buf).unwrap());
+        segments.read_at(id(0), 4096, &mut buf).unwrap();
+        assert_eq!(buf, data[4096..12288]);
+        buf.fill(0);
+        assert!(segments.read_cached(id(0), 4096, &mut buf).unwrap());
+        assert_eq!(buf, data[4096..12288]);
+        // Past the end is an error, as for a plain read.
+        let end = data.len() as u64;
+        assert!(segments.read_cached(id(0), end, &mut buf).is_err());
     }
 
     /// Idle files are closed past the limit and reopened when used again;

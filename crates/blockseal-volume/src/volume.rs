@@ -680,6 +680,29 @@ impl Volume {
         i.read_range(offset, buf)
     }
 
+    /// Reads like [`read_at`](Self::read_at) if that needs no wait on a
+    /// device: the block mappings are in memory (the overlay or the extent
+    /// index) and the ciphertext in the page cache. `Ok(false)` instead of
+    /// waiting, with `buf` unspecified: for an event loop that runs small
+    /// reads in place and hands the ones that would wait to a thread. A block
+    /// that fails authentication is an error here as in `read_at`.
+    pub fn read_at_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
+        let i = &self.inner;
+        let len = buf.len() as u64;
+        let size = i.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let done = i.read_range_cached(offset, buf);
+        if !matches!(done, Ok(false)) {
+            i.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        done
+    }
+
     /// Whether a write may block on I/O beyond its own now: the overlay of
     /// uncommitted mappings is past twice its bound (the disk is not keeping
     /// up), so the next write flushes before it returns; or a write of up to
@@ -1076,7 +1099,11 @@ mod tests {
             let mut want: Vec<BlockStatus> = Vec::new();
             if len > 0 {
                 let (first, last) = (offset / 512, (offset + len - 1) / 512);
-                let slots = volume.inner.lookup(first, last - first + 1).unwrap();
+                let slots = volume
+                    .inner
+                    .lookup_with(first, last - first + 1, true)
+                    .unwrap()
+                    .expect("a lookup that may wait answers");
                 for (n, slot) in slots.iter().enumerate() {
                     let lba = first + n as u64;
                     let (start, end) =
@@ -1180,6 +1207,54 @@ mod tests {
             volume.inner.budget.used(),
             volume.inner.index.read().unwrap().as_ref().unwrap().bytes()
         );
+    }
+
+    /// A cached read answers from memory alone, and gives way (`false`)
+    /// where it would read the metadata store (no extent index) or wait for
+    /// a segment's device (pages not cached); a plain read answers then.
+    #[test]
+    fn cached_reads_give_way_where_a_read_would_wait() {
+        const BLOCKS: u64 = 64;
+        let (dir, _store, volume) =
+            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), BLOCKS);
+        let model: Vec<u8> = (0..BLOCKS * 512).map(|i| (i / 512) as u8 + 1).collect();
+        volume.write_at(0, &model).unwrap();
+        volume.flush().unwrap();
+        let mut got = vec![0u8; model.len()];
+        assert!(volume.read_at_cached(0, &mut got).unwrap());
+        assert_eq!(got, model);
+        // Unaligned, inside one block.
+        let mut small = [0u8; 100];
+        assert!(volume.read_at_cached(512 * 3 + 7, &mut small).unwrap());
+        assert_eq!(small[..], model[512 * 3 + 7..512 * 3 + 107]);
+
+        // Without the index, committed mappings are in the store only.
+        volume.inner.drop_index();
+        assert!(!volume.read_at_cached(0, &mut got).unwrap());
+        got.fill(0);
+        volume.read_at(0, &mut got).unwrap();
+        assert_eq!(got, model);
+        assert!(volume.inner.load_index().unwrap());
+
+        // With the segments' pages dropped from the cache.
+        let drop_cache = || {
+            for volume_dir in std::fs::read_dir(dir.path().join("segments")).unwrap() {
+                for file in std::fs::read_dir(volume_dir.unwrap().path()).unwrap() {
+                    let file = std::fs::File::open(file.unwrap().path()).unwrap();
+                    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+                }
+            }
+        };
+        drop_cache();
+        assert!(!volume.read_at_cached(0, &mut got).unwrap());
+        got.fill(0);
+        volume.read_at(0, &mut got).unwrap();
+        assert_eq!(got, model);
+        got.fill(0);
+        assert!(volume.read_at_cached(0, &mut got).unwrap());
+        assert_eq!(got, model);
+        // Out of range is an error, as for a plain read.
+        assert!(volume.read_at_cached(BLOCKS * 512, &mut small).is_err());
     }
 
     /// A flush of scattered blocks writes one journal record, not a page per

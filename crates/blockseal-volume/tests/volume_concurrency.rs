@@ -64,6 +64,10 @@ impl SegmentStore for GatedSegments {
         self.inner.read_at(id, offset, buf)
     }
 
+    fn read_cached(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.read_cached(id, offset, buf)
+    }
+
     fn sync(&self, id: SegmentId) -> io::Result<()> {
         self.inner.sync(id)
     }

@@ -126,6 +126,12 @@ impl Export for VolumeExport {
         self.volume.read_at(offset, buf).map_err(failed("read"))
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ExportError> {
+        self.volume
+            .read_at_cached(offset, buf)
+            .map_err(failed("read"))
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         if fua {
             self.volume.write_at_fua(offset, data)
@@ -233,6 +239,12 @@ impl Export for SnapshotExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
         self.snapshot.read_at(offset, buf).map_err(failed("read"))
+    }
+
+    /// A snapshot's mappings come from the metadata store on every read, so
+    /// a read may always wait: always on a blocking thread.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool, ExportError> {
+        Ok(false)
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), ExportError> {

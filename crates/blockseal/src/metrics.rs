@@ -152,6 +152,18 @@ impl<E: Export> Export for Measured<E> {
         self.timed(Op::Read, len, |e| e.read(offset, buf))
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ExportError> {
+        // Counted once, when it answers: a read that would wait is counted
+        // by the `read` that then runs it.
+        let started = Instant::now();
+        let answered = self.inner.read_cached(offset, buf);
+        if !matches!(answered, Ok(false)) {
+            self.io
+                .record(Op::Read, buf.len() as u64, started, &answered);
+        }
+        answered
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         self.timed(Op::Write, data.len() as u64, |e| e.write(offset, data, fua))
     }

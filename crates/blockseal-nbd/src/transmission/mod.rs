@@ -430,8 +430,41 @@ where
                     span,
                 });
             } else {
-                conn.execute(req.handle, op, &span, &mut out.buf);
-                drop(span);
+                let read = matches!(op, Op::Read { .. });
+                let done = match &op {
+                    Op::Read { offset, len, .. } => {
+                        conn.read_in_place(req.handle, *offset, *len, &span, &mut out.buf)
+                    }
+                    _ => false,
+                };
+                if done {
+                    drop(span);
+                } else if read
+                    && in_flight < max_requests
+                    && (out.held_bytes == 0 || out.held_bytes + cost <= max_bytes)
+                    && let Ok(reservation) = shared.limits.reserve(session.slot.as_ref(), cost)
+                {
+                    // The read would wait for the disk: on a blocking thread,
+                    // not on the task every connection of this thread shares.
+                    in_flight += 1;
+                    out.held_bytes += cost;
+                    conn.offload(Job {
+                        handle: req.handle,
+                        op,
+                        held: Held {
+                            bytes: cost,
+                            _reservation: Some(reservation),
+                        },
+                        span,
+                    });
+                    continue;
+                } else {
+                    // Not a read; or a read that would wait with no room to
+                    // hand it over now: it waits here, as every read did
+                    // before.
+                    conn.execute(req.handle, op, &span, &mut out.buf);
+                    drop(span);
+                }
                 if out.buf.len() >= WRITE_BATCH && !out.flush(&conn).await {
                     stop = Stop::Now;
                     break;

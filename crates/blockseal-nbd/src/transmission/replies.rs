@@ -123,15 +123,54 @@ pub(super) fn read_reply(
     sparse: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), ErrorClass> {
+    read_reply_with(conn, handle, offset, len, sparse, false, out)
+        .expect("a read that may wait always answers")
+}
+
+/// [`read_reply`] without sparse chunks, only if the export can read without
+/// waiting on a device ([`Export::read_cached`]); `None`, with `out` as it was,
+/// where it would wait.
+pub(super) fn read_reply_cached(
+    conn: &Conn,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    out: &mut Vec<u8>,
+) -> Option<Result<(), ErrorClass>> {
+    read_reply_with(conn, handle, offset, len, false, true, out)
+}
+
+/// The export's read into `buf`: `None` only when `cached` and it would wait.
+fn fill(conn: &Conn, offset: u64, buf: &mut [u8], cached: bool) -> Option<Result<(), ExportError>> {
+    if !cached {
+        return Some(conn.export.read(offset, buf));
+    }
+    match conn.export.read_cached(offset, buf) {
+        Ok(true) => Some(Ok(())),
+        Ok(false) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+fn read_reply_with(
+    conn: &Conn,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    sparse: bool,
+    cached: bool,
+    out: &mut Vec<u8>,
+) -> Option<Result<(), ErrorClass>> {
     let start = out.len();
     let n = len as usize;
     if !conn.structured {
         // "Simple replies": header, then exactly len bytes; an error sends no data.
         out.resize(start + SIMPLE_REPLY_LEN + n, 0);
-        return match conn
-            .export
-            .read(offset, &mut out[start + SIMPLE_REPLY_LEN..])
-        {
+        let Some(read) = fill(conn, offset, &mut out[start + SIMPLE_REPLY_LEN..], cached) else {
+            out.truncate(start);
+            return None;
+        };
+        return Some(match read {
             Ok(()) => {
                 put_simple_reply(&mut &mut out[start..start + SIMPLE_REPLY_LEN], 0, handle);
                 Ok(())
@@ -147,19 +186,23 @@ pub(super) fn read_reply(
                     out,
                 ))
             }
-        };
+        });
     }
     // With NBD_CMD_FLAG_DF "the server MUST send at most one content chunk"
     // (such reads are never sparse); every read up to the maximum payload fits
     // in one, so EOVERFLOW never arises.
     if sparse && let Some(outcome) = sparse_read_reply(conn, handle, offset, len, out) {
-        return outcome;
+        return Some(outcome);
     }
     // One NBD_REPLY_TYPE_OFFSET_DATA chunk, final: the data is complete before the
     // chunk is sent, so no error can follow it.
     const HEAD: usize = CHUNK_HEADER_LEN + 8;
     out.resize(start + HEAD + n, 0);
-    match conn.export.read(offset, &mut out[start + HEAD..]) {
+    let Some(read) = fill(conn, offset, &mut out[start + HEAD..], cached) else {
+        out.truncate(start);
+        return None;
+    };
+    Some(match read {
         Ok(()) => {
             let mut head = &mut out[start..start + HEAD];
             put_chunk_header(
@@ -183,7 +226,7 @@ pub(super) fn read_reply(
                 out,
             ))
         }
-    }
+    })
 }
 
 /// A structured read that sends zero ranges as `NBD_REPLY_TYPE_OFFSET_HOLE`

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{Span, debug, error};
 
 use super::replies::{
-    WRITE_BATCH, block_status_reply, error_reply, export_error_reply, read_reply,
+    WRITE_BATCH, block_status_reply, error_reply, export_error_reply, read_reply, read_reply_cached,
 };
 use super::validate::Op;
 use crate::error::{ErrorClass, ExportError, class_name, class_text, errno};
@@ -244,6 +244,44 @@ impl Conn {
                     span.record("outcome", "error");
                     span.record("error", "panic");
                 }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Runs a read on the connection's task if the export can answer it
+    /// without waiting on a device, appending its reply to `out` and
+    /// recording its outcome in `span`; `false`, with nothing appended or
+    /// recorded, when it would wait (the caller hands it to a blocking thread).
+    pub(super) fn read_in_place(
+        &self,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        span: &Span,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let _entered = span.enter();
+        let start = out.len();
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            read_reply_cached(self, handle, offset, len, out)
+        }));
+        match run {
+            Ok(None) => false,
+            Ok(Some(outcome)) => {
+                record_outcome(span, outcome);
+                true
+            }
+            Err(_) => {
+                error!(parent: &self.span, export = %self.name, "export panicked");
+                out.truncate(start);
+                error_reply(self.structured, handle, EIO, "internal server error", out);
+                if !span.is_disabled() {
+                    span.record("outcome", "error");
+                    span.record("error", "panic");
+                }
+                true
             }
         }
     }

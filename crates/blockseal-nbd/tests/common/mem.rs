@@ -41,6 +41,9 @@ pub struct MemExport {
     pub most_waiting: AtomicUsize,
     /// What `write_may_block` answers.
     pub may_block: AtomicBool,
+    /// Reads would wait on a device: `read_cached` declines them, and
+    /// `read` waits at the gate while it is closed.
+    pub reads_wait: AtomicBool,
     /// The export's revocation switch.
     pub revoke: blockseal_nbd::Shutdown,
 }
@@ -65,6 +68,7 @@ impl MemExport {
             waiting: AtomicUsize::new(0),
             most_waiting: AtomicUsize::new(0),
             may_block: AtomicBool::new(false),
+            reads_wait: AtomicBool::new(false),
             revoke: blockseal_nbd::Shutdown::new(),
         })
     }
@@ -155,7 +159,17 @@ impl Export for MemExport {
         self.may_block.load(Ordering::SeqCst)
     }
 
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, ExportError> {
+        if self.reads_wait.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.read(offset, buf).map(|()| true)
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
+        if self.reads_wait.load(Ordering::SeqCst) {
+            self.wait_gate();
+        }
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.check(offset, buf.len() as u64)?;
         let t = self.tampered.load(Ordering::Relaxed);

@@ -99,6 +99,9 @@ impl SegmentStore for Holding {
     fn read_at(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_at(id, offset, buf)
     }
+    fn read_cached(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.read_cached(id, offset, buf)
+    }
     fn sync(&self, id: SegmentId) -> io::Result<()> {
         self.inner.sync(id)
     }

@@ -17,8 +17,15 @@ use crate::seal::{BlockCipher, Tag};
 
 impl VolumeInner {
     /// The current slot of each block `first..first + count` (`None`: never
-    /// written since the last trim, reads as zeros).
-    pub(super) fn lookup(&self, first: u64, count: u64) -> Result<Vec<Option<Slot>>, VolumeError> {
+    /// written since the last trim, reads as zeros). With `wait` false,
+    /// `None` in all where it would have to read the metadata store (the
+    /// volume has no extent index).
+    pub(super) fn lookup_with(
+        &self,
+        first: u64,
+        count: u64,
+        wait: bool,
+    ) -> Result<Option<Vec<Option<Slot>>>, VolumeError> {
         let mut slots = vec![None; count as usize];
         let mut missing = false;
         {
@@ -33,7 +40,7 @@ impl VolumeInner {
             }
         }
         if missing {
-            self.visit_extents(first, first + count, &mut |extent| {
+            let mut fill = |extent: ExtentView<'_>| {
                 let from = extent.lba.max(first);
                 let to = (extent.last() + 1).min(first + count);
                 for lba in from..to {
@@ -43,16 +50,36 @@ impl VolumeInner {
                         *slot = Some(Slot::Mapped(extent.location(k)));
                     }
                 }
-            })?;
+            };
+            if wait {
+                self.visit_extents(first, first + count, &mut fill)?;
+            } else if !self.visit_index(first, first + count, &mut fill) {
+                return Ok(None);
+            }
         }
         // A Zero slot and a hole read alike.
-        Ok(slots
-            .into_iter()
-            .map(|s| match s {
-                Some(Slot::Zero) => None,
-                s => s,
-            })
-            .collect())
+        Ok(Some(
+            slots
+                .into_iter()
+                .map(|s| match s {
+                    Some(Slot::Zero) => None,
+                    s => s,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Visits the committed extents overlapping blocks `from..to` in the
+    /// extent index; `false` (nothing visited) when the volume has none.
+    fn visit_index(&self, from: u64, to: u64, visit: &mut dyn FnMut(ExtentView<'_>)) -> bool {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        match index.as_ref() {
+            Some(index) => {
+                index.visit(from, to, visit);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Visits the committed extents overlapping blocks `from..to`, in order:
@@ -129,25 +156,50 @@ impl VolumeInner {
         // segment compaction deletes is never one this read still uses. It guards
         // no data: a panic elsewhere leaves it valid.
         let _no_deletion = self.segment_reads.read().unwrap_or_else(|e| e.into_inner());
-        self.read_range_once(offset, buf)
+        let done = self.read_range_once(offset, buf, true)?;
+        debug_assert!(done, "a read that may wait always completes");
+        Ok(())
     }
 
-    pub(super) fn read_range_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+    /// [`read_range`](Self::read_range) if it needs no wait on a device: the
+    /// mappings from the overlay or the extent index, the ciphertext from
+    /// memory. `Ok(false)` instead of waiting, with `buf` unspecified.
+    pub(super) fn read_range_cached(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, VolumeError> {
+        let _no_deletion = self.segment_reads.read().unwrap_or_else(|e| e.into_inner());
+        self.read_range_once(offset, buf, false)
+    }
+
+    /// Reads `buf` at `offset`; with `wait` false, gives up (`Ok(false)`)
+    /// where it would wait on the metadata store or a segment's device.
+    fn read_range_once(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        wait: bool,
+    ) -> Result<bool, VolumeError> {
         let bs = self.block_size.len();
         let bs64 = bs as u64;
         let first = offset / bs64;
         let last = (offset + buf.len() as u64 - 1) / bs64;
         let count = last - first + 1;
-        let slots = self.lookup(first, count)?;
+        let Some(slots) = self.lookup_with(first, count, wait)? else {
+            return Ok(false);
+        };
         if offset.is_multiple_of(bs64) && buf.len().is_multiple_of(bs) {
-            return self.open_blocks(first, &slots, buf);
+            return self.open_blocks_with(first, &slots, buf, wait);
         }
         let mut scratch = vec![0u8; count as usize * bs];
-        self.open_blocks(first, &slots, &mut scratch)?;
+        if !self.open_blocks_with(first, &slots, &mut scratch, wait)? {
+            return Ok(false);
+        }
         let skip = (offset - first * bs64) as usize;
         let len = buf.len();
         buf.copy_from_slice(&scratch[skip..skip + len]);
-        Ok(())
+        Ok(true)
     }
 
     /// Fills `blocks` with the plaintext of the blocks from `first` on, as `slots`
@@ -158,6 +210,21 @@ impl VolumeInner {
         slots: &[Option<Slot>],
         blocks: &mut [u8],
     ) -> Result<(), VolumeError> {
+        let done = self.open_blocks_with(first, slots, blocks, true)?;
+        debug_assert!(done, "reads that may wait always complete");
+        Ok(())
+    }
+
+    /// [`open_blocks`](Self::open_blocks); with `wait` false, `Ok(false)`
+    /// (and `blocks` unspecified) where a segment read would wait for its
+    /// device. No block is opened before all its ciphertext is in.
+    fn open_blocks_with(
+        &self,
+        first: u64,
+        slots: &[Option<Slot>],
+        blocks: &mut [u8],
+        wait: bool,
+    ) -> Result<bool, VolumeError> {
         let bs = self.block_size.len();
         let bs64 = bs as u64;
         let mut n = 0usize;
@@ -181,13 +248,18 @@ impl VolumeInner {
                 }
             }
             let bytes = &mut blocks[n * bs..(n + run) * bs];
-            self.segments
-                .read_at(
-                    self.segment_id(loc.segment),
-                    u64::from(loc.offset) * bs64,
-                    bytes,
-                )
-                .map_err(VolumeError::Io)?;
+            let (id, at) = (self.segment_id(loc.segment), u64::from(loc.offset) * bs64);
+            if wait {
+                self.segments
+                    .read_at(id, at, bytes)
+                    .map_err(VolumeError::Io)?;
+            } else if !self
+                .segments
+                .read_cached(id, at, bytes)
+                .map_err(VolumeError::Io)?
+            {
+                return Ok(false);
+            }
             for k in 0..run {
                 let Some(Slot::Mapped(l)) = slots[n + k] else {
                     unreachable!("the run holds mapped slots only")
@@ -197,7 +269,7 @@ impl VolumeInner {
             }
             n += run;
         }
-        Ok(())
+        Ok(true)
     }
 
     pub(super) fn open_block(
