@@ -663,16 +663,21 @@ impl Volume {
         }
     }
 
+    /// `OutOfRange` unless `len` bytes at `offset` lie within the volume.
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let size = self.inner.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at byte `offset`. Unwritten and trimmed ranges read
     /// as zeros. A block that fails authentication fails the whole request with
     /// [`VolumeError::Authentication`] naming it; other requests are unaffected.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let i = &self.inner;
-        let len = buf.len() as u64;
-        let size = i.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(VolumeError::OutOfRange { offset, len, size });
-        }
+        self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -688,11 +693,7 @@ impl Volume {
     /// that fails authentication is an error here as in `read_at`.
     pub fn read_at_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, VolumeError> {
         let i = &self.inner;
-        let len = buf.len() as u64;
-        let size = i.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(VolumeError::OutOfRange { offset, len, size });
-        }
+        self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(true);
         }

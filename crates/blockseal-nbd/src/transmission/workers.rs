@@ -236,20 +236,22 @@ impl Conn {
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| execute(self, handle, op, out)));
         match run {
             Ok(outcome) => record_outcome(span, outcome),
-            Err(_) => {
-                error!(parent: &self.span, export = %self.name, "export panicked");
-                out.truncate(start);
-                error_reply(self.structured, handle, EIO, "internal server error", out);
-                if !span.is_disabled() {
-                    span.record("outcome", "error");
-                    span.record("error", "panic");
-                }
-            }
+            Err(_) => self.answer_panic(handle, span, out, start),
         }
     }
-}
 
-impl Conn {
+    /// Answers `EIO` for a request whose export call panicked, in place of
+    /// whatever it had appended to `out` after `start`.
+    fn answer_panic(&self, handle: u64, span: &Span, out: &mut Vec<u8>, start: usize) {
+        error!(parent: &self.span, export = %self.name, "export panicked");
+        out.truncate(start);
+        error_reply(self.structured, handle, EIO, "internal server error", out);
+        if !span.is_disabled() {
+            span.record("outcome", "error");
+            span.record("error", "panic");
+        }
+    }
+
     /// Runs a read on the connection's task if the export can answer it
     /// without waiting on a device, appending its reply to `out` and
     /// recording its outcome in `span`; `false`, with nothing appended or
@@ -274,13 +276,7 @@ impl Conn {
                 true
             }
             Err(_) => {
-                error!(parent: &self.span, export = %self.name, "export panicked");
-                out.truncate(start);
-                error_reply(self.structured, handle, EIO, "internal server error", out);
-                if !span.is_disabled() {
-                    span.record("outcome", "error");
-                    span.record("error", "panic");
-                }
+                self.answer_panic(handle, span, out, start);
                 true
             }
         }
