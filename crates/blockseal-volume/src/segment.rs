@@ -687,6 +687,29 @@ mod dir_sync_probe {
     }
 }
 
+/// A temporary directory on a file system whose page cache can be dropped
+/// (not tmpfs, where file pages are the file): the system's temporary
+/// directory, else `/var/tmp`. For the tests of reads that must not wait.
+#[cfg(test)]
+pub(crate) fn disk_tempdir() -> tempfile::TempDir {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    let on_tmpfs =
+        |dir: &Path| rustix::fs::statfs(dir).is_ok_and(|stat| stat.f_type as u64 == TMPFS_MAGIC);
+    let system = std::env::temp_dir();
+    let dir = if on_tmpfs(&system) {
+        PathBuf::from("/var/tmp")
+    } else {
+        system
+    };
+    assert!(
+        !on_tmpfs(&dir),
+        "{} is on tmpfs, where a page cannot leave the cache: set TMPDIR to a \
+         directory on a disk-backed file system",
+        dir.display()
+    );
+    tempfile::tempdir_in(dir).expect("a temporary directory")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,7 +766,7 @@ mod tests {
     /// before, the clean pages of the range were dropped.
     #[test]
     fn starting_writeback_keeps_the_pages_cached() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = disk_tempdir();
         let segments = FileSegments::new(dir.path().join("segments"))
             .unwrap()
             .background_writeback(false);
@@ -771,7 +794,7 @@ mod tests {
     /// says it would wait when it does not; a plain read then brings them in.
     #[test]
     fn cached_reads_never_wait_for_the_disk() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = disk_tempdir();
         let segments = FileSegments::new(dir.path().join("segments"))
             .unwrap()
             .background_writeback(false);

@@ -1057,7 +1057,14 @@ mod tests {
         options: StoreOptions,
         blocks: u64,
     ) -> (tempfile::TempDir, Store, super::Volume) {
-        let dir = tempfile::tempdir().unwrap();
+        volume_of_512_byte_blocks_in(tempfile::tempdir().unwrap(), options, blocks)
+    }
+
+    fn volume_of_512_byte_blocks_in(
+        dir: tempfile::TempDir,
+        options: StoreOptions,
+        blocks: u64,
+    ) -> (tempfile::TempDir, Store, super::Volume) {
         let store = Store::create(dir.path(), MasterKey::generate().unwrap(), options).unwrap();
         let (tenant, name) = (TenantId::new("acme").unwrap(), VolumeId::new("v").unwrap());
         store.create_tenant(&tenant).unwrap();
@@ -1216,8 +1223,11 @@ mod tests {
     #[test]
     fn cached_reads_give_way_where_a_read_would_wait() {
         const BLOCKS: u64 = 64;
-        let (dir, _store, volume) =
-            volume_of_512_byte_blocks(StoreOptions::new().background_compaction(false), BLOCKS);
+        let (dir, _store, volume) = volume_of_512_byte_blocks_in(
+            crate::segment::disk_tempdir(),
+            StoreOptions::new().background_compaction(false),
+            BLOCKS,
+        );
         let model: Vec<u8> = (0..BLOCKS * 512).map(|i| (i / 512) as u8 + 1).collect();
         volume.write_at(0, &model).unwrap();
         volume.flush().unwrap();
