@@ -394,11 +394,14 @@ impl SegmentStore for FileSegments {
     }
 
     /// `preadv2` with `RWF_NOWAIT`: the page cache's bytes, or `Ok(false)`
-    /// where a page would have to come from the disk. A file system that
-    /// does not take the flag gets a plain read (it may wait).
+    /// where a page would have to come from the disk, or the file is not
+    /// open (opening it looks up the directory, which may wait too). A file
+    /// system that does not take the flag gets a plain read (it may wait).
     fn read_cached(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         use rustix::io::{Errno, ReadWriteFlags, preadv2};
-        let file = self.file(id, None)?;
+        let Some(file) = self.handles().get(id, None) else {
+            return Ok(false);
+        };
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -817,6 +820,13 @@ mod tests {
         // Past the end is an error, as for a plain read.
         let end = data.len() as u64;
         assert!(segments.read_cached(id(0), end, &mut buf).is_err());
+        // A file not open is left to a plain read, which opens it.
+        drop(file);
+        segments.handles().files.clear();
+        assert!(!segments.read_cached(id(0), 4096, &mut buf).unwrap());
+        segments.read_at(id(0), 4096, &mut buf).unwrap();
+        assert!(segments.read_cached(id(0), 4096, &mut buf).unwrap());
+        assert_eq!(buf, data[4096..12288]);
     }
 
     /// Idle files are closed past the limit and reopened when used again;
