@@ -417,7 +417,23 @@ where
                 batch_bytes = 0;
                 conn.execute_writes(&mut batch, &mut out.buf);
             }
-            if offload {
+            // Handed to a blocking thread with the budget it holds, or run here.
+            let mut hand_over = offload.then(|| reserved.take());
+            let mut answered = false;
+            if !offload && let Op::Read { offset, len, .. } = op {
+                answered = conn.read_in_place(req.handle, offset, len, &span, &mut out.buf);
+                // A read that would wait for the disk goes to a blocking
+                // thread, not the task every connection of this runtime
+                // thread shares, when there is room for it now.
+                if !answered
+                    && in_flight < max_requests
+                    && (out.held_bytes == 0 || out.held_bytes + cost <= max_bytes)
+                    && let Ok(reservation) = shared.limits.reserve(session.slot.as_ref(), cost)
+                {
+                    hand_over = Some(Some(reservation));
+                }
+            }
+            if let Some(reservation) = hand_over {
                 in_flight += 1;
                 out.held_bytes += cost;
                 conn.offload(Job {
@@ -425,46 +441,18 @@ where
                     op,
                     held: Held {
                         bytes: cost,
-                        _reservation: reserved.take(),
+                        _reservation: reservation,
                     },
                     span,
                 });
             } else {
-                let read = matches!(op, Op::Read { .. });
-                let done = match &op {
-                    Op::Read { offset, len, .. } => {
-                        conn.read_in_place(req.handle, *offset, *len, &span, &mut out.buf)
-                    }
-                    _ => false,
-                };
-                if done {
-                    drop(span);
-                } else if read
-                    && in_flight < max_requests
-                    && (out.held_bytes == 0 || out.held_bytes + cost <= max_bytes)
-                    && let Ok(reservation) = shared.limits.reserve(session.slot.as_ref(), cost)
-                {
-                    // The read would wait for the disk: on a blocking thread,
-                    // not on the task every connection of this thread shares.
-                    in_flight += 1;
-                    out.held_bytes += cost;
-                    conn.offload(Job {
-                        handle: req.handle,
-                        op,
-                        held: Held {
-                            bytes: cost,
-                            _reservation: Some(reservation),
-                        },
-                        span,
-                    });
-                    continue;
-                } else {
-                    // Not a read; or a read that would wait with no room to
-                    // hand it over now: it waits here, as every read did
+                if !answered {
+                    // Not a read, or a read that would wait with no room to
+                    // hand it over now: it runs here, as every read did
                     // before.
                     conn.execute(req.handle, op, &span, &mut out.buf);
-                    drop(span);
                 }
+                drop(span);
                 if out.buf.len() >= WRITE_BATCH && !out.flush(&conn).await {
                     stop = Stop::Now;
                     break;
