@@ -3,8 +3,18 @@
 //! held to its I/O limit (4 MiB/s, set through the admin API) must not push
 //! another tenant's 4 KiB latency p99 (fio at a steady 200 reads and 200
 //! writes per second, queue depth 1) above twice its value with the server
-//! otherwise idle. The same load with the limit lifted is measured and
+//! otherwise idle, or, where twice is less than that, by more than
+//! [`FLOOR_US`]. The same load with the limit lifted is measured and
 //! printed, not asserted: it shows what the limit buys.
+//!
+//! Why a floor: once reads of recent writes came from the page cache (the
+//! writeback change of 2026-12-02), the quiet tenant's idle p99 fell to 130
+//! to 170 µs, and a held round added 100 to 200 µs to it, in debug and
+//! release builds alike: about what it takes on two cores for the other core
+//! to be busy with the held tenant's client or a hand-over when a quiet
+//! request arrives. So the ratio hovered at 2 (1.57 to 2.16), deciding
+//! nothing about the server, while the limit lifted still costs
+//! milliseconds (7 to 21 ms p99 in the same runs).
 //!
 //! The noisy tenant writes sequentially, each round into a region of its
 //! volume no earlier round wrote: overwrites make compaction work on the
@@ -36,6 +46,10 @@ const PHASE_SECS: u32 = 8;
 
 /// Rounds of an idle and a held phase; odd, for a median.
 const ROUNDS: usize = 5;
+
+/// The rise of the quiet tenant's p99 (µs) always allowed, whatever its idle
+/// value: below it a p99 on a 2-core machine measures the scheduler.
+const FLOOR_US: f64 = 500.0;
 
 /// The quiet tenant's phase: 4 KiB random reads and writes, 200 of each per
 /// second, queue depth 1; its read and write p99 in microseconds.
@@ -171,6 +185,8 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
     }
     let read_ratio = median(rounds.iter().map(|(idle, held)| held.0 / idle.0));
     let write_ratio = median(rounds.iter().map(|(idle, held)| held.1 / idle.1));
+    let read_rise = median(rounds.iter().map(|(idle, held)| held.0 - idle.0));
+    let write_rise = median(rounds.iter().map(|(idle, held)| held.1 - idle.1));
     let (idle_read, idle_write) = rounds[0].0;
 
     // Lifted: measured, not asserted.
@@ -188,16 +204,19 @@ fn a_tenant_at_its_limit_leaves_another_tenants_latency_alone() {
         "quiet tenant p99 (µs)            read   write\n\
          server idle (round 1)         {idle_read:>7.0} {idle_write:>7.0}\n\
          noisy unlimited ({free_mib:>5.0} MiB/s) {free_read:>7.0} {free_write:>7.0}\n\
-         median ratio, noisy at 4 MiB/s to idle: read {read_ratio:.2}, write {write_ratio:.2}"
+         median ratio, noisy at 4 MiB/s to idle: read {read_ratio:.2}, write {write_ratio:.2}\n\
+         median rise: read {read_rise:.0} µs, write {write_rise:.0} µs"
     );
+    let fair = |ratio: f64, rise: f64| ratio <= 2.0 || rise <= FLOOR_US;
     assert!(
-        read_ratio <= 2.0 && write_ratio <= 2.0,
+        fair(read_ratio, read_rise) && fair(write_ratio, write_rise),
         "with the noisy tenant at its limit the quiet tenant's p99 rose by a median \
-         {read_ratio:.2}x (read) and {write_ratio:.2}x (write) over {ROUNDS} rounds"
+         {read_ratio:.2}x, {read_rise:.0} µs (read) and {write_ratio:.2}x, {write_rise:.0} µs \
+         (write) over {ROUNDS} rounds: more than 2x and more than {FLOOR_US} µs"
     );
 }
 
-/// The middle value of an odd number of ratios.
+/// The middle value of an odd number of values.
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
