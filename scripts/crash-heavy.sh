@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The heavy kill -9 crash runs, in release mode: the metadata-store suite
 # (meta_crash) and the whole write path (volume_crash), each with KILLS kills
-# per metadata backend (redb and sled). Ends with one line per backend and
+# per metadata backend (redb, sled and SlateDB on a local directory). Ends with one line per backend and
 # suite: kills, flushed writes lost, authentication failures.
 #
 #   scripts/crash-heavy.sh [KILLS]      (default: 250 per backend and suite)
@@ -50,8 +50,8 @@ for suite in meta_crash volume_crash; do
 	done
 done
 summaries="$(cat "$logs"/meta_crash.log "$logs"/volume_crash.log | grep -c 'crash summary: test=' || true)"
-if [ "$summaries" -ne 4 ]; then
-	echo "expected 4 summary lines (2 suites x 2 backends), found $summaries: see $logs" >&2
+if [ "$summaries" -ne 6 ]; then
+	echo "expected 6 summary lines (2 suites x 3 backends), found $summaries: see $logs" >&2
 	status=1
 fi
 if [ "$status" -ne 0 ]; then

@@ -1156,18 +1156,11 @@ fn lock_store(dir: &Path) -> Result<File, OpenError> {
     }
 }
 
-fn backend_byte(backend: BackendKind) -> u8 {
-    match backend {
-        BackendKind::Sled => 1,
-        BackendKind::Redb => 2,
-    }
-}
-
 fn write_format_file(dir: &Path, backend: BackendKind) -> Result<(), OpenError> {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(MAGIC);
     bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
-    bytes[12] = backend_byte(backend);
+    bytes[12] = backend.code();
     let tmp = dir.join("FORMAT.tmp");
     let path = dir.join(FORMAT_FILE);
     (|| {
@@ -1206,10 +1199,9 @@ fn read_format_file(dir: &Path) -> Result<(BackendKind, u32), OpenError> {
             supported: FORMAT_VERSION,
         });
     }
-    match bytes[12] {
-        1 => Ok((BackendKind::Sled, version)),
-        2 => Ok((BackendKind::Redb, version)),
-        _ => Err(not_a_store()),
+    match BackendKind::from_code(bytes[12]) {
+        Some(backend) => Ok((backend, version)),
+        None => Err(not_a_store()),
     }
 }
 

@@ -305,7 +305,7 @@ fn exclusive_lock(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     commit(&*store, &[(b"a", Some(b"1"))]);
-    for other in [BackendKind::Sled, BackendKind::Redb] {
+    for other in [BackendKind::Sled, BackendKind::Redb, BackendKind::SlateDb] {
         match meta::open(other, dir.path()) {
             Err(MetaError::Locked { path }) => {
                 assert!(path.contains(dir.path().file_name().unwrap().to_str().unwrap()))
@@ -524,4 +524,5 @@ macro_rules! conformance {
 conformance! {
     sled => BackendKind::Sled,
     redb => BackendKind::Redb,
+    slatedb => BackendKind::SlateDb,
 }

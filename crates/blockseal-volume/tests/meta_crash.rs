@@ -44,7 +44,7 @@ use rand::{Rng, SeedableRng};
 
 /// Set in the child's environment: the store directory.
 const CHILD_DIR: &str = "BLOCKSEAL_CRASH_CHILD_DIR";
-/// Set in the child's environment: `sled` or `redb`.
+/// Set in the child's environment: `sled`, `redb` or `slatedb`.
 const CHILD_BACKEND: &str = "BLOCKSEAL_CRASH_CHILD_BACKEND";
 /// The test the parent re-executes.
 const CHILD_TEST: &str = "crash_child";
@@ -66,6 +66,11 @@ fn sled_survives_kill_9() {
 #[test]
 fn redb_survives_kill_9() {
     run_parent(BackendKind::Redb);
+}
+
+#[test]
+fn slatedb_survives_kill_9() {
+    run_parent(BackendKind::SlateDb);
 }
 
 /// The child workload; does nothing unless started by a parent.
@@ -181,6 +186,7 @@ fn parse_backend(name: &str) -> BackendKind {
     match name {
         "sled" => BackendKind::Sled,
         "redb" => BackendKind::Redb,
+        "slatedb" => BackendKind::SlateDb,
         other => panic!("unknown backend {other}"),
     }
 }
@@ -189,6 +195,7 @@ fn backend_name(kind: BackendKind) -> &'static str {
     match kind {
         BackendKind::Sled => "sled",
         BackendKind::Redb => "redb",
+        BackendKind::SlateDb => "slatedb",
         other => panic!("no crash workload for {other:?}"),
     }
 }

@@ -18,7 +18,7 @@ const VALUE_LEN: usize = 48;
 #[test]
 #[ignore = "measurement; prints numbers, run by hand"]
 fn measure_backends() {
-    for kind in [BackendKind::Sled, BackendKind::Redb] {
+    for kind in [BackendKind::Sled, BackendKind::Redb, BackendKind::SlateDb] {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let store = meta::open(kind, dir.path()).unwrap();
         // Fill some state first so commits do not run on an empty tree.
@@ -121,7 +121,7 @@ fn measure_flush() {
     use blockseal_volume::{Store, StoreOptions, VolumeOptions};
     use std::os::unix::fs::FileExt;
 
-    for kind in [BackendKind::Redb, BackendKind::Sled] {
+    for kind in [BackendKind::Redb, BackendKind::Sled, BackendKind::SlateDb] {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let master = MasterKey::from_bytes(KeyId::from_bytes([1; 16]), 0, Zeroizing::new([2; 32]));
         let options = StoreOptions::new()

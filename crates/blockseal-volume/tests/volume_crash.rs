@@ -101,6 +101,7 @@ fn crash_child() {
     };
     let backend = match std::env::var(BACKEND_ENV).as_deref() {
         Ok("sled") => BackendKind::Sled,
+        Ok("slatedb") => BackendKind::SlateDb,
         _ => BackendKind::Redb,
     };
     let mut id: u64 = std::env::var(FIRST_ID_ENV).unwrap().parse().unwrap();
@@ -243,10 +244,8 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
     eprintln!("crash test: {kills} kills per backend, {replay}");
     let started = Instant::now();
     let mut failed = Vec::new();
-    for (n, backend) in [BackendKind::Redb, BackendKind::Sled]
-        .into_iter()
-        .enumerate()
-    {
+    let backends = [BackendKind::Redb, BackendKind::Sled, BackendKind::SlateDb];
+    for (n, backend) in backends.into_iter().enumerate() {
         // Each backend draws from a stream of its own, so one replays alone.
         let backend_seed = seed.wrapping_add(n as u64);
         let mut totals = Totals::default();
@@ -306,7 +305,11 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
             ));
         }
     }
-    eprintln!("crash test: {} kills in {:?}", 2 * kills, started.elapsed());
+    eprintln!(
+        "crash test: {} kills in {:?}",
+        backends.len() as u64 * kills,
+        started.elapsed()
+    );
     assert!(failed.is_empty(), "{} ({replay})", failed.join("\n"));
 }
 
@@ -525,6 +528,7 @@ fn backend_name(backend: BackendKind) -> &'static str {
     match backend {
         BackendKind::Sled => "sled",
         BackendKind::Redb => "redb",
+        BackendKind::SlateDb => "slatedb",
         other => panic!("no crash workload for {other:?}"),
     }
 }

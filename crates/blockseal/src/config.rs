@@ -135,6 +135,8 @@ pub(crate) enum Backend {
     Redb,
     /// sled 0.34.7.
     Sled,
+    /// SlateDB on a local object-store directory.
+    Slatedb,
 }
 
 impl From<Backend> for BackendKind {
@@ -142,6 +144,7 @@ impl From<Backend> for BackendKind {
         match backend {
             Backend::Redb => BackendKind::Redb,
             Backend::Sled => BackendKind::Sled,
+            Backend::Slatedb => BackendKind::SlateDb,
         }
     }
 }

@@ -18,14 +18,15 @@
 //! | `<dir>/meta.lock`   | empty file; an exclusive `flock` on it while a store is open |
 //! | `<dir>/meta.sled/`  | the sled database directory ([`BackendKind::Sled`])       |
 //! | `<dir>/meta.redb`   | the redb database file ([`BackendKind::Redb`])            |
+//! | `<dir>/meta.slatedb/` | a local object store holding a SlateDB database ([`BackendKind::SlateDb`]) |
 //!
 //! The lock file is taken before either backend opens, for both backends, so one
 //! process at a time opens a store directory whatever the backend, and a second
 //! open in the same process fails too. Each backend's own file lock is a second
 //! line and is reported as [`MetaError::Locked`] as well.
 //!
-//! Both backends keep keys in one ordered keyspace: no sled trees or redb tables
-//! beyond the default one, so a store can be copied from one backend to the other
+//! Every backend keeps keys in one ordered keyspace: no sled trees or redb tables
+//! beyond the default one, so a store can be copied from one backend to another
 //! with a full [`MetaStore::scan`].
 
 use std::fmt;
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::error_chain;
 
 mod redb;
+mod slatedb;
 mod sled;
 
 /// Which backend implements a store.
@@ -46,6 +48,29 @@ pub enum BackendKind {
     Sled,
     /// redb 4.x.
     Redb,
+    /// SlateDB 0.18, an LSM tree on an object store (a local directory here).
+    SlateDb,
+}
+
+impl BackendKind {
+    /// The byte that names the backend in `FORMAT` and in catalogue headers.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            BackendKind::Sled => 1,
+            BackendKind::Redb => 2,
+            BackendKind::SlateDb => 3,
+        }
+    }
+
+    /// The backend a [`code`](Self::code) names.
+    pub(crate) fn from_code(code: u8) -> Option<BackendKind> {
+        match code {
+            1 => Some(BackendKind::Sled),
+            2 => Some(BackendKind::Redb),
+            3 => Some(BackendKind::SlateDb),
+            _ => None,
+        }
+    }
 }
 
 /// One atomic group of changes.
@@ -245,7 +270,7 @@ impl OpenOptions {
     }
 
     /// Sets the memory the backend may use to cache pages (sled's
-    /// `cache_capacity`, redb's `set_cache_size`). sled counts it loosely and may
+    /// `cache_capacity`, redb's `set_cache_size`, SlateDB's block cache). sled counts it loosely and may
     /// use more.
     pub fn cache_bytes(mut self, bytes: usize) -> Self {
         self.cache_bytes = bytes;
@@ -285,6 +310,7 @@ pub fn open_with(
         Ok(match kind {
             BackendKind::Sled => Box::new(sled::SledStore::open(path, options)?),
             BackendKind::Redb => Box::new(redb::RedbStore::open(path, options)?),
+            BackendKind::SlateDb => Box::new(slatedb::SlateStore::open(path, options)?),
         })
     })??;
     Ok(Box::new(GuardedStore {
@@ -301,6 +327,7 @@ pub fn exists(kind: BackendKind, path: &Path) -> bool {
     match kind {
         BackendKind::Sled => path.join(sled::DIR_NAME).is_dir(),
         BackendKind::Redb => path.join(redb::FILE_NAME).is_file(),
+        BackendKind::SlateDb => path.join(slatedb::DIR_NAME).is_dir(),
     }
 }
 
@@ -310,6 +337,7 @@ pub fn data_path(kind: BackendKind, path: &Path) -> std::path::PathBuf {
     match kind {
         BackendKind::Sled => path.join(sled::DIR_NAME),
         BackendKind::Redb => path.join(redb::FILE_NAME),
+        BackendKind::SlateDb => path.join(slatedb::DIR_NAME),
     }
 }
 

@@ -200,10 +200,7 @@ impl Store {
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&VERSION.to_be_bytes());
-        header.push(match self.backend() {
-            BackendKind::Sled => 1,
-            _ => 2,
-        });
+        header.push(self.backend().code());
         header.push(0);
         header.extend_from_slice(master.id().as_bytes());
         header.extend_from_slice(&salt);
@@ -556,14 +553,11 @@ impl CatalogHeader {
                 "catalogue version {version}; this build reads versions {OLDEST_VERSION} to {VERSION}"
             )));
         }
-        let backend = match header[10] {
-            1 => BackendKind::Sled,
-            2 => BackendKind::Redb,
-            b => {
-                return Err(format(format!(
-                    "unknown metadata backend {b} in the header"
-                )));
-            }
+        let Some(backend) = BackendKind::from_code(header[10]) else {
+            return Err(format(format!(
+                "unknown metadata backend {} in the header",
+                header[10]
+            )));
         };
         if header[11] != 0 {
             return Err(format("reserved header byte is not zero".into()));
