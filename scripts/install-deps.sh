@@ -3,7 +3,8 @@
 # interop tests drive (libnbd tools, python3-libnbd, qemu-utils, fio, nbdkit,
 # nbdfuse), qemu-system-x86 for the kernel client test, filesystem tools,
 # openssl for test certificates, systemd-analyze for the service unit, man-db
-# to render the manual pages, rustfmt/clippy and cargo-fuzz. Safe to run
+# to render the manual pages, moto's S3 server (PyPI), rustfmt/clippy and
+# cargo-fuzz. Safe to run
 # again: it installs only what is missing.
 #
 # On Debian 12 (bookworm), qemu-system-x86 and qemu-utils come from
@@ -73,6 +74,14 @@ fi
 
 # The fio nbd engine is what the benchmarks and interop tests use.
 fio --enghelp 2>/dev/null | grep -qw nbd || { echo "install-deps: this fio has no nbd engine" >&2; exit 1; }
+
+# moto's S3 server, which the object-storage tests start on loopback.
+if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+  echo "install-deps: pip install moto[server]"
+  python3 -m pip install -q 'moto[server]>=5.2,<6' ||
+    python3 -m pip install -q --user --break-system-packages 'moto[server]>=5.2,<6'
+  python3 -c 'import moto.server, flask' || { echo "install-deps: moto's server does not import" >&2; exit 1; }
+fi
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy

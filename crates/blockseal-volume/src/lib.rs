@@ -86,6 +86,7 @@ mod mapping;
 mod marker;
 pub mod meta;
 pub mod nonce;
+pub mod object;
 mod record;
 mod rekeyer;
 #[cfg(feature = "testing")]

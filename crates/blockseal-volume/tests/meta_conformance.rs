@@ -3,14 +3,50 @@
 //! Each check is written once, generic over [`BackendKind`], and instantiated for
 //! every backend by the `conformance!` macro at the bottom.
 
+mod common {
+    pub mod moto;
+}
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use blockseal_volume::meta::{self, BackendKind, Batch, MetaError, MetaStore, prefix_end};
+use common::moto;
 use proptest::prelude::*;
 
-fn open(kind: BackendKind, dir: &Path) -> Box<dyn MetaStore> {
-    meta::open(kind, dir).unwrap_or_else(|e| panic!("open {kind:?}: {e:?}"))
+/// Where a check runs: a backend in a local directory, or SlateDB in a bucket
+/// of the test binary's moto server.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Local(BackendKind),
+    S3,
+}
+
+impl Target {
+    fn kind(self) -> BackendKind {
+        match self {
+            Target::Local(kind) => kind,
+            Target::S3 => BackendKind::SlateDb,
+        }
+    }
+}
+
+/// Opens the store of `dir`: on S3, at a prefix named after the (unique)
+/// temporary directory, so a reopen finds the same store.
+fn open(target: Target, dir: &Path) -> Box<dyn MetaStore> {
+    match target {
+        Target::Local(kind) => meta::open(kind, dir),
+        Target::S3 => meta::open_object_store(
+            moto::moto().store(),
+            &s3_prefix(dir),
+            &meta::OpenOptions::new(),
+        ),
+    }
+    .unwrap_or_else(|e| panic!("open {target:?}: {e:?}"))
+}
+
+fn s3_prefix(dir: &Path) -> String {
+    format!("conformance/{}", dir.file_name().unwrap().to_str().unwrap())
 }
 
 fn commit(store: &dyn MetaStore, ops: &[(&[u8], Option<&[u8]>)]) {
@@ -50,10 +86,10 @@ fn keys(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[u8]> {
     pairs.iter().map(|(k, _)| k.as_slice()).collect()
 }
 
-fn get_put_delete(kind: BackendKind) {
+fn get_put_delete(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
-    assert_eq!(store.backend(), kind);
+    assert_eq!(store.backend(), kind.kind());
     assert_eq!(store.get(b"a").unwrap(), None);
     commit(&*store, &[(b"a", Some(b"1")), (b"b", Some(b"2"))]);
     assert_eq!(store.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
@@ -67,7 +103,7 @@ fn get_put_delete(kind: BackendKind) {
     assert_eq!(store.get(b"c").unwrap().as_deref(), Some(&b""[..]));
 }
 
-fn last_write_in_batch_wins(kind: BackendKind) {
+fn last_write_in_batch_wins(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     commit(
@@ -86,7 +122,7 @@ fn last_write_in_batch_wins(kind: BackendKind) {
     assert_eq!(store.get(b"r").unwrap().as_deref(), Some(&b"back"[..]));
 }
 
-fn delete_absent_key(kind: BackendKind) {
+fn delete_absent_key(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     commit(&*store, &[(b"never", None)]);
@@ -98,7 +134,7 @@ fn delete_absent_key(kind: BackendKind) {
     );
 }
 
-fn scan_bounds(kind: BackendKind) {
+fn scan_bounds(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     let all: [&[u8]; 7] = [b"", b"a", b"ab", b"b", b"ba", b"c", b"\xff"];
@@ -142,7 +178,7 @@ fn scan_bounds(kind: BackendKind) {
     assert_eq!(seen, vec![b"".to_vec(), b"a".to_vec(), b"ab".to_vec()]);
 }
 
-fn scan_prefix_edges(kind: BackendKind) {
+fn scan_prefix_edges(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     let all: [&[u8]; 10] = [
@@ -192,7 +228,7 @@ fn scan_prefix_edges(kind: BackendKind) {
     assert_eq!(prefix_end(b"a\x00"), Some(b"a\x01".to_vec()));
 }
 
-fn empty_batch(kind: BackendKind) {
+fn empty_batch(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     store.commit(&Batch::new()).unwrap();
@@ -201,7 +237,7 @@ fn empty_batch(kind: BackendKind) {
     assert_eq!(scan_all(&*store, b"", None).len(), 1);
 }
 
-fn large_batch(kind: BackendKind) {
+fn large_batch(kind: Target) {
     const KEYS: u32 = 50_000;
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
@@ -246,7 +282,7 @@ fn large_batch(kind: BackendKind) {
     assert_eq!(count, KEYS / 2);
 }
 
-fn large_values(kind: BackendKind) {
+fn large_values(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 31 % 256) as u8).collect();
@@ -280,7 +316,7 @@ fn large_values(kind: BackendKind) {
     );
 }
 
-fn persists_across_reopen(kind: BackendKind) {
+fn persists_across_reopen(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = open(kind, dir.path());
@@ -301,7 +337,10 @@ fn persists_across_reopen(kind: BackendKind) {
     assert_eq!(store.get(b"d").unwrap().as_deref(), Some(&b"4"[..]));
 }
 
-fn exclusive_lock(kind: BackendKind) {
+fn exclusive_lock(kind: Target) {
+    if let Target::S3 = kind {
+        return second_writer_fences_the_first();
+    }
     let dir = tempfile::tempdir().unwrap();
     let store = open(kind, dir.path());
     commit(&*store, &[(b"a", Some(b"1"))]);
@@ -324,7 +363,33 @@ fn exclusive_lock(kind: BackendKind) {
     }
 }
 
-fn concurrent_readers_and_writer(kind: BackendKind) {
+/// In a bucket there is no lock to refuse a second process: the second
+/// writer fences the first, whose commits fail from then on, and it sees
+/// everything the first committed.
+fn second_writer_fences_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(Target::S3, dir.path());
+    commit(&*first, &[(b"a", Some(b"1"))]);
+    let second = open(Target::S3, dir.path());
+    assert_eq!(second.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    let mut batch = Batch::new();
+    batch.put(b"b".to_vec(), b"from the fenced writer".to_vec());
+    match first.commit(&batch) {
+        Err(MetaError::Backend { .. }) => {}
+        other => panic!("a fenced writer's commit returned {other:?}"),
+    }
+    // The fenced store refuses every later call.
+    assert!(first.commit(&batch).is_err());
+    assert!(first.get(b"a").is_err());
+    commit(&*second, &[(b"c", Some(b"3"))]);
+    assert_eq!(second.get(b"b").unwrap(), None);
+    drop((first, second));
+    let again = open(Target::S3, dir.path());
+    assert_eq!(again.get(b"b").unwrap(), None);
+    assert_eq!(again.get(b"c").unwrap().as_deref(), Some(&b"3"[..]));
+}
+
+fn concurrent_readers_and_writer(kind: Target) {
     let dir = tempfile::tempdir().unwrap();
     let store: std::sync::Arc<dyn MetaStore> = open(kind, dir.path()).into();
     std::thread::scope(|s| {
@@ -359,7 +424,7 @@ fn concurrent_readers_and_writer(kind: BackendKind) {
 /// A batch that replaces keys by others (as a volume commit replaces extent
 /// records by their pieces) is never seen half done by a concurrent scan: every
 /// scan finds all the keys of exactly one generation.
-fn scan_never_sees_part_of_a_batch(kind: BackendKind) {
+fn scan_never_sees_part_of_a_batch(kind: Target) {
     const KEYS: u32 = 64;
     let key = |slot: u32, generation: u32| format!("m/{slot:03}/{generation:05}").into_bytes();
     let dir = tempfile::tempdir().unwrap();
@@ -445,7 +510,7 @@ fn check_against_model(store: &dyn MetaStore, model: &BTreeMap<Vec<u8>, Vec<u8>>
     assert_eq!(store.get(probe).unwrap().as_ref(), model.get(probe));
 }
 
-fn model(kind: BackendKind, steps: Vec<Step>, probe: Vec<u8>) {
+fn model(kind: Target, steps: Vec<Step>, probe: Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(kind, dir.path());
     let mut model = BTreeMap::new();
@@ -522,7 +587,8 @@ macro_rules! conformance {
 }
 
 conformance! {
-    sled => BackendKind::Sled,
-    redb => BackendKind::Redb,
-    slatedb => BackendKind::SlateDb,
+    sled => Target::Local(BackendKind::Sled),
+    redb => Target::Local(BackendKind::Redb),
+    slatedb => Target::Local(BackendKind::SlateDb),
+    slatedb_s3 => Target::S3,
 }

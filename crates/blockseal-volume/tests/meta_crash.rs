@@ -30,22 +30,29 @@
 //! A store that fails a check is copied to the system temp directory (the path is
 //! printed) so the failure can be replayed by opening it.
 
+mod common {
+    pub mod moto;
+}
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use blockseal_volume::meta::{self, BackendKind, Batch, MetaStore};
+use common::moto;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Set in the child's environment: the store directory.
 const CHILD_DIR: &str = "BLOCKSEAL_CRASH_CHILD_DIR";
-/// Set in the child's environment: `sled`, `redb` or `slatedb`.
+/// Set in the child's environment: `sled`, `redb`, `slatedb` or `slatedb-s3`.
 const CHILD_BACKEND: &str = "BLOCKSEAL_CRASH_CHILD_BACKEND";
+/// Set in the child's environment for `slatedb-s3`: the moto server's URL.
+const CHILD_S3_ENDPOINT: &str = "BLOCKSEAL_CRASH_CHILD_S3_ENDPOINT";
 /// The test the parent re-executes.
 const CHILD_TEST: &str = "crash_child";
 
@@ -60,17 +67,45 @@ const BIG_LEN: usize = 64 << 10;
 
 #[test]
 fn sled_survives_kill_9() {
-    run_parent(BackendKind::Sled);
+    run_parent(Target::Local(BackendKind::Sled));
 }
 
 #[test]
 fn redb_survives_kill_9() {
-    run_parent(BackendKind::Redb);
+    run_parent(Target::Local(BackendKind::Redb));
 }
 
 #[test]
 fn slatedb_survives_kill_9() {
-    run_parent(BackendKind::SlateDb);
+    run_parent(Target::Local(BackendKind::SlateDb));
+}
+
+/// SlateDB in a bucket of a moto server: each reopen fences the killed writer.
+#[test]
+fn slatedb_on_s3_survives_kill_9() {
+    run_parent(Target::S3);
+}
+
+/// Where the store lives: a backend in a local directory, or SlateDB in the
+/// test's moto bucket under a prefix named after that directory.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Local(BackendKind),
+    S3,
+}
+
+fn open(target: Target, dir: &Path) -> Result<Box<dyn MetaStore>, meta::MetaError> {
+    match target {
+        Target::Local(kind) => meta::open(kind, dir),
+        Target::S3 => {
+            let store = match std::env::var(CHILD_S3_ENDPOINT) {
+                Ok(endpoint) => moto::store_at(&endpoint),
+                Err(_) => moto::moto().store(),
+            };
+            let prefix = format!("crash/{}", dir.file_name().unwrap().to_str().unwrap());
+            meta::open_object_store(store, &prefix, &meta::OpenOptions::new())
+        }
+    }
 }
 
 /// The child workload; does nothing unless started by a parent.
@@ -86,7 +121,7 @@ fn crash_child() {
     // handle drops): wait for it, boundedly.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let store = loop {
-        match meta::open(kind, Path::new(&dir)) {
+        match open(kind, Path::new(&dir)) {
             Err(meta::MetaError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -182,20 +217,22 @@ fn read_last(store: &dyn MetaStore) -> Result<u64, String> {
     }
 }
 
-fn parse_backend(name: &str) -> BackendKind {
+fn parse_backend(name: &str) -> Target {
     match name {
-        "sled" => BackendKind::Sled,
-        "redb" => BackendKind::Redb,
-        "slatedb" => BackendKind::SlateDb,
+        "sled" => Target::Local(BackendKind::Sled),
+        "redb" => Target::Local(BackendKind::Redb),
+        "slatedb" => Target::Local(BackendKind::SlateDb),
+        "slatedb-s3" => Target::S3,
         other => panic!("unknown backend {other}"),
     }
 }
 
-fn backend_name(kind: BackendKind) -> &'static str {
-    match kind {
-        BackendKind::Sled => "sled",
-        BackendKind::Redb => "redb",
-        BackendKind::SlateDb => "slatedb",
+fn backend_name(target: Target) -> &'static str {
+    match target {
+        Target::Local(BackendKind::Sled) => "sled",
+        Target::Local(BackendKind::Redb) => "redb",
+        Target::Local(BackendKind::SlateDb) => "slatedb",
+        Target::S3 => "slatedb-s3",
         other => panic!("no crash workload for {other:?}"),
     }
 }
@@ -258,7 +295,7 @@ impl Summary {
     }
 }
 
-fn run_parent(kind: BackendKind) {
+fn run_parent(kind: Target) {
     let backend = backend_name(kind);
     let kills: u32 = env_or("BLOCKSEAL_CRASH_KILLS", 25);
     let seed: u64 = env_or("BLOCKSEAL_CRASH_SEED", rand::random());
@@ -289,7 +326,7 @@ fn run_parent(kind: BackendKind) {
 
 /// Kills `kills` children at moments drawn from `seed`, checking the store
 /// after each; stops at the first failed check.
-fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
+fn kill_and_check(kind: Target, kills: u32, seed: u64) -> Summary {
     let backend = backend_name(kind);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -309,6 +346,10 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
             ])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_BACKEND, backend)
+            .envs(match kind {
+                Target::S3 => Some((CHILD_S3_ENDPOINT, moto::moto().endpoint.clone())),
+                Target::Local(_) => None,
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -372,13 +413,13 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
 
         // Reopen and check.
         let started = Instant::now();
-        let opened = catch_unwind(AssertUnwindSafe(|| meta::open(kind, dir.path())));
+        let opened = catch_unwind(AssertUnwindSafe(|| open(kind, dir.path())));
         let store = match opened {
             Ok(Ok(store)) => store,
             Ok(Err(e)) => {
                 summary.reopen_failures.push(format!(
                     "round {round}: did not reopen: {e} ({e:?}); copy kept at {}",
-                    keep_copy(dir.path(), backend, seed).display()
+                    keep_copy(dir.path(), backend, seed)
                 ));
                 break;
             }
@@ -386,7 +427,7 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
                 summary.reopen_failures.push(format!(
                     "round {round}: open panicked: {}; copy kept at {}",
                     panic_text(&panic),
-                    keep_copy(dir.path(), backend, seed).display()
+                    keep_copy(dir.path(), backend, seed)
                 ));
                 break;
             }
@@ -400,14 +441,14 @@ fn kill_and_check(kind: BackendKind, kills: u32, seed: u64) -> Summary {
             Err(Problem::LostAcked(text)) => {
                 summary.lost_acked.push(format!(
                     "round {round}: {text}; copy kept at {}",
-                    keep_copy(dir.path(), backend, seed).display()
+                    keep_copy(dir.path(), backend, seed)
                 ));
                 break;
             }
             Err(Problem::Torn(text)) => {
                 summary.torn.push(format!(
                     "round {round}: {text}; copy kept at {}",
-                    keep_copy(dir.path(), backend, seed).display()
+                    keep_copy(dir.path(), backend, seed)
                 ));
                 break;
             }
@@ -475,10 +516,14 @@ fn batch_of(value: &[u8]) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-fn keep_copy(dir: &Path, backend: &str, seed: u64) -> PathBuf {
+/// Copies the store's directory where it survives the test; says where.
+fn keep_copy(dir: &Path, backend: &str, seed: u64) -> String {
+    if backend == "slatedb-s3" {
+        return "nowhere (the store was in the test's moto server)".into();
+    }
     let target = std::env::temp_dir().join(format!("blockseal-crash-{backend}-{seed}"));
     let _ = copy_dir(dir, &target);
-    target
+    target.display().to_string()
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

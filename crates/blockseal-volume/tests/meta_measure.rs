@@ -7,6 +7,10 @@
 //! cargo test --release -p blockseal-volume --test meta_measure -- --ignored --nocapture
 //! ```
 
+mod common {
+    pub mod moto;
+}
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -53,6 +57,36 @@ fn measure_backends() {
             allocated2 >> 10,
         );
     }
+}
+
+/// Durable commits of SlateDB in a bucket of a local moto server: the
+/// metadata part of a FLUSH on object storage, one writer at a time and eight
+/// at once.
+#[test]
+#[ignore = "measurement; prints numbers, run by hand"]
+fn measure_s3_commits() {
+    let moto = common::moto::moto();
+    let prefix = common::moto::unique_prefix("measure");
+    let store = meta::open_object_store(moto.store(), &prefix, &meta::OpenOptions::new()).unwrap();
+    fill(&*store, 0, 10_000, 1_000);
+    let single = time_commits(&*store, 300, 1);
+    let batch32 = time_commits(&*store, 300, 32);
+    println!(
+        "SlateDb on moto: durable commit of 1 key median {:?} p90 {:?}; of 32 keys median {:?} p90 {:?}",
+        single.0, single.1, batch32.0, batch32.1
+    );
+    let started = Instant::now();
+    let times: Vec<Duration> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| time_commits(&*store, 100, 32)))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap().0).collect()
+    });
+    println!(
+        "SlateDb on moto: 8 writers x 100 commits of 32 keys in {:?}; per-writer medians {:?}",
+        started.elapsed(),
+        times
+    );
 }
 
 fn key(i: u64) -> Vec<u8> {

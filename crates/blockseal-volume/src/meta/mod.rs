@@ -32,6 +32,7 @@
 use std::fmt;
 use std::fs::{File, TryLockError};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::error_chain;
@@ -317,7 +318,33 @@ pub fn open_with(
         store,
         kind,
         broken: AtomicBool::new(false),
-        _lock: lock,
+        _lock: Some(lock),
+    }))
+}
+
+/// Opens (creating if needed) a SlateDB store at `prefix` in an object store
+/// (see [`crate::object`]).
+///
+/// There is no lock file: a second process that opens the same prefix fences
+/// this one, whose next commit then fails (and every call after it), so at
+/// most one writer's commits ever succeed. The bucket must support
+/// conditional writes.
+pub fn open_object_store(
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: &str,
+    options: &OpenOptions,
+) -> Result<Box<dyn MetaStore>, MetaError> {
+    let kind = BackendKind::SlateDb;
+    let store = catch_panic(kind, || -> Result<Box<dyn MetaStore>, MetaError> {
+        Ok(Box::new(slatedb::SlateStore::open_on(
+            store, prefix, options, true,
+        )?))
+    })??;
+    Ok(Box::new(GuardedStore {
+        store,
+        kind,
+        broken: AtomicBool::new(false),
+        _lock: None,
     }))
 }
 
@@ -350,7 +377,8 @@ struct GuardedStore {
     store: Box<dyn MetaStore>,
     kind: BackendKind,
     broken: AtomicBool,
-    _lock: File,
+    /// The directory lock of a store on a local directory.
+    _lock: Option<File>,
 }
 
 impl GuardedStore {
