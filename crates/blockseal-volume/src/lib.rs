@@ -77,6 +77,7 @@
 
 pub mod backup_format;
 pub mod block;
+mod bridge;
 mod compactor;
 mod error;
 mod flusher;

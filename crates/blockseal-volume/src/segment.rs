@@ -25,8 +25,10 @@ use std::time::Duration;
 
 #[cfg(any(test, feature = "testing"))]
 mod faulty;
+mod object;
 #[cfg(any(test, feature = "testing"))]
 pub use faulty::{FaultOp, FaultySegments};
+pub use object::ObjectSegments;
 
 /// Names one segment: the owning volume's internal id and the segment's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -17,8 +17,10 @@
 //! - (c) no block fails authentication.
 //!
 //! The parent then takes what it read as the new durable baseline and starts the
-//! next child on the same store, so recovery is exercised repeatedly. Both
-//! metadata backends run, redb then sled, each on a store of its own.
+//! next child on the same store, so recovery is exercised repeatedly. Every
+//! metadata backend runs, redb, sled, SlateDB on a local directory, and then
+//! a store whose SlateDB metadata and segments are both in a bucket of a
+//! moto S3 server the test starts, each on a store of its own.
 //!
 //! Every other child starts by rotating the volume's data key (`R`), so the
 //! store's background re-encryption (unthrottled) runs beside the writes and
@@ -43,6 +45,7 @@
 //! ```
 
 mod common {
+    pub mod moto;
     pub mod volume;
 }
 
@@ -51,9 +54,11 @@ use std::io::{BufRead, BufReader};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockseal_volume::meta::{self, BackendKind};
+use blockseal_volume::meta::{self, BackendKind, MetaStore};
+use blockseal_volume::segment::ObjectSegments;
 use blockseal_volume::{ErrorKind, Store, StoreOptions, Volume};
 use common::volume::*;
 use rand::rngs::StdRng;
@@ -72,11 +77,54 @@ const SEED_ENV: &str = "BLOCKSEAL_CRASH_SEED";
 const BLOCKS: u64 = 2048;
 const BS: usize = 4096;
 
-fn options(backend: BackendKind) -> StoreOptions {
+/// Set in the child's environment for `s3`: the moto server's URL.
+const S3_ENDPOINT_ENV: &str = "BLOCKSEAL_CRASH_CHILD_S3_ENDPOINT";
+
+/// Where a store keeps its metadata and segments: a metadata backend in the
+/// store directory beside segment files, or both in the test's moto bucket
+/// under a prefix named after the store directory.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Local(BackendKind),
+    S3,
+}
+
+fn s3_bucket() -> Arc<dyn object_store::ObjectStore> {
+    match std::env::var(S3_ENDPOINT_ENV) {
+        Ok(endpoint) => common::moto::store_at(&endpoint),
+        Err(_) => common::moto::moto().store(),
+    }
+}
+
+fn s3_prefix(dir: &Path) -> String {
+    format!("crash/{}", dir.file_name().unwrap().to_str().unwrap())
+}
+
+/// Opens the store's metadata alone.
+fn open_meta(target: Target, dir: &Path) -> Box<dyn MetaStore> {
+    match target {
+        Target::Local(backend) => meta::open(backend, &dir.join("meta")).unwrap(),
+        Target::S3 => meta::open_object_store(
+            s3_bucket(),
+            &format!("{}/meta", s3_prefix(dir)),
+            &meta::OpenOptions::new(),
+        )
+        .unwrap(),
+    }
+}
+
+fn options(target: Target, dir: &Path) -> StoreOptions {
+    let options = match target {
+        Target::Local(backend) => StoreOptions::new().backend(backend),
+        Target::S3 => StoreOptions::new()
+            .metadata_store(Arc::from(open_meta(target, dir)))
+            .segment_store(Arc::new(
+                ObjectSegments::new(s3_bucket(), &format!("{}/segments", s3_prefix(dir))).unwrap(),
+            )),
+    };
     // Small segments and overlay so rollover and overlay-triggered commits happen,
     // and a threshold that makes most sealed segments worth compacting.
-    StoreOptions::new()
-        .backend(backend)
+    options
         .segment_bytes(1 << 20)
         .overlay_blocks(512)
         .compaction_threshold(0.75)
@@ -100,9 +148,10 @@ fn crash_child() {
         return;
     };
     let backend = match std::env::var(BACKEND_ENV).as_deref() {
-        Ok("sled") => BackendKind::Sled,
-        Ok("slatedb") => BackendKind::SlateDb,
-        _ => BackendKind::Redb,
+        Ok("sled") => Target::Local(BackendKind::Sled),
+        Ok("slatedb") => Target::Local(BackendKind::SlateDb),
+        Ok("s3") => Target::S3,
+        _ => Target::Local(BackendKind::Redb),
     };
     let mut id: u64 = std::env::var(FIRST_ID_ENV).unwrap().parse().unwrap();
     let seed: u64 = std::env::var(CHILD_SEED_ENV).unwrap().parse().unwrap();
@@ -110,9 +159,9 @@ fn crash_child() {
     // mapping pages); the others keep the default, under which most of its
     // commits rewrite their pages.
     let options = if seed.is_multiple_of(3) {
-        options(backend)
+        options(backend, Path::new(&dir))
     } else {
-        options(backend).danger_journal_min_runs(1)
+        options(backend, Path::new(&dir)).danger_journal_min_runs(1)
     };
     let (store, volume) = reopen(Path::new(&dir), options);
     let rotated = seed.is_multiple_of(2);
@@ -244,7 +293,12 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
     eprintln!("crash test: {kills} kills per backend, {replay}");
     let started = Instant::now();
     let mut failed = Vec::new();
-    let backends = [BackendKind::Redb, BackendKind::Sled, BackendKind::SlateDb];
+    let backends = [
+        Target::Local(BackendKind::Redb),
+        Target::Local(BackendKind::Sled),
+        Target::Local(BackendKind::SlateDb),
+        Target::S3,
+    ];
     for (n, backend) in backends.into_iter().enumerate() {
         // Each backend draws from a stream of its own, so one replays alone.
         let backend_seed = seed.wrapping_add(n as u64);
@@ -315,7 +369,7 @@ fn kill_nine_at_random_moments_loses_no_flushed_write() {
 
 /// Runs `kills` kills on a store of `backend`'s, stopping at the first kill
 /// whose check finds a lost write or an authentication failure.
-fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals) {
+fn run_backend(backend: Target, kills: u64, seed: u64, totals: &mut Totals) {
     if kills == 0 {
         return;
     }
@@ -323,7 +377,7 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
     drop(store_with_volume(
         dir.path(),
         BLOCKS * BS as u64,
-        options(backend),
+        options(backend, dir.path()),
     ));
     let mut blocks = vec![BlockState::default(); BLOCKS as usize];
     let mut next_id = 1u64;
@@ -341,7 +395,7 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
         apply_log(&lines, &mut blocks, totals);
         // What the kill left in the mapping journal (the open folds it).
         let journal = {
-            let meta = meta::open(backend, &dir.path().join("meta")).unwrap();
+            let meta = open_meta(backend, dir.path());
             let mut n = 0u64;
             meta.scan_prefix(b"J", &mut |_, _| {
                 n += 1;
@@ -352,7 +406,7 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
         };
         totals.journal_records += journal;
         totals.kills_with_journal += u64::from(journal > 0);
-        let store = Store::open(dir.path(), master(1), options(backend)).unwrap();
+        let store = Store::open(dir.path(), master(1), options(backend, dir.path())).unwrap();
         let volume = store
             .open_volume(&tenant("acme"), &volume_id("disk"))
             .unwrap();
@@ -362,7 +416,7 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
         }
     }
     // Whatever the kills left of the re-encryption jobs finishes now.
-    let store = Store::open(dir.path(), master(1), options(backend)).unwrap();
+    let store = Store::open(dir.path(), master(1), options(backend, dir.path())).unwrap();
     let volume = store
         .open_volume(&tenant("acme"), &volume_id("disk"))
         .unwrap();
@@ -374,17 +428,15 @@ fn run_backend(backend: BackendKind, kills: u64, seed: u64, totals: &mut Totals)
     check(&volume, &mut blocks, totals);
 }
 
-fn run_child(
-    dir: &Path,
-    backend: BackendKind,
-    first_id: u64,
-    seed: u64,
-    delay_ms: u64,
-) -> Vec<String> {
+fn run_child(dir: &Path, backend: Target, first_id: u64, seed: u64, delay_ms: u64) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, dir)
         .env(BACKEND_ENV, backend_name(backend))
+        .envs(match backend {
+            Target::S3 => Some((S3_ENDPOINT_ENV, common::moto::moto().endpoint.clone())),
+            Target::Local(_) => None,
+        })
         .env(FIRST_ID_ENV, first_id.to_string())
         .env(CHILD_SEED_ENV, seed.to_string())
         .stdout(Stdio::piped())
@@ -524,11 +576,12 @@ fn note(totals: &mut Totals, failure: String) {
     }
 }
 
-fn backend_name(backend: BackendKind) -> &'static str {
+fn backend_name(backend: Target) -> &'static str {
     match backend {
-        BackendKind::Sled => "sled",
-        BackendKind::Redb => "redb",
-        BackendKind::SlateDb => "slatedb",
+        Target::Local(BackendKind::Sled) => "sled",
+        Target::Local(BackendKind::Redb) => "redb",
+        Target::Local(BackendKind::SlateDb) => "slatedb",
+        Target::S3 => "s3",
         other => panic!("no crash workload for {other:?}"),
     }
 }

@@ -14,8 +14,8 @@
 //! a reader, even for the moment between the write and the flush. A scan reads
 //! one consistent view (a sequence number taken when it starts).
 //!
-//! SlateDB is asynchronous; the store runs it on a small runtime of its own and
-//! waits for each call on the caller's thread, so the [`MetaStore`] trait stays
+//! SlateDB is asynchronous; the store runs it on a small runtime of its own
+//! ([`crate::bridge`]) and waits for each call on the caller's thread, so the [`MetaStore`] trait stays
 //! synchronous and callers on another runtime's threads are not disturbed (a
 //! call there blocks that thread, as a redb commit would).
 //!
@@ -28,10 +28,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{self, Thread};
 
 use slatedb::config::{DurabilityLevel, ReadOptions, ScanOptions, Settings};
 use slatedb::db_cache::moka::{MokaCache, MokaCacheOptions};
@@ -41,6 +38,7 @@ use slatedb::object_store::path::Path as ObjectPath;
 use slatedb::{Db, ErrorKind, WriteBatch};
 
 use super::{BackendKind, Batch, MetaError, MetaStore, OpenOptions};
+use crate::bridge::{Bridge, wait};
 
 /// The name of the object-store directory inside a store directory.
 pub(super) const DIR_NAME: &str = "meta.slatedb";
@@ -68,7 +66,7 @@ const MEMTABLE_BYTES: usize = 16 << 20;
 /// A store kept in a SlateDB database.
 pub(super) struct SlateStore {
     db: Arc<Db>,
-    runtime: Option<tokio::runtime::Runtime>,
+    bridge: Bridge,
 }
 
 impl SlateStore {
@@ -96,12 +94,7 @@ impl SlateStore {
         options: &OpenOptions,
         boundary_files: bool,
     ) -> Result<Self, MetaError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("blockseal-slatedb")
-            .enable_all()
-            .build()
-            .map_err(backend_error)?;
+        let bridge = Bridge::new("blockseal-slatedb", 2).map_err(backend_error)?;
         let mut settings = Settings {
             object_store_max_retries: Some(MAX_RETRIES),
             l0_sst_size_bytes: MEMTABLE_BYTES,
@@ -124,12 +117,13 @@ impl SlateStore {
                 .build()
                 .await
         };
-        let db = wait(runtime.spawn(build))
+        let db = bridge
+            .run(build)
             .map_err(backend_error)?
             .map_err(slate_error)?;
         Ok(Self {
             db: Arc::new(db),
-            runtime: Some(runtime),
+            bridge,
         })
     }
 
@@ -139,8 +133,8 @@ impl SlateStore {
         T: Send + 'static,
         F: Future<Output = Result<T, slatedb::Error>> + Send + 'static,
     {
-        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
-        wait(runtime.spawn(call(Arc::clone(&self.db))))
+        self.bridge
+            .run(call(Arc::clone(&self.db)))
             .map_err(backend_error)?
             .map_err(slate_error)
     }
@@ -171,11 +165,10 @@ impl MetaStore for SlateStore {
             None => vec![KEY_PREFIX + 1],
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
         let db = Arc::clone(&self.db);
         // The scan runs on the runtime and hands chunks over; when the caller
         // stops early it drops the receiver, and the next send ends the task.
-        runtime.spawn(async move {
+        self.bridge.spawn(async move {
             let options = ScanOptions::default().with_durability_filter(DurabilityLevel::Remote);
             let mut iter = match db.scan_with_options(start..end, &options).await {
                 Ok(iter) => iter,
@@ -242,13 +235,11 @@ impl MetaStore for SlateStore {
 
 impl Drop for SlateStore {
     fn drop(&mut self) {
-        let Some(runtime) = self.runtime.take() else {
-            return;
-        };
         let db = Arc::clone(&self.db);
         // Closing flushes nothing a commit has not flushed already; it stops
-        // the background tasks and releases the writer cleanly.
-        match wait(runtime.spawn(async move { db.close().await })) {
+        // the background tasks and releases the writer cleanly. The bridge's
+        // runtime goes after this, with the store's other fields.
+        match self.bridge.run(async move { db.close().await }) {
             Ok(Ok(())) => {}
             Ok(Err(error)) if matches!(error.kind(), ErrorKind::Closed(_)) => {}
             Ok(Err(error)) => {
@@ -257,31 +248,6 @@ impl Drop for SlateStore {
             Err(error) => {
                 tracing::warn!(error = %error, "closing the SlateDB metadata store failed");
             }
-        }
-        // Never blocks, so a store dropped on another runtime's thread is fine.
-        runtime.shutdown_background();
-    }
-}
-
-/// Waits for `future` on this thread, whatever runtime (if any) the thread
-/// belongs to: the thread parks until the future's waker unparks it.
-fn wait<F: Future>(future: F) -> F::Output {
-    struct Unpark(Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = pin!(future);
-    loop {
-        match future.as_mut().poll(&mut context) {
-            Poll::Ready(output) => return output,
-            Poll::Pending => thread::park(),
         }
     }
 }

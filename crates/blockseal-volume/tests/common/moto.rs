@@ -142,3 +142,44 @@ pub fn unique_prefix(name: &str) -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// Every object under `prefix` in `store`.
+pub fn list_paths(
+    store: &Arc<dyn object_store::ObjectStore>,
+    prefix: &str,
+) -> Vec<object_store::path::Path> {
+    let store = Arc::clone(store);
+    let prefix = object_store::path::Path::from(prefix);
+    runtime().block_on(async move {
+        let mut paths = Vec::new();
+        let mut pending = vec![prefix];
+        while let Some(dir) = pending.pop() {
+            let listing = store.list_with_delimiter(Some(&dir)).await.unwrap();
+            paths.extend(listing.objects.into_iter().map(|o| o.location));
+            pending.extend(listing.common_prefixes);
+        }
+        paths
+    })
+}
+
+/// Deletes the objects at `paths`.
+pub fn delete_paths(
+    store: &Arc<dyn object_store::ObjectStore>,
+    paths: &[object_store::path::Path],
+) {
+    use object_store::ObjectStoreExt;
+    let store = Arc::clone(store);
+    let paths = paths.to_vec();
+    runtime().block_on(async move {
+        for path in &paths {
+            store.delete(path).await.unwrap();
+        }
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,195 @@
+//! Segments and metadata on object storage: the `ObjectSegments` contract on a
+//! local object-store directory and on a moto S3 server started by the test,
+//! and whole stores whose segments and metadata both live in the bucket.
+
+mod common {
+    pub mod moto;
+    pub mod volume;
+}
+
+use std::sync::Arc;
+
+use blockseal_volume::meta::{self, OpenOptions};
+use blockseal_volume::segment::{ObjectSegments, SegmentId, SegmentStore};
+use blockseal_volume::{StoreOptions, VolumeError};
+use common::moto::{moto, unique_prefix};
+use common::volume::*;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+
+const BS: usize = 4096;
+
+fn local_store(dir: &std::path::Path) -> Arc<dyn ObjectStore> {
+    Arc::new(
+        LocalFileSystem::new_with_prefix(dir)
+            .unwrap()
+            .with_fsync(true)
+            .with_automatic_cleanup(true),
+    )
+}
+
+/// Everything `SegmentStore` promises, on one object store, including what a
+/// second instance (another process, after a crash) sees.
+fn segment_contract(store: Arc<dyn ObjectStore>, prefix: &str) {
+    let segments = ObjectSegments::new(Arc::clone(&store), prefix).unwrap();
+    let a = SegmentId {
+        volume: 7,
+        index: 0,
+    };
+    let b = SegmentId {
+        volume: 7,
+        index: 1,
+    };
+    assert_eq!(segments.list(7).unwrap(), Vec::<u32>::new());
+    segments.create(a).unwrap();
+    segments.create(b).unwrap();
+    assert_eq!(
+        segments.create(a).unwrap_err().kind(),
+        std::io::ErrorKind::AlreadyExists
+    );
+    assert_eq!(segments.list(7).unwrap(), vec![0, 1]);
+    assert_eq!(segments.size(a).unwrap(), 0);
+
+    // Three writes, one left out of the middle until later: a sync uploads
+    // two runs, and the late write becomes a run of its own.
+    let first = pattern(1, 2 * BS);
+    let third = pattern(3, BS);
+    segments.write_at(a, 0, &first).unwrap();
+    segments.write_at(a, 3 * BS as u64, &third).unwrap();
+    let mut buf = vec![0; BS];
+    assert!(segments.read_cached(a, BS as u64, &mut buf).unwrap());
+    assert_eq!(buf, first[BS..]);
+    segments.sync(a).unwrap();
+    let second = pattern(2, BS);
+    segments.write_at(a, 2 * BS as u64, &second).unwrap();
+    let unsynced = pattern(4, BS);
+    segments.write_at(a, 4 * BS as u64, &unsynced).unwrap();
+    assert_eq!(segments.size(a).unwrap(), 5 * BS as u64);
+    // A read across a run boundary and across synced and unsynced data.
+    let mut all = vec![0; 5 * BS];
+    segments.read_at(a, 0, &mut all).unwrap();
+    assert_eq!(
+        all,
+        [&first[..], &second[..], &third[..], &unsynced[..]].concat()
+    );
+    segments.sync(a).unwrap();
+    segments
+        .write_at(a, 5 * BS as u64, &pattern(5, BS))
+        .unwrap();
+
+    // A second instance sees what was synced and nothing else.
+    let other = ObjectSegments::new(Arc::clone(&store), prefix).unwrap();
+    assert_eq!(other.list(7).unwrap(), vec![0, 1]);
+    assert_eq!(other.size(a).unwrap(), 5 * BS as u64);
+    let mut buf = vec![0; 4 * BS];
+    assert!(!other.read_cached(a, BS as u64, &mut buf).unwrap());
+    other.read_at(a, BS as u64, &mut buf).unwrap();
+    assert_eq!(buf, all[BS..]);
+    // Now cached: no request needed.
+    assert!(other.read_cached(a, BS as u64, &mut buf).unwrap());
+    let mut past = vec![0; BS];
+    assert_eq!(
+        other
+            .read_at(a, 5 * BS as u64, &mut past)
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::UnexpectedEof
+    );
+
+    segments.delete(a).unwrap();
+    segments.delete(a).unwrap();
+    assert_eq!(segments.list(7).unwrap(), vec![1]);
+    let fresh = ObjectSegments::new(Arc::clone(&store), prefix).unwrap();
+    assert_eq!(fresh.list(7).unwrap(), vec![1]);
+    assert!(fresh.read_at(a, 0, &mut past).is_err());
+}
+
+#[test]
+fn segments_in_a_local_object_store_keep_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    segment_contract(local_store(dir.path()), "segments");
+}
+
+#[test]
+fn segments_in_s3_keep_the_contract() {
+    segment_contract(moto().store(), &unique_prefix("contract"));
+}
+
+/// Store options that keep both segments and metadata under `prefix` of the
+/// test's bucket (new client instances, as after a restart).
+fn s3_options(prefix: &str) -> StoreOptions {
+    let bucket = moto().store();
+    let meta = meta::open_object_store(
+        Arc::clone(&bucket),
+        &format!("{prefix}/meta"),
+        &OpenOptions::new(),
+    )
+    .unwrap();
+    let segments = ObjectSegments::new(bucket, &format!("{prefix}/segments")).unwrap();
+    StoreOptions::new()
+        .metadata_store(Arc::from(meta))
+        .segment_store(Arc::new(segments))
+        .background_compaction(false)
+}
+
+#[test]
+fn a_store_on_s3_keeps_flushed_writes_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("store");
+    let blocks = 64u64;
+    {
+        let (store, volume) = store_with_volume(dir.path(), 1 << 20, s3_options(&prefix));
+        for lba in 0..blocks {
+            volume.write_at(lba * BS as u64, &pattern(lba, BS)).unwrap();
+        }
+        volume.flush().unwrap();
+        // Overwrites, flushed again: the new mappings must win.
+        for lba in (0..blocks).step_by(3) {
+            volume
+                .write_at(lba * BS as u64, &pattern(1000 + lba, BS))
+                .unwrap();
+        }
+        volume.flush().unwrap();
+        // Never flushed: may be lost, must never read as garbage.
+        volume.write_at(0, &pattern(9999, BS)).unwrap();
+        drop(volume);
+        drop(store);
+    }
+    let (_store, volume) = reopen(dir.path(), s3_options(&prefix));
+    let mut buf = vec![0; BS];
+    for lba in 1..blocks {
+        volume.read_at(lba * BS as u64, &mut buf).unwrap();
+        let want = if lba % 3 == 0 { 1000 + lba } else { lba };
+        assert_eq!(buf, pattern(want, BS), "block {lba}");
+    }
+    volume.read_at(0, &mut buf).unwrap();
+    assert!(
+        buf == pattern(1000, BS) || buf == pattern(9999, BS),
+        "block 0 holds neither its flushed nor its later content"
+    );
+}
+
+#[test]
+fn a_segment_missing_from_the_bucket_is_an_error_for_that_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("missing");
+    {
+        let (_store, volume) = store_with_volume(dir.path(), 1 << 20, s3_options(&prefix));
+        volume.write_at(0, &pattern(1, BS)).unwrap();
+        volume.flush().unwrap();
+    }
+    // Someone deletes the data objects behind the store's back.
+    let bucket = moto().store();
+    let doomed: Vec<_> = common::moto::list_paths(&bucket, &format!("{prefix}/segments"))
+        .into_iter()
+        .filter(|path| path.filename().is_some_and(|name| name.starts_with('r')))
+        .collect();
+    assert!(!doomed.is_empty(), "no data object under {prefix}/segments");
+    common::moto::delete_paths(&bucket, &doomed);
+    let (_store, volume) = reopen(dir.path(), s3_options(&prefix));
+    let mut buf = vec![0; BS];
+    match volume.read_at(0, &mut buf) {
+        Err(VolumeError::Io(_)) => {}
+        other => panic!("a read of a block whose object is gone returned {other:?}"),
+    }
+}
