@@ -8,10 +8,12 @@
 //!   [`nbdsh`]);
 //! - waiting for something to happen ([`wait_until`]), never for a fixed time;
 //! - a test PKI made with the `openssl` CLI ([`Pki`]);
+//! - a moto S3 server on loopback, one per test binary ([`moto`]);
 //! - a blocking, byte-level NBD client that can misbehave on purpose
 //!   ([`Raw`]), with the protocol's numbers restated in [`wire`] so that the
 //!   tests check the wire, not the server crate's own constants.
 
+pub mod moto;
 mod pki;
 mod raw;
 pub mod wire;

@@ -61,6 +61,18 @@ pub enum OpenError {
         /// The store directory.
         path: PathBuf,
     },
+    /// The store keeps its metadata and segments in object storage and the
+    /// options name none, or the other way round.
+    #[error(
+        "the store {path} keeps its metadata and segments {where_}; open it with \
+         the same object storage it was created with"
+    )]
+    ObjectStorageMismatch {
+        /// The store directory.
+        path: PathBuf,
+        /// Where the store's `FORMAT` file says they are.
+        where_: &'static str,
+    },
     /// The directory holds store data (metadata, segments, a commit marker) but
     /// no `FORMAT` file: a damaged store, never an empty place for a new one.
     #[error(
@@ -168,6 +180,7 @@ impl OpenError {
         match self {
             OpenError::Locked { .. }
             | OpenError::AlreadyExists { .. }
+            | OpenError::ObjectStorageMismatch { .. }
             | OpenError::NotAStore { .. }
             | OpenError::NewerFormat { .. }
             | OpenError::WrongMasterKey(_) => ErrorKind::InvalidInput,

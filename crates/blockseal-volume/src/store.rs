@@ -41,7 +41,7 @@ use crate::marker::{self, MARKER_FILE, Marker, Sequenced};
 use crate::meta::{self, BackendKind, Batch, MetaStore};
 use crate::record::{self, Extent, HeaderRecord, TenantRecord, VolumeRecord, WriterRecord};
 use crate::rekeyer::{Rekeyer, RekeyerConfig};
-use crate::segment::{FileSegments, SegmentStore};
+use crate::segment::{FileSegments, ObjectSegments, SegmentStore};
 use crate::stats::{LatencyHistogram, LatencySnapshot};
 use crate::volume::IndexBudget;
 use crate::volume::{Closed, CompactionReport, RekeyParts, Volume, VolumeParts};
@@ -94,6 +94,7 @@ pub struct StoreOptions {
     overlay_blocks: usize,
     meta_store: Option<Arc<dyn MetaStore>>,
     segment_store: Option<Arc<dyn SegmentStore>>,
+    object_storage: Option<(Arc<dyn object_store::ObjectStore>, String)>,
     compaction_threshold: f64,
     background_compaction: bool,
     compaction_rate: u64,
@@ -136,6 +137,7 @@ impl StoreOptions {
             overlay_blocks: Self::DEFAULT_OVERLAY_BLOCKS,
             meta_store: None,
             segment_store: None,
+            object_storage: None,
             compaction_threshold: Self::DEFAULT_COMPACTION_THRESHOLD,
             background_compaction: true,
             compaction_rate: Self::DEFAULT_COMPACTION_RATE,
@@ -198,6 +200,22 @@ impl StoreOptions {
     /// or a test store). The caller must pass the same store on every open.
     pub fn metadata_store(mut self, store: Arc<dyn MetaStore>) -> StoreOptions {
         self.meta_store = Some(store);
+        self
+    }
+
+    /// Keeps the store's metadata (SlateDB, at `<prefix>/meta`) and segments
+    /// (objects under `<prefix>/segments`) in an object store, such as an S3
+    /// bucket ([`crate::object::s3`]); the store directory keeps its header,
+    /// lock and commit marker. Recorded when the store is created: every open
+    /// must name the same store and prefix. Overrides
+    /// [`backend`](Self::backend).
+    pub fn object_storage(
+        mut self,
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: impl Into<String>,
+    ) -> StoreOptions {
+        let prefix = prefix.into().trim_end_matches('/').to_owned();
+        self.object_storage = Some((store, prefix));
         self
     }
 
@@ -282,6 +300,13 @@ impl fmt::Debug for StoreOptions {
             .field("overlay_blocks", &self.overlay_blocks)
             .field("custom_metadata_store", &self.meta_store.is_some())
             .field("custom_segment_store", &self.segment_store.is_some())
+            .field(
+                "object_storage",
+                &self
+                    .object_storage
+                    .as_ref()
+                    .map(|(store, prefix)| format!("{store}/{prefix}")),
+            )
             .field("compaction_threshold", &self.compaction_threshold)
             .field("background_compaction", &self.background_compaction)
             .field("compaction_rate", &self.compaction_rate)
@@ -432,8 +457,19 @@ impl Store {
             set_aside_unfinished_create(&dir)?;
         }
         check_no_store_data(&dir)?;
-        let backend = options.backend;
+        let in_bucket = options.object_storage.is_some();
+        let backend = if in_bucket {
+            BackendKind::SlateDb
+        } else {
+            options.backend
+        };
         let raw = open_meta(&dir, backend, &options)?;
+        if in_bucket && raw.get(record::HEADER_KEY)?.is_some() {
+            // Another store's metadata lives at this prefix.
+            return Err(OpenError::AlreadyExists {
+                path: PathBuf::from(object_prefix(&options)),
+            });
+        }
         let sequenced = Arc::new(Sequenced::new(&dir, raw, 0).map_err(io_error(&dir))?);
         let commit_latency = sequenced.latency();
         let meta: Arc<dyn MetaStore> = sequenced;
@@ -449,7 +485,7 @@ impl Store {
         batch.put(record::NEXT_VOLUME_KEY, record::encode_u64(1).to_vec());
         meta.commit(&batch)?;
         // The header file goes last: a directory without it is not a store yet.
-        write_format_file(&dir, backend)?;
+        write_format_file(&dir, backend, in_bucket)?;
         tracing::info!(dir = %dir.display(), ?backend, master_key = %master.id(), "store created");
         Store::start(dir, lock, meta, commit_latency, master, salt, options)
     }
@@ -499,9 +535,20 @@ impl Store {
             return Err(OpenError::NotAStore { path: dir });
         }
         let lock = lock_store(&dir)?;
-        let (backend, version) = read_format_file(&dir)?;
+        let (backend, version, in_bucket) = read_format_file(&dir)?;
         warn_if_open_to_others(&dir);
-        if options.meta_store.is_none() && !meta::exists(backend, &dir.join(META_DIR)) {
+        if in_bucket != options.object_storage.is_some() {
+            return Err(OpenError::ObjectStorageMismatch {
+                path: dir,
+                where_: if in_bucket {
+                    "in object storage"
+                } else {
+                    "in its directory"
+                },
+            });
+        }
+        if options.meta_store.is_none() && !in_bucket && !meta::exists(backend, &dir.join(META_DIR))
+        {
             return Err(OpenError::MetadataMissing {
                 path: meta::data_path(backend, &dir.join(META_DIR)),
             });
@@ -545,7 +592,7 @@ impl Store {
             KeyId::from_bytes(header.master_key_id),
             &CheckValue::from_bytes(header.check_value),
         )?;
-        if options.segment_store.is_none() {
+        if options.segment_store.is_none() && !in_bucket {
             let orphans = orphan_segment_dirs(&dir, raw.as_ref())?;
             if !orphans.is_empty() && !accept_loss {
                 return Err(OpenError::UnknownSegments {
@@ -560,7 +607,7 @@ impl Store {
         let commit_latency = sequenced.latency();
         let meta: Arc<dyn MetaStore> = sequenced;
         if version < FORMAT_VERSION {
-            write_format_file(&dir, backend)?;
+            write_format_file(&dir, backend, in_bucket)?;
             tracing::info!(dir = %dir.display(), from = version, to = FORMAT_VERSION, "store format upgraded");
         }
         // Run at every open, not only at the upgrade: an upgrade killed
@@ -1156,11 +1203,12 @@ fn lock_store(dir: &Path) -> Result<File, OpenError> {
     }
 }
 
-fn write_format_file(dir: &Path, backend: BackendKind) -> Result<(), OpenError> {
+fn write_format_file(dir: &Path, backend: BackendKind, in_bucket: bool) -> Result<(), OpenError> {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(MAGIC);
     bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
     bytes[12] = backend.code();
+    bytes[13] = u8::from(in_bucket);
     let tmp = dir.join("FORMAT.tmp");
     let path = dir.join(FORMAT_FILE);
     (|| {
@@ -1178,15 +1226,17 @@ fn write_format_file(dir: &Path, backend: BackendKind) -> Result<(), OpenError> 
     .map_err(io_error(&path))
 }
 
-/// The backend and format version a `FORMAT` file names.
-fn read_format_file(dir: &Path) -> Result<(BackendKind, u32), OpenError> {
+/// The backend and format version a `FORMAT` file names, and whether the
+/// metadata and segments are in object storage.
+fn read_format_file(dir: &Path) -> Result<(BackendKind, u32, bool), OpenError> {
     let path = dir.join(FORMAT_FILE);
     let bytes = fs::read(&path).map_err(io_error(&path))?;
     let not_a_store = || OpenError::NotAStore {
         path: dir.to_path_buf(),
     };
-    // Exactly 16 bytes: magic, format version, backend, three reserved zeros.
-    if bytes.len() != 16 || &bytes[..8] != MAGIC || bytes[13..16] != [0, 0, 0] {
+    // Exactly 16 bytes: magic, format version, backend, where (0 or 1), two
+    // reserved zeros.
+    if bytes.len() != 16 || &bytes[..8] != MAGIC || bytes[13] > 1 || bytes[14..16] != [0, 0] {
         return Err(not_a_store());
     }
     let version = u32::from_be_bytes(bytes[8..12].try_into().map_err(|_| not_a_store())?);
@@ -1200,7 +1250,7 @@ fn read_format_file(dir: &Path) -> Result<(BackendKind, u32), OpenError> {
         });
     }
     match BackendKind::from_code(bytes[12]) {
-        Some(backend) => Ok((backend, version)),
+        Some(backend) => Ok((backend, version, bytes[13] == 1)),
         None => Err(not_a_store()),
     }
 }
@@ -1212,6 +1262,14 @@ fn open_meta(
 ) -> Result<Arc<dyn MetaStore>, OpenError> {
     if let Some(store) = &options.meta_store {
         return Ok(store.clone());
+    }
+    if let Some((store, prefix)) = &options.object_storage {
+        let meta = meta::open_object_store(
+            Arc::clone(store),
+            &format!("{prefix}/meta"),
+            &meta::OpenOptions::new(),
+        )?;
+        return Ok(Arc::from(meta));
     }
     let path = dir.join(META_DIR);
     if !path.is_dir() {
@@ -1269,10 +1327,25 @@ fn open_segments(dir: &Path, options: &StoreOptions) -> Result<Arc<dyn SegmentSt
     if let Some(store) = &options.segment_store {
         return Ok(store.clone());
     }
+    if let Some((store, prefix)) = &options.object_storage {
+        let path = PathBuf::from(object_prefix(options));
+        return Ok(Arc::new(
+            ObjectSegments::new(Arc::clone(store), &format!("{prefix}/segments"))
+                .map_err(io_error(&path))?,
+        ));
+    }
     let path = dir.join(SEGMENTS_DIR);
     Ok(Arc::new(
         FileSegments::with_reserve(&path, options.space_reserve).map_err(io_error(&path))?,
     ))
+}
+
+/// Names the object storage of `options` for messages: `<store>/<prefix>`.
+fn object_prefix(options: &StoreOptions) -> String {
+    options
+        .object_storage
+        .as_ref()
+        .map_or_else(String::new, |(store, prefix)| format!("{store}/{prefix}"))
 }
 
 /// Creates `dir` (and missing parents) with mode 0700 for the directories it makes.

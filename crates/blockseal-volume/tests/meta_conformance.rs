@@ -36,11 +36,9 @@ impl Target {
 fn open(target: Target, dir: &Path) -> Box<dyn MetaStore> {
     match target {
         Target::Local(kind) => meta::open(kind, dir),
-        Target::S3 => meta::open_object_store(
-            moto::moto().store(),
-            &s3_prefix(dir),
-            &meta::OpenOptions::new(),
-        ),
+        Target::S3 => {
+            meta::open_object_store(moto::bucket(), &s3_prefix(dir), &meta::OpenOptions::new())
+        }
     }
     .unwrap_or_else(|e| panic!("open {target:?}: {e:?}"))
 }

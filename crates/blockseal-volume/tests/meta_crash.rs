@@ -100,7 +100,7 @@ fn open(target: Target, dir: &Path) -> Result<Box<dyn MetaStore>, meta::MetaErro
         Target::S3 => {
             let store = match std::env::var(CHILD_S3_ENDPOINT) {
                 Ok(endpoint) => moto::store_at(&endpoint),
-                Err(_) => moto::moto().store(),
+                Err(_) => moto::bucket(),
             };
             let prefix = format!("crash/{}", dir.file_name().unwrap().to_str().unwrap());
             meta::open_object_store(store, &prefix, &meta::OpenOptions::new())

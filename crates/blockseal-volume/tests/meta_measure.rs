@@ -65,9 +65,9 @@ fn measure_backends() {
 #[test]
 #[ignore = "measurement; prints numbers, run by hand"]
 fn measure_s3_commits() {
-    let moto = common::moto::moto();
     let prefix = common::moto::unique_prefix("measure");
-    let store = meta::open_object_store(moto.store(), &prefix, &meta::OpenOptions::new()).unwrap();
+    let store = meta::open_object_store(common::moto::bucket(), &prefix, &meta::OpenOptions::new())
+        .unwrap();
     fill(&*store, 0, 10_000, 1_000);
     let single = time_commits(&*store, 300, 1);
     let batch32 = time_commits(&*store, 300, 32);

@@ -9,10 +9,9 @@ mod common {
 
 use std::sync::Arc;
 
-use blockseal_volume::meta::{self, OpenOptions};
 use blockseal_volume::segment::{ObjectSegments, SegmentId, SegmentStore};
-use blockseal_volume::{StoreOptions, VolumeError};
-use common::moto::{moto, unique_prefix};
+use blockseal_volume::{OpenError, Store, StoreOptions, VolumeError};
+use common::moto::unique_prefix;
 use common::volume::*;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
@@ -112,24 +111,54 @@ fn segments_in_a_local_object_store_keep_the_contract() {
 
 #[test]
 fn segments_in_s3_keep_the_contract() {
-    segment_contract(moto().store(), &unique_prefix("contract"));
+    segment_contract(common::moto::bucket(), &unique_prefix("contract"));
 }
 
 /// Store options that keep both segments and metadata under `prefix` of the
-/// test's bucket (new client instances, as after a restart).
+/// test's bucket (a new client, as after a restart).
 fn s3_options(prefix: &str) -> StoreOptions {
-    let bucket = moto().store();
-    let meta = meta::open_object_store(
-        Arc::clone(&bucket),
-        &format!("{prefix}/meta"),
-        &OpenOptions::new(),
-    )
-    .unwrap();
-    let segments = ObjectSegments::new(bucket, &format!("{prefix}/segments")).unwrap();
     StoreOptions::new()
-        .metadata_store(Arc::from(meta))
-        .segment_store(Arc::new(segments))
+        .object_storage(common::moto::bucket(), prefix)
         .background_compaction(false)
+}
+
+#[test]
+fn a_store_opens_only_with_the_object_storage_it_was_created_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("mismatch");
+    drop(store_with_volume(dir.path(), 1 << 20, s3_options(&prefix)));
+    assert!(!dir.path().join("meta").exists());
+    assert!(!dir.path().join("segments").exists());
+    match Store::open(dir.path(), master(1), StoreOptions::new()) {
+        Err(e @ OpenError::ObjectStorageMismatch { .. }) => {
+            assert!(e.to_string().contains("in object storage"), "{e}");
+        }
+        other => panic!("opening without object storage gave {:?}", other.err()),
+    }
+    // A second store cannot be created over the first one's objects.
+    let other = tempfile::tempdir().unwrap();
+    match Store::create(other.path(), master(1), s3_options(&prefix)) {
+        Err(OpenError::AlreadyExists { path }) => {
+            assert!(path.to_string_lossy().contains(&prefix), "{path:?}")
+        }
+        other => panic!(
+            "creating a second store at one prefix gave {:?}",
+            other.err()
+        ),
+    }
+    // And a local store does not open as one in object storage.
+    let local = tempfile::tempdir().unwrap();
+    drop(store_with_volume(
+        local.path(),
+        1 << 20,
+        StoreOptions::new(),
+    ));
+    assert!(matches!(
+        Store::open(local.path(), master(1), s3_options(&unique_prefix("none"))),
+        Err(OpenError::ObjectStorageMismatch { .. })
+    ));
+    // The store itself still opens.
+    drop(reopen(dir.path(), s3_options(&prefix)));
 }
 
 #[test]
@@ -179,7 +208,7 @@ fn a_segment_missing_from_the_bucket_is_an_error_for_that_read() {
         volume.flush().unwrap();
     }
     // Someone deletes the data objects behind the store's back.
-    let bucket = moto().store();
+    let bucket = common::moto::bucket();
     let doomed: Vec<_> = common::moto::list_paths(&bucket, &format!("{prefix}/segments"))
         .into_iter()
         .filter(|path| path.filename().is_some_and(|name| name.starts_with('r')))

@@ -92,7 +92,7 @@ enum Target {
 fn s3_bucket() -> Arc<dyn object_store::ObjectStore> {
     match std::env::var(S3_ENDPOINT_ENV) {
         Ok(endpoint) => common::moto::store_at(&endpoint),
-        Err(_) => common::moto::moto().store(),
+        Err(_) => common::moto::bucket(),
     }
 }
 

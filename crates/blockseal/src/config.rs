@@ -67,6 +67,106 @@ pub(crate) struct Config {
     pub(crate) metrics: Option<MetricsConfig>,
     /// Tracing spans to an OpenTelemetry collector (none without the table).
     pub(crate) tracing: Option<TracingConfig>,
+    /// Metadata and segments in an S3-compatible bucket instead of the data
+    /// directory (none without the table).
+    pub(crate) object_store: Option<ObjectStoreConfig>,
+}
+
+/// `[object_store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ObjectStoreConfig {
+    /// The bucket.
+    pub(crate) bucket: String,
+    /// This store's key prefix in the bucket (`<prefix>/meta`,
+    /// `<prefix>/segments`); one store per prefix.
+    pub(crate) prefix: String,
+    /// The bucket's region (default `us-east-1`).
+    #[serde(default = "default_region")]
+    pub(crate) region: String,
+    /// The service's URL, for a service other than AWS S3
+    /// (`https://minio.example:9000`); `http:` only on loopback.
+    pub(crate) endpoint: Option<String>,
+    /// The environment variable holding the access key id (default
+    /// `AWS_ACCESS_KEY_ID`).
+    #[serde(default = "default_key_id_env")]
+    pub(crate) access_key_id_env: String,
+    /// The environment variable holding the secret key (default
+    /// `AWS_SECRET_ACCESS_KEY`); the key is never in this file.
+    #[serde(default = "default_secret_env")]
+    pub(crate) secret_access_key_env: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_key_id_env() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+
+fn default_secret_env() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+
+impl ObjectStoreConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.bucket.is_empty() {
+            bail!("object_store.bucket: must not be empty");
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if prefix.is_empty()
+            || prefix
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            bail!(
+                "object_store.prefix: {:?} is not a key prefix like \"blockseal/host-a\"",
+                self.prefix
+            );
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let host = endpoint
+                .strip_prefix("https://")
+                .or_else(|| endpoint.strip_prefix("http://"))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("object_store.endpoint: {endpoint:?} is not an http(s) URL")
+                })?;
+            if endpoint.starts_with("http://")
+                && !["127.", "localhost", "[::1]"]
+                    .iter()
+                    .any(|l| host.starts_with(l))
+            {
+                bail!(
+                    "object_store.endpoint: {endpoint} sends the request signatures and \
+                     the sealed data unencrypted; use https://, or http:// on loopback only"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A client of the bucket, with the credentials read from the environment.
+    pub(crate) fn connect(
+        &self,
+    ) -> anyhow::Result<std::sync::Arc<dyn blockseal_volume::object::ObjectStore>> {
+        use blockseal_volume::object::{self, S3Options};
+        let read = |name: &str| {
+            std::env::var(name).map_err(|_| {
+                anyhow::anyhow!(
+                    "object_store: the environment variable {name} is not set; it must \
+                     hold the bucket's credentials"
+                )
+            })
+        };
+        let key_id = read(&self.access_key_id_env)?;
+        let secret = zeroize::Zeroizing::new(read(&self.secret_access_key_env)?);
+        let mut options = S3Options::new(&self.bucket, &self.region, key_id, secret);
+        if let Some(endpoint) = &self.endpoint {
+            options = options.endpoint(endpoint);
+        }
+        object::s3(&options).map_err(|e| anyhow::anyhow!("object_store: {e}"))
+    }
 }
 
 /// `[tracing]`.
@@ -445,6 +545,9 @@ impl Config {
         }
         if let Some(retention) = &self.retention {
             retention.check(&self.data_dir)?;
+        }
+        if let Some(object_store) = &self.object_store {
+            object_store.check()?;
         }
         if let Some(tracing) = &self.tracing {
             if let Some(ratio) = tracing.sample_ratio

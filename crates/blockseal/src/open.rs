@@ -10,7 +10,7 @@ use blockseal_volume::meta::BackendKind;
 use blockseal_volume::{OpenError, RecoveryReport, Store, StoreOptions};
 
 use crate::cli::StoreArgs;
-use crate::config::Config;
+use crate::config::{Config, ObjectStoreConfig};
 use crate::passphrase::{Confirm, PassphraseArgs};
 
 /// Where a store and its master key are.
@@ -30,6 +30,8 @@ pub(crate) struct StoreLocation {
     pub(crate) index_memory: Option<u64>,
     /// Re-encryption rate in bytes per second (`reencrypt_rate`).
     pub(crate) reencrypt_rate: Option<u64>,
+    /// Metadata and segments in a bucket (`[object_store]`).
+    pub(crate) object_store: Option<ObjectStoreConfig>,
 }
 
 /// Whether opening may create a store in a directory that holds none.
@@ -59,6 +61,7 @@ impl StoreLocation {
             space_reserve: None,
             index_memory: None,
             reencrypt_rate: None,
+            object_store: None,
         })
     }
 
@@ -80,6 +83,7 @@ impl StoreLocation {
             space_reserve: config.space_reserve.map(|s| s.0),
             index_memory: config.index_memory.map(|s| s.0),
             reencrypt_rate: config.reencrypt_rate.map(|s| s.0),
+            object_store: config.object_store.clone(),
         }
     }
 
@@ -107,14 +111,17 @@ impl StoreLocation {
             bail!("{} holds no blockseal store", self.dir.display());
         }
         let key = self.load_key()?;
-        let options = self.options();
+        let options = self.options()?;
         Store::danger_accept_metadata_loss(&self.dir, key, options)
             .map_err(|e| explain_open_error(e, &self.dir))
     }
 
     /// The store options the configuration asks for.
-    pub(crate) fn options(&self) -> StoreOptions {
+    pub(crate) fn options(&self) -> anyhow::Result<StoreOptions> {
         let mut options = StoreOptions::new().backend(self.backend);
+        if let Some(config) = &self.object_store {
+            options = options.object_storage(config.connect()?, config.prefix.trim_matches('/'));
+        }
         if let Some(bytes) = self.space_reserve {
             options = options.space_reserve(bytes);
         }
@@ -124,7 +131,7 @@ impl StoreLocation {
         if let Some(rate) = self.reencrypt_rate {
             options = options.reencrypt_rate(rate);
         }
-        options
+        Ok(options)
     }
 
     pub(crate) fn has_store(&self) -> bool {
@@ -137,7 +144,7 @@ impl StoreLocation {
     pub(crate) fn open_for_admin(&self, if_missing: IfMissing) -> anyhow::Result<Store> {
         self.open_with(
             if_missing,
-            self.options()
+            self.options()?
                 .background_compaction(false)
                 .background_reencryption(false),
         )
@@ -145,7 +152,7 @@ impl StoreLocation {
 
     /// Opens the store, or creates it when it is missing and `if_missing` allows.
     pub(crate) fn open(&self, if_missing: IfMissing) -> anyhow::Result<Store> {
-        self.open_with(if_missing, self.options())
+        self.open_with(if_missing, self.options()?)
     }
 
     fn open_with(&self, if_missing: IfMissing, options: StoreOptions) -> anyhow::Result<Store> {

@@ -436,7 +436,7 @@ fn rebuild<C: Read + Seek>(
         // is here: a crash in between leaves a directory that is no store.
         let ids: Vec<(u32, u32)> = segments.iter().map(|&(v, i, _)| (v, i)).collect();
         link_segments(segments_from, &dir.join(super::SEGMENTS_DIR), &ids)?;
-        super::write_format_file(dir, backend)?;
+        super::write_format_file(dir, backend, false)?;
     }
     Ok(Store::open(dir, master, options)?)
 }

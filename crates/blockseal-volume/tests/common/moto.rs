@@ -1,146 +1,29 @@
-//! A local S3 server for tests: moto (`moto[server]` from PyPI, which
-//! `scripts/install-deps.sh` installs), started once per test binary on
-//! loopback and stopped when the binary exits.
-//!
-//! moto runs behind a small Python wrapper that exits as soon as its stdin
-//! closes; the test binary holds the other end of that pipe for its whole life,
-//! so the server goes with it however the binary ends (even `kill -9`).
-#![allow(dead_code, unreachable_pub)]
+//! The test-support moto server, with object-store clients of its bucket.
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
+pub use blockseal_test_support::moto::{BUCKET, moto, unique_prefix};
+use blockseal_test_support::moto::{CREDENTIAL, REGION};
 use blockseal_volume::object::{self, S3Options};
 use zeroize::Zeroizing;
 
-/// The bucket every test of a binary shares (each under a prefix of its own).
-pub const BUCKET: &str = "blockseal-test";
-
-const WRAPPER: &str = r#"
-import os, sys, threading
-def watch():
-    sys.stdin.buffer.read()
-    os._exit(0)
-threading.Thread(target=watch, daemon=True).start()
-from moto.server import main
-main(["-H", "127.0.0.1", "-p", sys.argv[1]])
-"#;
-
-/// A running moto server.
-pub struct Moto {
-    pub endpoint: String,
-    port: u16,
-    // Held until the binary exits: closing it stops the server.
-    _child: Mutex<(Child, ChildStdin)>,
-}
-
-/// The binary's moto server, started on first use with [`BUCKET`] created.
-///
-/// Panics with what to install when moto is missing: a test that needs it
-/// never passes without it.
-pub fn moto() -> &'static Moto {
-    static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(start)
-}
-
-fn start() -> Moto {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port();
-    let python = std::env::var("BLOCKSEAL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let check = Command::new(&python)
-        .args(["-c", "import moto.server, flask"])
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}; install Python 3"));
-    assert!(
-        check.status.success(),
-        "moto's S3 server is missing ({}); install it with scripts/install-deps.sh \
-         (pip install 'moto[server]')",
-        String::from_utf8_lossy(&check.stderr).trim()
-    );
-    let mut child = Command::new(&python)
-        .args(["-c", WRAPPER, &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start moto: {e}"));
-    let stdin = child.stdin.take().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("moto exited before it listened: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto did not listen on port {port} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let moto = Moto {
-        endpoint: format!("http://127.0.0.1:{port}"),
-        port,
-        _child: Mutex::new((child, stdin)),
-    };
-    moto.create_bucket(BUCKET);
-    moto
-}
-
-impl Moto {
-    /// Creates a bucket (moto checks no signature on this call).
-    pub fn create_bucket(&self, bucket: &str) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\
-             Connection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        assert!(
-            reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
-            "creating bucket {bucket} failed: {reply}"
-        );
-    }
-
-    /// A client of [`BUCKET`].
-    pub fn store(&self) -> Arc<dyn object_store::ObjectStore> {
-        store_at(&self.endpoint)
-    }
-}
-
-/// A client of [`BUCKET`] on the moto server at `endpoint` (another
-/// process's, for a child the test started).
+/// A client of [`BUCKET`] on the moto server at `endpoint` (this process's,
+/// or another's, for a child the test started).
 pub fn store_at(endpoint: &str) -> Arc<dyn object_store::ObjectStore> {
     let options = S3Options::new(
         BUCKET,
-        "us-east-1",
-        "testing",
-        Zeroizing::new("testing".into()),
+        REGION,
+        CREDENTIAL,
+        Zeroizing::new(CREDENTIAL.into()),
     )
     .endpoint(endpoint);
     object::s3(&options).expect("an S3 client")
 }
 
-/// A prefix no other test of this process uses.
-pub fn unique_prefix(name: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+/// A client of [`BUCKET`] on this process's moto server.
+pub fn bucket() -> Arc<dyn object_store::ObjectStore> {
+    store_at(&moto().endpoint)
 }
 
 /// Every object under `prefix` in `store`.

@@ -172,6 +172,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         space_reserve: None,
         index_memory: None,
         reencrypt_rate: None,
+        object_store: None,
     };
     let key_file = &location.key_file;
     if key_file.symlink_metadata().is_err() {

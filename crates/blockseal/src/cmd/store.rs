@@ -107,6 +107,12 @@ pub(crate) fn rebuild(args: StoreRebuildArgs) -> anyhow::Result<()> {
         master_key: args.master_key.clone(),
         passphrase: args.passphrase.clone(),
     })?;
+    if location.object_store.is_some() {
+        bail!(
+            "store rebuild writes the metadata and segments into the data directory; a \
+             store in object storage ([object_store]) cannot be rebuilt from a catalogue yet"
+        );
+    }
     let dir = &location.dir;
     let catalog_name = args.catalog.display().to_string();
     let file = File::open(&args.catalog).map_err(|e| file_error(&catalog_name, &e))?;
@@ -156,7 +162,7 @@ pub(crate) fn rebuild(args: StoreRebuildArgs) -> anyhow::Result<()> {
     }
     let key = location.load_key()?;
     let options = location
-        .options()
+        .options()?
         .background_compaction(false)
         .background_reencryption(false);
     reader.rewind().map_err(|e| file_error(&catalog_name, &e))?;
