@@ -222,3 +222,44 @@ fn a_segment_missing_from_the_bucket_is_an_error_for_that_read() {
         other => panic!("a read of a block whose object is gone returned {other:?}"),
     }
 }
+
+/// Two hosts on one prefix (the second started from a copy of the first's
+/// data directory): the second's open fences the first, which can then make
+/// nothing durable, and whatever the first flushed before stays.
+#[test]
+fn a_second_host_on_one_prefix_fences_the_first_and_loses_nothing_flushed() {
+    let prefix = unique_prefix("two-hosts");
+    let first_dir = tempfile::tempdir().unwrap();
+    let (first_store, first) = store_with_volume(first_dir.path(), 1 << 20, s3_options(&prefix));
+    for lba in 0..16u64 {
+        first.write_at(lba * BS as u64, &pattern(lba, BS)).unwrap();
+    }
+    first.flush().unwrap();
+
+    let second_dir = tempfile::tempdir().unwrap();
+    for name in ["FORMAT", "COMMITS"] {
+        std::fs::copy(first_dir.path().join(name), second_dir.path().join(name)).unwrap();
+    }
+    let (second_store, second) = reopen(second_dir.path(), s3_options(&prefix));
+
+    // The first host, fenced, writes on: its FLUSH fails, so nothing it
+    // writes from now on was ever acknowledged as durable.
+    first.write_at(0, &pattern(777, BS)).unwrap();
+    assert!(first.flush().is_err(), "a fenced host's FLUSH succeeded");
+
+    let mut buf = vec![0; BS];
+    for lba in 0..16u64 {
+        second.read_at(lba * BS as u64, &mut buf).unwrap();
+        assert_eq!(buf, pattern(lba, BS), "block {lba} on the second host");
+    }
+    second.write_at(BS as u64, &pattern(888, BS)).unwrap();
+    second.flush().unwrap();
+    drop((first, first_store, second, second_store));
+
+    let (_store, volume) = reopen(second_dir.path(), s3_options(&prefix));
+    for lba in 0..16u64 {
+        volume.read_at(lba * BS as u64, &mut buf).unwrap();
+        let want = if lba == 1 { 888 } else { lba };
+        assert_eq!(buf, pattern(want, BS), "block {lba} after both hosts");
+    }
+}
