@@ -149,26 +149,41 @@ impl ObjectSegments {
         (offset < start + len).then_some(Place::Object { start, len })
     }
 
-    /// Reads what it can without a request: from memory or the cache.
-    fn read_local(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
-        let segment = self.segment(id);
+    /// Fills `buf` with the bytes at `offset`, piece by piece, each piece
+    /// taken by `take` from where [`locate`](Self::locate) finds it;
+    /// `Ok(false)` as soon as `take` has none.
+    fn fill(
+        segment: &Segment,
+        offset: u64,
+        buf: &mut [u8],
+        mut take: impl FnMut(u64, Option<Place>) -> io::Result<Option<Bytes>>,
+    ) -> io::Result<bool> {
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
             let place = Self::locate(&lock(&segment.state), at);
-            let bytes = match place {
-                Some(Place::Memory(bytes)) => bytes,
-                Some(Place::Object { start, .. }) => match lock(&self.cache).get(id, start) {
-                    Some(object) => object.slice((at - start) as usize..),
-                    None => return Ok(false),
-                },
-                None => return Ok(false),
+            let Some(bytes) = take(at, place)? else {
+                return Ok(false);
             };
             let n = bytes.len().min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&bytes[..n]);
             done += n;
         }
         Ok(true)
+    }
+
+    /// Reads what it can without a request: from memory or the cache.
+    fn read_local(&self, id: SegmentId, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let segment = self.segment(id);
+        Self::fill(&segment, offset, buf, |at, place| {
+            Ok(match place {
+                Some(Place::Memory(bytes)) => Some(bytes),
+                Some(Place::Object { start, .. }) => lock(&self.cache)
+                    .get(id, start)
+                    .map(|object| object.slice((at - start) as usize..)),
+                None => None,
+            })
+        })
     }
 
     /// Fetches `range` of run object `start` (or the whole object, cached).
@@ -246,27 +261,18 @@ impl SegmentStore for ObjectSegments {
         }
         let segment = self.segment(id);
         self.ensure_listed(id, &segment)?;
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let place = Self::locate(&lock(&segment.state), at);
-            let bytes = match place {
-                Some(Place::Memory(bytes)) => bytes,
-                Some(Place::Object { start, len }) => {
-                    let end = (offset + buf.len() as u64).min(start + len);
-                    self.fetch(id, start, len, at - start..end - start)?
-                }
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("segment {id:?} holds no data at byte {at}"),
-                    ));
-                }
-            };
-            let n = bytes.len().min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&bytes[..n]);
-            done += n;
-        }
+        let end = offset + buf.len() as u64;
+        Self::fill(&segment, offset, buf, |at, place| match place {
+            Some(Place::Memory(bytes)) => Ok(Some(bytes)),
+            Some(Place::Object { start, len }) => {
+                let to = end.min(start + len);
+                self.fetch(id, start, len, at - start..to - start).map(Some)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("segment {id:?} holds no data at byte {at}"),
+            )),
+        })?;
         Ok(())
     }
 
