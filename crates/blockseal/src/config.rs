@@ -97,6 +97,19 @@ pub(crate) struct ObjectStoreConfig {
     pub(crate) secret_access_key_env: String,
 }
 
+/// Whether `authority` (`host[:port]`, `[v6]:port`) names this host:
+/// `localhost` or a loopback address, never a name that merely starts so.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -126,17 +139,14 @@ impl ObjectStoreConfig {
             );
         }
         if let Some(endpoint) = &self.endpoint {
-            let host = endpoint
+            let rest = endpoint
                 .strip_prefix("https://")
                 .or_else(|| endpoint.strip_prefix("http://"))
                 .ok_or_else(|| {
                     anyhow::anyhow!("object_store.endpoint: {endpoint:?} is not an http(s) URL")
                 })?;
-            if endpoint.starts_with("http://")
-                && !["127.", "localhost", "[::1]"]
-                    .iter()
-                    .any(|l| host.starts_with(l))
-            {
+            let authority = rest.split('/').next().unwrap_or_default();
+            if endpoint.starts_with("http://") && !is_loopback_host(authority) {
                 bail!(
                     "object_store.endpoint: {endpoint} sends the request signatures and \
                      the sealed data unencrypted; use https://, or http:// on loopback only"
@@ -683,6 +693,47 @@ mod tests {
         [unix]
         path = "nbd.sock"
     "#;
+
+    #[test]
+    fn object_store_defaults_and_checks() {
+        let table = "\n[object_store]\nbucket = \"b\"\nprefix = \"pbx/host-a\"\n";
+        let config = load(&format!("{MINIMAL}{table}")).unwrap();
+        let object = config.object_store.unwrap();
+        assert_eq!(object.region, "us-east-1");
+        assert_eq!(object.access_key_id_env, "AWS_ACCESS_KEY_ID");
+        assert_eq!(object.secret_access_key_env, "AWS_SECRET_ACCESS_KEY");
+        for endpoint in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000/",
+            "http://[::1]:9000",
+            "https://minio.example:9000",
+        ] {
+            let text = format!("{MINIMAL}{table}endpoint = \"{endpoint}\"\n");
+            assert!(load(&text).is_ok(), "{endpoint} refused: {}", error(&text));
+        }
+        for (endpoint, says) in [
+            ("http://minio.example:9000", "unencrypted"),
+            ("http://localhost.example.com", "unencrypted"),
+            ("http://127.example.com", "unencrypted"),
+            ("ftp://127.0.0.1", "not an http(s) URL"),
+        ] {
+            let text = format!("{MINIMAL}{table}endpoint = \"{endpoint}\"\n");
+            let message = error(&text);
+            assert!(message.contains(says), "{endpoint}: {message}");
+        }
+        for prefix in ["", "/", "a//b", "a/../b"] {
+            let text =
+                format!("{MINIMAL}\n[object_store]\nbucket = \"b\"\nprefix = \"{prefix}\"\n");
+            let message = error(&text);
+            assert!(
+                message.contains("object_store.prefix"),
+                "{prefix:?}: {message}"
+            );
+        }
+        let text =
+            format!("{MINIMAL}\n[object_store]\nbucket = \"b\"\nprefix = \"p\"\nsecret = \"x\"\n");
+        assert!(error(&text).contains("unknown field"), "{}", error(&text));
+    }
 
     #[test]
     fn minimal_file_and_defaults() {
