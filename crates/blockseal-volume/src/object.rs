@@ -12,9 +12,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod records;
+
 pub use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::{ClientOptions, RetryConfig};
+pub use records::{Expect, Listed, PutError, Record, Records, Version};
 use zeroize::Zeroizing;
 
 /// Where and how to reach an S3-compatible bucket.

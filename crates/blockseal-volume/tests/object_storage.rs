@@ -263,3 +263,51 @@ fn a_second_host_on_one_prefix_fences_the_first_and_loses_nothing_flushed() {
         assert_eq!(buf, pattern(want, BS), "block {lba} after both hosts");
     }
 }
+
+/// What a cluster's leases rest on: a record changes only from the version
+/// the writer read, is created only when absent, and a LIST shows every
+/// record's current version; on moto.
+#[test]
+fn records_change_only_by_compare_and_swap() {
+    use blockseal_volume::object::{Expect, PutError, Records};
+    let records = Records::new(common::moto::bucket(), &unique_prefix("records")).unwrap();
+    assert!(records.get("leases/s000").unwrap().is_none());
+    assert!(records.list("leases").unwrap().is_empty());
+
+    let first = records
+        .put("leases/s000", b"one".to_vec(), &Expect::Absent)
+        .unwrap();
+    // A second create loses.
+    assert!(matches!(
+        records.put("leases/s000", b"two".to_vec(), &Expect::Absent),
+        Err(PutError::Conflict)
+    ));
+    let second = records
+        .put(
+            "leases/s000",
+            b"two".to_vec(),
+            &Expect::Version(first.clone()),
+        )
+        .unwrap();
+    assert_ne!(first, second);
+    // A writer that read the first version cannot replace the second.
+    assert!(matches!(
+        records.put("leases/s000", b"stale".to_vec(), &Expect::Version(first)),
+        Err(PutError::Conflict)
+    ));
+    let read = records.get("leases/s000").unwrap().unwrap();
+    assert_eq!(read.body, b"two");
+    assert_eq!(read.version, second);
+
+    records
+        .put("leases/s001", b"x".to_vec(), &Expect::Absent)
+        .unwrap();
+    let listed = records.list("leases").unwrap();
+    let names: Vec<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["s000", "s001"]);
+    assert_eq!(listed[0].version, second);
+    assert!(listed[0].modified_ms > 0);
+    records.delete("leases/s001").unwrap();
+    records.delete("leases/s001").unwrap();
+    assert_eq!(records.list("leases").unwrap().len(), 1);
+}
