@@ -501,6 +501,51 @@ impl Store {
         Store::open_checked(dir.as_ref(), master, options, false).map(|(store, _)| store)
     }
 
+    /// Opens a store kept in object storage ([`StoreOptions::object_storage`])
+    /// on a host whose directory `dir` does not hold it yet: the directory is
+    /// made (header file and commit marker, from what the bucket holds), then
+    /// the store opens as with [`Store::open`], fencing any other host that
+    /// still has it open. A directory that holds the store already just opens.
+    /// This is how a host takes over a store another host served (a cluster's
+    /// shard). Fails with [`OpenError::NotAStore`] when the bucket holds no
+    /// store at that prefix.
+    pub fn attach(
+        dir: impl AsRef<Path>,
+        master: MasterKey,
+        options: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let dir = dir.as_ref();
+        if options.object_storage.is_none() {
+            return Err(OpenError::ObjectStorageMismatch {
+                path: dir.to_path_buf(),
+                where_: "in its directory",
+            });
+        }
+        if !dir.join(FORMAT_FILE).exists() {
+            create_private_dir(dir)?;
+            let _lock = lock_store(dir)?;
+            if !dir.join(FORMAT_FILE).exists() {
+                let raw = open_meta(dir, BackendKind::SlateDb, &options)?;
+                if raw.get(record::HEADER_KEY)?.is_none() {
+                    return Err(OpenError::NotAStore {
+                        path: PathBuf::from(object_prefix(&options)),
+                    });
+                }
+                let sequence = marker::metadata_sequence(raw.as_ref())?.unwrap_or(0);
+                // Only a marker missing is written here: one left by an
+                // earlier hold of this store is checked by the open below.
+                if matches!(
+                    marker::read(dir).map_err(io_error(&dir.join(MARKER_FILE)))?,
+                    Marker::Missing
+                ) {
+                    drop(Sequenced::new(dir, raw, sequence).map_err(io_error(dir))?);
+                }
+                write_format_file(dir, BackendKind::SlateDb, true)?;
+            }
+        }
+        Store::open(dir, master, options)
+    }
+
     /// Opens a store whose metadata lost commits it had acknowledged, accepting
     /// the loss: what [`Store::open`] refuses with
     /// [`OpenError::MetadataRolledBack`] or [`OpenError::MarkerDamaged`]. Every
