@@ -175,6 +175,18 @@ impl MasterKey {
         MasterKey::from_key_bytes(id, created, KeyBytes::copy_of(&key))
     }
 
+    /// A second copy of this key in its own locked memory, for a process that
+    /// opens several stores under one master key (a cluster host opening the
+    /// shards it takes over). Both copies zeroize on drop.
+    pub fn duplicate(&self) -> MasterKey {
+        MasterKey {
+            id: self.id,
+            created: self.created,
+            protection: self.protection,
+            key: KeyBytes::copy_of(self.key.expose()),
+        }
+    }
+
     pub(crate) fn from_key_bytes(id: KeyId, created: u64, key: KeyBytes) -> MasterKey {
         MasterKey {
             id,
