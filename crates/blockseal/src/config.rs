@@ -70,6 +70,78 @@ pub(crate) struct Config {
     /// Metadata and segments in an S3-compatible bucket instead of the data
     /// directory (none without the table).
     pub(crate) object_store: Option<ObjectStoreConfig>,
+    /// This host serves shards of a cluster kept in `[object_store]` (none
+    /// without the table).
+    pub(crate) cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this host is one of several serving the shards of a cluster
+/// kept under `[object_store]`'s prefix (docs/DISTRIBUTED.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterConfig {
+    /// This host's name, unique in the cluster.
+    pub(crate) host: String,
+    /// Where clients reach this host's NBD listener, as `blockseal cluster
+    /// locate` prints it (`nbds://storage-a.example:10809`).
+    pub(crate) uri: String,
+    /// Shards of a new cluster (default 16); a cluster keeps the count it
+    /// was created with.
+    #[serde(default = "default_shards")]
+    pub(crate) shards: u32,
+    /// Lease timings of a new cluster, in milliseconds (defaults 8000, 2000
+    /// and 2000); a cluster keeps the timings it was created with.
+    pub(crate) lease_ms: Option<u64>,
+    pub(crate) renew_ms: Option<u64>,
+    pub(crate) grace_ms: Option<u64>,
+    /// Shards this host serves at most (default: an even share of the hosts
+    /// up).
+    pub(crate) max_shards: Option<u32>,
+}
+
+fn default_shards() -> u32 {
+    16
+}
+
+impl ClusterConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.host.is_empty()
+            || self.host.len() > 64
+            || !self
+                .host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            || self.host.starts_with('.')
+        {
+            bail!(
+                "cluster.host: {:?} is not a host name of 1 to 64 letters, digits, '-', '.' or '_'",
+                self.host
+            );
+        }
+        if !["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+            .iter()
+            .any(|scheme| self.uri.starts_with(scheme))
+        {
+            bail!(
+                "cluster.uri: {:?} is not an NBD URI (nbd://HOST:PORT, nbds://…, nbd+unix:///?socket=PATH)",
+                self.uri
+            );
+        }
+        self.record().check().context("cluster")?;
+        Ok(())
+    }
+
+    /// The cluster record a new cluster gets from this table.
+    pub(crate) fn record(&self) -> crate::cluster::records::ClusterRecord {
+        use crate::cluster::records::{DEFAULT_GRACE, DEFAULT_LEASE, DEFAULT_RENEW};
+        crate::cluster::records::ClusterRecord {
+            version: 1,
+            shards: self.shards,
+            lease_ms: self.lease_ms.unwrap_or(DEFAULT_LEASE.as_millis() as u64),
+            renew_ms: self.renew_ms.unwrap_or(DEFAULT_RENEW.as_millis() as u64),
+            grace_ms: self.grace_ms.unwrap_or(DEFAULT_GRACE.as_millis() as u64),
+        }
+    }
 }
 
 /// `[object_store]`.
@@ -160,6 +232,14 @@ impl ObjectStoreConfig {
     pub(crate) fn connect(
         &self,
     ) -> anyhow::Result<std::sync::Arc<dyn blockseal_volume::object::ObjectStore>> {
+        self.connect_with_timeout(blockseal_volume::object::S3Options::DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// [`connect`](Self::connect), with requests timing out after `timeout`.
+    pub(crate) fn connect_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<std::sync::Arc<dyn blockseal_volume::object::ObjectStore>> {
         use blockseal_volume::object::{self, S3Options};
         let read = |name: &str| {
             std::env::var(name).map_err(|_| {
@@ -171,7 +251,8 @@ impl ObjectStoreConfig {
         };
         let key_id = read(&self.access_key_id_env)?;
         let secret = zeroize::Zeroizing::new(read(&self.secret_access_key_env)?);
-        let mut options = S3Options::new(&self.bucket, &self.region, key_id, secret);
+        let mut options =
+            S3Options::new(&self.bucket, &self.region, key_id, secret).request_timeout(timeout);
         if let Some(endpoint) = &self.endpoint {
             options = options.endpoint(endpoint);
         }
@@ -556,6 +637,18 @@ impl Config {
         if let Some(retention) = &self.retention {
             retention.check(&self.data_dir)?;
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.check()?;
+            if self.object_store.is_none() {
+                bail!("[cluster] needs an [object_store] table: the cluster lives in a bucket");
+            }
+            if self.retention.is_some() || self.metrics.is_some() {
+                bail!(
+                    "[cluster]: a cluster host has no [retention] or [metrics] yet; remove \
+                     those tables"
+                );
+            }
+        }
         if let Some(object_store) = &self.object_store {
             object_store.check()?;
         }
@@ -693,6 +786,32 @@ mod tests {
         [unix]
         path = "nbd.sock"
     "#;
+
+    #[test]
+    fn cluster_table_defaults_and_checks() {
+        let bucket = "\n[object_store]\nbucket = \"b\"\nprefix = \"pbx\"\n";
+        let table = "\n[cluster]\nhost = \"host-a\"\nuri = \"nbd://10.0.0.5:10809\"\n";
+        let config = load(&format!("{MINIMAL}{bucket}{table}")).unwrap();
+        let record = config.cluster.unwrap().record();
+        assert_eq!(
+            (
+                record.shards,
+                record.lease_ms,
+                record.renew_ms,
+                record.grace_ms
+            ),
+            (16, 8000, 2000, 2000)
+        );
+        assert!(error(&format!("{MINIMAL}{table}")).contains("needs an [object_store]"));
+        let bad_host = table.replace("host-a", "host a");
+        assert!(error(&format!("{MINIMAL}{bucket}{bad_host}")).contains("cluster.host"));
+        let bad_uri = table.replace("nbd://", "http://");
+        assert!(error(&format!("{MINIMAL}{bucket}{bad_uri}")).contains("cluster.uri"));
+        let short = format!("{table}lease_ms = 1000\n");
+        assert!(error(&format!("{MINIMAL}{bucket}{short}")).contains("three renewals"));
+        let metrics = "\n[metrics]\naddress = \"127.0.0.1:9000\"\n";
+        assert!(error(&format!("{MINIMAL}{bucket}{table}{metrics}")).contains("[metrics]"));
+    }
 
     #[test]
     fn object_store_defaults_and_checks() {

@@ -34,6 +34,7 @@ use blockseal_volume::{
     check_snapshot_name,
 };
 
+use crate::cluster::Authority;
 use crate::iolimits::IoLimits;
 use crate::metrics::{IoRegistry, IoStats, Measured};
 use crate::size::Size;
@@ -358,6 +359,8 @@ impl Served {
 struct Registry {
     open: HashMap<String, Served>,
     retired: BTreeMap<String, Reach>,
+    /// Nothing opens any more ([`StoreCatalog::close_connections`]).
+    closed: bool,
 }
 
 impl Registry {
@@ -402,6 +405,8 @@ pub(crate) struct StoreCatalog {
     io: IoRegistry,
     /// The I/O rate limits, when the server has them.
     io_limits: Option<Arc<IoLimits>>,
+    /// The lease of a cluster shard: its exports answer only while held.
+    authority: Option<Arc<Authority>>,
 }
 
 /// An export in service, as the metrics see it.
@@ -450,6 +455,56 @@ impl StoreCatalog {
             registry: Mutex::new(Registry::default()),
             io: IoRegistry::default(),
             io_limits: None,
+            authority: None,
+        }
+    }
+
+    /// The same catalog for a cluster shard: every request checks that the
+    /// host still holds `authority` before it runs and before it replies.
+    pub(crate) fn with_authority(mut self, authority: Arc<Authority>) -> StoreCatalog {
+        self.authority = Some(authority);
+        self
+    }
+
+    /// Closes every connection for good (a cluster host letting a shard go):
+    /// nothing opens any more, the connections drain as at a shutdown, and
+    /// this waits for them at most `deadline`; returns how many are left.
+    pub(crate) fn close_connections(&self, deadline: Duration) -> usize {
+        let waiting: Vec<Weak<()>> = {
+            let mut registry = self.lock_registry();
+            registry.closed = true;
+            registry
+                .open
+                .values()
+                .map(|served| {
+                    served.revoked.trigger();
+                    Arc::downgrade(&served.handles)
+                })
+                .collect()
+        };
+        // Each export's own entry holds one handle; its connections the rest.
+        let connections = || -> usize {
+            waiting
+                .iter()
+                .map(|h| h.strong_count().saturating_sub(1))
+                .sum()
+        };
+        let until = Instant::now() + deadline;
+        // Polled, as in `retire`: the handles notify no one when they go.
+        while connections() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        connections()
+    }
+
+    /// `handle`, behind the shard's lease when the catalog has one.
+    fn leased(&self, handle: Arc<dyn Export>) -> Arc<dyn Export> {
+        match &self.authority {
+            Some(authority) => Arc::new(crate::cluster::catalog::Leased {
+                inner: handle,
+                authority: Arc::clone(authority),
+            }),
+            None => handle,
         }
     }
 
@@ -676,11 +731,11 @@ impl Catalog for StoreCatalog {
         }
         {
             let registry = self.lock_registry();
-            if registry.is_retired(name) {
+            if registry.closed || registry.is_retired(name) {
                 return None;
             }
             if let Some(served) = registry.open.get(name) {
-                return Some(served.handle());
+                return Some(self.leased(served.handle()));
             }
         }
         // Not under the lock: opening scans the volume's metadata, which must
@@ -698,7 +753,7 @@ impl Catalog for StoreCatalog {
         let mut registry = self.lock_registry();
         // Taken out of service while it was opening: the admin operation that
         // retired it waits for this handle to go.
-        if registry.is_retired(name) {
+        if registry.closed || registry.is_retired(name) {
             return None;
         }
         let handle = registry
@@ -706,7 +761,7 @@ impl Catalog for StoreCatalog {
             .entry(name.to_owned())
             .or_insert_with(|| Served::new(source, self.io.of(name), self.throttle_of(name)))
             .handle();
-        Some(handle)
+        Some(self.leased(handle))
     }
 
     fn description(&self, name: &str, scope: &Scope) -> String {

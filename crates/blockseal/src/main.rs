@@ -8,6 +8,7 @@
 
 mod admin;
 mod cli;
+mod cluster;
 mod cmd;
 mod config;
 mod exports;

@@ -32,6 +32,9 @@ pub(crate) struct StoreLocation {
     pub(crate) reencrypt_rate: Option<u64>,
     /// Metadata and segments in a bucket (`[object_store]`).
     pub(crate) object_store: Option<ObjectStoreConfig>,
+    /// The configuration is a cluster host's (`[cluster]`): its stores are
+    /// shards that only a running server opens.
+    pub(crate) cluster: bool,
 }
 
 /// Whether opening may create a store in a directory that holds none.
@@ -62,6 +65,7 @@ impl StoreLocation {
             index_memory: None,
             reencrypt_rate: None,
             object_store: None,
+            cluster: false,
         })
     }
 
@@ -84,6 +88,7 @@ impl StoreLocation {
             index_memory: config.index_memory.map(|s| s.0),
             reencrypt_rate: config.reencrypt_rate.map(|s| s.0),
             object_store: config.object_store.clone(),
+            cluster: config.cluster.is_some(),
         }
     }
 
@@ -156,6 +161,14 @@ impl StoreLocation {
     }
 
     fn open_with(&self, if_missing: IfMissing, options: StoreOptions) -> anyhow::Result<Store> {
+        if self.cluster {
+            bail!(
+                "this is a cluster host's configuration ([cluster]): its stores are shards that \
+                 only a running `blockseal serve` opens, under a lease; start the server and \
+                 run the command again (it goes through the admin socket {})",
+                crate::admin::socket_path(&self.dir).display()
+            );
+        }
         let exists = self.has_store();
         if !exists && if_missing == IfMissing::Fail {
             bail!(

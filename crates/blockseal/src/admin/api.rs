@@ -398,6 +398,36 @@ impl Op {
         }
     }
 
+    /// The tenant the operation acts on, if it names one: what a cluster
+    /// routes it to a shard by.
+    pub(crate) fn tenant(&self) -> Option<&str> {
+        match self {
+            Op::ShowTenant { tenant }
+            | Op::CreateTenant { tenant }
+            | Op::DeleteTenant { tenant }
+            | Op::ShredTenant { tenant }
+            | Op::RotateTenantKey { tenant }
+            | Op::ShowVolume { tenant, .. }
+            | Op::CreateVolume { tenant, .. }
+            | Op::ResizeVolume { tenant, .. }
+            | Op::DeleteVolume { tenant, .. }
+            | Op::RotateDataKey { tenant, .. }
+            | Op::DataKeyStatus { tenant, .. }
+            | Op::Reencrypt { tenant, .. }
+            | Op::ListSnapshots { tenant, .. }
+            | Op::CreateSnapshot { tenant, .. }
+            | Op::ShowSnapshot { tenant, .. }
+            | Op::DeleteSnapshot { tenant, .. }
+            | Op::RollbackSnapshot { tenant, .. }
+            | Op::CreateBackup { tenant, .. }
+            | Op::Restore { tenant, .. }
+            | Op::ExportTenantKeys { tenant, .. }
+            | Op::SetLimits { tenant, .. } => Some(tenant),
+            Op::ListVolumes { tenant } | Op::ListBackupKeys { tenant } => tenant.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The operation's arguments beyond its target, for the audit log.
     pub(crate) fn detail(&self) -> String {
         match self {
@@ -1800,6 +1830,39 @@ pub(crate) enum Reply {
     TenantKeysExported(BundleView),
     StoreBackedUp(CatalogView),
     Limits(LimitsView),
+}
+
+impl Reply {
+    /// Two listings as one (a cluster host answering for several shards):
+    /// the items of both, in name order. Other replies keep the first.
+    pub(crate) fn merge(self, other: Reply) -> Reply {
+        match (self, other) {
+            (Reply::Tenants(mut a), Reply::Tenants(b)) => {
+                a.extend(b);
+                a.sort_by(|x, y| x.name.cmp(&y.name));
+                Reply::Tenants(a)
+            }
+            (Reply::Volumes(mut a), Reply::Volumes(b)) => {
+                a.extend(b);
+                a.sort_by(|x, y| (&x.tenant, &x.name).cmp(&(&y.tenant, &y.name)));
+                Reply::Volumes(a)
+            }
+            (Reply::AllDataKeys(mut a), Reply::AllDataKeys(b)) => {
+                a.extend(b);
+                Reply::AllDataKeys(a)
+            }
+            (first, _) => first,
+        }
+    }
+
+    /// The empty listing `op` answers with when nothing is there to list.
+    pub(crate) fn empty_like(op: &Op) -> Reply {
+        match op {
+            Op::ListVolumes { .. } => Reply::Volumes(Vec::new()),
+            Op::DataKeyStatusAll => Reply::AllDataKeys(Vec::new()),
+            _ => Reply::Tenants(Vec::new()),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -37,7 +37,7 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::api::{ApiError, MAX_BODY_BYTES, Op, Reply};
-use super::service::{Caller, Service};
+use super::service::{Caller, Dispatch};
 use super::stream::{self, AdminBody};
 use blockseal_nbd::{Shutdown, TlsConfig};
 
@@ -72,7 +72,7 @@ impl Policy {
 /// Serves the admin API on `listener` until `shutdown` triggers.
 pub(crate) async fn serve_unix(
     listener: UnixListener,
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     policy: Policy,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
@@ -118,7 +118,7 @@ pub(crate) async fn serve_unix(
 pub(crate) async fn serve_tls(
     listener: TcpListener,
     tls: TlsConfig,
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -203,7 +203,7 @@ where
 /// Serves one admin connection on a task of its own.
 fn spawn_connection<IO>(
     stream: IO,
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     caller: Caller,
     allowed: bool,
     shutdown: Shutdown,
@@ -267,7 +267,7 @@ fn spawn_connection<IO>(
 /// Answers one request.
 async fn handle(
     request: Request<Incoming>,
-    service: &Arc<Service>,
+    service: &Arc<dyn Dispatch>,
     caller: Caller,
     allowed: bool,
     audited: &AtomicBool,

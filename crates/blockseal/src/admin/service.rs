@@ -79,6 +79,31 @@ impl Drop for OpGuard<'_> {
     }
 }
 
+/// What the admin API's listeners hand operations to: one store's
+/// [`Service`], or a cluster host routing each to its shard's.
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    /// Runs `op` for `caller` (see [`Service::run_with`]).
+    fn run_with(&self, caller: &Caller, op: &Op, io: &mut OpIo<'_>) -> Result<Reply, ApiError>;
+
+    /// Runs `op` for `caller` with no stream.
+    fn run(&self, caller: &Caller, op: &Op) -> Result<Reply, ApiError> {
+        self.run_with(caller, op, &mut OpIo::none())
+    }
+
+    /// Records a refused operation (see [`Service::audit_denied`]).
+    fn audit_denied(&self, caller: &Caller, action: &str, target: &str, why: &str);
+}
+
+impl Dispatch for Service {
+    fn run_with(&self, caller: &Caller, op: &Op, io: &mut OpIo<'_>) -> Result<Reply, ApiError> {
+        Service::run_with(self, caller, op, io)
+    }
+
+    fn audit_denied(&self, caller: &Caller, action: &str, target: &str, why: &str) {
+        Service::audit_denied(self, caller, action, target, why)
+    }
+}
+
 impl Service {
     /// Operations on a store no server serves (the CLI's offline mode).
     pub(crate) fn offline(store: Arc<Store>) -> Service {

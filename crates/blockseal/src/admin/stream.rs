@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::api::{ApiError, ErrorBody, ErrorFields, Op, Reply};
 use super::backup::OpIo;
-use super::service::{Caller, Service};
+use super::service::{Caller, Dispatch};
 
 /// Bytes per chunk of a streamed body.
 pub(crate) const CHUNK: usize = 256 * 1024;
@@ -201,7 +201,7 @@ impl Write for ChannelWriter<'_> {
 
 /// Answers [`Op::CreateBackup`]: the backup file as the response body.
 pub(crate) async fn backup(
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     caller: Caller,
     op: Op,
     error_response: fn(&ApiError) -> Response<AdminBody>,
@@ -212,7 +212,7 @@ pub(crate) async fn backup(
 /// Answers [`Op::BackupStore`]: the catalogue as the response body, its
 /// summary in the trailer [`CATALOG_TRAILER`].
 pub(crate) async fn catalog(
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     caller: Caller,
     op: Op,
     error_response: fn(&ApiError) -> Response<AdminBody>,
@@ -243,7 +243,7 @@ struct Trailer {
 /// An operation's output as the response body, and `trailer` after it if
 /// the operation succeeds.
 async fn octet_stream(
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     caller: Caller,
     op: Op,
     error_response: fn(&ApiError) -> Response<AdminBody>,
@@ -326,7 +326,7 @@ async fn octet_stream(
 /// Answers [`Op::Restore`]: its progress as JSON lines, then its outcome;
 /// or, when it is over before it restored a block, the ordinary reply.
 pub(crate) async fn restore(
-    service: Arc<Service>,
+    service: Arc<dyn Dispatch>,
     caller: Caller,
     op: Op,
     json_response: fn(StatusCode, Vec<u8>) -> Response<AdminBody>,

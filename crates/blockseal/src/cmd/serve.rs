@@ -30,15 +30,22 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use blockseal_keys::{MasterKey, TenantId, VolumeId, create_key_file};
-use blockseal_nbd::{Server, ServerConfig, TlsConfig};
+use blockseal_nbd::{Catalog, Server, ServerConfig, TlsConfig};
 use blockseal_volume::meta::BackendKind;
+use blockseal_volume::object::ObjectStore;
 use blockseal_volume::{Store, VolumeOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::admin::service::Dispatch;
 use crate::cli::{DEFAULT_DATA_DIR, ServeArgs};
+use crate::cluster::{
+    self,
+    catalog::{ClusterAdmin, ClusterCatalog},
+    host::Cluster,
+};
 use crate::config::{Config, FileMode};
 use crate::exports::StoreCatalog;
 use crate::iolimits::{Defaults as IoDefaults, IoLimits};
@@ -93,9 +100,37 @@ pub(crate) fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     serve(plan)
 }
 
+/// What the server serves: one store, or the shards of a cluster.
+enum Target {
+    Store(Box<Store>),
+    Cluster(Box<ClusterJoin>),
+}
+
+/// What joining a cluster takes, resolved from the configuration.
+struct ClusterJoin {
+    settings: cluster::host::Settings,
+    record: cluster::records::ClusterRecord,
+    lease_objects: Arc<dyn ObjectStore>,
+    objects: Arc<dyn ObjectStore>,
+    master: MasterKey,
+}
+
+/// What the listeners hand requests to.
+enum Front {
+    Store {
+        store: Arc<Store>,
+        catalog: Arc<StoreCatalog>,
+        service: Arc<admin::service::Service>,
+        metrics: Arc<Metrics>,
+    },
+    Cluster(Arc<Cluster>),
+}
+
 /// Everything the server needs, resolved before any listener is bound.
 struct Plan {
-    store: Store,
+    target: Target,
+    /// The data directory (the admin socket, the I/O limits file).
+    data_dir: PathBuf,
     read_only: BTreeSet<String>,
     server: ServerConfig,
     unix: Option<(PathBuf, FileMode)>,
@@ -136,9 +171,13 @@ fn from_config(path: &Path, config: Config, args: &ServeArgs) -> anyhow::Result<
         }
     };
     let location = StoreLocation::from_config(&config, &args.passphrase);
-    let store = location.open(IfMissing::Create)?;
+    let target = match &config.cluster {
+        None => Target::Store(Box::new(location.open(IfMissing::Create)?)),
+        Some(table) => Target::Cluster(Box::new(cluster_join(&config, table, location)?)),
+    };
     Ok(Plan {
-        store,
+        target,
+        data_dir: config.data_dir.clone(),
         read_only: config.read_only.clone(),
         server: config.server_config(),
         unix: config.unix.as_ref().map(|u| (u.path.clone(), u.mode)),
@@ -173,6 +212,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         index_memory: None,
         reencrypt_rate: None,
         object_store: None,
+        cluster: false,
     };
     let key_file = &location.key_file;
     if key_file.symlink_metadata().is_err() {
@@ -199,6 +239,7 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
     );
     let store = location.open(IfMissing::Create)?;
     let size = ensure_demo_volume(&store, args.demo_size)?;
+    let data_dir = store.dir().to_path_buf();
 
     let socket = args.unix.clone().unwrap_or_else(|| dir.join("nbd.sock"));
     let socket = std::path::absolute(&socket)
@@ -218,7 +259,8 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
         ),
     ];
     Ok(Plan {
-        store,
+        target: Target::Store(Box::new(store)),
+        data_dir,
         read_only: BTreeSet::new(),
         server: ServerConfig::default(),
         unix: Some((socket, FileMode::DEFAULT)),
@@ -231,6 +273,55 @@ fn embedded_default(args: &ServeArgs) -> anyhow::Result<Plan> {
             known: true,
             ..IoDefaults::default()
         },
+    })
+}
+
+/// Resolves `[cluster]`: the master key (loaded now, passphrase and all),
+/// the bucket clients, and what every shard's store opens with.
+fn cluster_join(
+    config: &Config,
+    table: &crate::config::ClusterConfig,
+    mut location: StoreLocation,
+) -> anyhow::Result<ClusterJoin> {
+    let object_store = location
+        .object_store
+        .take()
+        .context("[cluster] needs an [object_store] table")?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+    let master = location.load_key()?;
+    let record = table.record();
+    // Lease requests must answer within a renewal: a slow one counts as
+    // failed and the next renewal tries again.
+    let lease_objects = object_store.connect_with_timeout(record.renew())?;
+    let objects = object_store.connect()?;
+    let settings = cluster::host::Settings {
+        host: table.host.clone(),
+        uri: table.uri.clone(),
+        data_dir: config.data_dir.clone(),
+        prefix: object_store.prefix.trim_matches('/').to_owned(),
+        read_only: config.read_only.clone(),
+        max_shards: table.max_shards,
+        store_options: Box::new(move || {
+            location
+                .options()
+                .unwrap_or_else(|_| blockseal_volume::StoreOptions::new())
+        }),
+    };
+    Ok(ClusterJoin {
+        settings,
+        record,
+        lease_objects,
+        objects,
+        master,
     })
 }
 
@@ -263,7 +354,8 @@ fn ensure_demo_volume(store: &Store, size: Size) -> anyhow::Result<Size> {
 
 fn serve(plan: Plan) -> anyhow::Result<()> {
     let Plan {
-        store,
+        target,
+        data_dir,
         read_only,
         server: server_config,
         unix,
@@ -275,19 +367,61 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         io_defaults,
     } = plan;
     check_descriptor_limit(&server_config);
-    let io_limits = Arc::new(IoLimits::load(store.dir(), io_defaults)?);
-    let store = Arc::new(store);
-    let catalog =
-        Arc::new(StoreCatalog::new(store.clone(), read_only).with_io_limits(io_limits.clone()));
-    let server = Server::new(catalog.clone(), server_config);
+    let io_limits = Arc::new(IoLimits::load(&data_dir, io_defaults)?);
     let retention =
         retention.map(|config| Arc::new(Retention::new(config, Retention::test_clock_from_env())));
-    let admin_service = Arc::new(
-        admin::service::Service::online(store.clone(), catalog.clone())
-            .with_retention(retention.clone())
-            .with_io_limits(io_limits),
-    );
-    let admin_path = admin::socket_path(store.dir());
+    let front = match target {
+        Target::Store(store) => {
+            let store = Arc::new(*store);
+            let catalog = Arc::new(
+                StoreCatalog::new(store.clone(), read_only).with_io_limits(io_limits.clone()),
+            );
+            let service = Arc::new(
+                admin::service::Service::online(store.clone(), catalog.clone())
+                    .with_retention(retention.clone())
+                    .with_io_limits(io_limits),
+            );
+            let metrics = Arc::new(Metrics::new(catalog.clone(), store.clone()));
+            Front::Store {
+                store,
+                catalog,
+                service,
+                metrics,
+            }
+        }
+        Target::Cluster(join) => {
+            let ClusterJoin {
+                settings,
+                record,
+                lease_objects,
+                objects,
+                master,
+            } = *join;
+            Front::Cluster(Cluster::join(
+                settings,
+                record,
+                lease_objects,
+                objects,
+                master,
+                io_limits,
+            )?)
+        }
+    };
+    let (nbd_catalog, dispatch): (Arc<dyn Catalog>, Arc<dyn Dispatch>) = match &front {
+        Front::Store {
+            catalog, service, ..
+        } => (catalog.clone(), service.clone()),
+        Front::Cluster(cluster) => (
+            Arc::new(ClusterCatalog::new(cluster.clone())),
+            Arc::new(ClusterAdmin::new(cluster.clone())),
+        ),
+    };
+    let metrics = match &front {
+        Front::Store { metrics, .. } => Some(metrics.clone()),
+        Front::Cluster(_) => None,
+    };
+    let server = Server::new(nbd_catalog, server_config);
+    let admin_path = admin::socket_path(&data_dir);
     // Owner only: the peer check in the admin server comes on top of this.
     let admin_listener = bind_unix(&admin_path, FileMode(0o600))?;
     let admin_tcp = admin_tcp
@@ -307,7 +441,6 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             Ok((listener.local_addr()?, listener))
         })
         .transpose()?;
-    let metrics = Arc::new(Metrics::new(catalog.clone(), store.clone()));
 
     // Bound before the runtime starts, so every bind error is reported first.
     let unix = unix
@@ -331,9 +464,11 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     let socket_path = unix.as_ref().map(|(path, _)| path.clone());
     // Its first pass runs while the listeners start; it stops before the
     // final flush (or on any early exit, below).
-    let mut scheduler = match &retention {
-        Some(r) => Scheduler::start(admin_service.clone(), r.clone(), PASS_PERIOD)?,
-        None => None,
+    let mut scheduler = match (&retention, &front) {
+        (Some(r), Front::Store { service, .. }) => {
+            Scheduler::start(service.clone(), r.clone(), PASS_PERIOD)?
+        }
+        _ => None,
     };
     let served = runtime.block_on(async {
         // Signal handlers first: a signal right after the readiness line counts.
@@ -368,7 +503,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         }
         {
             let listener = tokio::net::UnixListener::from_std(admin_listener)?;
-            let service = admin_service.clone();
+            let service = dispatch.clone();
             let shutdown = server.shutdown_handle();
             let policy = admin::server::Policy::owner_and_root();
             listeners.spawn(async move {
@@ -381,7 +516,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         }
         if let Some((bound, listener, tls)) = admin_tcp {
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            let service = admin_service.clone();
+            let service = dispatch.clone();
             let shutdown = server.shutdown_handle();
             listeners.spawn(async move {
                 admin::server::serve_tls(listener, tls, service, shutdown)
@@ -391,7 +526,7 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             ready.push_str(&format!(" admin_tcp={bound}"));
             info!(address = %bound, "admin API listening on TCP with TLS");
         }
-        if let Some((bound, listener)) = metrics_listener {
+        if let (Some((bound, listener)), Some(metrics)) = (metrics_listener, &metrics) {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let metrics = metrics.clone();
             let shutdown = server.shutdown_handle();
@@ -403,7 +538,9 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
             ready.push_str(&format!(" metrics={bound}"));
             info!(address = %bound, "metrics, /healthz and /readyz on HTTP");
         }
-        metrics.set_ready(true);
+        if let Some(metrics) = &metrics {
+            metrics.set_ready(true);
+        }
         {
             let mut out = std::io::stdout().lock();
             for line in &hints {
@@ -423,7 +560,9 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
                 Err(e) => anyhow::Error::new(e).context("a listener failed"),
             }),
         };
-        metrics.set_ready(false);
+        if let Some(metrics) = &metrics {
+            metrics.set_ready(false);
+        }
         crate::notify::notify("STOPPING=1\nSTATUS=stopping: finishing requests, flushing volumes");
         server.shutdown_handle().trigger();
         let signal_name = first?;
@@ -442,11 +581,31 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
         // A thread of its own: the blocking pool may still be busy with
         // requests of connections dropped at the deadline, and the flush must
         // not queue behind them.
-        let catalog = catalog.clone();
-        let service = admin_service.clone();
         let retention = retention.clone();
         let scheduler = scheduler.take();
         let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel();
+        let (catalog, service) = match &front {
+            Front::Store {
+                catalog, service, ..
+            } => (catalog.clone(), service.clone()),
+            Front::Cluster(cluster) => {
+                // Every shard closes (its volumes flushed) and its lease is
+                // released, so that other hosts take it at once.
+                let cluster = cluster.clone();
+                std::thread::Builder::new()
+                    .name("blockseal-final-flush".into())
+                    .spawn(move || {
+                        let _ = flushed_tx.send(Ok(cluster.leave()));
+                    })
+                    .context("cannot start the final flush")?;
+                let shards = flushed_rx
+                    .await
+                    .context("leaving the cluster did not finish")?
+                    .map_err(|e: blockseal_volume::VolumeError| anyhow::Error::new(e))?;
+                info!(shards, "connections closed, shards flushed and released");
+                return anyhow::Ok(());
+            }
+        };
         std::thread::Builder::new()
             .name("blockseal-final-flush".into())
             .spawn(move || {
@@ -488,18 +647,32 @@ fn serve(plan: Plan) -> anyhow::Result<()> {
     drop(retention);
     // The metrics read the catalog and the store: let go of both.
     drop(metrics);
-    catalog.close_all();
-    drop(admin_service);
+    drop(dispatch);
     drop(server);
-    drop(catalog);
     if let Some(path) = &socket_path {
         let _ = fs::remove_file(path);
     }
     let _ = fs::remove_file(&admin_path);
-    served?;
-    match Arc::try_unwrap(store) {
-        Ok(store) => drop(store),
-        Err(_) => warn!("the store is still referenced at exit; its lock goes with the process"),
+    if let Front::Store {
+        store,
+        catalog,
+        service,
+        metrics,
+    } = front
+    {
+        catalog.close_all();
+        drop(metrics);
+        drop(service);
+        drop(catalog);
+        served?;
+        match Arc::try_unwrap(store) {
+            Ok(store) => drop(store),
+            Err(_) => {
+                warn!("the store is still referenced at exit; its lock goes with the process")
+            }
+        }
+    } else {
+        served?;
     }
     info!("stopped");
     Ok(())
