@@ -69,6 +69,10 @@ pub(crate) enum Command {
     /// second): show them, or change one while the server runs.
     #[command(subcommand)]
     Limits(LimitsCommand),
+    /// Hosts serving the shards of one bucket (`[cluster]`): who serves
+    /// what, where a volume is served, and moving a shard to another host.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print a shell completion script (e.g. `blockseal completions bash >
     /// /etc/bash_completion.d/blockseal`).
     Completions {
@@ -229,6 +233,51 @@ pub(crate) struct StoreRebuildArgs {
     /// Output format.
     #[command(flatten)]
     pub(crate) output: OutputArgs,
+}
+
+/// The cluster a `blockseal cluster` command acts on.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    /// A configuration file with the cluster's `[object_store]` table (a
+    /// cluster host's own file will do).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub(crate) config: PathBuf,
+}
+
+/// `blockseal cluster ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// Show the hosts (up or stopped, when each last announced itself) and
+    /// every shard's holder and when its lease was last renewed.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the NBD URI that serves TENANT/VOLUME now (NBD has no
+    /// redirect: clients connect to the host serving the volume's shard).
+    Locate {
+        /// TENANT/VOLUME.
+        export: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Ask the host serving SHARD to hand it to HOST: it closes the shard's
+    /// connections (clients reconnect, to HOST), flushes its volumes and
+    /// releases the lease to HOST, which takes it at its next renewal.
+    Move {
+        /// The shard, such as s003.
+        shard: String,
+        /// The host to take it.
+        host: String,
+        /// Wait until HOST serves the shard.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
 }
 
 /// `blockseal limits ...`

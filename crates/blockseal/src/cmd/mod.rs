@@ -5,6 +5,7 @@
 
 mod admin;
 mod backup;
+mod cluster;
 mod key;
 mod limits;
 mod retention;
@@ -39,6 +40,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Store(command) => admin::store(command),
         Command::Retention(command) => retention::run(command),
         Command::Limits(command) => limits::run(command),
+        Command::Cluster(command) => cluster::run(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut command = Cli::command();
