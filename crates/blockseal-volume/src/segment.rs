@@ -81,6 +81,15 @@ pub trait SegmentStore: Send + Sync + 'static {
     }
     /// Makes every completed write to the segment durable.
     fn sync(&self, id: SegmentId) -> io::Result<()>;
+    /// Whether a failed [`sync`](Self::sync) loses nothing: what it did not
+    /// make durable is still held, and the next sync tries it again (an
+    /// object store's upload). Then a failed sync fails only the FLUSH that
+    /// met it; otherwise (a file's fsync, whose failure may have dropped the
+    /// dirty pages) the volume refuses writes until it is reopened.
+    /// Default: `false`.
+    fn sync_retriable(&self) -> bool {
+        false
+    }
     /// Removes the segment durably.
     fn delete(&self, id: SegmentId) -> io::Result<()>;
     /// The indexes of a volume's segments, ascending.

@@ -3,6 +3,7 @@
 //! and whole stores whose segments and metadata both live in the bucket.
 
 mod common {
+    pub mod faulty_store;
     pub mod moto;
     pub mod volume;
 }
@@ -310,4 +311,110 @@ fn records_change_only_by_compare_and_swap() {
     records.delete("leases/s001").unwrap();
     records.delete("leases/s001").unwrap();
     assert_eq!(records.list("leases").unwrap().len(), 1);
+}
+
+/// Faults of the bucket under the segment store: failed PUTs, slow ones, a
+/// PUT stuck until long after its call gave up (then landing), a stuck GET.
+/// Every call fails or succeeds in bounded time, nothing written is lost,
+/// and the late upload is adopted instead of failing every later sync.
+#[test]
+fn segment_uploads_survive_failures_delays_and_a_stuck_request() {
+    use common::faulty_store::{Fault, FaultyStore};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let faulty = FaultyStore::new(common::moto::bucket());
+    let prefix = unique_prefix("faults");
+    // The run objects only (`.../<index>/r<start>`), not `created`.
+    faulty.only("/r0");
+    let timeout = Duration::from_millis(500);
+    let segments = ObjectSegments::new(faulty.clone(), &prefix)
+        .unwrap()
+        .request_timeout(timeout);
+    let id = SegmentId {
+        volume: 1,
+        index: 0,
+    };
+    segments.create(id).unwrap();
+    let block = |n: u8| vec![n; BS];
+
+    faulty.puts(Fault::Fail);
+    segments.write_at(id, 0, &block(1)).unwrap();
+    segments.sync(id).unwrap_err();
+    let mut buf = vec![0; BS];
+    segments.read_at(id, 0, &mut buf).unwrap();
+    assert_eq!(buf, block(1), "unsynced data reads from memory");
+    faulty.puts(Fault::None);
+    segments.sync(id).unwrap();
+
+    faulty.puts(Fault::Delay(Duration::from_millis(100)));
+    segments.write_at(id, BS as u64, &block(2)).unwrap();
+    segments.sync(id).unwrap();
+
+    faulty.puts(Fault::Stuck);
+    segments.write_at(id, 2 * BS as u64, &block(3)).unwrap();
+    let stuck = segments.sync(id).unwrap_err();
+    assert_eq!(stuck.kind(), std::io::ErrorKind::TimedOut, "{stuck}");
+    segments.write_at(id, 3 * BS as u64, &block(4)).unwrap();
+    faulty.puts(Fault::None);
+    faulty.release();
+    // The late PUT lands: a fresh reader sees its block.
+    let fresh = || ObjectSegments::new(common::moto::bucket(), &prefix).unwrap();
+    blockseal_test_support::wait_until("the stuck upload to land", Duration::from_secs(10), || {
+        faulty.landed.load(Ordering::SeqCst) == 1
+            && fresh().read_at(id, 2 * BS as u64, &mut vec![0; BS]).is_ok()
+    });
+    segments.sync(id).unwrap();
+    let reader = fresh();
+    for (n, value) in [1u8, 2, 3, 4].into_iter().enumerate() {
+        reader.read_at(id, (n * BS) as u64, &mut buf).unwrap();
+        assert_eq!(buf, block(value), "block {n}");
+    }
+
+    faulty.gets(Fault::Stuck);
+    let slow_reader = ObjectSegments::new(faulty.clone(), &prefix)
+        .unwrap()
+        .request_timeout(timeout);
+    let err = slow_reader.read_at(id, 0, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    faulty.gets(Fault::None);
+    faulty.release();
+    slow_reader.read_at(id, 0, &mut buf).unwrap();
+    assert_eq!(buf, block(1));
+}
+
+/// A whole store on a bucket that fails its segment uploads for a while: the
+/// FLUSH that meets the failure is an error, the writes stay, and the FLUSH
+/// after the bucket recovers makes them durable.
+#[test]
+fn a_store_whose_bucket_fails_a_while_loses_no_write_it_flushed_after() {
+    use common::faulty_store::{Fault, FaultyStore};
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix("faulty-store");
+    let faulty = FaultyStore::new(common::moto::bucket());
+    faulty.only("/segments/");
+    let options = StoreOptions::new()
+        .object_storage(faulty.clone(), &prefix)
+        .background_compaction(false);
+    {
+        let (_store, volume) = store_with_volume(dir.path(), 1 << 20, options);
+        volume.write_at(0, &pattern(1, BS)).unwrap();
+        volume.flush().unwrap();
+        faulty.puts(Fault::Fail);
+        volume.write_at(BS as u64, &pattern(2, BS)).unwrap();
+        match volume.flush() {
+            Err(VolumeError::Io(e)) => assert!(e.to_string().contains("injected"), "{e}"),
+            other => panic!("a flush over a failing bucket gave {other:?}"),
+        }
+        let mut buf = vec![0; BS];
+        volume.read_at(BS as u64, &mut buf).unwrap();
+        assert_eq!(buf, pattern(2, BS));
+        faulty.puts(Fault::None);
+        volume.flush().unwrap();
+    }
+    let (_store, volume) = reopen(dir.path(), s3_options(&prefix));
+    let mut buf = vec![0; BS];
+    for lba in 0..2u64 {
+        volume.read_at(lba * BS as u64, &mut buf).unwrap();
+        assert_eq!(buf, pattern(lba + 1, BS), "block {lba}");
+    }
 }

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
@@ -47,6 +48,8 @@ pub struct ObjectSegments {
     bridge: Bridge,
     segments: Mutex<HashMap<SegmentId, Arc<Segment>>>,
     cache: Mutex<Cache>,
+    /// Each call's requests together fail with `TimedOut` past this.
+    request_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -69,6 +72,10 @@ impl ObjectSegments {
     /// The default bound on cached object bytes: 256 MiB.
     pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
+    /// The default bound on one call's requests: past the S3 client's own
+    /// timeout and retries ([`crate::object::S3Options`]).
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
     /// Segments under `prefix` in `store`.
     ///
     /// A segment is listed while its directory (its key prefix) holds an
@@ -82,7 +89,144 @@ impl ObjectSegments {
             bridge: Bridge::new("blockseal-segments", 2)?,
             segments: Mutex::new(HashMap::new()),
             cache: Mutex::new(Cache::new(Self::DEFAULT_CACHE_BYTES)),
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
         })
+    }
+
+    /// Fails a call whose requests have not all answered within `timeout`
+    /// with `TimedOut` (EIO for the NBD request), whatever the client's own
+    /// timeouts and retries do: a request stuck in a connection that never
+    /// answers cannot hold a FLUSH forever. What the call had not uploaded
+    /// stays in memory for the next sync.
+    pub fn request_timeout(mut self, timeout: Duration) -> ObjectSegments {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Uploads each contiguous run of what is in memory for segment `id`
+    /// (its `syncing` lock held). Returns whether another round is needed:
+    /// a run's object existed already, written by an earlier upload of this
+    /// segment whose answer was lost (a timeout), and was adopted.
+    fn sync_round(&self, id: SegmentId, segment: &Segment) -> io::Result<bool> {
+        // Contiguous runs of what is in memory now.
+        let mut runs: Vec<(u64, Vec<Bytes>, u64)> = Vec::new();
+        for (&start, bytes) in &lock(&segment.state).pending {
+            match runs.last_mut() {
+                Some((run_start, parts, run_len)) if *run_start + *run_len == start => {
+                    parts.push(bytes.clone());
+                    *run_len += bytes.len() as u64;
+                }
+                _ => runs.push((start, vec![bytes.clone()], bytes.len() as u64)),
+            }
+        }
+        if runs.is_empty() {
+            return Ok(false);
+        }
+        // Knowing the runs already uploaded keeps the map whole when the
+        // new ones join it.
+        self.ensure_listed(id, segment)?;
+        let uploads: Vec<_> = runs
+            .iter()
+            .map(|(start, parts, _)| {
+                let store = Arc::clone(&self.store);
+                let path = self.run_path(id, *start);
+                let payload: PutPayload = parts.iter().cloned().collect();
+                async move {
+                    let options = PutOptions {
+                        mode: PutMode::Create,
+                        ..PutOptions::default()
+                    };
+                    match store.put_opts(&path, payload, options).await {
+                        Ok(_) => Ok(None),
+                        // Segments are this writer's alone (their `created`
+                        // object is create-only), and their bytes never
+                        // change once written: an object at this start is
+                        // an earlier upload of the same bytes, perhaps
+                        // fewer of them. Its length says how many.
+                        Err(object_store::Error::AlreadyExists { .. }) => {
+                            store.head(&path).await.map(|meta| Some(meta.size))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .collect();
+        let results = self.run("PUT", async move {
+            let tasks: Vec<_> = uploads.into_iter().map(tokio::spawn).collect();
+            let mut results = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                results.push(match task.await {
+                    Ok(result) => result.map_err(object_error),
+                    Err(panicked) => Err(io::Error::other(panicked)),
+                });
+            }
+            results
+        })?;
+        let mut first_error = None;
+        let mut again = false;
+        let mut state = lock(&segment.state);
+        for ((start, parts, len), result) in runs.into_iter().zip(results) {
+            let landed = match result {
+                Ok(None) => len,
+                Ok(Some(existing)) => {
+                    // Whole parts only: the earlier upload was a run of the
+                    // parts pending then.
+                    let mut covered = 0;
+                    for part in &parts {
+                        if covered + part.len() as u64 > existing {
+                            break;
+                        }
+                        covered += part.len() as u64;
+                    }
+                    if covered != existing || existing == 0 {
+                        first_error.get_or_insert(io::Error::other(format!(
+                            "segment {id:?}: an object at byte {start} holds {existing} bytes, \
+                             which match no earlier upload of this segment"
+                        )));
+                        continue;
+                    }
+                    again |= existing < len;
+                    existing
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                    continue;
+                }
+            };
+            state
+                .uploaded
+                .get_or_insert_with(BTreeMap::new)
+                .insert(start, landed);
+            let mut at = start;
+            for part in parts {
+                if at >= start + landed {
+                    break;
+                }
+                state.pending.remove(&at);
+                at += part.len() as u64;
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(again),
+        }
+    }
+
+    /// Runs `task`'s requests, bounded by the request timeout.
+    fn run<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> io::Result<T> {
+        let limit = self.request_timeout;
+        self.bridge
+            .run(async move { tokio::time::timeout(limit, task).await })?
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("object store {what} did not answer within {limit:?}"),
+                )
+            })
     }
 
     /// Bounds the bytes of fetched objects kept in memory.
@@ -115,8 +259,9 @@ impl ObjectSegments {
         let store = Arc::clone(&self.store);
         let dir = ObjectPath::from(self.segment_dir(id));
         let listing = self
-            .bridge
-            .run(async move { store.list_with_delimiter(Some(&dir)).await })?
+            .run("LIST", async move {
+                store.list_with_delimiter(Some(&dir)).await
+            })?
             .map_err(object_error)?;
         let mut runs = BTreeMap::new();
         for object in listing.objects {
@@ -196,8 +341,7 @@ impl ObjectSegments {
         let store = Arc::clone(&self.store);
         let path = self.run_path(id, start);
         let bytes = self
-            .bridge
-            .run(async move {
+            .run("GET", async move {
                 let options = GetOptions {
                     range: Some(GetRange::Bounded(wanted)),
                     ..GetOptions::default()
@@ -229,15 +373,14 @@ impl SegmentStore for ObjectSegments {
     fn create(&self, id: SegmentId) -> io::Result<()> {
         let store = Arc::clone(&self.store);
         let path = self.created_path(id);
-        self.bridge
-            .run(async move {
-                let options = PutOptions {
-                    mode: PutMode::Create,
-                    ..PutOptions::default()
-                };
-                store.put_opts(&path, PutPayload::new(), options).await
-            })?
-            .map_err(object_error)?;
+        self.run("PUT", async move {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            store.put_opts(&path, PutPayload::new(), options).await
+        })?
+        .map_err(object_error)?;
         let segment = self.segment(id);
         let mut state = lock(&segment.state);
         state.uploaded.get_or_insert_with(BTreeMap::new);
@@ -283,92 +426,34 @@ impl SegmentStore for ObjectSegments {
     fn sync(&self, id: SegmentId) -> io::Result<()> {
         let segment = self.segment(id);
         let _syncing = lock(&segment.syncing);
-        // Contiguous runs of what is in memory now.
-        let mut runs: Vec<(u64, Vec<Bytes>, u64)> = Vec::new();
-        for (&start, bytes) in &lock(&segment.state).pending {
-            match runs.last_mut() {
-                Some((run_start, parts, run_len)) if *run_start + *run_len == start => {
-                    parts.push(bytes.clone());
-                    *run_len += bytes.len() as u64;
-                }
-                _ => runs.push((start, vec![bytes.clone()], bytes.len() as u64)),
-            }
-        }
-        if runs.is_empty() {
-            return Ok(());
-        }
-        // Knowing the runs already uploaded keeps the map whole when the
-        // new ones join it.
-        self.ensure_listed(id, &segment)?;
-        let uploads: Vec<_> = runs
-            .iter()
-            .map(|(start, parts, _)| {
-                let store = Arc::clone(&self.store);
-                let path = self.run_path(id, *start);
-                let payload: PutPayload = parts.iter().cloned().collect();
-                async move {
-                    let options = PutOptions {
-                        mode: PutMode::Create,
-                        ..PutOptions::default()
-                    };
-                    store.put_opts(&path, payload, options).await.map(|_| ())
-                }
-            })
-            .collect();
-        let results = self.bridge.run(async move {
-            let tasks: Vec<_> = uploads.into_iter().map(tokio::spawn).collect();
-            let mut results = Vec::with_capacity(tasks.len());
-            for task in tasks {
-                results.push(match task.await {
-                    Ok(result) => result.map_err(object_error),
-                    Err(panicked) => Err(io::Error::other(panicked)),
-                });
-            }
-            results
-        })?;
-        let mut first_error = None;
-        let mut state = lock(&segment.state);
-        for ((start, parts, len), result) in runs.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    state
-                        .uploaded
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(start, len);
-                    let mut at = start;
-                    for part in parts {
-                        state.pending.remove(&at);
-                        at += part.len() as u64;
-                    }
-                }
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        // A round that found an earlier upload of its own landed (after its
+        // call failed) adopts it and uploads the rest in another round.
+        while self.sync_round(id, &segment)? {}
+        Ok(())
+    }
+
+    fn sync_retriable(&self) -> bool {
+        // A run that failed to upload stays in memory; create-only uploads
+        // (and adopting one that landed late) make a retry safe.
+        true
     }
 
     fn delete(&self, id: SegmentId) -> io::Result<()> {
         let store = Arc::clone(&self.store);
         let dir = ObjectPath::from(self.segment_dir(id));
         let created = self.created_path(id);
-        self.bridge
-            .run(async move {
-                let listing = store.list_with_delimiter(Some(&dir)).await?;
-                // The runs first and `created` last: a delete cut short leaves
-                // the segment listed, so it is deleted again.
-                for object in &listing.objects {
-                    if object.location != created {
-                        delete_object(&*store, &object.location).await?;
-                    }
+        self.run("DELETE", async move {
+            let listing = store.list_with_delimiter(Some(&dir)).await?;
+            // The runs first and `created` last: a delete cut short leaves
+            // the segment listed, so it is deleted again.
+            for object in &listing.objects {
+                if object.location != created {
+                    delete_object(&*store, &object.location).await?;
                 }
-                delete_object(&*store, &created).await
-            })?
-            .map_err(object_error)?;
+            }
+            delete_object(&*store, &created).await
+        })?
+        .map_err(object_error)?;
         lock(&self.segments).remove(&id);
         lock(&self.cache).forget(id);
         Ok(())
@@ -378,8 +463,9 @@ impl SegmentStore for ObjectSegments {
         let store = Arc::clone(&self.store);
         let dir = ObjectPath::from(format!("{}/{volume}", self.prefix));
         let listing = self
-            .bridge
-            .run(async move { store.list_with_delimiter(Some(&dir)).await })?
+            .run("LIST", async move {
+                store.list_with_delimiter(Some(&dir)).await
+            })?
             .map_err(object_error)?;
         let mut indexes: Vec<u32> = listing
             .common_prefixes

@@ -105,6 +105,9 @@ impl SegmentStore for Holding {
     fn sync(&self, id: SegmentId) -> io::Result<()> {
         self.inner.sync(id)
     }
+    fn sync_retriable(&self) -> bool {
+        self.inner.sync_retriable()
+    }
     fn delete(&self, id: SegmentId) -> io::Result<()> {
         let _held = self.deletions.read().unwrap_or_else(|e| e.into_inner());
         self.inner.delete(id)

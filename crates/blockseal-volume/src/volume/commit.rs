@@ -55,7 +55,13 @@ impl VolumeInner {
         let syncing = std::time::Instant::now();
         for &segment in &dirty {
             if let Err(e) = self.segments.sync(self.segment_id(segment)) {
-                self.poison();
+                if self.segments.sync_retriable() {
+                    // Nothing was lost: the next flush syncs them again.
+                    self.lock_dirty().extend(dirty.iter().copied());
+                    tracing::warn!(tenant = %self.tenant, volume = %self.name, error = %e, "segment upload failed; the flush fails and the next one retries it");
+                } else {
+                    self.poison();
+                }
                 return Err(VolumeError::Io(e));
             }
         }
